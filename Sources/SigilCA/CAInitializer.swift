@@ -1,0 +1,141 @@
+public import SigilCore
+public import SigilStore
+@_spi(FixedExpiryValidationTime) import X509
+import SwiftASN1
+import Crypto
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What `sigil ca init` made.
+public struct CAInitSummary: Sendable {
+    public let trustDomain: TrustDomain
+    public let directory: DataDirectory
+    public let authorities: [AuthorityRecord]
+    public let bundle: TrustBundle
+    /// Where a replaced CA was moved with `--force`, if any.
+    public let replacedTo: String?
+}
+
+extension CertificateAuthority {
+    /// Creates a CA in `directory`: a self-signed root and an intermediate signing CA, or, with an
+    /// upstream CA, an intermediate chained to it. Refuses to touch an existing CA unless
+    /// `options.force`, in which case the old CA is moved aside (never deleted). If any step fails,
+    /// nothing of the new CA is left behind.
+    public static func initialize(_ directory: DataDirectory, options: CAInitOptions, clock: any SigilClock = SystemClock()) async throws(CAError) -> CAInitSummary {
+        let now = clock.now
+        try KeyFiles.ensurePrivateDirectory(directory.path)
+        var replacedTo: String?
+        if directory.holdsCA {
+            guard options.force else {
+                let store = FileManager.default.fileExists(atPath: directory.databasePath) ? try? SQLiteDatastore(path: directory.databasePath) : nil
+                let td: String?? = try? await store?.trustDomain()
+                throw CAError(.alreadyInitialized, "a CA already exists in '\(directory.path)'\((td ?? nil).map { " (trust domain \($0))" } ?? ""); refusing to overwrite it. Pass --force to move it aside and create a new one")
+            }
+            replacedTo = try moveAside(directory, now: now)
+        }
+
+        // 1. Build every key and certificate in memory.
+        var records: [AuthorityRecord] = []
+        var keys: [(String, Certificate.PrivateKey)] = []
+        let td = options.trustDomain
+        func record(_ cert: Certificate, kind: AuthorityKind, parent: String?, inBundle: Bool) -> AuthorityRecord {
+            AuthorityRecord(id: cert.authorityID, kind: kind, state: .active, parentID: parent, notBefore: cert.notValidBefore,
+                            notAfter: cert.notValidAfter, fingerprint: cert.sha256Fingerprint, certificatePEM: cert.pemString,
+                            inBundle: inBundle, createdAt: now)
+        }
+        let intermediateKey = Certificate.PrivateKey(P256.Signing.PrivateKey())
+        if let upstream = options.upstream {
+            try await checkUpstream(upstream, trustDomain: td, now: now)
+        }
+        do throws(SigilError) {
+            let intermediateProfile = try CAProfile(trustDomain: td, ttl: options.caTTL, commonName: "Sigil Intermediate CA \(td)", maxPathLength: 0)
+            if let upstream = options.upstream {
+                let issuer = try SigningAuthority(certificate: upstream.chain[0], privateKey: upstream.key)
+                let intermediate = try intermediateProfile.makeIntermediate(publicKey: intermediateKey.publicKey, issuer: issuer, now: now)
+                var all = upstream.roots.map { ($0, true) }
+                for cert in upstream.chain where !upstream.roots.contains(cert) { all.append((cert, false)) }
+                for (cert, inBundle) in all {
+                    // Parent: the next certificate of the upstream chain, or the root that issued it.
+                    let parent = all.first { $0.0 != cert && $0.0.subject == cert.issuer }?.0.authorityID
+                    records.append(record(cert, kind: .upstream, parent: cert.issuer == cert.subject ? nil : parent, inBundle: inBundle))
+                }
+                records.append(record(intermediate, kind: .intermediate, parent: upstream.chain[0].authorityID, inBundle: false))
+            } else {
+                let rootKey = Certificate.PrivateKey(P256.Signing.PrivateKey())
+                let rootProfile = try CAProfile(trustDomain: td, ttl: options.rootTTL, commonName: "Sigil Root CA \(td)", maxPathLength: 1)
+                let root = try rootProfile.makeRoot(key: rootKey, now: now)
+                let rootAuthority = try SigningAuthority(certificate: root, privateKey: rootKey)
+                let intermediate = try intermediateProfile.makeIntermediate(publicKey: intermediateKey.publicKey, issuer: rootAuthority, now: now)
+                records.append(record(root, kind: .root, parent: nil, inBundle: true))
+                records.append(record(intermediate, kind: .intermediate, parent: root.authorityID, inBundle: false))
+                keys.append((root.authorityID, rootKey))
+            }
+        } catch {
+            throw CAError(.invalidUpstream, error.message)
+        }
+        keys.append((records.last!.id, intermediateKey))
+
+        // 2. Keys to disk (0600 in 0700), then 3. the store in one transaction; undo on failure.
+        try KeyFiles.ensurePrivateDirectory(directory.keysPath)
+        var written: [String] = []
+        do throws(CAError) {
+            for (id, key) in keys {
+                let path = directory.keyPath(authorityID: id)
+                try KeyFiles.write(key, to: path)
+                written.append(path)
+            }
+            let store = try openStore(directory)
+            do {
+                try await store.initialize(trustDomain: td.name, authorities: records, at: now)
+            } catch {
+                throw CAError(.store, error.message)
+            }
+            let bundle = try await CertificateAuthority.bundle(store: store, directory: directory)
+            try KeyFiles.writeAtomically(Array(bundle.pemEncoded.utf8), to: directory.bundlePEMPath, mode: 0o644)
+            return CAInitSummary(trustDomain: td, directory: directory, authorities: records, bundle: bundle, replacedTo: replacedTo)
+        } catch {
+            for path in written { unlink(path) }
+            for suffix in ["", "-wal", "-shm"] { unlink(directory.databasePath + suffix) }
+            throw error
+        }
+    }
+
+    /// Moves the files of an existing CA into `replaced-<time>/` inside the data directory.
+    static func moveAside(_ directory: DataDirectory, now: Date) throws(CAError) -> String {
+        let stamp = Int(now.timeIntervalSince1970)
+        let target = directory.path + "/replaced-\(stamp)"
+        try KeyFiles.ensurePrivateDirectory(target)
+        for name in ["sigil.db", "sigil.db-wal", "sigil.db-shm", "keys", "bundle.pem"] {
+            let from = directory.path + "/" + name
+            guard FileManager.default.fileExists(atPath: from) else { continue }
+            guard rename(from, target + "/" + name) == 0 else {
+                throw CAError(.dataDirectory, "cannot move '\(from)' aside to '\(target)': \(String(cString: strerror(errno)))")
+            }
+        }
+        return target
+    }
+
+    /// The upstream signing certificate must be a CA that may sign an intermediate, be valid now,
+    /// belong to no other SPIFFE trust domain, and chain to the upstream roots.
+    static func checkUpstream(_ upstream: UpstreamCA, trustDomain: TrustDomain, now: Date) async throws(CAError) {
+        let cert = upstream.chain[0]
+        guard cert.notValidBefore <= now, cert.notValidAfter > now else {
+            throw CAError(.invalidUpstream, "--upstream-cert '\(cert.subject)' is not valid now (valid \(cert.notValidBefore) to \(cert.notValidAfter))")
+        }
+        for uri in cert.uriSANs {
+            if let id = try? SpiffeID(uri), id.trustDomain != trustDomain {
+                throw CAError(.invalidUpstream, "--upstream-cert belongs to SPIFFE trust domain '\(id.trustDomain)', not '\(trustDomain)'")
+            }
+        }
+        var verifier = Verifier(rootCertificates: CertificateStore(upstream.roots)) {
+            RFC5280Policy(fixedExpiryValidationTime: now)
+        }
+        let result = await verifier.validate(leaf: cert, intermediates: CertificateStore(Array(upstream.chain.dropFirst())))
+        if case .couldNotValidate(let failures) = result {
+            let reason = failures.first.map { "\($0.policyFailureReason)" } ?? "no path to a root"
+            throw CAError(.invalidUpstream, "--upstream-cert does not chain to the upstream root(s): \(reason)")
+        }
+    }
+}

@@ -1,0 +1,307 @@
+public import X509
+import SwiftASN1
+public import SigilCore
+public import SigilStore
+import Crypto
+import Foundation
+public import Logging
+
+/// The files of a CA's data directory (`--data-dir`, default `pki/`):
+///
+///     sigil.db      SQLite: authorities, issued certificates, issuance log (0600)
+///     keys/         private keys, one PKCS#8 PEM file per authority (dir 0700, files 0600)
+///     bundle.pem    the trust bundle (public)
+public struct DataDirectory: Sendable, Hashable {
+    public let path: String
+    public init(_ path: String) {
+        self.path = path.count > 1 && path.hasSuffix("/") ? String(path.dropLast()) : path
+    }
+    public var databasePath: String { path + "/sigil.db" }
+    public var keysPath: String { path + "/keys" }
+    public var bundlePEMPath: String { path + "/bundle.pem" }
+    public func keyPath(authorityID: String) -> String { keysPath + "/" + authorityID + ".key.pem" }
+
+    /// Whether a CA (a database with a trust domain, or any key file) is already here.
+    public var holdsCA: Bool {
+        if let keys = try? FileManager.default.contentsOfDirectory(atPath: keysPath), keys.contains(where: { $0.hasSuffix(".key.pem") }) {
+            return true
+        }
+        return FileManager.default.fileExists(atPath: databasePath)
+    }
+}
+
+/// An existing CA to chain to (`--upstream-cert`, `--upstream-key`, `--upstream-bundle`).
+public struct UpstreamCA: Sendable {
+    /// The upstream signing certificate first, then any intermediates above it.
+    public let chain: [Certificate]
+    public let key: Certificate.PrivateKey
+    /// The roots peers must trust: the upstream bundle, or the upstream certificate itself when self-signed.
+    public let roots: [Certificate]
+
+    public init(chain: [Certificate], key: Certificate.PrivateKey, roots: [Certificate]) {
+        self.chain = chain
+        self.key = key
+        self.roots = roots
+    }
+
+    /// Loads and checks the upstream files.
+    public static func load(certificatePath: String, keyPath: String, bundlePath: String?) throws(CAError) -> UpstreamCA {
+        let chain = try readCertificates(certificatePath, what: "--upstream-cert")
+        // An operator's CA key may be group-readable by design; Sigil does not insist on 0600 for it.
+        let key = try KeyFiles.read(keyPath, requirePrivateMode: false)
+        guard chain[0].publicKey == key.publicKey else {
+            throw CAError(.invalidUpstream, "--upstream-key does not belong to the first certificate in --upstream-cert ('\(chain[0].subject)')")
+        }
+        guard chain[0].isCertificateAuthority else {
+            throw CAError(.invalidUpstream, "--upstream-cert '\(chain[0].subject)' is not a CA certificate (basicConstraints cA is not true)")
+        }
+        var roots: [Certificate]
+        if let bundlePath {
+            roots = try readCertificates(bundlePath, what: "--upstream-bundle")
+        } else {
+            let selfSigned = chain.filter { $0.issuer == $0.subject }
+            guard !selfSigned.isEmpty else {
+                throw CAError(.invalidUpstream, "--upstream-cert '\(chain[0].subject)' is not self-signed and holds no root; pass --upstream-bundle with the upstream root certificate(s)")
+            }
+            roots = selfSigned
+        }
+        roots = roots.filter { $0.isCertificateAuthority }
+        guard !roots.isEmpty else {
+            throw CAError(.invalidUpstream, "the upstream bundle holds no CA certificate")
+        }
+        return UpstreamCA(chain: chain.filter { !roots.contains($0) || $0 == chain[0] }, key: key, roots: roots)
+    }
+
+    static func readCertificates(_ path: String, what: String) throws(CAError) -> [Certificate] {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw CAError(.invalidUpstream, "cannot read \(what) file '\(path)'")
+        }
+        do {
+            return try Certificate.parseChain(pem: String(decoding: data, as: UTF8.self), what: "\(what) '\(path)'")
+        } catch {
+            throw CAError(.invalidUpstream, error.message)
+        }
+    }
+}
+
+/// Settings for `sigil ca init`.
+public struct CAInitOptions: Sendable {
+    public var trustDomain: TrustDomain
+    public var rootTTL: Duration
+    public var caTTL: Duration
+    public var upstream: UpstreamCA?
+    public var force: Bool
+
+    public static let defaultRootTTL: Duration = .seconds(10 * 365 * 86_400)
+    public static let defaultCATTL: Duration = .seconds(30 * 86_400)
+
+    public init(trustDomain: TrustDomain, rootTTL: Duration = defaultRootTTL, caTTL: Duration = defaultCATTL, upstream: UpstreamCA? = nil, force: Bool = false) {
+        self.trustDomain = trustDomain
+        self.rootTTL = rootTTL
+        self.caTTL = caTTL
+        self.upstream = upstream
+        self.force = force
+    }
+}
+
+/// An X509-SVID as issued: the leaf, the chain to send with it (leaf first, no root) and its record.
+public struct IssuedSVID: Sendable {
+    public let certificate: Certificate
+    /// Leaf then intermediates up to (not including) a bundle root.
+    public let chain: [Certificate]
+    public let record: IssuedCertificate
+
+    public var chainPEM: String { chain.map(\.pemString).joined() }
+}
+
+/// One authority as `sigil ca status` shows it.
+public struct AuthorityStatus: Sendable, Codable {
+    public let record: AuthorityRecord
+    public let issuedCount: Int
+    public let subject: String
+}
+
+/// The certificate authority: holds the active signing intermediate and its key, signs SVIDs from
+/// checked CSRs, and records every issuance in the datastore.
+public actor CertificateAuthority {
+    public nonisolated let trustDomain: TrustDomain
+    public nonisolated let directory: DataDirectory
+    private let store: any Datastore
+    private let clock: any SigilClock
+    private let signer: SigningAuthority
+    private let signerID: String
+    /// The active intermediate and its ancestors that are not bundle roots.
+    private let chainTail: [Certificate]
+    private let logger: Logger
+
+    init(trustDomain: TrustDomain, directory: DataDirectory, store: any Datastore, clock: any SigilClock, signer: SigningAuthority, signerID: String, chainTail: [Certificate], logger: Logger) {
+        self.trustDomain = trustDomain
+        self.directory = directory
+        self.store = store
+        self.clock = clock
+        self.signer = signer
+        self.signerID = signerID
+        self.chainTail = chainTail
+        self.logger = logger
+    }
+
+    // MARK: opening
+
+    /// Opens the CA in `directory`.
+    public static func open(_ directory: DataDirectory, clock: any SigilClock = SystemClock(), logger: Logger = Logger(label: "sigil.ca")) async throws(CAError) -> CertificateAuthority {
+        guard FileManager.default.fileExists(atPath: directory.databasePath) else {
+            throw CAError(.notInitialized, "no CA in '\(directory.path)': run 'sigil ca init --trust-domain <td> --data-dir \(directory.path)' first")
+        }
+        let store = try openStore(directory)
+        let (td, records) = try await loadState(store, directory)
+        guard let active = records.first(where: { $0.kind == .intermediate && $0.state == .active }) else {
+            throw CAError(.notInitialized, "the CA in '\(directory.path)' has no active signing intermediate")
+        }
+        let certificate = try parse(active)
+        let key = try KeyFiles.read(directory.keyPath(authorityID: active.id))
+        let signer: SigningAuthority
+        do {
+            signer = try SigningAuthority(certificate: certificate, privateKey: key)
+        } catch {
+            throw CAError(.keyFile, "key file for authority \(active.id) does not match its certificate: \(error.message)")
+        }
+        var tail: [Certificate] = [certificate]
+        var parent = active.parentID
+        while let id = parent, let record = records.first(where: { $0.id == id }), !record.inBundle {
+            tail.append(try parse(record))
+            parent = record.parentID
+        }
+        return CertificateAuthority(trustDomain: td, directory: directory, store: store, clock: clock, signer: signer, signerID: active.id, chainTail: tail, logger: logger)
+    }
+
+    static func openStore(_ directory: DataDirectory) throws(CAError) -> SQLiteDatastore {
+        do {
+            return try SQLiteDatastore(path: directory.databasePath)
+        } catch {
+            throw CAError(.store, error.message)
+        }
+    }
+
+    static func loadState(_ store: any Datastore, _ directory: DataDirectory) async throws(CAError) -> (TrustDomain, [AuthorityRecord]) {
+        do {
+            guard let name = try await store.trustDomain() else {
+                throw CAError(.notInitialized, "no CA in '\(directory.path)': run 'sigil ca init --trust-domain <td> --data-dir \(directory.path)' first")
+            }
+            let td: TrustDomain
+            do { td = try TrustDomain(name) } catch { throw CAError(.store, "stored trust domain is invalid: \(error.message)") }
+            return (td, try await store.authorities())
+        } catch let error as CAError {
+            throw error
+        } catch let error as StoreError {
+            throw CAError(.store, error.message)
+        } catch {
+            throw CAError(.store, "\(error)")
+        }
+    }
+
+    static func parse(_ record: AuthorityRecord) throws(CAError) -> Certificate {
+        do {
+            return try Certificate(pemEncoded: record.certificatePEM)
+        } catch {
+            throw CAError(.store, "stored certificate of authority \(record.id) cannot be parsed: \(error)")
+        }
+    }
+
+    // MARK: signing
+
+    /// Signs one SVID. The store row is written before the chain is returned.
+    public func sign(_ request: SigningRequest, profile: SVIDProfile, requester: String) async throws(CAError) -> IssuedSVID {
+        let results = await signBatch([(request, profile)], requester: requester)
+        return try results[0].get()
+    }
+
+    /// Signs a batch, committing every issued row in one transaction. Each request succeeds or fails
+    /// on its own checks; if the store write fails, every request of the batch fails with it.
+    public func signBatch(_ requests: [(SigningRequest, SVIDProfile)], requester: String) async -> [Result<IssuedSVID, CAError>] {
+        let now = clock.now
+        var results: [Result<IssuedSVID, CAError>] = []
+        results.reserveCapacity(requests.count)
+        var rows: [IssuedCertificate] = []
+        for (request, profile) in requests {
+            do throws(SigilError) {
+                guard profile.spiffeID.trustDomain == trustDomain else {
+                    throw SigilError(.invalidSpiffeID, "'\(profile.spiffeID)' is not in trust domain '\(trustDomain)', the only one this CA signs for")
+                }
+                let leaf = try profile.makeCertificate(publicKey: request.publicKey, issuer: signer, now: now)
+                let row = IssuedCertificate(
+                    serial: leaf.serialHex, spiffeID: profile.spiffeID.description, authorityID: signerID,
+                    notBefore: leaf.notValidBefore, notAfter: leaf.notValidAfter, issuedAt: now, requester: requester)
+                rows.append(row)
+                results.append(.success(IssuedSVID(certificate: leaf, chain: [leaf] + chainTail, record: row)))
+            } catch {
+                results.append(.failure(CAError(.policy, error.message)))
+            }
+        }
+        do {
+            try await store.recordIssued(rows)
+        } catch {
+            let failure = CAError(.store, "the certificates were signed but could not be recorded, so none is handed out: \(error.message)")
+            return results.map { r in r.flatMap { _ in .failure(failure) } }
+        }
+        for case .success(let svid) in results {
+            logger.info("issued X509-SVID", metadata: ["spiffe_id": "\(svid.record.spiffeID)", "serial": "\(svid.record.serial)", "requester": "\(requester)"])
+        }
+        return results
+    }
+
+    // MARK: reading
+
+    /// The current trust bundle (every bundle authority not removed).
+    public func bundle() async throws(CAError) -> TrustBundle {
+        try await CertificateAuthority.bundle(store: store, directory: directory)
+    }
+
+    static func bundle(store: any Datastore, directory: DataDirectory) async throws(CAError) -> TrustBundle {
+        let (td, records) = try await loadState(store, directory)
+        var certificates: [Certificate] = []
+        for record in records where record.inBundle && record.state != .removed {
+            certificates.append(try parse(record))
+        }
+        let sequence: UInt64
+        do { sequence = try await store.bundleSequence() } catch { throw CAError(.store, error.message) }
+        do {
+            return try TrustBundle(trustDomain: td, authorities: certificates, sequenceNumber: sequence, refreshHint: .seconds(300))
+        } catch {
+            throw CAError(.store, error.message)
+        }
+    }
+
+    /// Every authority with its issuance count.
+    public func status() async throws(CAError) -> [AuthorityStatus] {
+        try await CertificateAuthority.status(store: store, directory: directory)
+    }
+
+    static func status(store: any Datastore, directory: DataDirectory) async throws(CAError) -> [AuthorityStatus] {
+        let (_, records) = try await loadState(store, directory)
+        let counts: [String: Int]
+        do { counts = try await store.issuedCounts() } catch { throw CAError(.store, error.message) }
+        var out: [AuthorityStatus] = []
+        for record in records {
+            let subject = (try? Certificate(pemEncoded: record.certificatePEM)).map { "\($0.subject)" } ?? "?"
+            out.append(AuthorityStatus(record: record, issuedCount: counts[record.id] ?? 0, subject: subject))
+        }
+        return out
+    }
+
+    /// Reads bundle and status without loading any private key (for `bundle show`, `ca status`).
+    public static func inspect(_ directory: DataDirectory) async throws(CAError) -> (TrustBundle, [AuthorityStatus]) {
+        guard FileManager.default.fileExists(atPath: directory.databasePath) else {
+            throw CAError(.notInitialized, "no CA in '\(directory.path)': run 'sigil ca init --trust-domain <td> --data-dir \(directory.path)' first")
+        }
+        let store = try openStore(directory)
+        return (try await bundle(store: store, directory: directory), try await status(store: store, directory: directory))
+    }
+}
+
+extension Certificate {
+    /// The hex subject key identifier (computed from the key if the extension is absent): Sigil's authority ID.
+    public var authorityID: String {
+        let ski = (try? extensions.subjectKeyIdentifier)?.keyIdentifier ?? SubjectKeyIdentifier(hash: publicKey).keyIdentifier
+        return hex(ski)
+    }
+}

@@ -1,0 +1,236 @@
+import GRDB
+public import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The embedded datastore: one SQLite file in WAL mode, schema by versioned migrations.
+public final class SQLiteDatastore: Datastore {
+    private let writer: any DatabaseWriter
+    public let path: String
+
+    /// Opens (creating if needed) the database at `path`, file mode 0600, and migrates it.
+    public init(path: String) throws(StoreError) {
+        self.path = path
+        let directory = (path as NSString).deletingLastPathComponent
+        var isDirectory: ObjCBool = false
+        if !directory.isEmpty, !FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory) || !isDirectory.boolValue {
+            throw StoreError(.cannotOpen, "cannot open the database: directory '\(directory)' does not exist or is not a directory")
+        }
+        let existed = FileManager.default.fileExists(atPath: path)
+        do {
+            var config = Configuration()
+            config.foreignKeysEnabled = true
+            config.busyMode = .timeout(10)
+            let pool = try DatabasePool(path: path, configuration: config)
+            if !existed { chmod(path, 0o600) }
+            try SQLiteDatastore.migrator.migrate(pool)
+            self.writer = pool
+        } catch let error as StoreError {
+            throw error
+        } catch {
+            throw StoreError(.cannotOpen, "cannot open the database at '\(path)': \(SQLiteDatastore.describe(error))")
+        }
+    }
+
+    /// An in-memory store for unit tests.
+    public init(inMemory: Void = ()) throws(StoreError) {
+        self.path = ":memory:"
+        do {
+            var config = Configuration()
+            config.foreignKeysEnabled = true
+            let queue = try DatabaseQueue(configuration: config)
+            try SQLiteDatastore.migrator.migrate(queue)
+            self.writer = queue
+        } catch {
+            throw StoreError(.cannotOpen, "cannot open an in-memory database: \(SQLiteDatastore.describe(error))")
+        }
+    }
+
+    /// The schema, one migration per version. Never edit a shipped migration: add a new one.
+    static var migrator: DatabaseMigrator {
+        var migrator = DatabaseMigrator()
+        migrator.registerMigration("v1") { db in
+            try db.create(table: "meta") { t in
+                t.primaryKey("key", .text)
+                t.column("value", .text).notNull()
+            }
+            try db.create(table: "authorities") { t in
+                t.primaryKey("id", .text)
+                t.column("kind", .text).notNull().check { ["root", "intermediate", "upstream"].contains($0) }
+                t.column("state", .text).notNull().check { ["prepared", "active", "old", "removed"].contains($0) }
+                t.column("parent_id", .text).references("authorities")
+                t.column("not_before", .double).notNull()
+                t.column("not_after", .double).notNull()
+                t.column("fingerprint", .text).notNull().unique()
+                t.column("certificate_pem", .text).notNull()
+                t.column("in_bundle", .boolean).notNull()
+                t.column("created_at", .double).notNull()
+            }
+            try db.create(table: "issued_certificates") { t in
+                t.primaryKey("serial", .text)
+                t.column("spiffe_id", .text).notNull().indexed()
+                t.column("authority_id", .text).notNull().references("authorities").indexed()
+                t.column("not_before", .double).notNull()
+                t.column("not_after", .double).notNull().indexed()
+                t.column("issued_at", .double).notNull()
+                t.column("requester", .text).notNull()
+            }
+            try db.create(table: "issuance_log") { t in
+                t.autoIncrementedPrimaryKey("seq")
+                t.column("at", .double).notNull().indexed()
+                t.column("event", .text).notNull()
+                t.column("serial", .text)
+                t.column("spiffe_id", .text)
+                t.column("authority_id", .text)
+                t.column("requester", .text).notNull()
+                t.column("detail", .text).notNull()
+            }
+            // The log is append-only: the database itself refuses edits and deletions.
+            try db.execute(sql: """
+                CREATE TRIGGER issuance_log_no_update BEFORE UPDATE ON issuance_log
+                BEGIN SELECT RAISE(ABORT, 'issuance_log is append-only'); END;
+                CREATE TRIGGER issuance_log_no_delete BEFORE DELETE ON issuance_log
+                BEGIN SELECT RAISE(ABORT, 'issuance_log is append-only'); END;
+                CREATE TRIGGER issued_certificates_no_update BEFORE UPDATE ON issued_certificates
+                BEGIN SELECT RAISE(ABORT, 'issued_certificates rows are immutable'); END;
+                """)
+        }
+        return migrator
+    }
+
+    public func trustDomain() async throws(StoreError) -> String? {
+        try await read { db in try String.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'trust_domain'") }
+    }
+
+    public func initialize(trustDomain: String, authorities: [AuthorityRecord], at: Date) async throws(StoreError) {
+        try await write { db in
+            if let existing = try String.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'trust_domain'") {
+                throw StoreError(.alreadyInitialized, "this store already holds a CA for trust domain '\(existing)'")
+            }
+            try db.execute(sql: "INSERT INTO meta (key, value) VALUES ('trust_domain', ?), ('bundle_sequence', '1')", arguments: [trustDomain])
+            for a in authorities {
+                try db.execute(sql: """
+                    INSERT INTO authorities (id, kind, state, parent_id, not_before, not_after, fingerprint, certificate_pem, in_bundle, created_at)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    """, arguments: [a.id, a.kind.rawValue, a.state.rawValue, a.parentID, a.notBefore.timeIntervalSince1970,
+                                     a.notAfter.timeIntervalSince1970, a.fingerprint, a.certificatePEM, a.inBundle, a.createdAt.timeIntervalSince1970])
+            }
+            try db.execute(sql: """
+                INSERT INTO issuance_log (at, event, serial, spiffe_id, authority_id, requester, detail)
+                VALUES (?, 'ca_initialized', NULL, ?, NULL, 'cli', ?)
+                """, arguments: [at.timeIntervalSince1970, "spiffe://" + trustDomain,
+                                 authorities.map { "\($0.kind.rawValue) \($0.id)" }.joined(separator: ", ")])
+        }
+    }
+
+    public func authorities() async throws(StoreError) -> [AuthorityRecord] {
+        try await read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM authorities ORDER BY created_at, rowid").map { row throws(StoreError) in
+                guard let kind = AuthorityKind(rawValue: row["kind"]), let state = AuthorityState(rawValue: row["state"]) else {
+                    throw StoreError(.corrupt, "authority \(row["id"] as String? ?? "?") has an unknown kind or state")
+                }
+                return AuthorityRecord(
+                    id: row["id"], kind: kind, state: state, parentID: row["parent_id"],
+                    notBefore: Date(timeIntervalSince1970: row["not_before"]), notAfter: Date(timeIntervalSince1970: row["not_after"]),
+                    fingerprint: row["fingerprint"], certificatePEM: row["certificate_pem"], inBundle: row["in_bundle"],
+                    createdAt: Date(timeIntervalSince1970: row["created_at"]))
+            }
+        }
+    }
+
+    public func recordIssued(_ certificates: [IssuedCertificate]) async throws(StoreError) {
+        guard !certificates.isEmpty else { return }
+        try await write { db in
+            let insertCert = try db.cachedStatement(sql: """
+                INSERT INTO issued_certificates (serial, spiffe_id, authority_id, not_before, not_after, issued_at, requester)
+                VALUES (?, ?, ?, ?, ?, ?, ?)
+                """)
+            let insertLog = try db.cachedStatement(sql: """
+                INSERT INTO issuance_log (at, event, serial, spiffe_id, authority_id, requester, detail)
+                VALUES (?, 'issued', ?, ?, ?, ?, ?)
+                """)
+            for c in certificates {
+                do {
+                    try insertCert.execute(arguments: [c.serial, c.spiffeID, c.authorityID, c.notBefore.timeIntervalSince1970,
+                                                       c.notAfter.timeIntervalSince1970, c.issuedAt.timeIntervalSince1970, c.requester])
+                } catch let error as DatabaseError where error.extendedResultCode == .SQLITE_CONSTRAINT_PRIMARYKEY {
+                    throw StoreError(.duplicateSerial, "serial \(c.serial) was already issued; nothing from this batch was stored")
+                } catch let error as DatabaseError where error.extendedResultCode == .SQLITE_CONSTRAINT_FOREIGNKEY {
+                    throw StoreError(.conflict, "authority \(c.authorityID) is unknown to this store")
+                }
+                let ttl = Int((c.notAfter.timeIntervalSince1970 - c.notBefore.timeIntervalSince1970).rounded())
+                try insertLog.execute(arguments: [c.issuedAt.timeIntervalSince1970, c.serial, c.spiffeID, c.authorityID, c.requester, "validity \(ttl)s"])
+            }
+        }
+    }
+
+    public func issuedCounts() async throws(StoreError) -> [String: Int] {
+        try await read { db in
+            var counts: [String: Int] = [:]
+            for row in try Row.fetchAll(db, sql: "SELECT authority_id, COUNT(*) AS n FROM issued_certificates GROUP BY authority_id") {
+                counts[row["authority_id"]] = row["n"]
+            }
+            return counts
+        }
+    }
+
+    public func issuedCertificates(limit: Int) async throws(StoreError) -> [IssuedCertificate] {
+        try await read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM issued_certificates ORDER BY issued_at DESC, rowid DESC LIMIT ?", arguments: [limit]).map { row in
+                IssuedCertificate(
+                    serial: row["serial"], spiffeID: row["spiffe_id"], authorityID: row["authority_id"],
+                    notBefore: Date(timeIntervalSince1970: row["not_before"]), notAfter: Date(timeIntervalSince1970: row["not_after"]),
+                    issuedAt: Date(timeIntervalSince1970: row["issued_at"]), requester: row["requester"])
+            }
+        }
+    }
+
+    public func issuanceLog(after: Int64, limit: Int) async throws(StoreError) -> [IssuanceEvent] {
+        try await read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM issuance_log WHERE seq > ? ORDER BY seq LIMIT ?", arguments: [after, limit]).map { row throws(StoreError) in
+                guard let kind = IssuanceEvent.Kind(rawValue: row["event"]) else {
+                    throw StoreError(.corrupt, "issuance log row \(row["seq"] as Int64? ?? 0) has an unknown event")
+                }
+                return IssuanceEvent(
+                    sequence: row["seq"], at: Date(timeIntervalSince1970: row["at"]), kind: kind, serial: row["serial"],
+                    spiffeID: row["spiffe_id"], authorityID: row["authority_id"], requester: row["requester"], detail: row["detail"])
+            }
+        }
+    }
+
+    public func bundleSequence() async throws(StoreError) -> UInt64 {
+        try await read { db in
+            UInt64(try String.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'bundle_sequence'") ?? "0") ?? 0
+        }
+    }
+
+    // MARK: - plumbing
+
+    private func read<T: Sendable>(_ body: @Sendable @escaping (Database) throws -> T) async throws(StoreError) -> T {
+        do {
+            return try await writer.read(body)
+        } catch let error as StoreError {
+            throw error
+        } catch {
+            throw StoreError(.io, "database read failed: \(SQLiteDatastore.describe(error))")
+        }
+    }
+
+    private func write<T: Sendable>(_ body: @Sendable @escaping (Database) throws -> T) async throws(StoreError) -> T {
+        do {
+            return try await writer.write(body)
+        } catch let error as StoreError {
+            throw error
+        } catch {
+            throw StoreError(.io, "database write failed: \(SQLiteDatastore.describe(error))")
+        }
+    }
+
+    static func describe(_ error: any Error) -> String {
+        if let db = error as? DatabaseError {
+            return db.message ?? "\(db.resultCode)"
+        }
+        return "\(error)"
+    }
+}

@@ -1,0 +1,226 @@
+import ArgumentParser
+import SigilCore
+import SigilCA
+import SigilStore
+import Foundation
+
+struct CACommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ca",
+        abstract: "Create and inspect the certificate authority; sign SVIDs by hand.",
+        subcommands: [CAInit.self, CASign.self, CAStatus.self]
+    )
+}
+
+struct CAInit: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "init",
+        abstract: "Create the trust root and a signing intermediate (or chain to an upstream CA).",
+        discussion: """
+            Self-signed (default): makes an ECDSA P-256 root and an intermediate signing CA. Keys are
+            written as PKCS#8 PEM, mode 0600, in <data-dir>/keys (mode 0700); the trust bundle is
+            written to <data-dir>/bundle.pem.
+
+            Upstream: with --upstream-cert and --upstream-key, Sigil makes only an intermediate signed
+            by your existing (corporate) CA. If the upstream certificate is not itself a root, pass the
+            root(s) peers must trust with --upstream-bundle.
+
+            An existing CA is never overwritten unless --force is given; it is then moved to
+            <data-dir>/replaced-<unix-time>/, not deleted.
+
+            Example:
+              sigil ca init --trust-domain example.org --data-dir /var/lib/sigil
+            """
+    )
+
+    @Option(name: .long, help: ArgumentHelp("The trust domain, e.g. example.org or cluster.local.", valueName: "td"))
+    var trustDomain: String
+
+    @OptionGroup var data: DataDirOption
+
+    @Option(name: .long, help: ArgumentHelp("PEM certificate of an existing CA to chain to (its intermediates may follow).", valueName: "file"))
+    var upstreamCert: String?
+
+    @Option(name: .long, help: ArgumentHelp("PEM private key of --upstream-cert.", valueName: "file"))
+    var upstreamKey: String?
+
+    @Option(name: .long, help: ArgumentHelp("PEM root certificate(s) of the upstream CA, when --upstream-cert is not a root.", valueName: "file"))
+    var upstreamBundle: String?
+
+    @Option(name: .long, help: ArgumentHelp("Lifetime of a self-signed root.", valueName: "duration"))
+    var rootTtl: String = "3650d"
+
+    @Option(name: .long, help: ArgumentHelp("Lifetime of the intermediate signing CA.", valueName: "duration"))
+    var caTtl: String = "30d"
+
+    @Flag(name: .long, help: "Replace an existing CA (it is moved aside, not deleted).")
+    var force = false
+
+    @Flag(name: .long, help: "Print the result as JSON.")
+    var json = false
+
+    func validate() throws {
+        if (upstreamCert == nil) != (upstreamKey == nil) {
+            throw ValidationError("--upstream-cert and --upstream-key go together: give both or neither")
+        }
+        if upstreamBundle != nil && upstreamCert == nil {
+            throw ValidationError("--upstream-bundle needs --upstream-cert and --upstream-key")
+        }
+    }
+
+    func run() async throws {
+        let td = try TrustDomain(trustDomain)
+        var options = CAInitOptions(
+            trustDomain: td,
+            rootTTL: try parseDuration(rootTtl, flag: "--root-ttl"),
+            caTTL: try parseDuration(caTtl, flag: "--ca-ttl"),
+            force: force)
+        if let upstreamCert, let upstreamKey {
+            options.upstream = try UpstreamCA.load(certificatePath: upstreamCert, keyPath: upstreamKey, bundlePath: upstreamBundle)
+        }
+        let summary = try await CertificateAuthority.initialize(data.directory, options: options)
+        if json {
+            struct Out: Encodable {
+                let trust_domain: String
+                let data_dir: String
+                let bundle_path: String
+                let replaced_to: String?
+                let authorities: [AuthorityRecord]
+            }
+            printJSON(Out(trust_domain: td.name, data_dir: summary.directory.path, bundle_path: summary.directory.bundlePEMPath,
+                          replaced_to: summary.replacedTo, authorities: summary.authorities))
+            return
+        }
+        if let moved = summary.replacedTo { print("previous CA moved to \(moved)") }
+        print("initialized CA for trust domain \(td) in \(summary.directory.path)")
+        printTable(["ID", "KIND", "STATE", "NOT AFTER", "IN BUNDLE"], summary.authorities.map {
+            [$0.id, $0.kind.rawValue, $0.state.rawValue, iso8601($0.notAfter), $0.inBundle ? "yes" : "no"]
+        })
+        print("trust bundle: \(summary.directory.bundlePEMPath) (\(summary.bundle.authorities.count) root)")
+    }
+}
+
+struct CASign: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sign",
+        abstract: "Sign an X509-SVID for a CSR; prints the chain (leaf first, no root) as PEM.",
+        discussion: """
+            Only the CSR's public key is used, after its signature is verified. The SPIFFE ID, TTL and
+            DNS names come from the flags; anything else the CSR asks for (CA:true, other SANs, a
+            subject) is ignored. Every issued certificate is recorded in the CA's store.
+
+            Example:
+              openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout w.key -subj /CN=w -out w.csr
+              sigil ca sign --data-dir pki --csr w.csr --spiffe-id spiffe://example.org/ns/default/sa/web > w.pem
+            """
+    )
+
+    @OptionGroup var data: DataDirOption
+
+    @Option(name: .long, help: ArgumentHelp("The CSR, PEM or DER ('-' reads standard input).", valueName: "file"))
+    var csr: String
+
+    @Option(name: .long, help: ArgumentHelp("The SPIFFE ID to issue, e.g. spiffe://example.org/ns/default/sa/web.", valueName: "id"))
+    var spiffeId: String
+
+    @Option(name: .long, help: ArgumentHelp("Lifetime of the SVID (clamped to the signing CA's).", valueName: "duration"))
+    var ttl: String = "1h"
+
+    @Option(name: .long, help: ArgumentHelp("A DNS name to add as a SAN (repeatable).", valueName: "name"))
+    var dns: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp("Write the chain to this file instead of standard output.", valueName: "file"))
+    var out: String?
+
+    func run() async throws {
+        let id = try SpiffeID(spiffeId)
+        let profile = try SVIDProfile(spiffeID: id, ttl: try parseDuration(ttl, flag: "--ttl"), dnsNames: dns)
+        let request = try SigningRequest(bytes: try readInput(csr, what: "CSR file"))
+        let ca = try await CertificateAuthority.open(data.directory)
+        let svid = try await ca.sign(request, profile: profile, requester: "cli:uid:\(getuid())")
+        if let out {
+            try KeyFiles.writeAtomically(Array(svid.chainPEM.utf8), to: out, mode: 0o644)
+            FileHandle.standardError.write(Data("issued \(id) serial \(svid.record.serial), valid until \(iso8601(svid.record.notAfter)); chain written to \(out)\n".utf8))
+        } else {
+            print(svid.chainPEM, terminator: "")
+        }
+    }
+}
+
+struct CAStatus: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "status",
+        abstract: "List the CA's authorities: kind, state, validity and how many SVIDs each signed."
+    )
+
+    @OptionGroup var data: DataDirOption
+
+    @Flag(name: .long, help: "Print the result as JSON.")
+    var json = false
+
+    func run() async throws {
+        let (bundle, authorities) = try await CertificateAuthority.inspect(data.directory)
+        if json {
+            struct Row: Encodable {
+                let id, kind, state, subject, fingerprint: String
+                let parent_id: String?
+                let not_before, not_after: Date
+                let in_bundle: Bool
+                let issued: Int
+            }
+            struct Out: Encodable {
+                let trust_domain: String
+                let bundle_sequence: UInt64
+                let authorities: [Row]
+            }
+            printJSON(Out(trust_domain: bundle.trustDomain.name, bundle_sequence: bundle.sequenceNumber, authorities: authorities.map {
+                Row(id: $0.record.id, kind: $0.record.kind.rawValue, state: $0.record.state.rawValue, subject: $0.subject,
+                    fingerprint: $0.record.fingerprint, parent_id: $0.record.parentID, not_before: $0.record.notBefore,
+                    not_after: $0.record.notAfter, in_bundle: $0.record.inBundle, issued: $0.issuedCount)
+            }))
+            return
+        }
+        print("trust domain \(bundle.trustDomain)   bundle sequence \(bundle.sequenceNumber)   \(bundle.authorities.count) root(s) in bundle")
+        printTable(["ID", "KIND", "STATE", "NOT BEFORE", "NOT AFTER", "ISSUED", "IN BUNDLE", "SUBJECT"], authorities.map {
+            [$0.record.id, $0.record.kind.rawValue, $0.record.state.rawValue, iso8601($0.record.notBefore),
+             iso8601($0.record.notAfter), "\($0.issuedCount)", $0.record.inBundle ? "yes" : "no", $0.subject]
+        })
+    }
+}
+
+struct BundleCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bundle",
+        abstract: "Show the trust bundle peers must trust.",
+        subcommands: [BundleShow.self]
+    )
+}
+
+struct BundleShow: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "show",
+        abstract: "Print the trust bundle as PEM or as a SPIFFE bundle (JWK Set).",
+        discussion: """
+            --format pem prints the root certificates; --format spiffe prints the SPIFFE bundle
+            document (keys with use x509-svid and one x5c certificate each, spiffe_sequence,
+            spiffe_refresh_hint), as served by SPIFFE bundle endpoints.
+            """
+    )
+
+    enum Format: String, ExpressibleByArgument, CaseIterable {
+        case pem, spiffe
+    }
+
+    @OptionGroup var data: DataDirOption
+
+    @Option(name: .long, help: "Output format.")
+    var format: Format = .pem
+
+    func run() async throws {
+        let (bundle, _) = try await CertificateAuthority.inspect(data.directory)
+        switch format {
+        case .pem: print(bundle.pemEncoded, terminator: "")
+        case .spiffe: print(bundle.spiffeBundleJSON(prettyPrinted: true))
+        }
+    }
+}
