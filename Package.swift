@@ -65,6 +65,19 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        .executableTarget(
+            name: "sigil-bench",
+            dependencies: [
+                "SigilCore",
+                "SigilCA",
+                "SigilStore",
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+            ],
+            path: "bench/SigilBench",
+            swiftSettings: swiftSettings
+        ),
         .target(
             name: "SigilTestSupport",
             dependencies: [

@@ -26,6 +26,9 @@ extension CertificateAuthority {
     public static func initialize(_ directory: DataDirectory, options: CAInitOptions, clock: any SigilClock = SystemClock()) async throws(CAError) -> CAInitSummary {
         let now = clock.now
         try KeyFiles.ensurePrivateDirectory(directory.path)
+        // One initializer at a time per directory: a second `ca init` waits, then finds the CA.
+        let lock = try DirectoryLock(directory.path + "/.init.lock")
+        defer { lock.release() }
         var replacedTo: String?
         if directory.holdsCA {
             guard options.force else {
@@ -80,6 +83,7 @@ extension CertificateAuthority {
         // 2. Keys to disk (0600 in 0700), then 3. the store in one transaction; undo on failure.
         try KeyFiles.ensurePrivateDirectory(directory.keysPath)
         var written: [String] = []
+        let databaseExisted = FileManager.default.fileExists(atPath: directory.databasePath)
         do throws(CAError) {
             for (id, key) in keys {
                 let path = directory.keyPath(authorityID: id)
@@ -97,7 +101,9 @@ extension CertificateAuthority {
             return CAInitSummary(trustDomain: td, directory: directory, authorities: records, bundle: bundle, replacedTo: replacedTo)
         } catch {
             for path in written { unlink(path) }
-            for suffix in ["", "-wal", "-shm"] { unlink(directory.databasePath + suffix) }
+            if !databaseExisted {
+                for suffix in ["", "-wal", "-shm"] { unlink(directory.databasePath + suffix) }
+            }
             throw error
         }
     }
@@ -137,5 +143,30 @@ extension CertificateAuthority {
             let reason = failures.first.map { "\($0.policyFailureReason)" } ?? "no path to a root"
             throw CAError(.invalidUpstream, "--upstream-cert does not chain to the upstream root(s): \(reason)")
         }
+    }
+}
+
+/// An exclusive advisory lock (flock) on a file, held until ``release()``.
+final class DirectoryLock {
+    private var fd: Int32
+
+    init(_ path: String) throws(CAError) {
+        fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else {
+            throw CAError(.dataDirectory, "cannot create lock file '\(path)': \(String(cString: strerror(errno)))")
+        }
+        while flock(fd, LOCK_EX) != 0 {
+            if errno == EINTR { continue }
+            let message = String(cString: strerror(errno))
+            close(fd)
+            throw CAError(.dataDirectory, "cannot lock '\(path)': \(message)")
+        }
+    }
+
+    func release() {
+        guard fd >= 0 else { return }
+        flock(fd, LOCK_UN)
+        close(fd)
+        fd = -1
     }
 }

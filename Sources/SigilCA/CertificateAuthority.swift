@@ -243,8 +243,8 @@ public actor CertificateAuthority {
             let failure = CAError(.store, "the certificates were signed but could not be recorded, so none is handed out: \(error.message)")
             return results.map { r in r.flatMap { _ in .failure(failure) } }
         }
-        for case .success(let svid) in results {
-            logger.info("issued X509-SVID", metadata: ["spiffe_id": "\(svid.record.spiffeID)", "serial": "\(svid.record.serial)", "requester": "\(requester)"])
+        for case .success(let svid) in results where logger.logLevel <= .debug {
+            logger.debug("issued X509-SVID", metadata: ["spiffe_id": "\(svid.record.spiffeID)", "serial": "\(svid.record.serial)", "requester": "\(requester)"])
         }
         return results
     }

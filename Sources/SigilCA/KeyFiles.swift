@@ -17,11 +17,7 @@ public enum KeyFiles {
                 throw CAError(.dataDirectory, "'\(path)' exists and is not a directory; choose another --data-dir")
             }
         } else {
-            do {
-                try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
-            } catch {
-                throw CAError(.dataDirectory, "cannot create directory '\(path)': \(reason(error)); choose a --data-dir you can write to")
-            }
+            try makeDirectories(path)
         }
         guard chmod(path, 0o700) == 0 else {
             throw CAError(.dataDirectory, "cannot set mode 0700 on '\(path)': \(String(cString: strerror(errno)))")
@@ -108,10 +104,21 @@ public enum KeyFiles {
         }
     }
 
-    static func reason(_ error: any Error) -> String {
-        if let cocoa = error as? CocoaError, let underlying = cocoa.userInfo[NSUnderlyingErrorKey] as? NSError {
-            return String(cString: strerror(Int32(underlying.code)))
+    /// `mkdir -p` with mode 0700 for what it creates, reporting the system's reason on failure.
+    static func makeDirectories(_ path: String) throws(CAError) {
+        var prefix = path.hasPrefix("/") ? "" : "."
+        for component in path.split(separator: "/") {
+            prefix += "/" + component
+            var st = stat()
+            if stat(prefix, &st) == 0 {
+                guard st.st_mode & S_IFMT == S_IFDIR else {
+                    throw CAError(.dataDirectory, "cannot create directory '\(path)': '\(prefix)' is a file, not a directory; choose another --data-dir")
+                }
+                continue
+            }
+            if mkdir(prefix, 0o700) != 0 && errno != EEXIST {
+                throw CAError(.dataDirectory, "cannot create directory '\(path)': \(String(cString: strerror(errno))) (at '\(prefix)'); choose a --data-dir you can write to")
+            }
         }
-        return (error as NSError).localizedDescription
     }
 }

@@ -16,24 +16,31 @@ public struct SigningRequest: Sendable {
 
     /// Parses and checks a CSR given as PEM text or raw DER bytes.
     public init(bytes: [UInt8], keyPolicy: KeyPolicy = .default) throws(CAError) {
+        if bytes.isEmpty {
+            throw CAError(.invalidCSR, "the CSR is empty")
+        }
+        var der = bytes
+        if bytes.first != 0x30, let text = String(bytes: bytes, encoding: .utf8), text.contains("-----BEGIN") {
+            let document: PEMDocument
+            do {
+                document = try PEMDocument(pemString: text)
+            } catch {
+                throw CAError(.invalidCSR, "the CSR is not valid PEM (expected one '-----BEGIN CERTIFICATE REQUEST-----' block with base64 inside)")
+            }
+            guard document.discriminator == "CERTIFICATE REQUEST" || document.discriminator == "NEW CERTIFICATE REQUEST" else {
+                throw CAError(.invalidCSR, "the PEM block is a '\(document.discriminator)', not a CERTIFICATE REQUEST")
+            }
+            der = document.derBytes
+        }
         let csr: CertificateSigningRequest
         do {
-            if let text = String(bytes: bytes, encoding: .utf8), text.contains("-----BEGIN") {
-                let document = try PEMDocument(pemString: text)
-                guard document.discriminator == "CERTIFICATE REQUEST" || document.discriminator == "NEW CERTIFICATE REQUEST" else {
-                    throw CAError(.invalidCSR, "the PEM block is a '\(document.discriminator)', not a CERTIFICATE REQUEST")
-                }
-                csr = try CertificateSigningRequest(derEncoded: document.derBytes)
-            } else {
-                csr = try CertificateSigningRequest(derEncoded: bytes)
-            }
-        } catch let error as CAError {
-            throw error
+            csr = try CertificateSigningRequest(derEncoded: der)
         } catch {
-            if bytes.isEmpty {
-                throw CAError(.invalidCSR, "the CSR is empty")
+            // swift-crypto refuses to even parse RSA keys under 2048 bits: say so by name.
+            if let bits = SigningRequest.rsaModulusBits(csrDER: der), bits < keyPolicy.minimumRSABits {
+                throw CAError(.invalidCSR, "the CSR's key is refused: RSA key of \(bits) bits is too weak; use ECDSA P-256 or RSA of at least \(keyPolicy.minimumRSABits) bits")
             }
-            throw CAError(.invalidCSR, "the CSR is not a valid PKCS#10 request (PEM or DER) with an ECDSA P-256/P-384 or RSA 2048+ key: \(error)")
+            throw CAError(.invalidCSR, "the CSR is not a valid PKCS#10 certificate request (PEM 'CERTIFICATE REQUEST' or DER) with an ECDSA P-256/P-384 or RSA 2048+ key")
         }
         try self.init(csr: csr, keyPolicy: keyPolicy)
     }
@@ -50,5 +57,22 @@ public struct SigningRequest: Sendable {
         }
         self.publicKey = csr.publicKey
         self.requestedExtensionCount = (try? csr.attributes.extensionRequest?.extensions.count) ?? 0
+    }
+
+    /// The modulus size of an RSA key in a CSR, read straight from the DER (for error messages).
+    static func rsaModulusBits(csrDER: [UInt8]) -> Int? {
+        func children(_ node: ASN1Node) -> [ASN1Node]? {
+            if case .constructed(let nodes) = node.content { return Array(nodes) }
+            return nil
+        }
+        guard let root = try? DER.parse(csrDER), let info = children(root)?.first, let fields = children(info), fields.count >= 3,
+              let spki = children(fields[2]), spki.count == 2, let algorithm = children(spki[0])?.first,
+              let oid = try? ASN1ObjectIdentifier(derEncoded: algorithm), oid == [1, 2, 840, 113_549, 1, 1, 1],
+              let bits = try? ASN1BitString(derEncoded: spki[1]), let rsa = try? DER.parse(bits.bytes),
+              let numbers = children(rsa), let modulus = numbers.first, case .primitive(var n) = modulus.content
+        else { return nil }
+        while n.first == 0 { n = n.dropFirst() }
+        guard let top = n.first else { return 0 }
+        return (n.count - 1) * 8 + (8 - top.leadingZeroBitCount)
     }
 }

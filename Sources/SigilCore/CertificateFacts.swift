@@ -76,9 +76,15 @@ extension Certificate {
 extension Certificate.SerialNumber {
     /// A random, positive serial of exactly 128 bits (the high bit set so it is never shorter).
     public static func random128() -> Certificate.SerialNumber {
+        // Two 64-bit draws (two getrandom calls), not sixteen one-byte draws.
         var rng = SystemRandomNumberGenerator()
-        var bytes = (0..<16).map { _ in UInt8.random(in: .min ... .max, using: &rng) }
-        bytes[0] |= 0x80
+        let high = rng.next() | (1 << 63)
+        let low = rng.next()
+        var bytes = [UInt8](repeating: 0, count: 16)
+        for i in 0..<8 {
+            bytes[i] = UInt8(truncatingIfNeeded: high >> (56 - 8 * i))
+            bytes[8 + i] = UInt8(truncatingIfNeeded: low >> (56 - 8 * i))
+        }
         return Certificate.SerialNumber(bytes: bytes)
     }
 

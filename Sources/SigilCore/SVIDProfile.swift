@@ -11,6 +11,12 @@ public import Foundation
 public struct SigningAuthority: Sendable {
     public let certificate: Certificate
     public let privateKey: Certificate.PrivateKey
+    /// The trust domain named by the authority's URI SAN (`spiffe://td`), if it carries one.
+    public let trustDomain: TrustDomain?
+    let signatureAlgorithm: Certificate.SignatureAlgorithm
+    let authorityKeyIdentifier: AuthorityKeyIdentifier
+    let authorityKeyIdentifierExtension: Certificate.Extension
+    let mayIssue: Bool
 
     public init(certificate: Certificate, privateKey: Certificate.PrivateKey) throws(SigilError) {
         guard certificate.publicKey == privateKey.publicKey else {
@@ -18,19 +24,24 @@ public struct SigningAuthority: Sendable {
         }
         self.certificate = certificate
         self.privateKey = privateKey
-    }
-
-    /// The trust domain named by the authority's URI SAN (`spiffe://td`), if it carries one.
-    public var trustDomain: TrustDomain? {
-        certificate.uriSANs.lazy.compactMap { try? SpiffeID($0).trustDomain }.first
+        // Everything a signature needs from the issuer is worked out once, not per certificate.
+        self.trustDomain = certificate.uriSANs.lazy.compactMap { try? SpiffeID($0).trustDomain }.first
+        self.signatureAlgorithm = try privateKey.sigilSignatureAlgorithm
+        let ski = (try? certificate.extensions.subjectKeyIdentifier)?.keyIdentifier
+            ?? SubjectKeyIdentifier(hash: certificate.publicKey).keyIdentifier
+        self.authorityKeyIdentifier = AuthorityKeyIdentifier(keyIdentifier: ski)
+        do {
+            self.authorityKeyIdentifierExtension = try Certificate.Extension(authorityKeyIdentifier, critical: false)
+        } catch {
+            throw SigilError(.invalidCertificate, "cannot encode the authority key identifier of '\(certificate.subject)': \(error)")
+        }
+        let keyUsage = try? certificate.extensions.keyUsage
+        self.mayIssue = certificate.isCertificateAuthority && (keyUsage?.keyCertSign ?? true)
     }
 
     func checkCanSign(at now: Date) throws(SigilError) {
-        guard certificate.isCertificateAuthority else {
-            throw SigilError(.invalidCertificate, "'\(certificate.subject)' is not a CA certificate (basicConstraints cA is not true); it cannot sign")
-        }
-        if let ku = try? certificate.extensions.keyUsage, !ku.keyCertSign {
-            throw SigilError(.invalidCertificate, "'\(certificate.subject)' has keyUsage without keyCertSign; it cannot sign certificates")
+        guard mayIssue else {
+            throw SigilError(.invalidCertificate, "'\(certificate.subject)' is not a CA certificate with keyCertSign (basicConstraints cA true); it cannot sign")
         }
         guard certificate.notValidAfter > now else {
             throw SigilError(.invalidCertificate, "the signing CA '\(certificate.subject)' expired at \(certificate.notValidAfter); rotate it (sigil ca rotate) before signing")
@@ -38,12 +49,6 @@ public struct SigningAuthority: Sendable {
         guard certificate.notValidBefore <= now else {
             throw SigilError(.invalidCertificate, "the signing CA '\(certificate.subject)' is not valid before \(certificate.notValidBefore)")
         }
-    }
-
-    var authorityKeyIdentifier: AuthorityKeyIdentifier {
-        let ski = (try? certificate.extensions.subjectKeyIdentifier)?.keyIdentifier
-            ?? SubjectKeyIdentifier(hash: certificate.publicKey).keyIdentifier
-        return AuthorityKeyIdentifier(keyIdentifier: ski)
     }
 }
 
@@ -56,17 +61,22 @@ public struct SigningAuthority: Sendable {
 /// - a random 128-bit serial; notBefore backdated by ``clockSkew``; notAfter clamped to the issuer's notAfter.
 ///
 /// Nothing is taken from a CSR but its public key: the caller passes only that.
-public struct SVIDProfile: Sendable, Hashable {
+public struct SVIDProfile: Sendable {
     public static let defaultTTL: Duration = .seconds(3600)
     public static let minimumTTL: Duration = .seconds(10)
     /// How far notBefore is set in the past, so peers with a slightly slow clock accept a new SVID.
     public static let defaultClockSkew: Duration = .seconds(30)
 
-    public var spiffeID: SpiffeID
-    public var ttl: Duration
-    public var dnsNames: [String]
-    public var clockSkew: Duration
-    public var keyPolicy: KeyPolicy
+    public let spiffeID: SpiffeID
+    public let ttl: Duration
+    public let dnsNames: [String]
+    public let clockSkew: Duration
+    public let keyPolicy: KeyPolicy
+    /// The parts of every leaf of this profile that do not depend on the key, encoded once.
+    let fixedExtensions: [Certificate.Extension]
+    let ecKeyUsage: Certificate.Extension
+    let rsaKeyUsage: Certificate.Extension
+    let subject: DistinguishedName
 
     public init(
         spiffeID: SpiffeID,
@@ -87,6 +97,22 @@ public struct SVIDProfile: Sendable, Hashable {
         self.dnsNames = dnsNames
         self.clockSkew = clockSkew
         self.keyPolicy = keyPolicy
+        let sans: [GeneralName] = [.uniformResourceIdentifier(spiffeID.description)] + dnsNames.map { .dnsName($0) }
+        do {
+            self.fixedExtensions = [
+                try Certificate.Extension(BasicConstraints.notCertificateAuthority, critical: true),
+                try Certificate.Extension(try ExtendedKeyUsage([.serverAuth, .clientAuth]), critical: false),
+                try Certificate.Extension(SubjectAlternativeNames(sans), critical: false),
+            ]
+            self.ecKeyUsage = try Certificate.Extension(KeyUsage(digitalSignature: true), critical: true)
+            self.rsaKeyUsage = try Certificate.Extension(KeyUsage(digitalSignature: true, keyEncipherment: true), critical: true)
+            self.subject = try DistinguishedName {
+                OrganizationName("Sigil")
+                if let first = dnsNames.first { CommonName(first) }
+            }
+        } catch {
+            throw SigilError(.invalidArgument, "cannot encode the SVID profile for \(spiffeID): \(error)")
+        }
     }
 
     /// Builds and signs the leaf for `publicKey`.
@@ -103,26 +129,15 @@ public struct SVIDProfile: Sendable, Hashable {
         }
         let notBefore = max(now.addingTimeInterval(-clockSkew.timeInterval), issuer.certificate.notValidBefore)
         let notAfter = min(now.addingTimeInterval(ttl.timeInterval), issuer.certificate.notValidAfter)
-        let usage: KeyUsage
-        if case .rsa = kind {
-            usage = KeyUsage(digitalSignature: true, keyEncipherment: true)
-        } else {
-            usage = KeyUsage(digitalSignature: true)
-        }
-        let sans: [GeneralName] = [.uniformResourceIdentifier(spiffeID.description)] + dnsNames.map { .dnsName($0) }
+        let usage: Certificate.Extension
+        if case .rsa = kind { usage = rsaKeyUsage } else { usage = ecKeyUsage }
         do {
-            let subject = try DistinguishedName {
-                OrganizationName("Sigil")
-                if let first = dnsNames.first { CommonName(first) }
-            }
-            let extensions = try Certificate.Extensions {
-                Critical(BasicConstraints.notCertificateAuthority)
-                Critical(usage)
-                try ExtendedKeyUsage([.serverAuth, .clientAuth])
-                SubjectKeyIdentifier(hash: publicKey)
-                issuer.authorityKeyIdentifier
-                SubjectAlternativeNames(sans)
-            }
+            var list = fixedExtensions
+            list.reserveCapacity(fixedExtensions.count + 3)
+            list.insert(usage, at: 1)
+            list.append(try Certificate.Extension(SubjectKeyIdentifier(hash: publicKey), critical: false))
+            list.append(issuer.authorityKeyIdentifierExtension)
+            let extensions = try Certificate.Extensions(list)
             return try Certificate(
                 version: .v3,
                 serialNumber: serialNumber,
@@ -131,7 +146,7 @@ public struct SVIDProfile: Sendable, Hashable {
                 notValidAfter: notAfter,
                 issuer: issuer.certificate.subject,
                 subject: subject,
-                signatureAlgorithm: try issuer.privateKey.sigilSignatureAlgorithm,
+                signatureAlgorithm: issuer.signatureAlgorithm,
                 extensions: extensions,
                 issuerPrivateKey: issuer.privateKey
             )
@@ -235,6 +250,9 @@ public enum DNSName {
         let bytes = Array(name.utf8)
         guard !bytes.isEmpty, bytes.count <= 253 else {
             throw SigilError(.invalidArgument, "DNS name '\(name)' must be 1 to 253 characters long")
+        }
+        if name.allSatisfy({ $0.isNumber || $0 == "." }) || name.contains(":") {
+            throw SigilError(.invalidArgument, "'\(name)' looks like an IP address; --dns takes DNS names only (Sigil does not issue IP SANs)")
         }
         var labels = name.split(separator: ".", omittingEmptySubsequences: false)
         if labels.first == "*" { labels.removeFirst() }

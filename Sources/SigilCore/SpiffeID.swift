@@ -132,6 +132,9 @@ public struct SpiffeID: Hashable, Sendable, Comparable, CustomStringConvertible 
 
     /// The ID of workload `serviceAccount` in `namespace`: `spiffe://<td>/ns/<namespace>/sa/<serviceAccount>`.
     public init(trustDomain: TrustDomain, namespace: String, serviceAccount: String) throws(SigilError) {
+        for (what, value) in [("namespace", namespace), ("service account", serviceAccount)] where value.isEmpty || value.contains("/") {
+            throw SigilError(.invalidSpiffeID, "\(what) '\(value)' must be one non-empty path segment (no '/')")
+        }
         try self.init(trustDomain: trustDomain, path: "/ns/\(namespace)/sa/\(serviceAccount)")
     }
 

@@ -70,15 +70,18 @@ public final class SQLiteDatastore: Datastore {
             try db.create(table: "issued_certificates") { t in
                 t.primaryKey("serial", .text)
                 t.column("spiffe_id", .text).notNull().indexed()
-                t.column("authority_id", .text).notNull().references("authorities").indexed()
+                t.column("authority_id", .text).notNull().references("authorities")
                 t.column("not_before", .double).notNull()
-                t.column("not_after", .double).notNull().indexed()
+                t.column("not_after", .double).notNull()
                 t.column("issued_at", .double).notNull()
                 t.column("requester", .text).notNull()
             }
+            // One index answers both "how many did this authority sign" and "which of its SVIDs are still live".
+            try db.create(index: "issued_certificates_by_authority_expiry", on: "issued_certificates", columns: ["authority_id", "not_after"])
             try db.create(table: "issuance_log") { t in
                 t.autoIncrementedPrimaryKey("seq")
-                t.column("at", .double).notNull().indexed()
+                // Ordered by seq, which follows time: no separate index on `at`.
+                t.column("at", .double).notNull()
                 t.column("event", .text).notNull()
                 t.column("serial", .text)
                 t.column("spiffe_id", .text)
@@ -93,6 +96,8 @@ public final class SQLiteDatastore: Datastore {
                 CREATE TRIGGER issuance_log_no_delete BEFORE DELETE ON issuance_log
                 BEGIN SELECT RAISE(ABORT, 'issuance_log is append-only'); END;
                 CREATE TRIGGER issued_certificates_no_update BEFORE UPDATE ON issued_certificates
+                BEGIN SELECT RAISE(ABORT, 'issued_certificates rows are immutable'); END;
+                CREATE TRIGGER issued_certificates_no_delete BEFORE DELETE ON issued_certificates
                 BEGIN SELECT RAISE(ABORT, 'issued_certificates rows are immutable'); END;
                 """)
         }
@@ -177,7 +182,7 @@ public final class SQLiteDatastore: Datastore {
 
     public func issuedCertificates(limit: Int) async throws(StoreError) -> [IssuedCertificate] {
         try await read { db in
-            try Row.fetchAll(db, sql: "SELECT * FROM issued_certificates ORDER BY issued_at DESC, rowid DESC LIMIT ?", arguments: [limit]).map { row in
+            try Row.fetchAll(db, sql: "SELECT * FROM issued_certificates ORDER BY issued_at DESC, serial LIMIT ?", arguments: [limit]).map { row in
                 IssuedCertificate(
                     serial: row["serial"], spiffeID: row["spiffe_id"], authorityID: row["authority_id"],
                     notBefore: Date(timeIntervalSince1970: row["not_before"]), notAfter: Date(timeIntervalSince1970: row["not_after"]),

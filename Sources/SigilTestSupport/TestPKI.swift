@@ -1,7 +1,7 @@
 public import X509
 public import SigilCore
 import Crypto
-import Foundation
+public import Foundation
 
 /// A throwaway PKI for tests: a root and an intermediate for a trust domain, built in memory.
 public struct TestPKI: Sendable {

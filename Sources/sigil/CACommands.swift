@@ -143,6 +143,7 @@ struct CASign: AsyncParsableCommand {
             FileHandle.standardError.write(Data("issued \(id) serial \(svid.record.serial), valid until \(iso8601(svid.record.notAfter)); chain written to \(out)\n".utf8))
         } else {
             print(svid.chainPEM, terminator: "")
+            FileHandle.standardError.write(Data("issued \(id) serial \(svid.record.serial), valid until \(iso8601(svid.record.notAfter))\n".utf8))
         }
     }
 }

@@ -58,7 +58,9 @@ struct Sigil: AsyncParsableCommand {
                 if !message.isEmpty { print(message) }
                 code = 0
             } else {
-                if !message.isEmpty { FileHandle.standardError.write(Data("\(message)\n".utf8)) }
+                // House style: "error: ..." in lower case, as for every other error.
+                let text = message.hasPrefix("Error: ") ? "error: " + message.dropFirst(7) : Substring(message)
+                if !text.isEmpty { FileHandle.standardError.write(Data("\(text)\n".utf8)) }
                 // ArgumentParser says 64 (EX_USAGE) for usage errors; Sigil's convention is 2.
                 code = parserCode.rawValue == 64 || parserCode.rawValue == 1 ? 2 : parserCode.rawValue
             }
@@ -94,12 +96,26 @@ func parseDuration(_ text: String, flag: String) throws -> Duration {
     }
 }
 
+/// Reads a small input file (a CSR, a certificate): a regular file of at most 1 MiB, or '-' for stdin.
 func readInput(_ path: String, what: String) throws -> [UInt8] {
+    let limit = 1 << 20
     if path == "-" {
-        return Array(FileHandle.standardInput.readDataToEndOfFile())
+        let data = FileHandle.standardInput.readData(ofLength: limit + 1)
+        guard data.count <= limit else { throw CAError(.invalidCSR, "\(what) on standard input is larger than 1 MiB") }
+        return Array(data)
+    }
+    var st = stat()
+    guard stat(path, &st) == 0 else {
+        throw CAError(.invalidCSR, "cannot read \(what) '\(path)': \(String(cString: strerror(errno)))")
+    }
+    guard st.st_mode & S_IFMT == S_IFREG else {
+        throw CAError(.invalidCSR, "\(what) '\(path)' is not a regular file")
+    }
+    guard st.st_size <= limit else {
+        throw CAError(.invalidCSR, "\(what) '\(path)' is \(st.st_size) bytes; a CSR is at most 1 MiB")
     }
     guard let data = FileManager.default.contents(atPath: path) else {
-        throw CAError(.invalidCSR, "cannot read \(what) '\(path)': no such file or not readable")
+        throw CAError(.invalidCSR, "cannot read \(what) '\(path)': permission denied")
     }
     return Array(data)
 }
