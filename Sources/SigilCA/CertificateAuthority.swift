@@ -104,14 +104,18 @@ public struct CAInitOptions: Sendable {
     }
 }
 
-/// An X509-SVID as issued: the leaf, the chain to send with it (leaf first, no root) and its record.
+/// An X509-SVID as issued: the leaf and the chain to send with it (DER, leaf first, no root) and its record.
 public struct IssuedSVID: Sendable {
-    public let certificate: Certificate
-    /// Leaf then intermediates up to (not including) a bundle root.
-    public let chain: [Certificate]
+    /// Leaf then intermediates up to (not including) a bundle root, each DER.
+    public let chainDER: [[UInt8]]
     public let record: IssuedCertificate
 
-    public var chainPEM: String { chain.map(\.pemString).joined() }
+    /// The leaf, parsed.
+    public var certificate: Certificate {
+        get throws { try Certificate(derEncoded: chainDER[0]) }
+    }
+
+    public var chainPEM: String { chainDER.map { pemEncode($0) }.joined() }
 }
 
 /// One authority as `sigil ca status` shows it.
@@ -130,8 +134,8 @@ public actor CertificateAuthority {
     private let clock: any SigilClock
     private let signer: SigningAuthority
     private let signerID: String
-    /// The active intermediate and its ancestors that are not bundle roots.
-    private let chainTail: [Certificate]
+    /// The active intermediate and its ancestors that are not bundle roots (DER).
+    private let chainTailDER: [[UInt8]]
     private let logger: Logger
 
     init(trustDomain: TrustDomain, directory: DataDirectory, store: any Datastore, clock: any SigilClock, signer: SigningAuthority, signerID: String, chainTail: [Certificate], logger: Logger) {
@@ -141,7 +145,7 @@ public actor CertificateAuthority {
         self.clock = clock
         self.signer = signer
         self.signerID = signerID
-        self.chainTail = chainTail
+        self.chainTailDER = chainTail.map(\.derBytes)
         self.logger = logger
     }
 
@@ -227,12 +231,12 @@ public actor CertificateAuthority {
                 guard profile.spiffeID.trustDomain == trustDomain else {
                     throw SigilError(.invalidSpiffeID, "'\(profile.spiffeID)' is not in trust domain '\(trustDomain)', the only one this CA signs for")
                 }
-                let leaf = try profile.makeCertificate(publicKey: request.publicKey, issuer: signer, now: now)
+                let leaf = try profile.encodeLeaf(publicKey: request.publicKey, issuer: signer, now: now)
                 let row = IssuedCertificate(
                     serial: leaf.serialHex, spiffeID: profile.spiffeID.description, authorityID: signerID,
-                    notBefore: leaf.notValidBefore, notAfter: leaf.notValidAfter, issuedAt: now, requester: requester)
+                    notBefore: leaf.notBefore, notAfter: leaf.notAfter, issuedAt: now, requester: requester)
                 rows.append(row)
-                results.append(.success(IssuedSVID(certificate: leaf, chain: [leaf] + chainTail, record: row)))
+                results.append(.success(IssuedSVID(chainDER: [leaf.der] + chainTailDER, record: row)))
             } catch {
                 results.append(.failure(CAError(.policy, error.message)))
             }

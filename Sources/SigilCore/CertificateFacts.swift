@@ -17,10 +17,7 @@ extension Certificate {
     }
 
     /// PEM text (`-----BEGIN CERTIFICATE-----`), ending with a newline.
-    public var pemString: String {
-        let body = Data(derBytes).base64EncodedString(options: [.lineLength64Characters, .endLineWithLineFeed])
-        return "-----BEGIN CERTIFICATE-----\n" + body + "\n-----END CERTIFICATE-----\n"
-    }
+    public var pemString: String { pemEncode(derBytes) }
 
     /// SHA-256 of the DER encoding, lowercase hex: the fingerprint Sigil shows and stores.
     public var sha256Fingerprint: String { hex(SHA256.hash(data: derBytes)) }
@@ -94,6 +91,12 @@ extension Certificate.SerialNumber {
         while b.count > 1, b.first == 0 { b = b.dropFirst() }
         return SigilCore.hex(b)
     }
+}
+
+/// PEM text of a DER certificate, ending with a newline.
+public func pemEncode(_ der: [UInt8], label: String = "CERTIFICATE") -> String {
+    let body = Data(der).base64EncodedString(options: [.lineLength64Characters, .endLineWithLineFeed])
+    return "-----BEGIN \(label)-----\n" + body + "\n-----END \(label)-----\n"
 }
 
 /// Lowercase hex of some bytes.

@@ -16,6 +16,12 @@ public struct SigningAuthority: Sendable {
     let signatureAlgorithm: Certificate.SignatureAlgorithm
     let authorityKeyIdentifier: AuthorityKeyIdentifier
     let authorityKeyIdentifierExtension: Certificate.Extension
+    let authorityKeyIdentifierDER: [UInt8]
+    let subjectDER: [UInt8]
+    let signatureAlgorithmDER: [UInt8]
+    /// The issuer key as swift-crypto's own type when it is P-256: signing with it directly skips
+    /// a parse and re-encode of every signature.
+    let p256Key: P256.Signing.PrivateKey?
     let mayIssue: Bool
 
     public init(certificate: Certificate, privateKey: Certificate.PrivateKey) throws(SigilError) {
@@ -34,6 +40,24 @@ public struct SigningAuthority: Sendable {
             self.authorityKeyIdentifierExtension = try Certificate.Extension(authorityKeyIdentifier, critical: false)
         } catch {
             throw SigilError(.invalidCertificate, "cannot encode the authority key identifier of '\(certificate.subject)': \(error)")
+        }
+        self.authorityKeyIdentifierDER = DERWriter.extensionDER(authorityKeyIdentifierExtension)
+        var serializer = DER.Serializer()
+        do {
+            try serializer.serialize(certificate.subject)
+        } catch {
+            throw SigilError(.invalidCertificate, "cannot encode the subject of '\(certificate.subject)': \(error)")
+        }
+        self.subjectDER = serializer.serializedBytes
+        switch signatureAlgorithm {
+        case .ecdsaWithSHA256: signatureAlgorithmDER = [0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02]
+        case .ecdsaWithSHA384: signatureAlgorithmDER = [0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03]
+        default: signatureAlgorithmDER = [0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b, 0x05, 0x00]
+        }
+        if signatureAlgorithm == .ecdsaWithSHA256, let pem = try? privateKey.serializeAsPEM().pemString {
+            self.p256Key = try? P256.Signing.PrivateKey(pemRepresentation: pem)
+        } else {
+            self.p256Key = nil
         }
         let keyUsage = try? certificate.extensions.keyUsage
         self.mayIssue = certificate.isCertificateAuthority && (keyUsage?.keyCertSign ?? true)
@@ -77,6 +101,10 @@ public struct SVIDProfile: Sendable {
     let ecKeyUsage: Certificate.Extension
     let rsaKeyUsage: Certificate.Extension
     let subject: DistinguishedName
+    let fixedExtensionDER: [[UInt8]]
+    let ecKeyUsageDER: [UInt8]
+    let rsaKeyUsageDER: [UInt8]
+    let subjectDER: [UInt8]
 
     public init(
         spiffeID: SpiffeID,
@@ -110,9 +138,15 @@ public struct SVIDProfile: Sendable {
                 OrganizationName("Sigil")
                 if let first = dnsNames.first { CommonName(first) }
             }
+            var serializer = DER.Serializer()
+            try serializer.serialize(subject)
+            self.subjectDER = serializer.serializedBytes
         } catch {
             throw SigilError(.invalidArgument, "cannot encode the SVID profile for \(spiffeID): \(error)")
         }
+        self.fixedExtensionDER = fixedExtensions.map(DERWriter.extensionDER)
+        self.ecKeyUsageDER = DERWriter.extensionDER(ecKeyUsage)
+        self.rsaKeyUsageDER = DERWriter.extensionDER(rsaKeyUsage)
     }
 
     /// Builds and signs the leaf for `publicKey`.

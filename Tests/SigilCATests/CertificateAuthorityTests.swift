@@ -82,8 +82,9 @@ struct CertificateAuthorityTests {
         let results = await ca.signBatch(requests, requester: "test")
         #expect(results.map { (try? $0.get()) != nil } == [true, false, true])
         let svid = try results[0].get()
-        #expect(svid.chain.count == 2)
-        #expect(svid.chain[1].isCertificateAuthority)
+        #expect(svid.chainDER.count == 2)
+        #expect(try Certificate(derEncoded: svid.chainDER[1]).isCertificateAuthority)
+        #expect(try svid.certificate.spiffeID == SpiffeID("spiffe://example.org/ns/a/sa/one"))
         let status = try await ca.status()
         #expect(status.first { $0.record.kind == .intermediate }?.issuedCount == 2)
     }
@@ -101,7 +102,7 @@ struct CertificateAuthorityTests {
         let request = try SigningRequest(bytes: greedy)
         #expect(request.requestedExtensionCount == 2)
         let svid = try await ca.sign(request, profile: SVIDProfile(spiffeID: SpiffeID("spiffe://example.org/ns/a/sa/b")), requester: "test")
-        #expect(!svid.certificate.isCertificateAuthority)
+        #expect(try !svid.certificate.isCertificateAuthority)
         #expect(try svid.certificate.extensions.subjectAlternativeNames == SubjectAlternativeNames([.uniformResourceIdentifier("spiffe://example.org/ns/a/sa/b")]))
     }
 

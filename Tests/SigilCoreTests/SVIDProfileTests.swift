@@ -2,6 +2,7 @@ import Testing
 import Foundation
 @_spi(FixedExpiryValidationTime) import X509
 import Crypto
+import SwiftASN1
 import _CryptoExtras
 import SigilCore
 import SigilTestSupport
@@ -153,6 +154,46 @@ struct SVIDProfileTests {
         #expect(throws: SigilError.self) { try profile.makeCertificate(publicKey: ed.publicKey, issuer: pki.intermediate, now: now) }
         let p384 = Certificate.PrivateKey(P384.Signing.PrivateKey())
         #expect(try profile.makeCertificate(publicKey: p384.publicKey, issuer: pki.intermediate, now: now).spiffeID == id)
+    }
+
+    // MARK: the CA's direct DER encoder
+
+    @Test(arguments: [false, true])
+    func encoderMatchesTheSwiftCertificatesBuilderByteForByte(rsa: Bool) throws {
+        let pki = try TestPKI(now: now, caTTL: .seconds(1800))
+        let key = rsa ? Certificate.PrivateKey(try _RSA.Signing.PrivateKey(keySize: .bits2048)) : TestPKI.p256()
+        for (ttl, dns) in [(Duration.seconds(600), [String]()), (.seconds(7200), ["web.default.svc", "*.web.example"])] {
+            let profile = try SVIDProfile(spiffeID: id, ttl: ttl, dnsNames: dns)
+            let serial = Certificate.SerialNumber.random128()
+            let reference = try profile.makeCertificate(publicKey: key.publicKey, issuer: pki.intermediate, now: now, serialNumber: serial)
+            let encoded = try profile.encodeLeaf(publicKey: key.publicKey, issuer: pki.intermediate, now: now, serialNumber: serial)
+            let parsed = try Certificate(derEncoded: encoded.der)
+            #expect(Array(parsed.tbsCertificateBytes) == Array(reference.tbsCertificateBytes))
+            #expect(pki.intermediate.certificate.publicKey.isValidSignature(parsed.signature, for: parsed))
+            #expect(encoded.serialHex == reference.serialHex)
+            #expect(encoded.notBefore == reference.notValidBefore && encoded.notAfter == reference.notValidAfter)
+        }
+    }
+
+    @Test func encoderWritesGeneralizedTimeFrom2050() throws {
+        let later = Date(timeIntervalSince1970: 2_600_000_000) // 2052
+        let pki = try TestPKI(now: later)
+        let profile = try SVIDProfile(spiffeID: id)
+        let serial = Certificate.SerialNumber.random128()
+        let key = TestPKI.p256()
+        let reference = try profile.makeCertificate(publicKey: key.publicKey, issuer: pki.intermediate, now: later, serialNumber: serial)
+        let encoded = try profile.encodeLeaf(publicKey: key.publicKey, issuer: pki.intermediate, now: later, serialNumber: serial)
+        #expect(Array(try Certificate(derEncoded: encoded.der).tbsCertificateBytes) == Array(reference.tbsCertificateBytes))
+    }
+
+    @Test func encoderAppliesTheSameRules() throws {
+        let pki = try TestPKI(now: now)
+        let other = try SVIDProfile(spiffeID: SpiffeID("spiffe://other.org/ns/a/sa/b"))
+        #expect(throws: SigilError.self) { try other.encodeLeaf(publicKey: TestPKI.p256().publicKey, issuer: pki.intermediate, now: now) }
+        let profile = try SVIDProfile(spiffeID: id)
+        #expect(throws: SigilError.self) { try profile.encodeLeaf(publicKey: TestPKI.p256().publicKey, issuer: pki.intermediate, now: now.addingTimeInterval(30 * 86_400)) }
+        let p521 = Certificate.PrivateKey(P521.Signing.PrivateKey())
+        #expect(throws: SigilError.self) { try profile.encodeLeaf(publicKey: p521.publicKey, issuer: pki.intermediate, now: now) }
     }
 
     // MARK: CA profile
