@@ -130,7 +130,8 @@ public struct AuthorityStatus: Sendable, Codable {
 public actor CertificateAuthority {
     public nonisolated let trustDomain: TrustDomain
     public nonisolated let directory: DataDirectory
-    private let store: any Datastore
+    /// The datastore this CA records into.
+    public nonisolated let store: any Datastore
     private let clock: any SigilClock
     private let signer: SigningAuthority
     private let signerID: String

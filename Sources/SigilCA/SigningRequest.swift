@@ -45,6 +45,17 @@ public struct SigningRequest: Sendable {
         try self.init(csr: csr, keyPolicy: keyPolicy)
     }
 
+    /// A key generated in this process (the server's own SVID): no CSR, same key policy.
+    public init(trustedPublicKey: Certificate.PublicKey, keyPolicy: KeyPolicy = .default) throws(CAError) {
+        do {
+            self.keyKind = try keyPolicy.check(trustedPublicKey)
+        } catch {
+            throw CAError(.invalidCSR, "the key is refused: \(error.message)")
+        }
+        self.publicKey = trustedPublicKey
+        self.requestedExtensionCount = 0
+    }
+
     /// Checks an already parsed CSR.
     public init(csr: CertificateSigningRequest, keyPolicy: KeyPolicy = .default) throws(CAError) {
         do {

@@ -12,6 +12,7 @@ public struct SigilError: Error, Hashable, Sendable, CustomStringConvertible {
             case invalidBundle
             case weakKey
             case unsupportedKey
+            case invalidJWT
         }
         let backing: Backing
         public var description: String { backing.rawValue }
@@ -30,6 +31,8 @@ public struct SigilError: Error, Hashable, Sendable, CustomStringConvertible {
         public static let weakKey = Code(backing: .weakKey)
         /// A key's algorithm or curve is not one Sigil signs for.
         public static let unsupportedKey = Code(backing: .unsupportedKey)
+        /// A JWT-SVID was rejected: malformed, wrongly signed, expired, for another audience or trust domain.
+        public static let invalidJWT = Code(backing: .invalidJWT)
     }
 
     public let code: Code

@@ -32,4 +32,32 @@ public protocol Datastore: Sendable {
 
     /// The trust bundle's sequence number (`spiffe_sequence`).
     func bundleSequence() async throws(StoreError) -> UInt64
+
+    // MARK: nodes and entries
+
+    /// Appends one event to the issuance log (attestation, refusals, entry changes).
+    func recordEvent(_ event: IssuanceEvent) async throws(StoreError)
+
+    /// Stores a join token by its SHA-256 (the token itself is never stored).
+    func createJoinToken(hash: String, agentID: String, expiresAt: Date, at: Date) async throws(StoreError)
+
+    /// Uses a join token: accepted once, then `used`; `expired` after its time; `unknown` otherwise.
+    /// The outcome is recorded in the issuance log either way.
+    func consumeJoinToken(hash: String, now: Date, requester: String) async throws(StoreError) -> JoinTokenOutcome
+
+    /// Creates or replaces an agent.
+    func upsertAgent(_ agent: AgentRecord) async throws(StoreError)
+    func agent(id: String) async throws(StoreError) -> AgentRecord?
+    func agents() async throws(StoreError) -> [AgentRecord]
+    /// Marks an agent evicted; returns it, or nil if unknown.
+    func evictAgent(id: String, at: Date) async throws(StoreError) -> AgentRecord?
+    /// Whether `serial` was issued to `spiffeID` and is unexpired at `now`.
+    func isLiveCertificate(serial: String, spiffeID: String, now: Date) async throws(StoreError) -> Bool
+
+    /// Creates an entry (assigning its revision); throws `.conflict` for a duplicate.
+    func createEntry(_ entry: EntryRecord) async throws(StoreError) -> EntryRecord
+    func deleteEntry(id: String, at: Date) async throws(StoreError) -> EntryRecord?
+    func entry(id: String) async throws(StoreError) -> EntryRecord?
+    /// Entries, optionally only those parented to `parentID`, oldest first.
+    func entries(parentID: String?) async throws(StoreError) -> [EntryRecord]
 }

@@ -86,6 +86,12 @@ public struct IssuanceEvent: Sendable, Hashable, Codable {
         case caInitialized = "ca_initialized"
         case issued
         case refused
+        case joinTokenCreated = "join_token_created"
+        case joinTokenRefused = "join_token_refused"
+        case agentAttested = "agent_attested"
+        case agentEvicted = "agent_evicted"
+        case entryCreated = "entry_created"
+        case entryDeleted = "entry_deleted"
     }
     public var sequence: Int64
     public var at: Date

@@ -101,6 +101,35 @@ public final class SQLiteDatastore: Datastore {
                 BEGIN SELECT RAISE(ABORT, 'issued_certificates rows are immutable'); END;
                 """)
         }
+        migrator.registerMigration("v2-nodes") { db in
+            try db.create(table: "join_tokens") { t in
+                t.primaryKey("token_hash", .text)
+                t.column("agent_id", .text).notNull()
+                t.column("expires_at", .double).notNull()
+                t.column("created_at", .double).notNull()
+                t.column("used_at", .double)
+            }
+            try db.create(table: "agents") { t in
+                t.primaryKey("id", .text)
+                t.column("serial", .text).notNull()
+                t.column("not_after", .double).notNull()
+                t.column("attested_at", .double).notNull()
+                t.column("evicted", .boolean).notNull().defaults(to: false)
+                t.column("last_seen", .double).notNull()
+            }
+            try db.create(table: "entries") { t in
+                t.primaryKey("id", .text)
+                t.column("spiffe_id", .text).notNull()
+                t.column("parent_id", .text).notNull().indexed()
+                t.column("selectors", .text).notNull()
+                t.column("ttl_seconds", .integer).notNull()
+                t.column("dns_names", .text).notNull()
+                t.column("revision", .integer).notNull()
+                t.column("created_at", .double).notNull()
+                t.uniqueKey(["spiffe_id", "parent_id", "selectors"])
+            }
+            try db.execute(sql: "INSERT OR IGNORE INTO meta (key, value) VALUES ('entries_revision', '0')")
+        }
         return migrator
     }
 
@@ -207,6 +236,151 @@ public final class SQLiteDatastore: Datastore {
     public func bundleSequence() async throws(StoreError) -> UInt64 {
         try await read { db in
             UInt64(try String.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'bundle_sequence'") ?? "0") ?? 0
+        }
+    }
+
+    // MARK: - nodes and entries
+
+    public func recordEvent(_ event: IssuanceEvent) async throws(StoreError) {
+        try await write { db in try Self.insertEvent(db, event) }
+    }
+
+    static func insertEvent(_ db: Database, _ e: IssuanceEvent) throws {
+        try db.execute(sql: """
+            INSERT INTO issuance_log (at, event, serial, spiffe_id, authority_id, requester, detail)
+            VALUES (?, ?, ?, ?, ?, ?, ?)
+            """, arguments: [e.at.timeIntervalSince1970, e.kind.rawValue, e.serial, e.spiffeID, e.authorityID, e.requester, e.detail])
+    }
+
+    public func createJoinToken(hash: String, agentID: String, expiresAt: Date, at: Date) async throws(StoreError) {
+        try await write { db in
+            try db.execute(sql: "INSERT INTO join_tokens (token_hash, agent_id, expires_at, created_at) VALUES (?, ?, ?, ?)",
+                           arguments: [hash, agentID, expiresAt.timeIntervalSince1970, at.timeIntervalSince1970])
+            try Self.insertEvent(db, IssuanceEvent(at: at, kind: .joinTokenCreated, serial: nil, spiffeID: agentID, authorityID: nil,
+                                                   requester: "admin", detail: "expires \(Int(expiresAt.timeIntervalSince1970))"))
+        }
+    }
+
+    public func consumeJoinToken(hash: String, now: Date, requester: String) async throws(StoreError) -> JoinTokenOutcome {
+        try await write { db in
+            let row = try Row.fetchOne(db, sql: "SELECT agent_id, expires_at, used_at FROM join_tokens WHERE token_hash = ?", arguments: [hash])
+            let outcome: JoinTokenOutcome
+            if let row {
+                if (row["used_at"] as Double?) != nil {
+                    outcome = .refused(.used)
+                } else if (row["expires_at"] as Double) <= now.timeIntervalSince1970 {
+                    outcome = .refused(.expired)
+                } else {
+                    // Single use: the UPDATE is in the same transaction as the read.
+                    try db.execute(sql: "UPDATE join_tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL",
+                                   arguments: [now.timeIntervalSince1970, hash])
+                    outcome = db.changesCount == 1 ? .accepted(agentID: row["agent_id"]) : .refused(.used)
+                }
+            } else {
+                outcome = .refused(.unknown)
+            }
+            switch outcome {
+            case .accepted(let agentID):
+                try Self.insertEvent(db, IssuanceEvent(at: now, kind: .agentAttested, serial: nil, spiffeID: agentID, authorityID: nil, requester: requester, detail: "join token accepted"))
+            case .refused(let reason):
+                try Self.insertEvent(db, IssuanceEvent(at: now, kind: .joinTokenRefused, serial: nil, spiffeID: row?["agent_id"], authorityID: nil, requester: requester, detail: "join token \(reason.rawValue)"))
+            }
+            return outcome
+        }
+    }
+
+    public func upsertAgent(_ a: AgentRecord) async throws(StoreError) {
+        try await write { db in
+            try db.execute(sql: """
+                INSERT INTO agents (id, serial, not_after, attested_at, evicted, last_seen) VALUES (?, ?, ?, ?, ?, ?)
+                ON CONFLICT(id) DO UPDATE SET serial = excluded.serial, not_after = excluded.not_after,
+                    attested_at = excluded.attested_at, evicted = excluded.evicted, last_seen = excluded.last_seen
+                """, arguments: [a.id, a.serial, a.notAfter.timeIntervalSince1970, a.attestedAt.timeIntervalSince1970, a.evicted, a.lastSeen.timeIntervalSince1970])
+        }
+    }
+
+    static func agentRecord(_ row: Row) -> AgentRecord {
+        AgentRecord(id: row["id"], serial: row["serial"], notAfter: Date(timeIntervalSince1970: row["not_after"]),
+                    attestedAt: Date(timeIntervalSince1970: row["attested_at"]), evicted: row["evicted"],
+                    lastSeen: Date(timeIntervalSince1970: row["last_seen"]))
+    }
+
+    public func agent(id: String) async throws(StoreError) -> AgentRecord? {
+        try await read { db in try Row.fetchOne(db, sql: "SELECT * FROM agents WHERE id = ?", arguments: [id]).map(Self.agentRecord) }
+    }
+
+    public func agents() async throws(StoreError) -> [AgentRecord] {
+        try await read { db in try Row.fetchAll(db, sql: "SELECT * FROM agents ORDER BY id").map(Self.agentRecord) }
+    }
+
+    public func evictAgent(id: String, at: Date) async throws(StoreError) -> AgentRecord? {
+        try await write { db in
+            try db.execute(sql: "UPDATE agents SET evicted = 1 WHERE id = ?", arguments: [id])
+            guard db.changesCount == 1 else { return nil }
+            try Self.insertEvent(db, IssuanceEvent(at: at, kind: .agentEvicted, serial: nil, spiffeID: id, authorityID: nil, requester: "admin", detail: "evicted"))
+            return try Row.fetchOne(db, sql: "SELECT * FROM agents WHERE id = ?", arguments: [id]).map(Self.agentRecord)
+        }
+    }
+
+    public func isLiveCertificate(serial: String, spiffeID: String, now: Date) async throws(StoreError) -> Bool {
+        try await read { db in
+            try Bool.fetchOne(db, sql: "SELECT 1 FROM issued_certificates WHERE serial = ? AND spiffe_id = ? AND not_after > ?",
+                              arguments: [serial, spiffeID, now.timeIntervalSince1970]) ?? false
+        }
+    }
+
+    static func entryRecord(_ row: Row) -> EntryRecord {
+        let selectors: String = row["selectors"]
+        let dns: String = row["dns_names"]
+        return EntryRecord(id: row["id"], spiffeID: row["spiffe_id"], parentID: row["parent_id"],
+                           selectors: selectors.split(separator: "\n").map(String.init), ttlSeconds: row["ttl_seconds"],
+                           dnsNames: dns.split(separator: "\n").map(String.init), revision: row["revision"],
+                           createdAt: Date(timeIntervalSince1970: row["created_at"]))
+    }
+
+    public func createEntry(_ entry: EntryRecord) async throws(StoreError) -> EntryRecord {
+        try await write { db in
+            let revision = (Int64(try String.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'entries_revision'") ?? "0") ?? 0) + 1
+            var stored = entry
+            stored.revision = revision
+            do {
+                try db.execute(sql: """
+                    INSERT INTO entries (id, spiffe_id, parent_id, selectors, ttl_seconds, dns_names, revision, created_at)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                    """, arguments: [stored.id, stored.spiffeID, stored.parentID, stored.selectors.joined(separator: "\n"), stored.ttlSeconds,
+                                     stored.dnsNames.joined(separator: "\n"), revision, stored.createdAt.timeIntervalSince1970])
+            } catch let error as DatabaseError where error.resultCode == .SQLITE_CONSTRAINT {
+                throw StoreError(.conflict, "an entry for \(entry.spiffeID) under \(entry.parentID) with selectors \(entry.selectors.joined(separator: ",")) already exists")
+            }
+            try db.execute(sql: "UPDATE meta SET value = ? WHERE key = 'entries_revision'", arguments: [String(revision)])
+            try Self.insertEvent(db, IssuanceEvent(at: stored.createdAt, kind: .entryCreated, serial: nil, spiffeID: stored.spiffeID, authorityID: nil,
+                                                   requester: "admin", detail: "entry \(stored.id) parent \(stored.parentID) selectors \(stored.selectors.joined(separator: ","))"))
+            return stored
+        }
+    }
+
+    public func deleteEntry(id: String, at: Date) async throws(StoreError) -> EntryRecord? {
+        try await write { db in
+            guard let existing = try Row.fetchOne(db, sql: "SELECT * FROM entries WHERE id = ?", arguments: [id]).map(Self.entryRecord) else { return nil }
+            try db.execute(sql: "DELETE FROM entries WHERE id = ?", arguments: [id])
+            let revision = (Int64(try String.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'entries_revision'") ?? "0") ?? 0) + 1
+            try db.execute(sql: "UPDATE meta SET value = ? WHERE key = 'entries_revision'", arguments: [String(revision)])
+            try Self.insertEvent(db, IssuanceEvent(at: at, kind: .entryDeleted, serial: nil, spiffeID: existing.spiffeID, authorityID: nil,
+                                                   requester: "admin", detail: "entry \(id)"))
+            return existing
+        }
+    }
+
+    public func entry(id: String) async throws(StoreError) -> EntryRecord? {
+        try await read { db in try Row.fetchOne(db, sql: "SELECT * FROM entries WHERE id = ?", arguments: [id]).map(Self.entryRecord) }
+    }
+
+    public func entries(parentID: String?) async throws(StoreError) -> [EntryRecord] {
+        try await read { db in
+            if let parentID {
+                return try Row.fetchAll(db, sql: "SELECT * FROM entries WHERE parent_id = ? ORDER BY created_at, id", arguments: [parentID]).map(Self.entryRecord)
+            }
+            return try Row.fetchAll(db, sql: "SELECT * FROM entries ORDER BY created_at, id").map(Self.entryRecord)
         }
     }
 

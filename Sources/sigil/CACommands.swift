@@ -3,6 +3,9 @@ import SigilCore
 import SigilCA
 import SigilStore
 import Foundation
+import SigilRPC
+import X509
+import SwiftASN1
 
 struct CACommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -214,11 +217,28 @@ struct BundleShow: AsyncParsableCommand {
 
     @OptionGroup var data: DataDirOption
 
+    @Option(name: .long, help: ArgumentHelp("Ask a running server instead of reading --data-dir.", valueName: "path"))
+    var adminSocket: String?
+
     @Option(name: .long, help: "Output format.")
     var format: Format = .pem
 
     func run() async throws {
-        let (bundle, _) = try await CertificateAuthority.inspect(data.directory)
+        let bundle: TrustBundle
+        if let adminSocket {
+            let response = try await AdminSocketOption(adminSocket: adminSocket).call { client in
+                try await client.getBundle(SigilGetBundleRequest(), options: adminCallOptions)
+            }
+            do {
+                bundle = try TrustBundle(trustDomain: TrustDomain(response.trustDomain),
+                                         authorities: response.roots.map { try Certificate(derEncoded: Array($0)) },
+                                         sequenceNumber: response.sequence, refreshHint: .seconds(300))
+            } catch {
+                throw CLIError.usage("the server sent a bundle that cannot be read: \(error)")
+            }
+        } else {
+            (bundle, _) = try await CertificateAuthority.inspect(data.directory)
+        }
         switch format {
         case .pem: print(bundle.pemEncoded, terminator: "")
         case .spiffe: print(bundle.spiffeBundleJSON(prettyPrinted: true))

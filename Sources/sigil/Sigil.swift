@@ -19,7 +19,7 @@ struct Sigil: AsyncParsableCommand {
             Exit codes: 0 success, 1 a negative answer (denied, verification failed), 2 usage or input error.
             """,
         version: SigilVersion.current,
-        subcommands: [CACommand.self, BundleCommand.self]
+        subcommands: [CACommand.self, BundleCommand.self, ServerCommand.self, TokenCommand.self, EntryCommand.self, AgentCommand.self, SvidCommand.self]
     )
 
     static func main() async {
@@ -48,6 +48,12 @@ struct Sigil: AsyncParsableCommand {
         case let e as StoreError:
             FileHandle.standardError.write(Data("error: \(e.message)\n".utf8))
             code = 2
+        case CLIError.usage(let message):
+            FileHandle.standardError.write(Data("error: \(message)\n".utf8))
+            code = 2
+        case CLIError.negative(let message):
+            FileHandle.standardError.write(Data("error: \(message)\n".utf8))
+            code = 1
         case let e as NegativeAnswer:
             if !e.message.isEmpty { FileHandle.standardError.write(Data("\(e.message)\n".utf8)) }
             code = 1

@@ -1,0 +1,88 @@
+import SigilCore
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The agent's on-disk state, so it keeps serving workloads across restarts and server outages:
+///
+///     <data-dir>/            0700
+///       agent.key            0600  the agent's private key (PKCS#8 DER)
+///       agent.der            0600  the agent's SVID chain (DER, JSON-wrapped)
+///       cache.json           0600  entries, workload SVIDs and keys, bundle
+///
+/// Files are written to a temporary name, fsynced and renamed.
+struct AgentCache: Sendable {
+    let directory: String
+
+    struct AgentIdentity: Codable, Sendable {
+        var agentID: String
+        var chainDER: [[UInt8]]
+        var keyPKCS8DER: [UInt8]
+        var notAfter: Date
+        var trustDomain: String
+        var receivedAt: Date?
+    }
+
+    struct Snapshot: Codable, Sendable {
+        var trustDomain: String
+        var agentID: String
+        var entries: [AgentEntry]
+        var svids: [HeldSVID]
+        var bundleRoots: [[UInt8]]
+        var bundleSequence: UInt64
+        var jwtKeysJSON: [UInt8]
+    }
+
+    init(directory: String) throws(AgentError) {
+        self.directory = directory
+        var isDirectory: ObjCBool = false
+        if FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory) {
+            guard isDirectory.boolValue else { throw AgentError("--data-dir '\(directory)' is a file, not a directory") }
+        } else {
+            do {
+                try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            } catch {
+                throw AgentError("cannot create --data-dir '\(directory)': \(error.localizedDescription)")
+            }
+        }
+        chmod(directory, 0o700)
+    }
+
+    var identityPath: String { directory + "/agent.json" }
+    var cachePath: String { directory + "/cache.json" }
+
+    func loadIdentity() -> AgentIdentity? { load(identityPath) }
+    func saveIdentity(_ identity: AgentIdentity) throws(AgentError) { try save(identity, to: identityPath) }
+    func loadSnapshot() -> Snapshot? { load(cachePath) }
+    func saveSnapshot(_ snapshot: Snapshot) throws(AgentError) { try save(snapshot, to: cachePath) }
+
+    private func load<T: Decodable>(_ path: String) -> T? {
+        guard let data = FileManager.default.contents(atPath: path) else { return nil }
+        return try? JSONDecoder().decode(T.self, from: data)
+    }
+
+    private func save<T: Encodable>(_ value: T, to path: String) throws(AgentError) {
+        let data: Data
+        do {
+            data = try JSONEncoder().encode(value)
+        } catch {
+            throw AgentError("cannot encode \(path): \(error)")
+        }
+        let temporary = path + ".tmp"
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw AgentError("cannot write \(temporary): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        fchmod(fd, 0o600)
+        let written = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        guard written == data.count, fsync(fd) == 0 else { throw AgentError("cannot write \(temporary): \(String(cString: strerror(errno)))") }
+        guard rename(temporary, path) == 0 else { throw AgentError("cannot rename \(temporary): \(String(cString: strerror(errno)))") }
+    }
+}
+
+/// The agent's error: a message that says what to do.
+public struct AgentError: Error, CustomStringConvertible, Sendable {
+    public let message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}

@@ -1,0 +1,208 @@
+import SigilCore
+import Foundation
+
+/// A registration entry as the agent holds it.
+struct AgentEntry: Sendable, Hashable, Codable {
+    var id: String
+    var spiffeID: String
+    var selectors: [String]
+    var ttlSeconds: Int64
+    var dnsNames: [String]
+    var revision: Int64
+
+    func matches(_ callerSelectors: Set<String>) -> Bool {
+        !selectors.isEmpty && selectors.allSatisfy(callerSelectors.contains)
+    }
+}
+
+/// An SVID the agent holds for an entry: chain and key as DER, and when to renew it.
+struct HeldSVID: Sendable, Hashable, Codable {
+    var entryID: String
+    var spiffeID: String
+    var chainDER: [[UInt8]]
+    var keyPKCS8DER: [UInt8]
+    var serial: String
+    var notBefore: Date
+    var notAfter: Date
+    var renewAt: Date
+    /// The entry revision it was issued for (a changed entry is re-issued).
+    var entryRevision: Int64
+}
+
+/// Everything the agent knows, and the fan-out of changes to open Workload API streams.
+/// One actor owns it; the Workload API reads snapshots from it.
+actor AgentState: WorkloadIdentitySource {
+    let trustDomain: TrustDomain
+    private(set) var entries: [String: AgentEntry] = [:]
+    private(set) var svids: [String: HeldSVID] = [:]
+    private(set) var bundleRoots: [[UInt8]] = []
+    private(set) var bundleSequence: UInt64 = 0
+    private(set) var jwtKeysJSON: [UInt8] = Array(#"{"keys":[]}"#.utf8)
+    private var x509Subscribers: [UUID: (Set<String>, AsyncStream<WorkloadX509Snapshot>.Continuation)] = [:]
+    private var bundleSubscribers: [UUID: AsyncStream<WorkloadBundle>.Continuation] = [:]
+    private var lastSent: [UUID: WorkloadX509Snapshot] = [:]
+    /// Wakes the reconciler when entries or the bundle change.
+    nonisolated let changes: AsyncStream<Void>
+    private let changesContinuation: AsyncStream<Void>.Continuation
+    var jwtSigner: (@Sendable (_ entryID: String, _ audience: [String]) async throws -> String)?
+
+    init(trustDomain: TrustDomain) {
+        self.trustDomain = trustDomain
+        (changes, changesContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+    }
+
+    // MARK: updates
+
+    func restore(from cache: AgentCache.Snapshot) {
+        entries = Dictionary(uniqueKeysWithValues: cache.entries.map { ($0.id, $0) })
+        svids = Dictionary(uniqueKeysWithValues: cache.svids.map { ($0.entryID, $0) })
+        bundleRoots = cache.bundleRoots
+        bundleSequence = cache.bundleSequence
+        jwtKeysJSON = cache.jwtKeysJSON
+        publish()
+    }
+
+    func apply(entries newEntries: [AgentEntry], bundleRoots roots: [[UInt8]], bundleSequence sequence: UInt64, jwtKeysJSON jwt: [UInt8]) {
+        let bundleChanged = roots != bundleRoots || jwt != jwtKeysJSON
+        entries = Dictionary(uniqueKeysWithValues: newEntries.map { ($0.id, $0) })
+        // SVIDs of deleted entries are dropped at once: the workload loses that identity.
+        svids = svids.filter { entries[$0.key] != nil }
+        bundleRoots = roots
+        bundleSequence = sequence
+        jwtKeysJSON = jwt
+        changesContinuation.yield()
+        publish()
+        if bundleChanged { publishBundle() }
+    }
+
+    func store(_ svid: HeldSVID) {
+        guard entries[svid.entryID] != nil else { return }
+        svids[svid.entryID] = svid
+        publish()
+    }
+
+    func setJWTSigner(_ signer: @escaping @Sendable (_ entryID: String, _ audience: [String]) async throws -> String) {
+        jwtSigner = signer
+    }
+
+    /// Entries whose SVID is missing, due for renewal, or issued for an older revision of the entry.
+    func due(at now: Date) -> [AgentEntry] {
+        entries.values.filter { entry in
+            guard let held = svids[entry.id] else { return true }
+            return held.renewAt <= now || held.entryRevision != entry.revision || held.notAfter <= now
+        }.sorted { $0.id < $1.id }
+    }
+
+    /// The earliest renewal time of any held SVID.
+    func nextRenewal() -> Date? { svids.values.map(\.renewAt).min() }
+
+    func snapshotForCache(agentID: String) -> AgentCache.Snapshot {
+        AgentCache.Snapshot(trustDomain: trustDomain.name, agentID: agentID, entries: Array(entries.values), svids: Array(svids.values),
+                            bundleRoots: bundleRoots, bundleSequence: bundleSequence, jwtKeysJSON: jwtKeysJSON)
+    }
+
+    var openStreams: Int { x509Subscribers.count }
+
+    // MARK: WorkloadIdentitySource
+
+    nonisolated func x509Snapshots(selectors: Set<String>) -> AsyncStream<WorkloadX509Snapshot> {
+        let (stream, continuation) = AsyncStream.makeStream(of: WorkloadX509Snapshot.self, bufferingPolicy: .bufferingNewest(1))
+        let id = UUID()
+        continuation.onTermination = { [weak self] _ in
+            Task { await self?.removeX509(id) }
+        }
+        Task { await self.addX509(id, selectors: selectors, continuation: continuation) }
+        return stream
+    }
+
+    nonisolated func bundles() -> AsyncStream<WorkloadBundle> {
+        let (stream, continuation) = AsyncStream.makeStream(of: WorkloadBundle.self, bufferingPolicy: .bufferingNewest(1))
+        let id = UUID()
+        continuation.onTermination = { [weak self] _ in
+            Task { await self?.removeBundle(id) }
+        }
+        Task { await self.addBundle(id, continuation: continuation) }
+        return stream
+    }
+
+    func jwtSVIDs(selectors: Set<String>, spiffeID: String?, audience: [String]) async throws(WorkloadAPIError) -> [WorkloadJWTSVID] {
+        var matching = entries.values.filter { $0.matches(selectors) }.sorted { $0.id < $1.id }
+        if let spiffeID, !spiffeID.isEmpty { matching = matching.filter { $0.spiffeID == spiffeID } }
+        guard !matching.isEmpty else {
+            throw WorkloadAPIError(.permissionDenied, spiffeID.map { "no identity \($0) issued to this caller" } ?? "no identity issued")
+        }
+        guard let signer = jwtSigner else {
+            throw WorkloadAPIError(.unavailable, "the agent cannot reach the server to sign JWT-SVIDs yet")
+        }
+        var out: [WorkloadJWTSVID] = []
+        for entry in matching {
+            do {
+                out.append(WorkloadJWTSVID(spiffeID: entry.spiffeID, token: try await signer(entry.id, audience)))
+            } catch {
+                throw WorkloadAPIError(.unavailable, "JWT-SVID signing failed: \(error)")
+            }
+        }
+        return out
+    }
+
+    func validateJWTSVID(token: String, audience: String) async throws(WorkloadAPIError) -> (spiffeID: String, claimsJSON: [UInt8]) {
+        throw WorkloadAPIError(.unavailable, "JWT-SVID validation is not available yet")
+    }
+
+    // MARK: fan-out
+
+    private func addX509(_ id: UUID, selectors: Set<String>, continuation: AsyncStream<WorkloadX509Snapshot>.Continuation) {
+        x509Subscribers[id] = (selectors, continuation)
+        let snapshot = makeSnapshot(for: selectors)
+        lastSent[id] = snapshot
+        continuation.yield(snapshot)
+    }
+
+    private func removeX509(_ id: UUID) {
+        x509Subscribers[id] = nil
+        lastSent[id] = nil
+    }
+
+    private func addBundle(_ id: UUID, continuation: AsyncStream<WorkloadBundle>.Continuation) {
+        bundleSubscribers[id] = continuation
+        continuation.yield(currentBundle)
+    }
+
+    private func removeBundle(_ id: UUID) {
+        bundleSubscribers[id] = nil
+    }
+
+    private var currentBundle: WorkloadBundle {
+        WorkloadBundle(trustDomain: trustDomain.name, rootsDER: bundleRoots.flatMap { $0 }, jwtKeysJSON: jwtKeysJSON)
+    }
+
+    func makeSnapshot(for selectors: Set<String>) -> WorkloadX509Snapshot {
+        let matching = entries.values.filter { $0.matches(selectors) }.sorted { $0.id < $1.id }
+        let held = matching.compactMap { entry -> WorkloadX509SVID? in
+            guard let svid = svids[entry.id] else { return nil }
+            return WorkloadX509SVID(spiffeID: svid.spiffeID, chainDER: svid.chainDER.flatMap { $0 }, keyPKCS8DER: svid.keyPKCS8DER)
+        }
+        return WorkloadX509Snapshot(svids: held, bundle: currentBundle)
+    }
+
+    /// Sends every open stream its new snapshot, if it changed.
+    private func publish() {
+        for (id, (selectors, continuation)) in x509Subscribers {
+            let snapshot = makeSnapshot(for: selectors)
+            if lastSent[id] != snapshot {
+                lastSent[id] = snapshot
+                continuation.yield(snapshot)
+            }
+        }
+    }
+
+    private func publishBundle() {
+        let bundle = currentBundle
+        for continuation in bundleSubscribers.values { continuation.yield(bundle) }
+    }
+
+    func finishAll() {
+        for (_, continuation) in x509Subscribers.values { continuation.finish() }
+        for continuation in bundleSubscribers.values { continuation.finish() }
+    }
+}

@@ -1,0 +1,213 @@
+import Logging
+import SigilCore
+import SigilRPC
+import SigilTLS
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import ServiceLifecycle
+import X509
+import SwiftASN1
+import Crypto
+import Synchronization
+import Foundation
+
+/// The agent's three loops, run together: entry sync (pushed by the server), SVID reconciliation
+/// (sign what is missing or due, in batches), and the agent's own SVID renewal.
+final class AgentWorker: Service, Sendable {
+    let client: SigilAgentAPI.Client<HTTP2ClientTransport.Posix>
+    let state: AgentState
+    let cache: AgentCache
+    let reloader: SVIDCertificateReloader
+    let bundleBox: LockedBox<TrustBundle>
+    let identity: LockedBox<AgentCache.AgentIdentity>
+    let trustDomain: TrustDomain
+    let renewFraction: Double
+    let logger: Logger
+    let wakeup = Wakeup()
+    private let failureBox = LockedBox<AgentError?>(nil)
+    /// Entries the server refused at a given revision: not retried until the entry changes.
+    private let refused = LockedBox<[String: Int64]>([:])
+
+    static let batchSize = 100
+
+    init(client: SigilAgentAPI.Client<HTTP2ClientTransport.Posix>, state: AgentState, cache: AgentCache, reloader: SVIDCertificateReloader,
+         bundleBox: LockedBox<TrustBundle>, identity: LockedBox<AgentCache.AgentIdentity>, trustDomain: TrustDomain, renewFraction: Double, logger: Logger) {
+        self.client = client
+        self.state = state
+        self.cache = cache
+        self.reloader = reloader
+        self.bundleBox = bundleBox
+        self.identity = identity
+        self.trustDomain = trustDomain
+        self.renewFraction = renewFraction
+        self.logger = logger
+    }
+
+    var failure: AgentError? { failureBox.withLock { $0 } }
+
+    func run() async throws {
+        try await cancelWhenGracefulShutdown {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await self.syncLoop() }
+                group.addTask { await self.reconcileLoop() }
+                group.addTask { await self.agentRenewalLoop() }
+                // The first loop to end (eviction) ends the agent.
+                try await group.next()
+                group.cancelAll()
+            }
+        }
+    }
+
+    // MARK: sync
+
+    func syncLoop() async throws {
+        var backoff: Duration = .milliseconds(250)
+        while !Task.isCancelled {
+            do {
+                try await client.sync(SigilSyncRequest()) { response in
+                    for try await update in response.messages {
+                        await self.apply(update)
+                    }
+                }
+                backoff = .milliseconds(250)
+            } catch let error as RPCError where error.code == .permissionDenied || error.code == .unauthenticated {
+                let message = "the server refused this agent: \(error.message)"
+                logger.error("\(message)")
+                failureBox.withLock { $0 = AgentError(message) }
+                return
+            } catch {
+                if Task.isCancelled { return }
+                logger.warning("server unreachable; serving workloads from cache", metadata: ["error": "\(error)"])
+                try? await Task.sleep(for: backoff)
+                backoff = min(backoff * 2, .seconds(5))
+            }
+        }
+    }
+
+    func apply(_ update: SigilSyncUpdate) async {
+        let entries = update.entries.map {
+            AgentEntry(id: $0.id, spiffeID: $0.spiffeID, selectors: $0.selectors, ttlSeconds: $0.ttlSeconds, dnsNames: $0.dnsNames, revision: $0.revision)
+        }
+        let roots = update.bundle.map { Array($0) }
+        if let bundle = try? TrustBundle(trustDomain: trustDomain, authorities: roots.compactMap { try? Certificate(derEncoded: $0) }),
+           !bundle.authorities.isEmpty {
+            bundleBox.withLock { $0 = bundle }
+        }
+        await state.apply(entries: entries, bundleRoots: roots, bundleSequence: update.bundleSequence, jwtKeysJSON: Array(update.jwtBundle))
+        logger.debug("synced", metadata: ["entries": "\(entries.count)", "bundle_sequence": "\(update.bundleSequence)"])
+        await persist()
+        wakeup.fire()
+    }
+
+    // MARK: workload SVIDs
+
+    func reconcileLoop() async {
+        var backoff: Duration = .milliseconds(250)
+        while !Task.isCancelled {
+            let now = Date()
+            let refusedNow = refused.withLock { $0 }
+            let due = await state.due(at: now).filter { refusedNow[$0.id] != $0.revision }
+            if !due.isEmpty {
+                do {
+                    for start in stride(from: 0, to: due.count, by: Self.batchSize) {
+                        try await sign(Array(due[start..<min(start + Self.batchSize, due.count)]))
+                    }
+                    backoff = .milliseconds(250)
+                    await persist()
+                } catch {
+                    logger.warning("cannot get SVIDs signed; retrying", metadata: ["error": "\(error)", "pending": "\(due.count)"])
+                    await wakeup.wait(upTo: backoff)
+                    backoff = min(backoff * 2, .seconds(5))
+                    continue
+                }
+            }
+            let next = await state.nextRenewal() ?? now.addingTimeInterval(3600)
+            let wait = max(0.05, next.timeIntervalSinceNow)
+            await wakeup.wait(upTo: .milliseconds(Int64(min(wait, 3600) * 1000)))
+        }
+    }
+
+    /// Makes a key per entry here, sends the CSRs in one batch, and stores what comes back.
+    func sign(_ entries: [AgentEntry]) async throws {
+        var keys: [String: P256.Signing.PrivateKey] = [:]
+        var request = SigilSignX509SVIDsRequest()
+        for entry in entries {
+            let key = P256.Signing.PrivateKey()
+            keys[entry.id] = key
+            var item = SigilSVIDRequest()
+            item.entryID = entry.id
+            item.csr = Data(try KeyMaterial.csr(key: key))
+            request.requests.append(item)
+        }
+        var options = CallOptions.defaults
+        options.timeout = .seconds(30)
+        let response = try await client.signX509SVIDs(request, options: options)
+        // Lifetimes count from receipt: notBefore is backdated for clock skew, and counting from it
+        // would make short-lived SVIDs look half-spent on arrival.
+        let receivedAt = Date()
+        let byID = Dictionary(uniqueKeysWithValues: entries.map { ($0.id, $0) })
+        for result in response.results {
+            guard let entry = byID[result.entryID], let key = keys[result.entryID] else { continue }
+            if !result.error.isEmpty {
+                logger.error("server refused an SVID", metadata: ["spiffe_id": "\(entry.spiffeID)", "error": "\(result.error)"])
+                refused.withLock { $0[entry.id] = entry.revision }
+                continue
+            }
+            let chain = result.svidChain.map { Array($0) }
+            guard let first = chain.first, let leaf = try? Certificate(derEncoded: first) else { continue }
+            let held = HeldSVID(entryID: entry.id, spiffeID: entry.spiffeID, chainDER: chain, keyPKCS8DER: Array(key.derRepresentation),
+                                serial: leaf.serialHex, notBefore: leaf.notValidBefore, notAfter: leaf.notValidAfter,
+                                renewAt: renewalTime(notBefore: max(leaf.notValidBefore, receivedAt), notAfter: leaf.notValidAfter), entryRevision: entry.revision)
+            await state.store(held)
+            logger.info("SVID issued", metadata: ["spiffe_id": "\(entry.spiffeID)", "serial": "\(held.serial)"])
+        }
+    }
+
+    /// ½ of the life (renewFraction), ± 5 % jitter so a fleet does not renew in lockstep.
+    func renewalTime(notBefore: Date, notAfter: Date) -> Date {
+        let life = notAfter.timeIntervalSince(notBefore)
+        let jitter = Double.random(in: -0.05...0.05) * life
+        return notBefore.addingTimeInterval(life * renewFraction + jitter)
+    }
+
+    // MARK: the agent's own SVID
+
+    func agentRenewalLoop() async {
+        while !Task.isCancelled {
+            let current = identity.withLock { $0 }
+            let leaf = current.chainDER.first.flatMap { try? Certificate(derEncoded: $0) }
+            let renewAt = leaf.map { renewalTime(notBefore: max($0.notValidBefore, current.receivedAt ?? $0.notValidBefore), notAfter: $0.notValidAfter) } ?? Date()
+            let wait = renewAt.timeIntervalSinceNow
+            if wait > 0 {
+                try? await Task.sleep(for: .milliseconds(Int64(min(wait, 3600) * 1000)))
+                continue
+            }
+            do {
+                let key = P256.Signing.PrivateKey()
+                var request = SigilRenewAgentRequest()
+                request.csr = Data(try KeyMaterial.csr(key: key))
+                let response = try await client.renewAgent(request)
+                let chain = response.svidChain.map { Array($0) }
+                guard let first = chain.first, let leaf = try? Certificate(derEncoded: first) else { continue }
+                try reloader.update(chainDER: chain, keyPKCS8DER: Array(key.derRepresentation))
+                let renewed = AgentCache.AgentIdentity(agentID: current.agentID, chainDER: chain, keyPKCS8DER: Array(key.derRepresentation),
+                                                       notAfter: leaf.notValidAfter, trustDomain: current.trustDomain, receivedAt: Date())
+                identity.withLock { $0 = renewed }
+                try? cache.saveIdentity(renewed)
+                logger.info("agent SVID renewed", metadata: ["agent_id": "\(current.agentID)", "serial": "\(leaf.serialHex)"])
+            } catch {
+                logger.warning("agent SVID renewal failed; retrying", metadata: ["error": "\(error)"])
+                try? await Task.sleep(for: .seconds(2))
+            }
+        }
+    }
+
+    func persist() async {
+        let snapshot = await state.snapshotForCache(agentID: identity.withLock { $0.agentID })
+        do {
+            try cache.saveSnapshot(snapshot)
+        } catch {
+            logger.error("cannot write the agent cache: \(error.message)")
+        }
+    }
+}

@@ -1,0 +1,232 @@
+public import GRPCCore
+public import SigilRPC
+import GRPCNIOTransportHTTP2
+import SigilCore
+import SigilCA
+import SigilStore
+import X509
+import Logging
+import Foundation
+
+/// The agent API: node attestation with join tokens, the agent's own SVID renewal, entry sync
+/// (pushed), batched workload SVID signing. Every call but Attest requires the caller's mTLS
+/// certificate to be an unexpired agent SVID this server issued to an agent that is not evicted;
+/// an agent only ever obtains identities of entries parented to it.
+public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
+    let core: ServerCore
+
+    public init(core: ServerCore) {
+        self.core = core
+    }
+
+    // MARK: attestation
+
+    public func attest(request: SigilAttestRequest, context: ServerContext) async throws -> SigilAgentSVIDResponse {
+        let peer = context.remotePeer
+        guard !request.joinToken.isEmpty else {
+            throw RPCError(code: .invalidArgument, message: "join token missing")
+        }
+        let signing: SigningRequest
+        do {
+            signing = try SigningRequest(bytes: Array(request.csr))
+        } catch {
+            throw RPCError(code: .invalidArgument, message: error.message)
+        }
+        let outcome: JoinTokenOutcome
+        do {
+            outcome = try await core.store.consumeJoinToken(hash: ServerCore.tokenHash(request.joinToken), now: core.clock.now, requester: "peer:\(peer)")
+        } catch {
+            throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+        }
+        let agentText: String
+        switch outcome {
+        case .refused(let reason):
+            core.logger.warning("join token refused", metadata: ["peer": "\(peer)", "reason": "\(reason.rawValue)"])
+            throw RPCError(code: .permissionDenied, message: "join token refused: \(reason.rawValue) (create a new one with 'sigil token create')")
+        case .accepted(let id):
+            agentText = id
+        }
+        let svid = try await issueAgentSVID(agentID: agentText, request: signing)
+        var agent = AgentRecord(id: agentText, serial: svid.record.serial, notAfter: svid.record.notAfter, attestedAt: core.clock.now, lastSeen: core.clock.now)
+        agent.evicted = false
+        try await upsert(agent)
+        core.logger.info("agent attested", metadata: ["agent_id": "\(agentText)", "serial": "\(svid.record.serial)", "peer": "\(peer)"])
+        return response(agentID: agentText, svid: svid)
+    }
+
+    public func renewAgent(request: SigilRenewAgentRequest, context: ServerContext) async throws -> SigilAgentSVIDResponse {
+        let agentID = try await authenticate(context)
+        let signing: SigningRequest
+        do {
+            signing = try SigningRequest(bytes: Array(request.csr))
+        } catch {
+            throw RPCError(code: .invalidArgument, message: error.message)
+        }
+        let svid = try await issueAgentSVID(agentID: agentID, request: signing)
+        guard var agent = try? await core.store.agent(id: agentID) else {
+            throw RPCError(code: .permissionDenied, message: "agent \(agentID) is unknown")
+        }
+        agent.serial = svid.record.serial
+        agent.notAfter = svid.record.notAfter
+        agent.lastSeen = core.clock.now
+        try await upsert(agent)
+        return response(agentID: agentID, svid: svid)
+    }
+
+    // MARK: entries
+
+    public func sync(request: SigilSyncRequest, response: RPCWriter<SigilSyncUpdate>, context: ServerContext) async throws {
+        let agentID = try await authenticate(context)
+        let (subscription, signals) = await core.hub.subscribe(agentID: agentID)
+        defer { Task { [hub = core.hub] in await hub.unsubscribe(agentID: agentID, id: subscription) } }
+        var lastSent: SigilSyncUpdate?
+        func sendSnapshot() async throws {
+            let entries: [EntryRecord]
+            do {
+                entries = try await core.store.entries(parentID: agentID)
+            } catch {
+                throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+            }
+            var update = SigilSyncUpdate()
+            update.entries = entries.map(SigilEntry.init(record:))
+            let bundle = core.bundle
+            update.bundle = bundle.authorities.map { Data($0.derBytes) }
+            update.bundleSequence = bundle.sequenceNumber
+            update.jwtBundle = Data(core.jwtKeysJSON)
+            update.revision = entries.map(\.revision).max() ?? 0
+            if update != lastSent {
+                try await response.write(update)
+                lastSent = update
+            }
+        }
+        try await sendSnapshot()
+        for await signal in signals {
+            if case .evicted = signal {
+                throw RPCError(code: .permissionDenied, message: "agent \(agentID) was evicted")
+            }
+            try await sendSnapshot()
+        }
+    }
+
+    public func signX509SVIDs(request: SigilSignX509SVIDsRequest, context: ServerContext) async throws -> SigilSignX509SVIDsResponse {
+        let agentID = try await authenticate(context)
+        var results = [SigilSVIDResult](repeating: SigilSVIDResult(), count: request.requests.count)
+        var batch: [(Int, SigningRequest, SVIDProfile)] = []
+        for (index, item) in request.requests.enumerated() {
+            results[index].entryID = item.entryID
+            do {
+                guard let entry = try await core.store.entry(id: item.entryID) else {
+                    throw CAError(.policy, "entry \(item.entryID) does not exist")
+                }
+                guard entry.parentID == agentID else {
+                    throw CAError(.policy, "entry \(item.entryID) (\(entry.spiffeID)) is not parented to \(agentID)")
+                }
+                let signing = try SigningRequest(bytes: Array(item.csr))
+                let profile: SVIDProfile
+                do {
+                    profile = try SVIDProfile(spiffeID: SpiffeID(entry.spiffeID), ttl: .seconds(entry.ttlSeconds), dnsNames: entry.dnsNames)
+                } catch {
+                    throw CAError(.policy, error.message)
+                }
+                batch.append((index, signing, profile))
+            } catch let error as CAError {
+                results[index].error = error.message
+                await refuse(agentID: agentID, entryID: item.entryID, reason: error.message)
+            } catch {
+                results[index].error = "\(error)"
+            }
+        }
+        let signed = await core.ca.signBatch(batch.map { ($0.1, $0.2) }, requester: "agent:\(agentID)")
+        for ((index, _, _), outcome) in zip(batch, signed) {
+            switch outcome {
+            case .success(let svid):
+                results[index].svidChain = svid.chainDER.map { Data($0) }
+                results[index].expiresAt = Int64(svid.record.notAfter.timeIntervalSince1970)
+            case .failure(let error):
+                results[index].error = error.message
+            }
+        }
+        var out = SigilSignX509SVIDsResponse()
+        out.results = results
+        return out
+    }
+
+    public func signJWTSVID(request: SigilSignJWTSVIDRequest, context: ServerContext) async throws -> SigilSignJWTSVIDResponse {
+        _ = try await authenticate(context)
+        throw RPCError(code: .unimplemented, message: "JWT-SVIDs are not enabled on this server yet")
+    }
+
+    // MARK: helpers
+
+    /// The caller's agent ID, from its mTLS certificate; throws unless it is a live agent SVID.
+    func authenticate(_ context: ServerContext) async throws -> String {
+        guard let posix = context.transportSpecific as? HTTP2ServerTransport.Posix.Context, let leaf = posix.peerCertificate,
+              let id = leaf.spiffeID, id.trustDomain == core.trustDomain, id.path.hasPrefix("/sigil/agent/")
+        else {
+            throw RPCError(code: .unauthenticated, message: "this call needs an agent SVID as the TLS client certificate")
+        }
+        let agentID = id.description
+        let agent: AgentRecord?
+        let live: Bool
+        do {
+            agent = try await core.store.agent(id: agentID)
+            live = try await core.store.isLiveCertificate(serial: leaf.serialHex, spiffeID: agentID, now: core.clock.now)
+        } catch {
+            throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+        }
+        guard let agent, !agent.evicted else {
+            throw RPCError(code: .permissionDenied, message: "agent \(agentID) is \(agent == nil ? "unknown" : "evicted"); attest again with a new join token")
+        }
+        guard live else {
+            throw RPCError(code: .permissionDenied, message: "the certificate presented by \(agentID) was not issued by this server or has expired")
+        }
+        return agentID
+    }
+
+    func issueAgentSVID(agentID: String, request: SigningRequest) async throws -> IssuedSVID {
+        do {
+            let profile = try SVIDProfile(spiffeID: SpiffeID(agentID), ttl: core.agentSVIDTTL)
+            return try await core.ca.sign(request, profile: profile, requester: "agent:\(agentID)")
+        } catch let error as CAError {
+            throw RPCError(code: .internalError, message: error.message)
+        } catch let error as SigilError {
+            throw RPCError(code: .invalidArgument, message: error.message)
+        }
+    }
+
+    func upsert(_ agent: AgentRecord) async throws {
+        do {
+            try await core.store.upsertAgent(agent)
+        } catch {
+            throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+        }
+    }
+
+    func refuse(agentID: String, entryID: String, reason: String) async {
+        core.logger.warning("refused SVID request", metadata: ["agent_id": "\(agentID)", "entry": "\(entryID)", "reason": "\(reason)"])
+        try? await core.store.recordEvent(IssuanceEvent(at: core.clock.now, kind: .refused, serial: nil, spiffeID: nil, authorityID: nil,
+                                                        requester: "agent:\(agentID)", detail: reason))
+    }
+
+    func response(agentID: String, svid: IssuedSVID) -> SigilAgentSVIDResponse {
+        var out = SigilAgentSVIDResponse()
+        out.agentID = agentID
+        out.svidChain = svid.chainDER.map { Data($0) }
+        out.bundle = core.bundle.authorities.map { Data($0.derBytes) }
+        return out
+    }
+}
+
+extension SigilEntry {
+    init(record: EntryRecord) {
+        self.init()
+        id = record.id
+        spiffeID = record.spiffeID
+        parentID = record.parentID
+        selectors = record.selectors
+        ttlSeconds = record.ttlSeconds
+        dnsNames = record.dnsNames
+        revision = record.revision
+        createdAt = Int64(record.createdAt.timeIntervalSince1970)
+    }
+}

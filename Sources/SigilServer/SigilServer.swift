@@ -1,0 +1,165 @@
+public import SigilCore
+public import SigilCA
+public import Logging
+import SigilStore
+import SigilRPC
+import SigilTLS
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import ServiceLifecycle
+import UnixSignals
+import X509
+import Crypto
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `sigil server run` settings.
+public struct ServerConfig: Sendable {
+    public var dataDirectory: DataDirectory
+    public var listenHost: String
+    public var listenPort: Int
+    public var adminSocketPath: String
+    public var agentSVIDTTL: Duration
+
+    public static let defaultAdminSocket = "/tmp/sigil/admin.sock"
+
+    public init(dataDirectory: DataDirectory, listenHost: String = "127.0.0.1", listenPort: Int = 8081,
+                adminSocketPath: String = ServerConfig.defaultAdminSocket, agentSVIDTTL: Duration = .seconds(3600)) {
+        self.dataDirectory = dataDirectory
+        self.listenHost = listenHost
+        self.listenPort = listenPort
+        self.adminSocketPath = adminSocketPath
+        self.agentSVIDTTL = agentSVIDTTL
+    }
+}
+
+/// Errors that stop the server from starting.
+public struct ServerError: Error, CustomStringConvertible, Sendable {
+    public let message: String
+    public var description: String { message }
+}
+
+/// The CA server role: the agent API (gRPC, mTLS, TCP) and the admin API (gRPC, Unix socket 0600),
+/// run as swift-service-lifecycle services that stop gracefully on SIGTERM and SIGINT.
+public enum SigilServer {
+    public static func run(_ config: ServerConfig, logger: Logger, clock: any SigilClock = SystemClock()) async throws {
+        let ca: CertificateAuthority
+        do {
+            ca = try await CertificateAuthority.open(config.dataDirectory, clock: clock, logger: logger)
+        } catch {
+            throw ServerError(message: error.message)
+        }
+        let core = ServerCore(ca: ca, store: ca.store, bundle: try await ca.bundle(), clock: clock, logger: logger, agentSVIDTTL: config.agentSVIDTTL)
+        let identity = try await ServerIdentity.issue(core: core)
+
+        // The admin socket: its directory 0700 and the socket 0600, so only the server's user may connect.
+        let socketDirectory = (config.adminSocketPath as NSString).deletingLastPathComponent
+        if !socketDirectory.isEmpty, !FileManager.default.fileExists(atPath: socketDirectory) {
+            guard mkdir(socketDirectory, 0o700) == 0 || errno == EEXIST else {
+                throw ServerError(message: "cannot create admin socket directory '\(socketDirectory)': \(String(cString: strerror(errno)))")
+            }
+        }
+        unlink(config.adminSocketPath)
+        let previousMask = umask(0o077)
+
+        let agentTransport = HTTP2ServerTransport.Posix(
+            address: .ipv4(host: config.listenHost, port: config.listenPort),
+            transportSecurity: try .mTLS(certificateReloader: identity.reloader) { tls in
+                tls.clientCertificateVerification = .noHostnameVerification
+                tls.trustRoots = .certificates([])
+                tls.customVerificationCallback = SpiffeTLS.verificationCallback(bundle: { core.bundle }, allowBootstrap: true)
+            },
+            config: .defaults { $0.rpc.maxRequestPayloadSize = 16 << 20 })
+        let agentServer = GRPCServer(transport: agentTransport, services: [AgentAPIService(core: core)])
+        let adminServer = GRPCServer(
+            transport: .http2NIOPosix(address: .unixDomainSocket(path: config.adminSocketPath), transportSecurity: .plaintext),
+            services: [AdminAPIService(core: core)])
+
+        let announce = Announcer(agentServer: agentServer, adminServer: adminServer, adminSocket: config.adminSocketPath,
+                                 previousMask: previousMask, logger: logger, trustDomain: core.trustDomain)
+        let group = ServiceGroup(
+            configuration: .init(
+                services: [
+                    .init(service: GRPCServerService(agentServer)),
+                    .init(service: GRPCServerService(adminServer)),
+                    .init(service: announce),
+                    .init(service: identity),
+                ],
+                gracefulShutdownSignals: [.sigterm, .sigint],
+                logger: logger))
+        try await group.run()
+    }
+}
+
+/// Logs where the server listens once both listeners are bound, and restores the umask.
+struct Announcer: Service {
+    let agentServer: GRPCServer<HTTP2ServerTransport.Posix>
+    let adminServer: GRPCServer<HTTP2ServerTransport.Posix>
+    let adminSocket: String
+    let previousMask: mode_t
+    let logger: Logger
+    let trustDomain: TrustDomain
+
+    func run() async throws {
+        let agentAddress = try await agentServer.listeningAddress
+        _ = try await adminServer.listeningAddress
+        chmod(adminSocket, 0o600)
+        umask(previousMask)
+        let port = agentAddress?.ipv4?.port ?? agentAddress?.ipv6?.port ?? 0
+        logger.info("sigil server ready", metadata: ["trust_domain": "\(trustDomain)", "agent_api": "\(agentAddress.map { "\($0)" } ?? "?")", "admin_socket": "\(adminSocket)"])
+        FileHandle.standardError.write(Data("sigil server: trust domain \(trustDomain), agent API on port \(port), admin API on \(adminSocket)\n".utf8))
+        try await gracefulShutdown()
+    }
+}
+
+/// The server's own TLS identity, `spiffe://<td>/sigil/server`: a key made in memory, an SVID from
+/// the CA, renewed at half its life and swapped into the listener without a restart.
+final class ServerIdentity: Service, Sendable {
+    let reloader: SVIDCertificateReloader
+    let core: ServerCore
+    static let ttl: Duration = .seconds(86_400)
+
+    init(reloader: SVIDCertificateReloader, core: ServerCore) {
+        self.reloader = reloader
+        self.core = core
+    }
+
+    static func issue(core: ServerCore) async throws -> ServerIdentity {
+        let (chain, key, _) = try await mint(core: core)
+        return ServerIdentity(reloader: try SVIDCertificateReloader(chainDER: chain, keyPKCS8DER: key), core: core)
+    }
+
+    static func mint(core: ServerCore) async throws -> (chain: [[UInt8]], key: [UInt8], notAfter: Date) {
+        let key = P256.Signing.PrivateKey()
+        do {
+            let request = try SigningRequest(trustedPublicKey: Certificate.PublicKey(key.publicKey))
+            let profile = try SVIDProfile(spiffeID: SpiffeID(trustDomain: core.trustDomain, path: "/sigil/server"), ttl: ttl)
+            let svid = try await core.ca.sign(request, profile: profile, requester: "server")
+            return (svid.chainDER, Array(key.derRepresentation), svid.record.notAfter)
+        } catch let error as CAError {
+            throw ServerError(message: "cannot issue the server's own SVID: \(error.message)")
+        }
+    }
+
+    func run() async throws {
+        try await cancelWhenGracefulShutdown { try await self.renewLoop() }
+    }
+
+    func renewLoop() async throws {
+        while !Task.isCancelled {
+            // Renew at half the remaining life of a fresh SVID (TTL/2), retrying every minute on failure.
+            try? await Task.sleep(for: ServerIdentity.ttl / 2)
+            if Task.isCancelled { break }
+            do {
+                let (chain, key, notAfter) = try await ServerIdentity.mint(core: core)
+                try reloader.update(chainDER: chain, keyPKCS8DER: key)
+                core.logger.info("server SVID renewed", metadata: ["not_after": "\(notAfter)"])
+            } catch {
+                core.logger.error("server SVID renewal failed: \(error)")
+                try? await Task.sleep(for: .seconds(60))
+            }
+        }
+    }
+}

@@ -1,0 +1,139 @@
+import ArgumentParser
+import SigilCore
+import SigilAgent
+import X509
+import Foundation
+
+/// `--socket`, shared by the Workload API commands.
+struct WorkloadSocketOption: ParsableArguments {
+    @Option(name: .long, help: ArgumentHelp("The Workload API socket (default: $SPIFFE_ENDPOINT_SOCKET or /tmp/sigil/agent.sock).", valueName: "path"))
+    var socket: String?
+
+    func path() throws -> String {
+        if let socket { return socket }
+        if let endpoint = ProcessInfo.processInfo.environment["SPIFFE_ENDPOINT_SOCKET"], !endpoint.isEmpty {
+            do {
+                return try WorkloadAPIClient.socketPath(fromEndpoint: endpoint)
+            } catch {
+                throw CLIError.usage(error.message)
+            }
+        }
+        return "/tmp/sigil/agent.sock"
+    }
+}
+
+struct SvidCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "svid", abstract: "Fetch this process's X509-SVIDs from the Workload API (like spire-agent api fetch x509).",
+        subcommands: [SvidFetch.self, SvidWatch.self])
+}
+
+struct SvidFetch: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "fetch",
+        abstract: "Fetch and print the X509-SVIDs the agent gives this process; optionally write them to files.",
+        discussion: """
+            --write DIR writes svid.pem (chain), svid.key (PKCS#8, mode 0600) and bundle.pem for the first
+            SVID, and svid.<n>.pem / svid.<n>.key / bundle.<n>.pem for further ones.
+            """)
+
+    @OptionGroup var workload: WorkloadSocketOption
+    @Option(name: .long, help: ArgumentHelp("Write the SVIDs, keys and bundle into this directory.", valueName: "dir")) var write: String?
+    @Flag(name: .long, help: "Print the result as JSON.") var json = false
+
+    func run() async throws {
+        let context: FetchedX509Context
+        do {
+            context = try await WorkloadAPIClient().fetchX509(socketPath: try workload.path())
+        } catch let error as WorkloadAPIError {
+            throw error.code == .permissionDenied ? CLIError.negative(error.message) : CLIError.usage(error.message)
+        }
+        printSVIDs(context, json: json)
+        if let write { try writeSVIDs(context, to: write) }
+    }
+}
+
+struct SvidWatch: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "watch", abstract: "Print every X509-SVID update (rotation, entry change) until interrupted.")
+
+    @OptionGroup var workload: WorkloadSocketOption
+    @Flag(name: .long, help: "Print each update as one JSON line.") var json = false
+
+    func run() async throws {
+        let json = self.json
+        do {
+            try await WorkloadAPIClient().watchX509(socketPath: try workload.path()) { context in
+                if !json { print("--- update at \(iso8601(Date()))") }
+                printSVIDs(context, json: json, compact: true)
+            }
+        } catch let error as WorkloadAPIError {
+            throw error.code == .permissionDenied ? CLIError.negative(error.message) : CLIError.usage(error.message)
+        }
+    }
+}
+
+struct SVIDOut: Encodable {
+    let spiffe_id, serial, hint: String
+    let not_after: Date
+    let chain_length, bundle_roots: Int
+}
+
+func printSVIDs(_ context: FetchedX509Context, json: Bool, compact: Bool = false) {
+    let rows = context.svids.map { svid in
+        SVIDOut(spiffe_id: svid.spiffeID, serial: svid.certificates.first?.serialHex ?? "", hint: svid.hint,
+                not_after: svid.certificates.first?.notValidAfter ?? Date(timeIntervalSince1970: 0),
+                chain_length: svid.certificates.count, bundle_roots: svid.bundle.count)
+    }
+    if json {
+        if compact {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+            encoder.dateEncodingStrategy = .iso8601
+            if let data = try? encoder.encode(rows) { print(String(decoding: data, as: UTF8.self)) }
+        } else {
+            printJSON(rows)
+        }
+        return
+    }
+    for (index, svid) in context.svids.enumerated() {
+        if index > 0 { print() }
+        print("SPIFFE ID:      \(svid.spiffeID)")
+        print("Serial:         \(rows[index].serial)")
+        print("Valid until:    \(iso8601(rows[index].not_after))")
+        for (n, cert) in svid.certificates.enumerated() {
+            print("Chain [\(n)]:      \(cert.subject) (issuer \(cert.issuer))")
+        }
+        print("Trust bundle:   \(svid.bundle.count) root(s)")
+        if !svid.hint.isEmpty { print("Hint:           \(svid.hint)") }
+    }
+}
+
+func writeSVIDs(_ context: FetchedX509Context, to directory: String) throws {
+    do {
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    } catch {
+        throw CLIError.usage("cannot create --write directory '\(directory)': \(error.localizedDescription)")
+    }
+    for (index, svid) in context.svids.enumerated() {
+        let suffix = index == 0 ? "" : ".\(index)"
+        let chain = svid.certificates.map(\.pemString).joined()
+        let key = pemEncode(svid.privateKeyPKCS8DER, label: "PRIVATE KEY")
+        let bundle = svid.bundle.map(\.pemString).joined()
+        try writeFile(directory + "/svid\(suffix).pem", chain, mode: 0o644)
+        try writeFile(directory + "/svid\(suffix).key", key, mode: 0o600)
+        try writeFile(directory + "/bundle\(suffix).pem", bundle, mode: 0o644)
+        FileHandle.standardError.write(Data("wrote \(directory)/svid\(suffix).pem, svid\(suffix).key, bundle\(suffix).pem for \(svid.spiffeID)\n".utf8))
+    }
+}
+
+func writeFile(_ path: String, _ text: String, mode: mode_t) throws {
+    unlink(path)
+    let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode)
+    guard fd >= 0 else { throw CLIError.usage("cannot write '\(path)': \(String(cString: strerror(errno)))") }
+    defer { close(fd) }
+    let bytes = Array(text.utf8)
+    guard bytes.withUnsafeBytes({ Glibc.write(fd, $0.baseAddress, $0.count) }) == bytes.count else {
+        throw CLIError.usage("cannot write '\(path)': \(String(cString: strerror(errno)))")
+    }
+}
