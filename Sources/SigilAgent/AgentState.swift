@@ -146,7 +146,13 @@ actor AgentState: WorkloadIdentitySource {
     }
 
     func validateJWTSVID(token: String, audience: String) async throws(WorkloadAPIError) -> (spiffeID: String, claimsJSON: [UInt8]) {
-        throw WorkloadAPIError(.unavailable, "JWT-SVID validation is not available yet")
+        do {
+            let bundle = try JWTBundle(jwksJSON: jwtKeysJSON, trustDomain: trustDomain)
+            let (id, claims) = try JWTSVIDValidator().validate(token: token, audience: audience, bundle: bundle, now: Date())
+            return (id.description, claims)
+        } catch {
+            throw WorkloadAPIError(.invalidArgument, error.message)
+        }
     }
 
     // MARK: fan-out

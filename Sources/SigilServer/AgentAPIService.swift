@@ -152,8 +152,29 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
     }
 
     public func signJWTSVID(request: SigilSignJWTSVIDRequest, context: ServerContext) async throws -> SigilSignJWTSVIDResponse {
-        _ = try await authenticate(context)
-        throw RPCError(code: .unimplemented, message: "JWT-SVIDs are not enabled on this server yet")
+        let agentID = try await authenticate(context)
+        guard !request.audience.isEmpty, request.audience.allSatisfy({ !$0.isEmpty }) else {
+            throw RPCError(code: .invalidArgument, message: "a JWT-SVID needs at least one non-empty audience")
+        }
+        guard let entry = try? await core.store.entry(id: request.entryID), entry.parentID == agentID else {
+            let reason = "entry \(request.entryID) is not parented to \(agentID)"
+            await refuse(agentID: agentID, entryID: request.entryID, reason: reason)
+            throw RPCError(code: .permissionDenied, message: reason)
+        }
+        guard let key = core.jwtKey else {
+            throw RPCError(code: .unavailable, message: "the server has no JWT signing key")
+        }
+        let now = core.clock.now
+        let ttl = min(ServerCore.jwtSVIDTTL, .seconds(entry.ttlSeconds))
+        do {
+            let token = try JWTSVIDSigner().sign(spiffeID: SpiffeID(entry.spiffeID), audience: request.audience, ttl: ttl, now: now, key: key)
+            var out = SigilSignJWTSVIDResponse()
+            out.token = token
+            out.expiresAt = Int64(now.addingTimeInterval(ttl.timeInterval).timeIntervalSince1970)
+            return out
+        } catch {
+            throw RPCError(code: .invalidArgument, message: error.message)
+        }
     }
 
     // MARK: helpers

@@ -17,6 +17,9 @@ public final class ServerCore: Sendable {
     public let agentSVIDTTL: Duration
     let hub = ChangeHub()
     private let bundleBox: NIOLockedValueBox<TrustBundle>
+    private let jwtKeyBox: NIOLockedValueBox<JWTSigningKey?> = NIOLockedValueBox(nil)
+    /// Lifetime of JWT-SVIDs (SPIRE's default): short, as bearer tokens should be.
+    public static let jwtSVIDTTL: Duration = .seconds(300)
     private let jwtKeysBox: NIOLockedValueBox<[UInt8]>
 
     public init(ca: CertificateAuthority, store: any Datastore, bundle: TrustBundle, clock: any SigilClock, logger: Logger, agentSVIDTTL: Duration) {
@@ -36,7 +39,14 @@ public final class ServerCore: Sendable {
     /// The JWT signing keys (JWK Set JSON) as of now.
     public var jwtKeysJSON: [UInt8] { jwtKeysBox.withLockedValue { $0 } }
 
-    func setJWTKeys(_ json: [UInt8]) {
+    /// The key JWT-SVIDs are signed with, published in the JWT bundle.
+    var jwtKey: JWTSigningKey? { jwtKeyBox.withLockedValue { $0 } }
+
+    func setJWTKey(_ key: JWTSigningKey) throws {
+        var bundle = JWTBundle(trustDomain: trustDomain)
+        try bundle.add(key)
+        let json = bundle.jwksJSON()
+        jwtKeyBox.withLockedValue { $0 = key }
         jwtKeysBox.withLockedValue { $0 = json }
     }
 

@@ -53,6 +53,7 @@ public enum SigilServer {
         }
         let core = ServerCore(ca: ca, store: ca.store, bundle: try await ca.bundle(), clock: clock, logger: logger, agentSVIDTTL: config.agentSVIDTTL)
         let identity = try await ServerIdentity.issue(core: core)
+        try core.setJWTKey(try loadOrCreateJWTKey(config.dataDirectory, logger: logger))
 
         // The admin socket: its directory 0700 and the socket 0600, so only the server's user may connect.
         let socketDirectory = (config.adminSocketPath as NSString).deletingLastPathComponent
@@ -91,6 +92,26 @@ public enum SigilServer {
                 logger: logger))
         try await group.run()
     }
+}
+
+/// The JWT-SVID signing key: `<data-dir>/keys/jwt-<kid>.key.pem` (0600), made on first start.
+func loadOrCreateJWTKey(_ directory: DataDirectory, logger: Logger) throws -> JWTSigningKey {
+    let names = (try? FileManager.default.contentsOfDirectory(atPath: directory.keysPath)) ?? []
+    if let name = names.sorted().first(where: { $0.hasPrefix("jwt-") && $0.hasSuffix(".key.pem") }) {
+        let path = directory.keysPath + "/" + name
+        _ = try KeyFiles.read(path)  // checks the file's mode
+        guard let data = FileManager.default.contents(atPath: path),
+              let key = try? P256.Signing.PrivateKey(pemRepresentation: String(decoding: data, as: UTF8.self)) else {
+            throw ServerError(message: "JWT signing key '\(path)' is not a P-256 PEM private key")
+        }
+        let kid = String(name.dropFirst(4).dropLast(8))
+        return try JWTSigningKey(privateKey: key, keyID: kid)
+    }
+    let key = JWTSigningKey()
+    let path = directory.keysPath + "/jwt-\(key.keyID).key.pem"
+    try KeyFiles.writeAtomically(Array((key.privateKey.pemRepresentation + "\n").utf8), to: path, mode: 0o600)
+    logger.info("created JWT signing key", metadata: ["kid": "\(key.keyID)"])
+    return key
 }
 
 /// Logs where the server listens once both listeners are bound, and restores the umask.
@@ -135,7 +156,8 @@ final class ServerIdentity: Service, Sendable {
         let key = P256.Signing.PrivateKey()
         do {
             let request = try SigningRequest(trustedPublicKey: Certificate.PublicKey(key.publicKey))
-            let profile = try SVIDProfile(spiffeID: SpiffeID(trustDomain: core.trustDomain, path: "/sigil/server"), ttl: ttl)
+            // A DNS SAN of localhost too, so that ordinary TLS clients (grpcurl, openssl, grpcio) can check the name.
+            let profile = try SVIDProfile(spiffeID: SpiffeID(trustDomain: core.trustDomain, path: "/sigil/server"), ttl: ttl, dnsNames: ["localhost"])
             let svid = try await core.ca.sign(request, profile: profile, requester: "server")
             return (svid.chainDER, Array(key.derRepresentation), svid.record.notAfter)
         } catch let error as CAError {

@@ -133,8 +133,11 @@ enum CallerAttestationOutcome: Sendable {
 }
 
 /// Holds, in a connection's pipeline, the attestation of the process at the other end, so that it is
-/// computed once per connection and dropped with it. It handles no events.
-final class CallerAttestationHolder: ChannelHandler, RemovableChannelHandler {
+/// computed once per connection and dropped with it. It only passes events on (NIO requires every
+/// handler to be inbound or outbound); it sits last, behind the handler that consumes the frames.
+final class CallerAttestationHolder: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = NIOAny
+
     /// Never fails: a failure is an outcome.
     let outcome: EventLoopFuture<CallerAttestationOutcome>
 

@@ -1,0 +1,227 @@
+"""The agent's SPIFFE Workload API driven by real outside clients: the PyPI `spiffe` package
+(py-spiffe) and raw grpcio calls against SPIFFE's own compiled descriptor."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from cluster import TRUST_DOMAIN, Cluster, wait_for
+
+spiffe = pytest.importorskip("spiffe")
+from spiffe import WorkloadApiClient  # noqa: E402
+from spiffe._proto import workload_pb2, workload_pb2_grpc  # noqa: E402
+
+WEB = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/web"
+NOBODY = 65534
+
+
+@pytest.fixture
+def cluster(sigil_bin):
+    c = Cluster(sigil_bin)
+    try:
+        c.start_server()
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def node(cluster):
+    """Agent node-1 attested, with an entry for this test process's uid."""
+    cluster.entry(WEB, "node-1", [f"unix:uid:{os.getuid()}"], ttl="20s")
+    cluster.start_agent("node-1", cluster.token("node-1"))
+    return cluster
+
+
+def client_for(cluster, name="node-1") -> WorkloadApiClient:
+    return WorkloadApiClient(socket_path=f"unix://{cluster.socket(name)}")
+
+
+def verify_chain(svid, roots):
+    """Leaf signed by the next certificate, up to a root of the bundle."""
+    chain = list(svid.cert_chain)
+    anchors = {r.subject.rfc4514_string(): r for r in roots}
+    for child, parent in zip(chain, chain[1:]):
+        child.verify_directly_issued_by(parent)
+    top = chain[-1]
+    root = anchors.get(top.issuer.rfc4514_string())
+    assert root is not None, "chain does not end under a bundle root"
+    top.verify_directly_issued_by(root)
+
+
+def test_py_spiffe_fetches_x509_svid_bundles_and_jwt(node):
+    with client_for(node) as client:
+        svid = wait_for(lambda: client.fetch_x509_svid(timeout=5), 30, "first X509-SVID")
+        assert str(svid.spiffe_id) == WEB
+        # the private key belongs to the leaf
+        leaf_pub = svid.leaf.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        key_pub = svid.private_key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        assert leaf_pub == key_pub
+        bundles = client.fetch_x509_bundles(timeout=5)
+        bundle = bundles.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
+        roots = list(bundle.x509_authorities)
+        expected_roots = x509.load_pem_x509_certificates((node.ca_dir / "bundle.pem").read_bytes())
+        assert {r.fingerprint(r.signature_hash_algorithm) for r in roots} == {r.fingerprint(r.signature_hash_algorithm) for r in expected_roots}
+        verify_chain(svid, roots)
+        # JWT-SVID: fetched, then accepted by ValidateJWTSVID for its audience only
+        jwt_svid = client.fetch_jwt_svid(audience={"spiffe://example.org/ns/default/sa/api"})
+        assert str(jwt_svid.spiffe_id) == WEB
+        validated = client.validate_jwt_svid(jwt_svid.token, "spiffe://example.org/ns/default/sa/api")
+        assert str(validated.spiffe_id) == WEB
+        with pytest.raises(Exception):
+            client.validate_jwt_svid(jwt_svid.token, "spiffe://example.org/ns/other/sa/x")
+        jwt_bundles = client.fetch_jwt_bundles()
+        assert jwt_bundles.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain) is not None
+
+
+def test_rotated_svid_arrives_on_the_stream(node):
+    """TTL 20 s: the agent renews at about 10 s; the open stream must see a new serial well
+    within one rotation period after the first."""
+    serials = []
+    errors = []
+    with client_for(node) as client:
+        first = wait_for(lambda: client.fetch_x509_svid(timeout=5), 30, "first X509-SVID")
+        handle = client.stream_x509_contexts(
+            on_success=lambda ctx: serials.append(ctx.default_svid.leaf.serial_number),
+            on_error=lambda e: errors.append(e), retry_connect=False)
+        try:
+            wait_for(lambda: len(set(serials)) >= 2, 25, "a rotated SVID on the stream")
+        finally:
+            handle.cancel()
+    assert not errors, errors
+    assert len(set(serials)) >= 2
+    assert first.leaf.serial_number in serials or len(set(serials)) >= 2
+
+
+def grpc_fetch(sock, metadata=(("workload.spiffe.io", "true"),)):
+    channel = grpc.insecure_channel(f"unix://{sock}")
+    try:
+        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+        stream = stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=list(metadata), timeout=10)
+        return next(iter(stream))
+    finally:
+        channel.close()
+
+
+def test_missing_security_header_is_invalid_argument(node):
+    wait_for(lambda: grpc_fetch(node.socket("node-1")), 30, "agent serving")
+    with pytest.raises(grpc.RpcError) as info:
+        grpc_fetch(node.socket("node-1"), metadata=())
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_caller_whose_uid_matches_no_entry_is_permission_denied(cluster):
+    """Only uid 4242 is entitled on this node; this process (another uid) asks, with grpcio,
+    and even claims uid 4242 in a header of the agent's reserved prefix: denied."""
+    cluster.entry(WEB, "node-1", ["unix:uid:4242"])
+    cluster.start_agent("node-1", cluster.token("node-1"))
+    sock = cluster.socket("node-1")
+    assert os.getuid() != 4242
+    def denied():
+        try:
+            grpc_fetch(sock, metadata=(("workload.spiffe.io", "true"), ("x-sigil-caller-selectors", "unix:uid:4242")))
+        except grpc.RpcError as e:
+            return e.code() == grpc.StatusCode.PERMISSION_DENIED
+        raise AssertionError("got an SVID for a uid this caller does not have")
+    assert wait_for(denied, 30, "PermissionDenied")
+
+
+def test_unprivileged_uid_gets_only_its_own_identity(cluster, sigil_bin):
+    """A real second uid (65534) on the same node, through `sigil svid fetch`: entitled to nothing
+    but its own entry."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to run a process as another uid")
+    if not all(os.access(p, os.X_OK) for p in [sigil_bin] + [str(q) for q in Path(sigil_bin).parents]):
+        pytest.skip("sigil binary not reachable by other users")
+    other = f"spiffe://{TRUST_DOMAIN}/ns/batch/sa/nobody"
+    cluster.entry(WEB, "node-1", [f"unix:uid:{os.getuid()}"])
+    cluster.start_agent("node-1", cluster.token("node-1"))
+    sock = cluster.socket("node-1")
+    wait_for(lambda: grpc_fetch(sock), 30, "agent serving")
+    def as_nobody():
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+    def fetch():
+        return subprocess.run([str(sigil_bin), "svid", "fetch", "--socket", str(sock), "--json"], capture_output=True, text=True,
+                              timeout=60, preexec_fn=as_nobody, cwd="/tmp")
+    first = fetch()
+    assert first.returncode == 1 and "PermissionDenied" in first.stderr, first.stdout + first.stderr
+    cluster.entry(other, "node-1", [f"unix:uid:{NOBODY}"])
+    def served():
+        r = fetch()
+        return r.returncode == 0 and r
+    r = wait_for(served, 30, "the nobody entry to reach the agent", interval=0.2)
+    ids = [s["spiffe_id"] for s in __import__("json").loads(r.stdout)]
+    assert ids == [other]
+
+
+def first_cert(chain_der: bytes) -> x509.Certificate:
+    """The leaf of a Workload API `x509_svid` (DER certificates concatenated)."""
+    assert chain_der[0] == 0x30
+    n = chain_der[1]
+    if n < 0x80:
+        end = 2 + n
+    else:
+        k = n & 0x7F
+        end = 2 + k + int.from_bytes(chain_der[2:2 + k], "big")
+    return x509.load_der_x509_certificate(chain_der[:end])
+
+
+def test_agent_serves_from_cache_while_server_is_down_and_resumes(node):
+    sock = node.socket("node-1")
+    before = wait_for(lambda: grpc_fetch(sock), 30, "first SVID")
+    serial_before = first_cert(before.svids[0].x509_svid).serial_number
+    node.stop_server()
+    # Longer than a rotation period (~10 s): the agent keeps answering from what it holds.
+    time.sleep(12)
+    during = grpc_fetch(sock)
+    assert during.svids and during.svids[0].spiffe_id == WEB
+    node.start_server()
+    def rotated():
+        r = grpc_fetch(sock)
+        cert = first_cert(r.svids[0].x509_svid)
+        return cert.serial_number != serial_before and cert.not_valid_after_utc.timestamp() > time.time()
+    wait_for(rotated, 30, "rotation to resume after the server returned", interval=0.5)
+
+
+def test_join_tokens_are_single_use_and_expire(cluster, sigil_bin):
+    token = cluster.token("node-a")
+    first = cluster.start_agent("node-a", token)
+    assert first.alive()
+    # the same token again, for a second agent: refused, non-zero exit, the server's reason
+    second = cluster.start_agent("node-b", token, wait=False)
+    assert second.p.wait(60) != 0
+    assert "used" in second.output(), second.output()
+    expired = cluster.token("node-c", ttl="1s")
+    time.sleep(2)
+    third = cluster.start_agent("node-c", expired, wait=False)
+    assert third.p.wait(60) != 0
+    assert "expired" in third.output(), third.output()
+    unknown = cluster.start_agent("node-d", "0" * 64, wait=False)
+    assert unknown.p.wait(60) != 0
+    assert "unknown" in unknown.output(), unknown.output()
+    # every refusal is on record
+    db = sqlite3.connect(f"file:{cluster.ca_dir / 'sigil.db'}?mode=ro", uri=True)
+    details = [row[0] for row in db.execute("SELECT detail FROM issuance_log WHERE event = 'join_token_refused'")]
+    assert sorted(details) == ["join token expired", "join token unknown", "join token used"]
+
+
+def test_restart_with_cached_agent_svid_needs_no_token(node):
+    sock = node.socket("node-1")
+    wait_for(lambda: grpc_fetch(sock), 30, "first SVID")
+    node.agents["node-1"].stop()
+    restarted = node.start_agent("node-1", token=None)
+    assert restarted.alive()
+    r = wait_for(lambda: grpc_fetch(sock), 30, "SVID after restart")
+    assert r.svids[0].spiffe_id == WEB
