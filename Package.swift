@@ -154,9 +154,13 @@ let package = Package(
                 "SigilCore",
                 "SigilCA",
                 "SigilStore",
+                "SigilRPC",
+                "SigilTLS",
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "SwiftASN1", package: "swift-asn1"),
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             ],
             path: "bench/SigilBench",
             swiftSettings: swiftSettings

@@ -36,5 +36,13 @@ actor ChangeHub {
         for continuation in subscribers[agentID]?.values ?? [:].values { continuation.yield(.evicted) }
     }
 
+    /// Ends every Sync stream (server shutdown): agents reconnect to whichever server is up.
+    func finishAll() {
+        for streams in subscribers.values {
+            for continuation in streams.values { continuation.finish() }
+        }
+        subscribers = [:]
+    }
+
     var streamCount: Int { subscribers.values.reduce(0) { $0 + $1.count } }
 }

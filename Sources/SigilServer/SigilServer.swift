@@ -79,7 +79,7 @@ public enum SigilServer {
             services: [AdminAPIService(core: core)])
 
         let announce = Announcer(agentServer: agentServer, adminServer: adminServer, adminSocket: config.adminSocketPath,
-                                 previousMask: previousMask, logger: logger, trustDomain: core.trustDomain)
+                                 previousMask: previousMask, logger: logger, trustDomain: core.trustDomain, core: core)
         let group = ServiceGroup(
             configuration: .init(
                 services: [
@@ -122,6 +122,7 @@ struct Announcer: Service {
     let previousMask: mode_t
     let logger: Logger
     let trustDomain: TrustDomain
+    let core: ServerCore
 
     func run() async throws {
         let agentAddress = try await agentServer.listeningAddress
@@ -131,7 +132,11 @@ struct Announcer: Service {
         let port = agentAddress?.ipv4?.port ?? agentAddress?.ipv6?.port ?? 0
         logger.info("sigil server ready", metadata: ["trust_domain": "\(trustDomain)", "agent_api": "\(agentAddress.map { "\($0)" } ?? "?")", "admin_socket": "\(adminSocket)"])
         FileHandle.standardError.write(Data("sigil server: trust domain \(trustDomain), agent API on port \(port), admin API on \(adminSocket)\n".utf8))
-        try await gracefulShutdown()
+        try? await gracefulShutdown()
+        // Shut down in reverse order: this runs before the listeners stop, so that long-lived Sync
+        // streams end now instead of holding the graceful shutdown open.
+        await core.hub.finishAll()
+        logger.info("shutting down: Sync streams closed")
     }
 }
 

@@ -1,3 +1,6 @@
+#if canImport(CoreFoundation)
+import CoreFoundation  // the release build resolves Glibc struct members (stat, timespec) through it
+#endif
 import ArgumentParser
 import SigilCore
 import SigilCA

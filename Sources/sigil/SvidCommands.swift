@@ -1,3 +1,6 @@
+#if canImport(CoreFoundation)
+import CoreFoundation  // the release build resolves Glibc struct members (stat, timespec) through it
+#endif
 import ArgumentParser
 import SigilCore
 import SigilAgent
@@ -66,6 +69,7 @@ struct SvidWatch: AsyncParsableCommand {
             try await WorkloadAPIClient().watchX509(socketPath: try workload.path()) { context in
                 if !json { print("--- update at \(iso8601(Date()))") }
                 printSVIDs(context, json: json, compact: true)
+                fflush(nil)
             }
         } catch let error as WorkloadAPIError {
             throw error.code == .permissionDenied ? CLIError.negative(error.message) : CLIError.usage(error.message)

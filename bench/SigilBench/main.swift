@@ -188,6 +188,10 @@ case "sign":
     try await runSign()
 case "phases":
     try await runPhases()
+case "fanout":
+    try await runFanout()
+case "agent-sign":
+    try await runAgentSign()
 default:
     FileHandle.standardError.write(Data("usage: sigil-bench sign [--count N] [--batch B] [--seconds S]\n".utf8))
     exit(2)

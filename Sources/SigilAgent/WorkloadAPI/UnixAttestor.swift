@@ -1,3 +1,6 @@
+#if canImport(CoreFoundation)
+import CoreFoundation  // where the release build looks for timespec on Linux
+#endif
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
