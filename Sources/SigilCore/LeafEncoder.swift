@@ -28,14 +28,10 @@ extension SVIDProfile {
         now: Date,
         serialNumber: Certificate.SerialNumber = .random128()
     ) throws(SigilError) -> EncodedLeaf {
-        let kind = try keyPolicy.check(publicKey)
-        try issuer.checkCanSign(at: now)
-        if let td = issuer.trustDomain, td != spiffeID.trustDomain {
-            throw SigilError(.invalidSpiffeID, "'\(spiffeID)' is not in trust domain '\(td)', the only one this CA signs for")
-        }
+        let (kind, from, until) = try preflight(publicKey: publicKey, issuer: issuer, now: now)
         // Whole seconds, as X.509 times carry them (swift-certificates rounds the same way).
-        let notBefore = Date(timeIntervalSince1970: max(now.addingTimeInterval(-clockSkew.timeInterval), issuer.certificate.notValidBefore).timeIntervalSince1970.rounded())
-        let notAfter = Date(timeIntervalSince1970: min(now.addingTimeInterval(ttl.timeInterval), issuer.certificate.notValidAfter).timeIntervalSince1970.rounded())
+        let notBefore = Date(timeIntervalSince1970: from.timeIntervalSince1970.rounded())
+        let notAfter = Date(timeIntervalSince1970: until.timeIntervalSince1970.rounded())
 
         var extensions = DERWriter()
         extensions.raw(fixedExtensionDER[0])  // basicConstraints

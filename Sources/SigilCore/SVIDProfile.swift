@@ -149,13 +149,10 @@ public struct SVIDProfile: Sendable {
         self.rsaKeyUsageDER = DERWriter.extensionDER(rsaKeyUsage)
     }
 
-    /// Builds and signs the leaf for `publicKey`.
-    public func makeCertificate(
-        publicKey: Certificate.PublicKey,
-        issuer: SigningAuthority,
-        now: Date,
-        serialNumber: Certificate.SerialNumber = .random128()
-    ) throws(SigilError) -> Certificate {
+    /// The rules every issuance checks first, whichever encoder builds the leaf: the key is
+    /// acceptable, the issuer may sign now and only for this trust domain; and the validity window
+    /// (notBefore backdated for clock skew, notAfter clamped to the issuer's).
+    func preflight(publicKey: Certificate.PublicKey, issuer: SigningAuthority, now: Date) throws(SigilError) -> (KeyPolicy.Kind, Date, Date) {
         let kind = try keyPolicy.check(publicKey)
         try issuer.checkCanSign(at: now)
         if let td = issuer.trustDomain, td != spiffeID.trustDomain {
@@ -163,6 +160,17 @@ public struct SVIDProfile: Sendable {
         }
         let notBefore = max(now.addingTimeInterval(-clockSkew.timeInterval), issuer.certificate.notValidBefore)
         let notAfter = min(now.addingTimeInterval(ttl.timeInterval), issuer.certificate.notValidAfter)
+        return (kind, notBefore, notAfter)
+    }
+
+    /// Builds and signs the leaf for `publicKey`.
+    public func makeCertificate(
+        publicKey: Certificate.PublicKey,
+        issuer: SigningAuthority,
+        now: Date,
+        serialNumber: Certificate.SerialNumber = .random128()
+    ) throws(SigilError) -> Certificate {
+        let (kind, notBefore, notAfter) = try preflight(publicKey: publicKey, issuer: issuer, now: now)
         let usage: Certificate.Extension
         if case .rsa = kind { usage = rsaKeyUsage } else { usage = ecKeyUsage }
         do {
