@@ -77,6 +77,14 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .target(
+            name: "SigilPolicy",
+            dependencies: [
+                "SigilCore",
+                .product(name: "Yams", package: "Yams"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
             name: "SigilTLS",
             dependencies: [
                 "SigilCore",
@@ -137,6 +145,7 @@ let package = Package(
                 "SigilRPC",
                 "SigilServer",
                 "SigilAgent",
+                "SigilPolicy",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -188,6 +197,11 @@ let package = Package(
         .testTarget(
             name: "SigilAgentTests",
             dependencies: ["SigilAgent", "SigilRPC", "SigilTestSupport"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "SigilPolicyTests",
+            dependencies: ["SigilPolicy", "SigilCore"],
             swiftSettings: swiftSettings
         ),
         .testTarget(

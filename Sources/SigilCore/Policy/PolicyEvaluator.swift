@@ -1,0 +1,273 @@
+/// One request (or TCP connection) as authorization sees it.
+public struct AuthorizationRequest: Sendable, Hashable {
+    /// The peer's principal in Istio's form (`td/ns/x/sa/y`), nil for a plaintext peer.
+    public var principal: String?
+    public var sourceIP: String?
+    /// The original client (X-Forwarded-For), if different from the peer; defaults to `sourceIP`.
+    public var remoteIP: String?
+    public var destinationIP: String?
+    public var destinationPort: Int?
+    public var host: String?
+    public var method: String?
+    public var path: String?
+    /// Header names lowercased.
+    public var headers: [String: [String]]
+    public var sni: String?
+    /// Raw TCP (no HTTP fields to match).
+    public var isTCP: Bool
+
+    public init(principal: String? = nil, sourceIP: String? = nil, remoteIP: String? = nil, destinationIP: String? = nil,
+                destinationPort: Int? = nil, host: String? = nil, method: String? = nil, path: String? = nil,
+                headers: [String: [String]] = [:], sni: String? = nil, isTCP: Bool = false) {
+        self.principal = principal
+        self.sourceIP = sourceIP
+        self.remoteIP = remoteIP
+        self.destinationIP = destinationIP
+        self.destinationPort = destinationPort
+        self.host = host
+        self.method = method
+        self.path = path
+        self.headers = Dictionary(headers.map { ($0.key.lowercased(), $0.value) }, uniquingKeysWith: +)
+        self.sni = sni
+        self.isTCP = isTCP
+    }
+
+    /// `source.namespace`: the `ns` segment of the principal.
+    var sourceNamespace: String? {
+        guard let principal else { return nil }
+        let parts = principal.split(separator: "/", omittingEmptySubsequences: false)
+        guard let i = parts.firstIndex(of: "ns"), i + 1 < parts.count else { return nil }
+        return String(parts[i + 1])
+    }
+}
+
+/// The workload a proxy protects: the policies that apply are chosen by its namespace and labels.
+public struct WorkloadSelector: Sendable, Hashable {
+    public var namespace: String
+    public var labels: [String: String]
+    public init(namespace: String, labels: [String: String]) {
+        self.namespace = namespace
+        self.labels = labels
+    }
+}
+
+/// An authorization decision and what made it.
+public struct AuthorizationDecision: Sendable, Hashable {
+    public var allowed: Bool
+    /// `namespace/name` of the deciding policy; nil when no policy decided (no ALLOW policy applies,
+    /// or none of the applicable ALLOW policies matched).
+    public var policy: String?
+    /// Index of the deciding rule within that policy.
+    public var rule: Int?
+    /// AUDIT policies whose rules matched (they never change the decision).
+    public var audited: [String]
+
+    public init(allowed: Bool, policy: String? = nil, rule: Int? = nil, audited: [String] = []) {
+        self.allowed = allowed
+        self.policy = policy
+        self.rule = rule
+        self.audited = audited
+    }
+}
+
+/// Istio's authorization semantics over a set of policies: DENY first (any match denies); then,
+/// if no ALLOW policy applies to the workload, allow; if any ALLOW rule matches, allow; else deny.
+/// AUDIT policies are evaluated and reported but never decide.
+public struct PolicyEvaluator: Sendable {
+    public let policies: [AuthorizationPolicy]
+    public let rootNamespace: String
+
+    public static let defaultRootNamespace = "istio-system"
+
+    public init(policies: [AuthorizationPolicy], rootNamespace: String = PolicyEvaluator.defaultRootNamespace) {
+        self.policies = policies
+        self.rootNamespace = rootNamespace
+    }
+
+    /// The policies that apply to `workload`, in a stable order (namespace, then name).
+    public func applicable(to workload: WorkloadSelector) -> [AuthorizationPolicy] {
+        policies.filter { policy in
+            guard policy.namespace == workload.namespace || policy.namespace == rootNamespace else { return false }
+            guard let labels = policy.matchLabels else { return true }
+            return labels.allSatisfy { workload.labels[$0.key] == $0.value }
+        }.sorted { ($0.namespace, $0.name) < ($1.namespace, $1.name) }
+    }
+
+    public func evaluate(_ request: AuthorizationRequest, for workload: WorkloadSelector) -> AuthorizationDecision {
+        let policies = applicable(to: workload)
+        var audited: [String] = []
+        for policy in policies where policy.action == .audit {
+            if firstMatchingRule(policy, request) != nil { audited.append(policy.qualifiedName) }
+        }
+        for policy in policies where policy.action == .deny {
+            if let rule = firstMatchingRule(policy, request) {
+                return AuthorizationDecision(allowed: false, policy: policy.qualifiedName, rule: rule, audited: audited)
+            }
+        }
+        let allows = policies.filter { $0.action == .allow }
+        if allows.isEmpty { return AuthorizationDecision(allowed: true, audited: audited) }
+        for policy in allows {
+            if let rule = firstMatchingRule(policy, request) {
+                return AuthorizationDecision(allowed: true, policy: policy.qualifiedName, rule: rule, audited: audited)
+            }
+        }
+        return AuthorizationDecision(allowed: false, audited: audited)
+    }
+
+    func firstMatchingRule(_ policy: AuthorizationPolicy, _ request: AuthorizationRequest) -> Int? {
+        // Istio on TCP: an ALLOW rule that needs HTTP fields can never match; in DENY and AUDIT
+        // rules the HTTP-only fields are ignored, so the rule matches on what TCP can tell.
+        let ignoreHTTP = request.isTCP && policy.action != .allow
+        for (index, rule) in policy.rules.enumerated() {
+            if request.isTCP && policy.action == .allow && Self.usesHTTPFields(rule) { continue }
+            if matches(rule, request, ignoreHTTP: ignoreHTTP) { return index }
+        }
+        return nil
+    }
+
+    static func usesHTTPFields(_ rule: AuthorizationPolicy.Rule) -> Bool {
+        rule.to.contains { $0.usesHTTPFields } || rule.when.contains { $0.usesHTTPFields }
+    }
+
+    func matches(_ rule: AuthorizationPolicy.Rule, _ r: AuthorizationRequest, ignoreHTTP: Bool) -> Bool {
+        if !rule.from.isEmpty, !rule.from.contains(where: { matches($0, r) }) { return false }
+        if !rule.to.isEmpty, !rule.to.contains(where: { matches($0, r, ignoreHTTP: ignoreHTTP) }) { return false }
+        return rule.when.allSatisfy { matches($0, r, ignoreHTTP: ignoreHTTP) }
+    }
+
+    func matches(_ s: AuthorizationPolicy.Source, _ r: AuthorizationRequest) -> Bool {
+        let principal = r.principal ?? ""
+        let namespace = r.sourceNamespace ?? ""
+        let remote = r.remoteIP ?? r.sourceIP
+        return Self.field(s.principals, s.notPrincipals) { StringMatch.matches($0, principal) }
+            && Self.field(s.namespaces, s.notNamespaces) { StringMatch.matches($0, namespace) }
+            && Self.field(s.ipBlocks, s.notIpBlocks) { IPBlock.contains($0, r.sourceIP) }
+            && Self.field(s.remoteIpBlocks, s.notRemoteIpBlocks) { IPBlock.contains($0, remote) }
+    }
+
+    func matches(_ o: AuthorizationPolicy.Operation, _ r: AuthorizationRequest, ignoreHTTP: Bool) -> Bool {
+        let port = r.destinationPort.map(String.init) ?? ""
+        guard Self.field(o.ports, o.notPorts, { $0 == port }) else { return false }
+        if ignoreHTTP { return true }
+        let host = (r.host ?? "").lowercased()
+        return Self.field(o.hosts, o.notHosts) { StringMatch.matches($0.lowercased(), host) || StringMatch.matches($0.lowercased(), Self.stripPort(host)) }
+            && Self.field(o.methods, o.notMethods) { StringMatch.matches($0, r.method ?? "") }
+            && Self.field(o.paths, o.notPaths) { StringMatch.matches($0, Self.pathWithoutQuery(r.path ?? "")) }
+    }
+
+    func matches(_ c: AuthorizationPolicy.Condition, _ r: AuthorizationRequest, ignoreHTTP: Bool) -> Bool {
+        if let header = AuthorizationPolicy.Condition.headerName(c.key) {
+            if ignoreHTTP { return true }
+            let values = r.headers[header.lowercased()] ?? []
+            return Self.field(c.values, c.notValues) { pattern in values.contains { StringMatch.matches(pattern, $0) } }
+        }
+        switch c.key {
+        case "source.ip": return Self.field(c.values, c.notValues) { IPBlock.contains($0, r.sourceIP) }
+        case "remote.ip": return Self.field(c.values, c.notValues) { IPBlock.contains($0, r.remoteIP ?? r.sourceIP) }
+        case "destination.ip": return Self.field(c.values, c.notValues) { IPBlock.contains($0, r.destinationIP) }
+        case "destination.port": return Self.field(c.values, c.notValues) { $0 == (r.destinationPort.map(String.init) ?? "") }
+        case "source.namespace": return Self.field(c.values, c.notValues) { StringMatch.matches($0, r.sourceNamespace ?? "") }
+        case "source.principal": return Self.field(c.values, c.notValues) { StringMatch.matches($0, r.principal ?? "") }
+        case "connection.sni": return Self.field(c.values, c.notValues) { StringMatch.matches($0, r.sni ?? "") }
+        default: return false  // unknown keys are refused at load time; fail closed here too
+        }
+    }
+
+    /// A field and its not-field: some value must match (if set); no not-value may match (if set).
+    static func field(_ values: [String]?, _ notValues: [String]?, _ match: (String) -> Bool) -> Bool {
+        if let values, !values.contains(where: match) { return false }
+        if let notValues, notValues.contains(where: match) { return false }
+        return true
+    }
+
+    static func pathWithoutQuery(_ path: String) -> String {
+        if let q = path.firstIndex(where: { $0 == "?" || $0 == "#" }) { return String(path[..<q]) }
+        return path
+    }
+
+    static func stripPort(_ host: String) -> String {
+        if host.hasPrefix("[") { return host }
+        if let colon = host.lastIndex(of: ":"), host[host.index(after: colon)...].allSatisfy(\.isNumber) { return String(host[..<colon]) }
+        return host
+    }
+}
+
+/// Istio's string match: exact, `prefix*`, `*suffix`, or `*` (any non-empty value).
+public enum StringMatch {
+    public static func matches(_ pattern: String, _ value: String) -> Bool {
+        if pattern == "*" { return !value.isEmpty }
+        if pattern.hasSuffix("*") { return value.hasPrefix(pattern.dropLast()) }
+        if pattern.hasPrefix("*") { return value.hasSuffix(pattern.dropFirst()) }
+        return pattern == value
+    }
+}
+
+/// IPv4/IPv6 addresses and CIDR blocks (`10.0.0.0/8`, `::1`, `2001:db8::/32`).
+public enum IPBlock {
+    /// Whether `ip` is inside `block`. A missing or unparsable address is outside every block.
+    public static func contains(_ block: String, _ ip: String?) -> Bool {
+        guard let ip, let address = parse(ip), let (network, prefix) = parseBlock(block), network.count == address.count else { return false }
+        var remaining = prefix
+        for (a, n) in zip(address, network) {
+            if remaining <= 0 { return true }
+            let bits = min(8, remaining)
+            let mask: UInt8 = bits == 8 ? 0xff : ~(0xff >> UInt8(bits))
+            if a & mask != n & mask { return false }
+            remaining -= bits
+        }
+        return true
+    }
+
+    /// Validates a block (for load-time errors).
+    public static func isValid(_ block: String) -> Bool { parseBlock(block) != nil }
+
+    static func parseBlock(_ block: String) -> ([UInt8], Int)? {
+        let parts = block.split(separator: "/", omittingEmptySubsequences: false)
+        guard parts.count <= 2, let address = parse(String(parts[0])) else { return nil }
+        let maxPrefix = address.count * 8
+        if parts.count == 1 { return (address, maxPrefix) }
+        guard let prefix = Int(parts[1]), (0...maxPrefix).contains(prefix) else { return nil }
+        return (address, prefix)
+    }
+
+    public static func parse(_ text: String) -> [UInt8]? {
+        if text.contains(":") { return parseIPv6(text) }
+        let octets = text.split(separator: ".", omittingEmptySubsequences: false)
+        guard octets.count == 4 else { return nil }
+        var out: [UInt8] = []
+        for o in octets {
+            guard !o.isEmpty, o.count <= 3, o.allSatisfy(\.isNumber), let v = UInt8(o) else { return nil }
+            out.append(v)
+        }
+        return out
+    }
+
+    static func parseIPv6(_ text: String) -> [UInt8]? {
+        var text = Substring(text)
+        if text.hasPrefix("[") && text.hasSuffix("]") { text = text.dropFirst().dropLast() }
+        var halves: [String] = []
+        if let range = text.firstRange(of: "::") {
+            halves = [String(text[..<range.lowerBound]), String(text[range.upperBound...])]
+            guard !halves[1].contains("::") else { return nil }
+        } else {
+            halves = [String(text)]
+        }
+        func groups(_ s: String) -> [UInt16]? {
+            if s.isEmpty { return [] }
+            var out: [UInt16] = []
+            for g in s.split(separator: ":", omittingEmptySubsequences: false) {
+                guard !g.isEmpty, g.count <= 4, let v = UInt16(g, radix: 16) else { return nil }
+                out.append(v)
+            }
+            return out
+        }
+        guard let head = groups(halves[0]) else { return nil }
+        var all = head
+        if halves.count == 2 {
+            guard let tail = groups(halves[1]), head.count + tail.count < 8 else { return nil }
+            all += [UInt16](repeating: 0, count: 8 - head.count - tail.count) + tail
+        }
+        guard all.count == 8 else { return nil }
+        return all.flatMap { [UInt8($0 >> 8), UInt8($0 & 0xff)] }
+    }
+}

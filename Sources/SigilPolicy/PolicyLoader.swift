@@ -1,0 +1,282 @@
+public import SigilCore
+import Yams
+import Foundation
+
+/// A policy file that cannot be used: names the file, the document (1-based) and the field.
+public struct PolicyLoadError: Error, Sendable, CustomStringConvertible {
+    public let file: String
+    public let document: Int
+    public let field: String
+    public let problem: String
+
+    public var description: String {
+        "\(file), document \(document)\(field.isEmpty ? "" : ", field \(field)"): \(problem)"
+    }
+}
+
+/// The policies of a directory (or one file): every `*.yaml` / `*.yml`, every `---` document.
+public struct PolicySet: Sendable {
+    public var authorizationPolicies: [AuthorizationPolicy]
+    public var peerAuthentications: [PeerAuthentication]
+
+    public init(authorizationPolicies: [AuthorizationPolicy] = [], peerAuthentications: [PeerAuthentication] = []) {
+        self.authorizationPolicies = authorizationPolicies
+        self.peerAuthentications = peerAuthentications
+    }
+}
+
+/// Reads Istio YAML (security.istio.io/v1 and v1beta1: AuthorizationPolicy, PeerAuthentication)
+/// strictly: an unknown field, a wrong type, an unsupported feature (CUSTOM, targetRef) is a load
+/// error naming file, document and field, never a silently weaker policy.
+public enum PolicyLoader {
+    static let apiVersions: Set<String> = ["security.istio.io/v1", "security.istio.io/v1beta1"]
+
+    public static func load(path: String) throws(PolicyLoadError) -> PolicySet {
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else {
+            throw PolicyLoadError(file: path, document: 0, field: "", problem: "no such file or directory")
+        }
+        var files: [String] = []
+        if isDirectory.boolValue {
+            let names = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
+            files = names.filter { $0.hasSuffix(".yaml") || $0.hasSuffix(".yml") }.sorted().map { path + "/" + $0 }
+        } else {
+            files = [path]
+        }
+        var set = PolicySet()
+        for file in files {
+            guard let data = FileManager.default.contents(atPath: file) else {
+                throw PolicyLoadError(file: file, document: 0, field: "", problem: "cannot read the file")
+            }
+            let more = try parse(String(decoding: data, as: UTF8.self), file: file)
+            set.authorizationPolicies += more.authorizationPolicies
+            set.peerAuthentications += more.peerAuthentications
+        }
+        var seen = Set<String>()
+        for p in set.authorizationPolicies where !seen.insert("ap:" + p.qualifiedName).inserted {
+            throw PolicyLoadError(file: path, document: 0, field: "metadata.name", problem: "AuthorizationPolicy \(p.qualifiedName) is defined twice")
+        }
+        return set
+    }
+
+    public static func parse(_ text: String, file: String) throws(PolicyLoadError) -> PolicySet {
+        var set = PolicySet()
+        var documents: [Any?] = []
+        do {
+            // Parse eagerly: a syntax error anywhere fails the whole file (load_all's lazy sequence
+            // would stop quietly at the first bad document).
+            let parser = try Parser(yaml: text)
+            while let node = try parser.nextRoot() { documents.append(node.any) }
+        } catch {
+            throw PolicyLoadError(file: file, document: 0, field: "", problem: "malformed YAML: \(error)")
+        }
+        for (index, document) in documents.enumerated() {
+            guard let document else { continue }
+            let reader = Reader(file: file, document: index + 1)
+            guard let root = document as? [String: Any] else {
+                throw reader.error("", "a document must be a mapping with apiVersion, kind, metadata and spec")
+            }
+            try reader.allow(root, ["apiVersion", "kind", "metadata", "spec"], at: "")
+            let apiVersion = try reader.string(root["apiVersion"], "apiVersion")
+            guard apiVersions.contains(apiVersion) else {
+                throw reader.error("apiVersion", "'\(apiVersion)' is not security.istio.io/v1 or v1beta1")
+            }
+            let kind = try reader.string(root["kind"], "kind")
+            let metadata = try reader.map(root["metadata"], "metadata")
+            let name = try reader.string(metadata["name"], "metadata.name")
+            let namespace = try reader.optionalString(metadata["namespace"], "metadata.namespace") ?? "default"
+            let spec = try reader.optionalMap(root["spec"], "spec") ?? [:]
+            switch kind {
+            case "AuthorizationPolicy":
+                set.authorizationPolicies.append(try reader.authorizationPolicy(name: name, namespace: namespace, spec: spec))
+            case "PeerAuthentication":
+                set.peerAuthentications.append(try reader.peerAuthentication(name: name, namespace: namespace, spec: spec))
+            default:
+                throw reader.error("kind", "'\(kind)' is not supported (AuthorizationPolicy or PeerAuthentication)")
+            }
+        }
+        return set
+    }
+
+    struct Reader {
+        let file: String
+        let document: Int
+
+        func error(_ field: String, _ problem: String) -> PolicyLoadError {
+            PolicyLoadError(file: file, document: document, field: field, problem: problem)
+        }
+
+        func allow(_ map: [String: Any], _ keys: Set<String>, at path: String) throws(PolicyLoadError) {
+            for key in map.keys.sorted() where !keys.contains(key) {
+                throw error(path.isEmpty ? key : path + "." + key, "unknown field (expected one of: \(keys.sorted().joined(separator: ", ")))")
+            }
+        }
+
+        func string(_ value: Any?, _ field: String) throws(PolicyLoadError) -> String {
+            guard let value else { throw error(field, "is required") }
+            if let s = value as? String { return s }
+            if let i = value as? Int { return String(i) }
+            throw error(field, "must be a string")
+        }
+
+        func optionalString(_ value: Any?, _ field: String) throws(PolicyLoadError) -> String? {
+            value == nil ? nil : try string(value, field)
+        }
+
+        func map(_ value: Any?, _ field: String) throws(PolicyLoadError) -> [String: Any] {
+            guard let value else { throw error(field, "is required") }
+            guard let m = value as? [String: Any] else { throw error(field, "must be a mapping") }
+            return m
+        }
+
+        func optionalMap(_ value: Any?, _ field: String) throws(PolicyLoadError) -> [String: Any]? {
+            value == nil ? nil : try map(value, field)
+        }
+
+        func list(_ value: Any?, _ field: String) throws(PolicyLoadError) -> [Any]? {
+            guard let value else { return nil }
+            guard let l = value as? [Any] else { throw error(field, "must be a list") }
+            return l
+        }
+
+        func strings(_ value: Any?, _ field: String) throws(PolicyLoadError) -> [String]? {
+            guard let items = try list(value, field) else { return nil }
+            var out: [String] = []
+            for (i, item) in items.enumerated() { out.append(try string(item, "\(field)[\(i)]")) }
+            return out
+        }
+
+        func labels(_ spec: [String: Any], _ field: String) throws(PolicyLoadError) -> [String: String]? {
+            guard let selector = try optionalMap(spec["selector"], field) else { return nil }
+            try allow(selector, ["matchLabels"], at: field)
+            guard let labels = try optionalMap(selector["matchLabels"], field + ".matchLabels") else { return nil }
+            var out: [String: String] = [:]
+            for (k, v) in labels { out[k] = try string(v, "\(field).matchLabels.\(k)") }
+            return out
+        }
+
+        func authorizationPolicy(name: String, namespace: String, spec: [String: Any]) throws(PolicyLoadError) -> AuthorizationPolicy {
+            if spec["targetRef"] != nil || spec["targetRefs"] != nil {
+                throw error("spec.targetRef", "targetRef is not supported; select workloads with spec.selector.matchLabels")
+            }
+            if spec["provider"] != nil {
+                throw error("spec.provider", "CUSTOM authorization (external providers) is not supported")
+            }
+            try allow(spec, ["selector", "action", "rules"], at: "spec")
+            let actionText = try optionalString(spec["action"], "spec.action") ?? "ALLOW"
+            guard let action = AuthorizationPolicy.Action(rawValue: actionText) else {
+                if actionText == "CUSTOM" { throw error("spec.action", "CUSTOM authorization (external providers) is not supported") }
+                throw error("spec.action", "'\(actionText)' is not ALLOW, DENY or AUDIT")
+            }
+            var rules: [AuthorizationPolicy.Rule] = []
+            for (i, item) in (try list(spec["rules"], "spec.rules") ?? []).enumerated() {
+                rules.append(try rule(item, "spec.rules[\(i)]"))
+            }
+            return AuthorizationPolicy(name: name, namespace: namespace, matchLabels: try labels(spec, "spec.selector"), action: action, rules: rules)
+        }
+
+        func rule(_ value: Any, _ path: String) throws(PolicyLoadError) -> AuthorizationPolicy.Rule {
+            let m = (value as? [String: Any]) ?? [:]
+            if !(value is [String: Any]) && !(value is NSNull) { throw error(path, "a rule must be a mapping") }
+            try allow(m, ["from", "to", "when"], at: path)
+            var rule = AuthorizationPolicy.Rule()
+            for (i, item) in (try list(m["from"], path + ".from") ?? []).enumerated() {
+                let p = "\(path).from[\(i)]"
+                let entry = try map(item, p)
+                try allow(entry, ["source"], at: p)
+                let s = try map(entry["source"], p + ".source")
+                let sp = p + ".source"
+                try allow(s, ["principals", "notPrincipals", "namespaces", "notNamespaces", "ipBlocks", "notIpBlocks",
+                              "remoteIpBlocks", "notRemoteIpBlocks", "requestPrincipals", "notRequestPrincipals"], at: sp)
+                if s["requestPrincipals"] != nil || s["notRequestPrincipals"] != nil {
+                    throw error(sp + ".requestPrincipals", "JWT request principals are not supported")
+                }
+                var source = AuthorizationPolicy.Source()
+                source.principals = try strings(s["principals"], sp + ".principals")
+                source.notPrincipals = try strings(s["notPrincipals"], sp + ".notPrincipals")
+                source.namespaces = try strings(s["namespaces"], sp + ".namespaces")
+                source.notNamespaces = try strings(s["notNamespaces"], sp + ".notNamespaces")
+                source.ipBlocks = try cidrs(s["ipBlocks"], sp + ".ipBlocks")
+                source.notIpBlocks = try cidrs(s["notIpBlocks"], sp + ".notIpBlocks")
+                source.remoteIpBlocks = try cidrs(s["remoteIpBlocks"], sp + ".remoteIpBlocks")
+                source.notRemoteIpBlocks = try cidrs(s["notRemoteIpBlocks"], sp + ".notRemoteIpBlocks")
+                rule.from.append(source)
+            }
+            for (i, item) in (try list(m["to"], path + ".to") ?? []).enumerated() {
+                let p = "\(path).to[\(i)]"
+                let entry = try map(item, p)
+                try allow(entry, ["operation"], at: p)
+                let o = try map(entry["operation"], p + ".operation")
+                let op = p + ".operation"
+                try allow(o, ["hosts", "notHosts", "ports", "notPorts", "methods", "notMethods", "paths", "notPaths"], at: op)
+                var operation = AuthorizationPolicy.Operation()
+                operation.hosts = try strings(o["hosts"], op + ".hosts")
+                operation.notHosts = try strings(o["notHosts"], op + ".notHosts")
+                operation.ports = try ports(o["ports"], op + ".ports")
+                operation.notPorts = try ports(o["notPorts"], op + ".notPorts")
+                operation.methods = try strings(o["methods"], op + ".methods")
+                operation.notMethods = try strings(o["notMethods"], op + ".notMethods")
+                operation.paths = try strings(o["paths"], op + ".paths")
+                operation.notPaths = try strings(o["notPaths"], op + ".notPaths")
+                rule.to.append(operation)
+            }
+            for (i, item) in (try list(m["when"], path + ".when") ?? []).enumerated() {
+                let p = "\(path).when[\(i)]"
+                let c = try map(item, p)
+                try allow(c, ["key", "values", "notValues"], at: p)
+                let key = try string(c["key"], p + ".key")
+                guard AuthorizationPolicy.Condition.isSupported(key) else {
+                    throw error(p + ".key", "'\(key)' is not supported (request.headers[...], source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port, connection.sni)")
+                }
+                let values = try strings(c["values"], p + ".values")
+                let notValues = try strings(c["notValues"], p + ".notValues")
+                guard values != nil || notValues != nil else { throw error(p, "needs values or notValues") }
+                if ["source.ip", "remote.ip", "destination.ip"].contains(key) {
+                    for v in (values ?? []) + (notValues ?? []) where !IPBlock.isValid(v) {
+                        throw error(p, "'\(v)' is not an IP address or CIDR block")
+                    }
+                }
+                rule.when.append(AuthorizationPolicy.Condition(key: key, values: values, notValues: notValues))
+            }
+            return rule
+        }
+
+        func cidrs(_ value: Any?, _ field: String) throws(PolicyLoadError) -> [String]? {
+            guard let blocks = try strings(value, field) else { return nil }
+            for b in blocks where !IPBlock.isValid(b) { throw error(field, "'\(b)' is not an IP address or CIDR block") }
+            return blocks
+        }
+
+        func ports(_ value: Any?, _ field: String) throws(PolicyLoadError) -> [String]? {
+            guard let ports = try strings(value, field) else { return nil }
+            for p in ports where Int(p).map({ !(1...65535).contains($0) }) ?? true {
+                throw error(field, "'\(p)' is not a port number")
+            }
+            return ports
+        }
+
+        func peerAuthentication(name: String, namespace: String, spec: [String: Any]) throws(PolicyLoadError) -> PeerAuthentication {
+            try allow(spec, ["selector", "mtls", "portLevelMtls"], at: "spec")
+            func mode(_ value: Any?, _ field: String) throws(PolicyLoadError) -> PeerAuthentication.Mode {
+                guard let m = try optionalMap(value, field) else { return .unset }
+                try allow(m, ["mode"], at: field)
+                let text = try optionalString(m["mode"], field + ".mode") ?? "UNSET"
+                guard let mode = PeerAuthentication.Mode(rawValue: text) else {
+                    throw error(field + ".mode", "'\(text)' is not STRICT, PERMISSIVE, DISABLE or UNSET")
+                }
+                return mode
+            }
+            var ports: [Int: PeerAuthentication.Mode] = [:]
+            if let levels = try optionalMap(spec["portLevelMtls"], "spec.portLevelMtls") {
+                for (key, value) in levels {
+                    guard let port = Int(key), (1...65535).contains(port) else {
+                        throw error("spec.portLevelMtls.\(key)", "is not a port number")
+                    }
+                    ports[port] = try mode(value, "spec.portLevelMtls.\(key)")
+                }
+            }
+            return PeerAuthentication(name: name, namespace: namespace, matchLabels: try labels(spec, "spec.selector"),
+                                      mode: try mode(spec["mtls"], "spec.mtls"), portLevelMtls: ports)
+        }
+    }
+}

@@ -1,0 +1,222 @@
+import Testing
+import SigilCore
+import SigilPolicy
+
+/// Istio's documented authorization behaviour, case by case: each case loads real Istio YAML,
+/// evaluates one request for the workload `app=web` in namespace `prod`, and checks the decision
+/// and what decided it.
+struct PolicyCase: CustomTestStringConvertible, Sendable {
+    let name: String
+    let yaml: String
+    let request: AuthorizationRequest
+    let allowed: Bool
+    let policy: String?
+    let rule: Int?
+    var testDescription: String { name }
+}
+
+let web = WorkloadSelector(namespace: "prod", labels: ["app": "web", "version": "v1"])
+let sleep = "cluster.local/ns/prod/sa/sleep"
+let other = "cluster.local/ns/dev/sa/tool"
+
+func ap(_ name: String = "p", ns: String = "prod", action: String? = nil, selector: String? = nil, rules: String?) -> String {
+    var out = """
+    apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata:
+      name: \(name)
+      namespace: \(ns)
+    spec:
+    """
+    if let selector { out += "\n  selector:\n    matchLabels:\n      \(selector)" }
+    if let action { out += "\n  action: \(action)" }
+    if let rules { out += "\n  rules:\n" + rules.split(separator: "\n").map { "  " + $0 }.joined(separator: "\n") }
+    if selector == nil && action == nil && rules == nil { out += " {}" }
+    return out + "\n"
+}
+
+func http(_ principal: String? = sleep, method: String = "GET", path: String = "/", host: String = "web.prod.svc", port: Int = 8080,
+          ip: String = "10.1.2.3", headers: [String: [String]] = [:]) -> AuthorizationRequest {
+    AuthorizationRequest(principal: principal, sourceIP: ip, destinationIP: "10.9.9.9", destinationPort: port, host: host, method: method,
+                         path: path, headers: headers, sni: "web.prod.svc")
+}
+
+func tcp(_ principal: String? = sleep, port: Int = 5432, ip: String = "10.1.2.3") -> AuthorizationRequest {
+    AuthorizationRequest(principal: principal, sourceIP: ip, destinationIP: "10.9.9.9", destinationPort: port, isTCP: true)
+}
+
+let allowGETFromSleep = ap(rules: """
+- from:
+  - source:
+      principals: ["cluster.local/ns/prod/sa/sleep"]
+  to:
+  - operation:
+      methods: ["GET"]
+""")
+
+let cases: [PolicyCase] = [
+    // No policies, empty policies
+    PolicyCase(name: "no policy allows", yaml: "", request: http(), allowed: true, policy: nil, rule: nil),
+    PolicyCase(name: "spec {} ALLOW denies all", yaml: ap(rules: nil), request: http(), allowed: false, policy: nil, rule: nil),
+    PolicyCase(name: "rules [{}] allows all", yaml: ap(rules: "- {}"), request: http(), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "rules [{}] allows plaintext too", yaml: ap(rules: "- {}"), request: http(nil), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "DENY with no rules denies nothing", yaml: ap(action: "DENY", rules: nil), request: http(), allowed: true, policy: nil, rule: nil),
+    PolicyCase(name: "DENY rules [{}] denies all", yaml: ap(action: "DENY", rules: "- {}"), request: http(), allowed: false, policy: "prod/p", rule: 0),
+    // principals
+    PolicyCase(name: "principal match", yaml: allowGETFromSleep, request: http(), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "principal mismatch", yaml: allowGETFromSleep, request: http(other), allowed: false, policy: nil, rule: nil),
+    PolicyCase(name: "plaintext has no principal", yaml: allowGETFromSleep, request: http(nil), allowed: false, policy: nil, rule: nil),
+    PolicyCase(name: "method mismatch", yaml: allowGETFromSleep, request: http(method: "POST"), allowed: false, policy: nil, rule: nil),
+    PolicyCase(name: "principal prefix", yaml: ap(rules: "- from:\n  - source:\n      principals: [\"cluster.local/ns/prod/*\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "principal suffix", yaml: ap(rules: "- from:\n  - source:\n      principals: [\"*/sa/sleep\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "principal * requires mTLS", yaml: ap(rules: "- from:\n  - source:\n      principals: [\"*\"]"), request: http(nil), allowed: false, policy: nil, rule: nil),
+    PolicyCase(name: "principal * any authenticated", yaml: ap(rules: "- from:\n  - source:\n      principals: [\"*\"]"), request: http(other), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "notPrincipals * denies plaintext", yaml: ap(action: "DENY", rules: "- from:\n  - source:\n      notPrincipals: [\"*\"]"), request: http(nil), allowed: false, policy: "prod/p", rule: 0),
+    PolicyCase(name: "notPrincipals * lets mTLS through", yaml: ap(action: "DENY", rules: "- from:\n  - source:\n      notPrincipals: [\"*\"]"), request: http(), allowed: true, policy: nil, rule: nil),
+    PolicyCase(name: "notPrincipals excludes", yaml: ap(rules: "- from:\n  - source:\n      notPrincipals: [\"cluster.local/ns/prod/sa/sleep\"]"), request: http(), allowed: false, policy: nil, rule: nil),
+    PolicyCase(name: "notPrincipals others pass", yaml: ap(rules: "- from:\n  - source:\n      notPrincipals: [\"cluster.local/ns/prod/sa/sleep\"]"), request: http(other), allowed: true, policy: "prod/p", rule: 0),
+    // namespaces
+    PolicyCase(name: "namespace match", yaml: ap(rules: "- from:\n  - source:\n      namespaces: [\"prod\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "namespace mismatch", yaml: ap(rules: "- from:\n  - source:\n      namespaces: [\"prod\"]"), request: http(other), allowed: false, policy: nil, rule: nil),
+    PolicyCase(name: "notNamespaces", yaml: ap(action: "DENY", rules: "- from:\n  - source:\n      notNamespaces: [\"prod\"]"), request: http(other), allowed: false, policy: "prod/p", rule: 0),
+    PolicyCase(name: "notNamespaces same ns", yaml: ap(action: "DENY", rules: "- from:\n  - source:\n      notNamespaces: [\"prod\"]"), request: http(), allowed: true, policy: nil, rule: nil),
+    PolicyCase(name: "namespace prefix", yaml: ap(rules: "- from:\n  - source:\n      namespaces: [\"pr*\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
+    // ipBlocks
+    PolicyCase(name: "ipBlocks CIDR", yaml: ap(rules: "- from:\n  - source:\n      ipBlocks: [\"10.1.0.0/16\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "ipBlocks outside", yaml: ap(rules: "- from:\n  - source:\n      ipBlocks: [\"10.2.0.0/16\"]"), request: http(), allowed: false, policy: nil, rule: nil),
+    PolicyCase(name: "ipBlocks single address", yaml: ap(rules: "- from:\n  - source:\n      ipBlocks: [\"10.1.2.3\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "notIpBlocks", yaml: ap(action: "DENY", rules: "- from:\n  - source:\n      notIpBlocks: [\"10.0.0.0/8\"]"), request: http(ip: "192.168.1.1"), allowed: false, policy: "prod/p", rule: 0),
+    PolicyCase(name: "notIpBlocks inside", yaml: ap(action: "DENY", rules: "- from:\n  - source:\n      notIpBlocks: [\"10.0.0.0/8\"]"), request: http(), allowed: true, policy: nil, rule: nil),
+    PolicyCase(name: "ipBlocks IPv6", yaml: ap(rules: "- from:\n  - source:\n      ipBlocks: [\"2001:db8::/32\"]"), request: http(ip: "2001:db8:1::5"), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "remoteIpBlocks default to peer", yaml: ap(rules: "- from:\n  - source:\n      remoteIpBlocks: [\"10.1.2.0/24\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "notRemoteIpBlocks", yaml: ap(action: "DENY", rules: "- from:\n  - source:\n      notRemoteIpBlocks: [\"10.1.2.0/24\"]"), request: http(), allowed: true, policy: nil, rule: nil),
+    // operation
+    PolicyCase(name: "paths exact", yaml: ap(rules: "- to:\n  - operation:\n      paths: [\"/health\"]"), request: http(path: "/health"), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "paths ignore query", yaml: ap(rules: "- to:\n  - operation:\n      paths: [\"/health\"]"), request: http(path: "/health?x=1"), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "paths prefix", yaml: ap(rules: "- to:\n  - operation:\n      paths: [\"/api/*\"]"), request: http(path: "/api/v1/users"), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "paths suffix", yaml: ap(rules: "- to:\n  - operation:\n      paths: [\"*.png\"]"), request: http(path: "/img/a.png"), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "paths mismatch", yaml: ap(rules: "- to:\n  - operation:\n      paths: [\"/api/*\"]"), request: http(path: "/admin"), allowed: false, policy: nil, rule: nil),
+    PolicyCase(name: "notPaths", yaml: ap(action: "DENY", rules: "- to:\n  - operation:\n      notPaths: [\"/public/*\"]"), request: http(path: "/private"), allowed: false, policy: "prod/p", rule: 0),
+    PolicyCase(name: "notPaths public", yaml: ap(action: "DENY", rules: "- to:\n  - operation:\n      notPaths: [\"/public/*\"]"), request: http(path: "/public/x"), allowed: true, policy: nil, rule: nil),
+    PolicyCase(name: "methods list", yaml: ap(rules: "- to:\n  - operation:\n      methods: [\"GET\", \"HEAD\"]"), request: http(method: "HEAD"), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "notMethods", yaml: ap(action: "DENY", rules: "- to:\n  - operation:\n      notMethods: [\"GET\"]"), request: http(method: "DELETE"), allowed: false, policy: "prod/p", rule: 0),
+    PolicyCase(name: "hosts exact", yaml: ap(rules: "- to:\n  - operation:\n      hosts: [\"web.prod.svc\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "hosts case-insensitive with port", yaml: ap(rules: "- to:\n  - operation:\n      hosts: [\"WEB.prod.svc\"]"), request: http(host: "web.prod.svc:8080"), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "hosts suffix", yaml: ap(rules: "- to:\n  - operation:\n      hosts: [\"*.svc\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "notHosts", yaml: ap(action: "DENY", rules: "- to:\n  - operation:\n      notHosts: [\"web.prod.svc\"]"), request: http(host: "evil.example"), allowed: false, policy: "prod/p", rule: 0),
+    PolicyCase(name: "ports", yaml: ap(rules: "- to:\n  - operation:\n      ports: [\"8080\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "ports mismatch", yaml: ap(rules: "- to:\n  - operation:\n      ports: [\"9090\"]"), request: http(), allowed: false, policy: nil, rule: nil),
+    PolicyCase(name: "notPorts", yaml: ap(action: "DENY", rules: "- to:\n  - operation:\n      notPorts: [\"8080\"]"), request: http(port: 9000), allowed: false, policy: "prod/p", rule: 0),
+    // when
+    PolicyCase(name: "when header", yaml: ap(rules: "- when:\n  - key: request.headers[x-env]\n    values: [\"prod\"]"), request: http(headers: ["X-Env": ["prod"]]), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "when header missing", yaml: ap(rules: "- when:\n  - key: request.headers[x-env]\n    values: [\"prod\"]"), request: http(), allowed: false, policy: nil, rule: nil),
+    PolicyCase(name: "when header notValues", yaml: ap(action: "DENY", rules: "- when:\n  - key: request.headers[x-debug]\n    notValues: [\"off\"]"), request: http(headers: ["x-debug": ["on"]]), allowed: false, policy: "prod/p", rule: 0),
+    PolicyCase(name: "when source.ip", yaml: ap(rules: "- when:\n  - key: source.ip\n    values: [\"10.1.0.0/16\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "when source.namespace", yaml: ap(rules: "- when:\n  - key: source.namespace\n    values: [\"dev\"]"), request: http(other), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "when source.principal", yaml: ap(rules: "- when:\n  - key: source.principal\n    values: [\"cluster.local/ns/prod/sa/sleep\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "when destination.port", yaml: ap(rules: "- when:\n  - key: destination.port\n    values: [\"8080\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "when destination.ip", yaml: ap(rules: "- when:\n  - key: destination.ip\n    values: [\"10.9.9.0/24\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "when connection.sni", yaml: ap(rules: "- when:\n  - key: connection.sni\n    values: [\"*.prod.svc\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "when all conditions must hold", yaml: ap(rules: "- when:\n  - key: source.namespace\n    values: [\"prod\"]\n  - key: destination.port\n    values: [\"1\"]"), request: http(), allowed: false, policy: nil, rule: nil),
+    // rule structure and order
+    PolicyCase(name: "any from entry", yaml: ap(rules: "- from:\n  - source:\n      namespaces: [\"x\"]\n  - source:\n      namespaces: [\"dev\"]"), request: http(other), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "second rule decides", yaml: ap(rules: "- to:\n  - operation:\n      methods: [\"PUT\"]\n- to:\n  - operation:\n      methods: [\"GET\"]"), request: http(), allowed: true, policy: "prod/p", rule: 1),
+    PolicyCase(name: "DENY wins over ALLOW", yaml: ap("allow-all", rules: "- {}") + "---\n" + ap("deny-admin", action: "DENY", rules: "- to:\n  - operation:\n      paths: [\"/admin*\"]"), request: http(path: "/admin/x"), allowed: false, policy: "prod/deny-admin", rule: 0),
+    PolicyCase(name: "ALLOW after DENY miss", yaml: ap("allow-all", rules: "- {}") + "---\n" + ap("deny-admin", action: "DENY", rules: "- to:\n  - operation:\n      paths: [\"/admin*\"]"), request: http(path: "/x"), allowed: true, policy: "prod/allow-all", rule: 0),
+    PolicyCase(name: "AUDIT never decides", yaml: ap("audit", action: "AUDIT", rules: "- {}"), request: http(), allowed: true, policy: nil, rule: nil),
+    // scope
+    PolicyCase(name: "other namespace does not apply", yaml: ap(ns: "dev", rules: nil), request: http(), allowed: true, policy: nil, rule: nil),
+    PolicyCase(name: "root namespace applies mesh-wide", yaml: ap("mesh", ns: "istio-system", action: "DENY", rules: "- from:\n  - source:\n      notPrincipals: [\"*\"]"), request: http(nil), allowed: false, policy: "istio-system/mesh", rule: 0),
+    PolicyCase(name: "selector matches labels", yaml: ap(selector: "app: web", rules: nil), request: http(), allowed: false, policy: nil, rule: nil),
+    PolicyCase(name: "selector other labels does not apply", yaml: ap(selector: "app: db", rules: nil), request: http(), allowed: true, policy: nil, rule: nil),
+    // TCP
+    PolicyCase(name: "TCP ALLOW with HTTP fields never matches", yaml: ap(rules: "- to:\n  - operation:\n      methods: [\"GET\"]"), request: tcp(), allowed: false, policy: nil, rule: nil),
+    PolicyCase(name: "TCP ALLOW on ports matches", yaml: ap(rules: "- to:\n  - operation:\n      ports: [\"5432\"]"), request: tcp(), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "TCP DENY with HTTP fields matches", yaml: ap(action: "DENY", rules: "- from:\n  - source:\n      principals: [\"cluster.local/ns/prod/sa/sleep\"]\n  to:\n  - operation:\n      methods: [\"DELETE\"]"), request: tcp(), allowed: false, policy: "prod/p", rule: 0),
+    PolicyCase(name: "TCP DENY still needs its TCP fields", yaml: ap(action: "DENY", rules: "- from:\n  - source:\n      principals: [\"cluster.local/ns/prod/sa/sleep\"]\n  to:\n  - operation:\n      methods: [\"DELETE\"]"), request: tcp(other), allowed: true, policy: nil, rule: nil),
+    PolicyCase(name: "TCP header condition in ALLOW", yaml: ap(rules: "- when:\n  - key: request.headers[x]\n    values: [\"y\"]"), request: tcp(), allowed: false, policy: nil, rule: nil),
+    PolicyCase(name: "TCP principals", yaml: ap(rules: "- from:\n  - source:\n      principals: [\"cluster.local/ns/prod/sa/sleep\"]"), request: tcp(), allowed: true, policy: "prod/p", rule: 0),
+]
+
+@Suite("Istio AuthorizationPolicy semantics")
+struct PolicyEvaluationTests {
+    @Test(arguments: cases)
+    func decides(_ c: PolicyCase) throws {
+        let set = try PolicyLoader.parse(c.yaml, file: "case.yaml")
+        let decision = PolicyEvaluator(policies: set.authorizationPolicies).evaluate(c.request, for: web)
+        #expect(decision.allowed == c.allowed)
+        #expect(decision.policy == c.policy)
+        #expect(decision.rule == c.rule)
+    }
+
+    @Test func atLeastSixtyCases() {
+        #expect(cases.count >= 60)
+    }
+
+    @Test func auditIsReported() throws {
+        let set = try PolicyLoader.parse(ap("audit", action: "AUDIT", rules: "- {}"), file: "a.yaml")
+        #expect(PolicyEvaluator(policies: set.authorizationPolicies).evaluate(http(), for: web).audited == ["prod/audit"])
+    }
+}
+
+@Suite("Policy loading errors")
+struct PolicyLoadingTests {
+    func failure(_ yaml: String) -> PolicyLoadError? {
+        do {
+            _ = try PolicyLoader.parse(yaml, file: "bad.yaml")
+            return nil
+        } catch {
+            return error
+        }
+    }
+
+    @Test func unknownFieldIsNamed() throws {
+        let e = try #require(failure(ap(rules: "- from:\n  - source:\n      principal: [\"x\"]")))
+        #expect(e.field == "spec.rules[0].from[0].source.principal")
+        #expect(e.document == 1)
+        #expect(e.description.contains("bad.yaml"))
+    }
+
+    @Test func customIsUnsupported() throws {
+        let e = try #require(failure(ap(action: "CUSTOM", rules: "- {}")))
+        #expect(e.problem.contains("not supported"))
+    }
+
+    @Test func secondDocumentIsNamed() throws {
+        let e = try #require(failure(ap(rules: "- {}") + "---\n" + ap("two", action: "MAYBE", rules: nil)))
+        #expect(e.document == 2)
+        #expect(e.field == "spec.action")
+    }
+
+    @Test func malformedYAMLAndBadValues() {
+        #expect(failure("apiVersion: [unclosed") != nil)
+        #expect(failure(ap(rules: "- from:\n  - source:\n      ipBlocks: [\"10.0.0.0/33\"]")) != nil)
+        #expect(failure(ap(rules: "- to:\n  - operation:\n      ports: [\"http\"]")) != nil)
+        #expect(failure(ap(rules: "- when:\n  - key: request.auth.claims[iss]\n    values: [\"x\"]")) != nil)
+        #expect(failure(ap(rules: "- when:\n  - key: source.ip")) != nil)
+        #expect(failure("apiVersion: security.istio.io/v1\nkind: Gateway\nmetadata:\n  name: g\n") != nil)
+        #expect(failure("apiVersion: networking.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: g\n") != nil)
+    }
+
+    @Test func peerAuthenticationLoads() throws {
+        let yaml = """
+        apiVersion: security.istio.io/v1beta1
+        kind: PeerAuthentication
+        metadata:
+          name: strict
+          namespace: prod
+        spec:
+          selector:
+            matchLabels:
+              app: web
+          mtls:
+            mode: STRICT
+          portLevelMtls:
+            9090:
+              mode: DISABLE
+        """
+        let set = try PolicyLoader.parse(yaml, file: "pa.yaml")
+        #expect(set.peerAuthentications.first?.mode == .strict)
+        #expect(set.peerAuthentications.first?.portLevelMtls[9090] == .disable)
+    }
+}
