@@ -46,7 +46,18 @@ struct AgentCache: Sendable {
                 throw AgentError("cannot create --data-dir '\(directory)': \(error.localizedDescription)")
             }
         }
-        chmod(directory, 0o700)
+        // The cache decides what workloads are served: refuse a directory another user owns or can
+        // write (someone could have created /tmp/sigil/agent first and planted a cache.json).
+        var st = stat()
+        guard lstat(directory, &st) == 0, st.st_mode & S_IFMT == S_IFDIR else {
+            throw AgentError("--data-dir '\(directory)' is not a directory")
+        }
+        guard st.st_uid == geteuid() else {
+            throw AgentError("--data-dir '\(directory)' belongs to uid \(st.st_uid), not to this agent (uid \(geteuid())); use a directory the agent owns")
+        }
+        guard chmod(directory, 0o700) == 0 else {
+            throw AgentError("cannot set mode 0700 on --data-dir '\(directory)': \(String(cString: strerror(errno)))")
+        }
     }
 
     var identityPath: String { directory + "/agent.json" }

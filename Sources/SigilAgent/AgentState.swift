@@ -41,6 +41,8 @@ actor AgentState: WorkloadIdentitySource {
     private var x509Subscribers: [UUID: (Set<String>, AsyncStream<WorkloadX509Snapshot>.Continuation)] = [:]
     private var bundleSubscribers: [UUID: AsyncStream<WorkloadBundle>.Continuation] = [:]
     private var lastSent: [UUID: WorkloadX509Snapshot] = [:]
+    /// Streams that ended before their registration ran (the two happen in separate tasks).
+    private var endedEarly: Set<UUID> = []
     /// Wakes the reconciler when entries or the bundle change.
     nonisolated let changes: AsyncStream<Void>
     private let changesContinuation: AsyncStream<Void>.Continuation
@@ -158,6 +160,7 @@ actor AgentState: WorkloadIdentitySource {
     // MARK: fan-out
 
     private func addX509(_ id: UUID, selectors: Set<String>, continuation: AsyncStream<WorkloadX509Snapshot>.Continuation) {
+        if endedEarly.remove(id) != nil { return }
         x509Subscribers[id] = (selectors, continuation)
         let snapshot = makeSnapshot(for: selectors)
         lastSent[id] = snapshot
@@ -165,17 +168,18 @@ actor AgentState: WorkloadIdentitySource {
     }
 
     private func removeX509(_ id: UUID) {
-        x509Subscribers[id] = nil
+        if x509Subscribers.removeValue(forKey: id) == nil { endedEarly.insert(id) }
         lastSent[id] = nil
     }
 
     private func addBundle(_ id: UUID, continuation: AsyncStream<WorkloadBundle>.Continuation) {
+        if endedEarly.remove(id) != nil { return }
         bundleSubscribers[id] = continuation
         continuation.yield(currentBundle)
     }
 
     private func removeBundle(_ id: UUID) {
-        bundleSubscribers[id] = nil
+        if bundleSubscribers.removeValue(forKey: id) == nil { endedEarly.insert(id) }
     }
 
     private var currentBundle: WorkloadBundle {
@@ -184,8 +188,10 @@ actor AgentState: WorkloadIdentitySource {
 
     func makeSnapshot(for selectors: Set<String>) -> WorkloadX509Snapshot {
         let matching = entries.values.filter { $0.matches(selectors) }.sorted { $0.id < $1.id }
+        let now = Date()
         let held = matching.compactMap { entry -> WorkloadX509SVID? in
-            guard let svid = svids[entry.id] else { return nil }
+            // Never hand out an expired SVID.
+            guard let svid = svids[entry.id], svid.notAfter > now else { return nil }
             return WorkloadX509SVID(spiffeID: svid.spiffeID, chainDER: svid.chainDER.flatMap { $0 }, keyPKCS8DER: svid.keyPKCS8DER)
         }
         return WorkloadX509Snapshot(svids: held, bundle: currentBundle)

@@ -25,8 +25,9 @@ final class AgentWorker: Service, Sendable {
     let logger: Logger
     let wakeup = Wakeup()
     private let failureBox = LockedBox<AgentError?>(nil)
-    /// Entries the server refused at a given revision: not retried until the entry changes.
-    private let refused = LockedBox<[String: Int64]>([:])
+    /// Entries the server refused: not retried for a minute (or until the entry changes), so a
+    /// refusal neither hot-loops nor, if it was transient, blocks renewal for good.
+    private let refused = LockedBox<[String: (revision: Int64, until: Date)]>([:])
 
     static let batchSize = 100
 
@@ -77,6 +78,12 @@ final class AgentWorker: Service, Sendable {
                 return
             } catch {
                 if Task.isCancelled { return }
+                if identity.value.notAfter <= Date() {
+                    let message = "this agent's own SVID expired at \(identity.value.notAfter) while the server was unreachable; restart it with a new --join-token (sigil token create --agent-id <name>)"
+                    logger.error("\(message)")
+                    failureBox.withLock { $0 = AgentError(message) }
+                    return
+                }
                 logger.warning("server unreachable; serving workloads from cache", metadata: ["error": "\(error)"])
                 try? await Task.sleep(for: backoff)
                 backoff = min(backoff * 2, .seconds(5))
@@ -106,7 +113,10 @@ final class AgentWorker: Service, Sendable {
         while !Task.isCancelled {
             let now = Date()
             let refusedNow = refused.withLock { $0 }
-            let due = await state.due(at: now).filter { refusedNow[$0.id] != $0.revision }
+            let due = await state.due(at: now).filter { entry in
+                guard let mark = refusedNow[entry.id] else { return true }
+                return mark.revision != entry.revision || mark.until <= now
+            }
             if !due.isEmpty {
                 do {
                     for start in stride(from: 0, to: due.count, by: Self.batchSize) {
@@ -150,7 +160,7 @@ final class AgentWorker: Service, Sendable {
             guard let entry = byID[result.entryID], let key = keys[result.entryID] else { continue }
             if !result.error.isEmpty {
                 logger.error("server refused an SVID", metadata: ["spiffe_id": "\(entry.spiffeID)", "error": "\(result.error)"])
-                refused.withLock { $0[entry.id] = entry.revision }
+                refused.withLock { $0[entry.id] = (entry.revision, Date().addingTimeInterval(60)) }
                 continue
             }
             let chain = result.svidChain.map { Array($0) }
@@ -188,7 +198,11 @@ final class AgentWorker: Service, Sendable {
                 request.csr = Data(try KeyMaterial.csr(key: key))
                 let response = try await client.renewAgent(request)
                 let chain = response.svidChain.map { Array($0) }
-                guard let first = chain.first, let leaf = try? Certificate(derEncoded: first) else { continue }
+                guard let first = chain.first, let leaf = try? Certificate(derEncoded: first) else {
+                    logger.warning("the server's renewal answer holds no agent SVID; retrying")
+                    try? await Task.sleep(for: .seconds(2))
+                    continue
+                }
                 try reloader.update(chainDER: chain, keyPKCS8DER: Array(key.derRepresentation))
                 let renewed = AgentCache.AgentIdentity(agentID: current.agentID, chainDER: chain, keyPKCS8DER: Array(key.derRepresentation),
                                                        notAfter: leaf.notValidAfter, trustDomain: current.trustDomain, receivedAt: Date())

@@ -61,8 +61,10 @@ public enum SigilAgentRole {
             } catch {
                 throw AgentError(error.message)
             }
-        } else if let cachedSnapshot {
-            roots = cachedSnapshot.bundleRoots.compactMap { try? Certificate(derEncoded: $0) }
+        }
+        // The newest bundle the agent has synced counts too (after a root rotation the file may be old).
+        for root in cachedSnapshot?.bundleRoots.compactMap({ try? Certificate(derEncoded: $0) }) ?? [] where !roots.contains(root) {
+            roots.append(root)
         }
         let tdName = config.trustDomain ?? cachedIdentity?.trustDomain ?? roots.lazy.compactMap { $0.uriSANs.first.flatMap { try? SpiffeID($0).trustDomain.name } }.first
         guard let tdName else {

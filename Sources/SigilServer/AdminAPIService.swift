@@ -123,6 +123,9 @@ public struct AdminAPIService: SigilAdminAPI.SimpleServiceProtocol {
             throw RPCError(code: .invalidArgument, message: "an entry needs at least one selector, e.g. unix:uid:1000")
         }
         for selector in e.selectors {
+            guard !selector.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7f }) else {
+                throw RPCError(code: .invalidArgument, message: "selector \(selector.debugDescription) contains a control character")
+            }
             let parts = selector.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
             guard parts.count == 3, parts[0] == "unix", Self.selectorTypes.contains(String(parts[1])), !parts[2].isEmpty else {
                 throw RPCError(code: .invalidArgument, message: "selector '\(selector)' is not one of unix:uid:<n>, unix:gid:<n>, unix:user:<name>, unix:group:<name>, unix:path:<absolute path>, unix:supplementary_gid:<n>")

@@ -47,7 +47,9 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
             agentText = id
         }
         let svid = try await issueAgentSVID(agentID: agentText, request: signing)
-        var agent = AgentRecord(id: agentText, serial: svid.record.serial, notAfter: svid.record.notAfter, attestedAt: core.clock.now, lastSeen: core.clock.now)
+        // attestedAt is the new SVID's issue time: certificates issued before it (an earlier
+        // incarnation of this agent ID, perhaps evicted) are no longer accepted.
+        var agent = AgentRecord(id: agentText, serial: svid.record.serial, notAfter: svid.record.notAfter, attestedAt: svid.record.issuedAt, lastSeen: core.clock.now)
         agent.evicted = false
         try await upsert(agent)
         core.logger.info("agent attested", metadata: ["agent_id": "\(agentText)", "serial": "\(svid.record.serial)", "peer": "\(peer)"])
@@ -63,13 +65,15 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
             throw RPCError(code: .invalidArgument, message: error.message)
         }
         let svid = try await issueAgentSVID(agentID: agentID, request: signing)
-        guard var agent = try? await core.store.agent(id: agentID) else {
-            throw RPCError(code: .permissionDenied, message: "agent \(agentID) is unknown")
+        let updated: Bool
+        do {
+            updated = try await core.store.updateAgentSVID(id: agentID, serial: svid.record.serial, notAfter: svid.record.notAfter, at: core.clock.now)
+        } catch {
+            throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
         }
-        agent.serial = svid.record.serial
-        agent.notAfter = svid.record.notAfter
-        agent.lastSeen = core.clock.now
-        try await upsert(agent)
+        guard updated else {
+            throw RPCError(code: .permissionDenied, message: "agent \(agentID) was evicted")
+        }
         return response(agentID: agentID, svid: svid)
     }
 
@@ -81,6 +85,10 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
         defer { Task { [hub = core.hub] in await hub.unsubscribe(agentID: agentID, id: subscription) } }
         var lastSent: SigilSyncUpdate?
         func sendSnapshot() async throws {
+            // Re-check on every snapshot: an eviction signal may have been coalesced away.
+            if let agent = try? await core.store.agent(id: agentID), agent.evicted {
+                throw RPCError(code: .permissionDenied, message: "agent \(agentID) was evicted")
+            }
             let entries: [EntryRecord]
             do {
                 entries = try await core.store.entries(parentID: agentID)
@@ -191,7 +199,8 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
         let live: Bool
         do {
             agent = try await core.store.agent(id: agentID)
-            live = try await core.store.isLiveCertificate(serial: leaf.serialHex, spiffeID: agentID, now: core.clock.now)
+            live = try await core.store.isLiveCertificate(serial: leaf.serialHex, spiffeID: agentID,
+                                                          issuedSince: agent?.attestedAt ?? .distantFuture, now: core.clock.now)
         } catch {
             throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
         }

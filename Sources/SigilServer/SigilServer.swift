@@ -62,6 +62,13 @@ public enum SigilServer {
                 throw ServerError(message: "cannot create admin socket directory '\(socketDirectory)': \(String(cString: strerror(errno)))")
             }
         }
+        var st = stat()
+        if !socketDirectory.isEmpty, lstat(socketDirectory, &st) == 0, st.st_uid != geteuid() || st.st_mode & 0o022 != 0 {
+            throw ServerError(message: "admin socket directory '\(socketDirectory)' is owned by uid \(st.st_uid) or writable by others; use a directory only the server's user controls")
+        }
+        if socketAnswers(config.adminSocketPath) {
+            throw ServerError(message: "another server is already serving the admin socket \(config.adminSocketPath); stop it or choose another --admin-socket")
+        }
         unlink(config.adminSocketPath)
         let previousMask = umask(0o077)
 
@@ -72,7 +79,14 @@ public enum SigilServer {
                 tls.trustRoots = .certificates([])
                 tls.customVerificationCallback = SpiffeTLS.verificationCallback(bundle: { core.bundle }, allowBootstrap: true)
             },
-            config: .defaults { $0.rpc.maxRequestPayloadSize = 16 << 20 })
+            config: .defaults { transport in
+                transport.rpc.maxRequestPayloadSize = 16 << 20
+                // An agent presents its SVID only at the handshake: recycle connections well within
+                // the agent SVID's life so that a renewed SVID is what the server sees next.
+                let age = max(Duration.seconds(5), config.agentSVIDTTL / 4)
+                transport.connection.maxAge = age
+                transport.connection.maxGraceTime = age
+            })
         let agentServer = GRPCServer(transport: agentTransport, services: [AgentAPIService(core: core)])
         let adminServer = GRPCServer(
             transport: .http2NIOPosix(address: .unixDomainSocket(path: config.adminSocketPath), transportSecurity: .plaintext),
@@ -91,6 +105,23 @@ public enum SigilServer {
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
         try await group.run()
+    }
+}
+
+/// Whether something accepts connections on the Unix socket at `path`.
+func socketAnswers(_ path: String) -> Bool {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { return false }
+    defer { close(fd) }
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    let bytes = Array(path.utf8)
+    guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { return false }
+    withUnsafeMutableBytes(of: &address.sun_path) { raw in
+        for (i, b) in bytes.enumerated() { raw[i] = b }
+    }
+    return withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
     }
 }
 
@@ -175,17 +206,19 @@ final class ServerIdentity: Service, Sendable {
     }
 
     func renewLoop() async throws {
+        var wait = ServerIdentity.ttl / 2
         while !Task.isCancelled {
-            // Renew at half the remaining life of a fresh SVID (TTL/2), retrying every minute on failure.
-            try? await Task.sleep(for: ServerIdentity.ttl / 2)
+            // Renew at half the life of a fresh SVID; after a failure, retry every minute until it works.
+            try? await Task.sleep(for: wait)
             if Task.isCancelled { break }
             do {
                 let (chain, key, notAfter) = try await ServerIdentity.mint(core: core)
                 try reloader.update(chainDER: chain, keyPKCS8DER: key)
                 core.logger.info("server SVID renewed", metadata: ["not_after": "\(notAfter)"])
+                wait = .seconds(Int64(max(60, notAfter.timeIntervalSinceNow / 2)))
             } catch {
-                core.logger.error("server SVID renewal failed: \(error)")
-                try? await Task.sleep(for: .seconds(60))
+                core.logger.error("server SVID renewal failed; retrying in 60s: \(error)")
+                wait = .seconds(60)
             }
         }
     }

@@ -51,8 +51,10 @@ public protocol Datastore: Sendable {
     func agents() async throws(StoreError) -> [AgentRecord]
     /// Marks an agent evicted; returns it, or nil if unknown.
     func evictAgent(id: String, at: Date) async throws(StoreError) -> AgentRecord?
-    /// Whether `serial` was issued to `spiffeID` and is unexpired at `now`.
-    func isLiveCertificate(serial: String, spiffeID: String, now: Date) async throws(StoreError) -> Bool
+    /// Whether `serial` was issued to `spiffeID` no earlier than `issuedSince` and is unexpired at `now`.
+    func isLiveCertificate(serial: String, spiffeID: String, issuedSince: Date, now: Date) async throws(StoreError) -> Bool
+    /// Records an agent's renewed SVID unless the agent is (or just became) evicted; returns whether it did.
+    func updateAgentSVID(id: String, serial: String, notAfter: Date, at: Date) async throws(StoreError) -> Bool
 
     /// Creates an entry (assigning its revision); throws `.conflict` for a duplicate.
     func createEntry(_ entry: EntryRecord) async throws(StoreError) -> EntryRecord

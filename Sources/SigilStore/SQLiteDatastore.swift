@@ -322,10 +322,18 @@ public final class SQLiteDatastore: Datastore {
         }
     }
 
-    public func isLiveCertificate(serial: String, spiffeID: String, now: Date) async throws(StoreError) -> Bool {
+    public func isLiveCertificate(serial: String, spiffeID: String, issuedSince: Date, now: Date) async throws(StoreError) -> Bool {
         try await read { db in
-            try Bool.fetchOne(db, sql: "SELECT 1 FROM issued_certificates WHERE serial = ? AND spiffe_id = ? AND not_after > ?",
-                              arguments: [serial, spiffeID, now.timeIntervalSince1970]) ?? false
+            try Bool.fetchOne(db, sql: "SELECT 1 FROM issued_certificates WHERE serial = ? AND spiffe_id = ? AND not_after > ? AND issued_at >= ?",
+                              arguments: [serial, spiffeID, now.timeIntervalSince1970, issuedSince.timeIntervalSince1970]) ?? false
+        }
+    }
+
+    public func updateAgentSVID(id: String, serial: String, notAfter: Date, at: Date) async throws(StoreError) -> Bool {
+        try await write { db in
+            try db.execute(sql: "UPDATE agents SET serial = ?, not_after = ?, last_seen = ? WHERE id = ? AND evicted = 0",
+                           arguments: [serial, notAfter.timeIntervalSince1970, at.timeIntervalSince1970, id])
+            return db.changesCount == 1
         }
     }
 

@@ -130,6 +130,8 @@ struct ServerRun: AsyncParsableCommand {
             try await SigilServer.run(settings, logger: Logger(label: "sigil.server"))
         } catch let error as ServerError {
             throw CLIError.usage(error.message)
+        } catch where "\(error)".contains("Address already in use") {
+            throw CLIError.usage("--listen \(host):\(port) is already in use; stop what listens there or choose another port")
         }
     }
 }
@@ -160,6 +162,7 @@ struct TokenCreate: AsyncParsableCommand {
 
     func run() async throws {
         let seconds = try parseDuration(ttl, flag: "--ttl").components.seconds
+        guard seconds >= 1 else { throw CLIError.usage("--ttl must be at least 1s") }
         let agentId = self.agentId
         let response = try await admin.call { client in
             var request = SigilCreateJoinTokenRequest()
@@ -212,6 +215,7 @@ struct EntryCreate: AsyncParsableCommand {
         entry.parentID = parent
         entry.selectors = selector
         entry.ttlSeconds = try parseDuration(ttl, flag: "--ttl").components.seconds
+        guard entry.ttlSeconds >= 10 else { throw CLIError.usage("--ttl must be at least 10s") }
         entry.dnsNames = dns
         let request = entry
         let created = try await admin.call { client in try await client.createEntry(request, options: adminCallOptions) }

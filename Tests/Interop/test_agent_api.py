@@ -93,3 +93,18 @@ def test_unattested_and_evicted_callers_are_refused(cluster, sigil_pb, tmp_path)
     proc = cluster.agents["node-1"]
     assert proc.p.wait(60) != 0
     assert "evicted" in proc.output()
+    # Re-admitting the ID with a new token does not revive the old, pre-eviction SVID.
+    cluster.start_agent("node-1-again", cluster.token("node-1"))
+    wait_for(lambda: (cluster.agent_paths("node-1-again")[0] / "agent.json").exists(), 30, "new identity on disk")
+    old = agent_channel(cluster, "node-1")
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.AgentAPIStub(old).SignX509SVIDs(pb.SignX509SVIDsRequest(), timeout=30)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        old.close()
+    new = agent_channel(cluster, "node-1-again")
+    try:
+        assert pb_grpc.AgentAPIStub(new).SignX509SVIDs(pb.SignX509SVIDsRequest(), timeout=30) is not None
+    finally:
+        new.close()

@@ -225,3 +225,25 @@ def test_restart_with_cached_agent_svid_needs_no_token(node):
     assert restarted.alive()
     r = wait_for(lambda: grpc_fetch(sock), 30, "SVID after restart")
     assert r.svids[0].spiffe_id == WEB
+
+
+def test_workloads_keep_fresh_svids_past_the_agents_own_svid_lifetime(sigil_bin):
+    """Agent SVIDs of 20 s and workload SVIDs of 10 s: well past the agent's first SVID, the workload
+    still receives unexpired SVIDs (the agent renews itself and its connections carry the new one)."""
+    c = Cluster(sigil_bin)
+    try:
+        c.start_server(extra=["--agent-svid-ttl", "20s"])
+        c.entry(WEB, "node-1", [f"unix:uid:{os.getuid()}"], ttl="10s")
+        c.start_agent("node-1", c.token("node-1"))
+        sock = c.socket("node-1")
+        wait_for(lambda: grpc_fetch(sock), 30, "first SVID")
+        time.sleep(45)
+        for _ in range(3):
+            r = grpc_fetch(sock)
+            leaf = first_cert(r.svids[0].x509_svid)
+            assert leaf.not_valid_after_utc.timestamp() > time.time(), "served an expired SVID while the server was up"
+            time.sleep(2)
+        assert c.agents["node-1"].alive(), c.agents["node-1"].output()
+        assert "agent SVID renewed" in c.agents["node-1"].output()
+    finally:
+        c.close()
