@@ -220,3 +220,43 @@ struct PolicyLoadingTests {
         #expect(set.peerAuthentications.first?.portLevelMtls[9090] == .disable)
     }
 }
+
+@Suite("Istio PeerAuthentication resolution")
+struct PeerAuthenticationTests {
+    func pa(_ name: String, ns: String, selector: String? = nil, mode: String?, ports: [Int: String] = [:]) -> String {
+        var out = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: \(name)\n  namespace: \(ns)\nspec:\n"
+        if let selector { out += "  selector:\n    matchLabels:\n      \(selector)\n" }
+        if let mode { out += "  mtls:\n    mode: \(mode)\n" }
+        if !ports.isEmpty {
+            out += "  portLevelMtls:\n" + ports.map { "    \($0.key):\n      mode: \($0.value)\n" }.joined()
+        }
+        return out
+    }
+
+    func mode(_ docs: [String], port: Int? = 8080) throws -> PeerAuthentication.Mode {
+        let set = try PolicyLoader.parse(docs.joined(separator: "---\n"), file: "pa.yaml")
+        return PeerAuthenticationResolver(policies: set.peerAuthentications).mode(for: web, port: port)
+    }
+
+    @Test func defaultsToPermissive() throws { #expect(try mode([]) == .permissive) }
+    @Test func meshWideStrict() throws { #expect(try mode([pa("m", ns: "istio-system", mode: "STRICT")]) == .strict) }
+    @Test func namespaceOverridesMesh() throws {
+        #expect(try mode([pa("m", ns: "istio-system", mode: "STRICT"), pa("n", ns: "prod", mode: "PERMISSIVE")]) == .permissive)
+    }
+    @Test func workloadOverridesNamespace() throws {
+        #expect(try mode([pa("n", ns: "prod", mode: "PERMISSIVE"), pa("w", ns: "prod", selector: "app: web", mode: "STRICT")]) == .strict)
+    }
+    @Test func unsetInherits() throws {
+        #expect(try mode([pa("n", ns: "prod", mode: "STRICT"), pa("w", ns: "prod", selector: "app: web", mode: "UNSET")]) == .strict)
+    }
+    @Test func otherNamespaceIgnored() throws { #expect(try mode([pa("n", ns: "dev", mode: "STRICT")]) == .permissive) }
+    @Test func otherLabelsIgnored() throws { #expect(try mode([pa("w", ns: "prod", selector: "app: db", mode: "STRICT")]) == .permissive) }
+    @Test func portLevelOverride() throws {
+        let docs = [pa("w", ns: "prod", selector: "app: web", mode: "STRICT", ports: [9090: "DISABLE"])]
+        #expect(try mode(docs, port: 9090) == .disable)
+        #expect(try mode(docs, port: 8080) == .strict)
+    }
+    @Test func portLevelNeedsSelector() throws {
+        #expect(try mode([pa("n", ns: "prod", mode: "STRICT", ports: [9090: "DISABLE"])], port: 9090) == .strict)
+    }
+}

@@ -271,3 +271,37 @@ public enum IPBlock {
         return all.flatMap { [UInt8($0 >> 8), UInt8($0 & 0xff)] }
     }
 }
+
+/// Istio's PeerAuthentication resolution for one workload and port: the workload-specific policy
+/// (a selector matching its labels, in its namespace) over the namespace-wide one (no selector)
+/// over the mesh-wide one (root namespace, no selector); `UNSET` inherits from the level above;
+/// `portLevelMtls` (honoured only on a policy with a selector, as in Istio) overrides its policy
+/// for that port. Nothing set anywhere means PERMISSIVE.
+public struct PeerAuthenticationResolver: Sendable {
+    public let policies: [PeerAuthentication]
+    public let rootNamespace: String
+
+    public init(policies: [PeerAuthentication], rootNamespace: String = PolicyEvaluator.defaultRootNamespace) {
+        self.policies = policies.sorted { ($0.namespace, $0.name) < ($1.namespace, $1.name) }
+        self.rootNamespace = rootNamespace
+    }
+
+    public func mode(for workload: WorkloadSelector, port: Int?) -> PeerAuthentication.Mode {
+        let mesh = policies.first { $0.namespace == rootNamespace && $0.matchLabels == nil }
+        let namespace = policies.first { $0.namespace == workload.namespace && $0.matchLabels == nil && workload.namespace != rootNamespace }
+        let specific = policies.first { policy in
+            guard policy.namespace == workload.namespace, let labels = policy.matchLabels else { return false }
+            return labels.allSatisfy { workload.labels[$0.key] == $0.value }
+        }
+        var mode = PeerAuthentication.Mode.permissive
+        for level in [mesh, namespace, specific] {
+            guard let level else { continue }
+            var levelMode = level.mode
+            if level.matchLabels != nil, let port, let portMode = level.portLevelMtls[port], portMode != .unset {
+                levelMode = portMode
+            }
+            if levelMode != .unset { mode = levelMode }
+        }
+        return mode
+    }
+}
