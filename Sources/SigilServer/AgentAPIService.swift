@@ -120,10 +120,17 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
         let agentID = try await authenticate(context)
         var results = [SigilSVIDResult](repeating: SigilSVIDResult(), count: request.requests.count)
         var batch: [(Int, SigningRequest, SVIDProfile)] = []
+        // One read for the whole batch's entries.
+        let entries: [String: EntryRecord]
+        do {
+            entries = try await core.store.entries(ids: request.requests.map(\.entryID))
+        } catch {
+            throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+        }
         for (index, item) in request.requests.enumerated() {
             results[index].entryID = item.entryID
             do {
-                guard let entry = try await core.store.entry(id: item.entryID) else {
+                guard let entry = entries[item.entryID] else {
                     throw CAError(.policy, "entry \(item.entryID) does not exist")
                 }
                 guard entry.parentID == agentID else {

@@ -60,6 +60,8 @@ public protocol Datastore: Sendable {
     func createEntry(_ entry: EntryRecord) async throws(StoreError) -> EntryRecord
     func deleteEntry(id: String, at: Date) async throws(StoreError) -> EntryRecord?
     func entry(id: String) async throws(StoreError) -> EntryRecord?
+    /// The entries with these IDs (missing IDs are simply absent), in one read.
+    func entries(ids: [String]) async throws(StoreError) -> [String: EntryRecord]
     /// Entries, optionally only those parented to `parentID`, oldest first.
     func entries(parentID: String?) async throws(StoreError) -> [EntryRecord]
 }

@@ -383,6 +383,23 @@ public final class SQLiteDatastore: Datastore {
         try await read { db in try Row.fetchOne(db, sql: "SELECT * FROM entries WHERE id = ?", arguments: [id]).map(Self.entryRecord) }
     }
 
+    public func entries(ids: [String]) async throws(StoreError) -> [String: EntryRecord] {
+        guard !ids.isEmpty else { return [:] }
+        return try await read { db in
+            var out: [String: EntryRecord] = [:]
+            let unique = Array(Set(ids))
+            for start in stride(from: 0, to: unique.count, by: 500) {
+                let chunk = Array(unique[start..<min(start + 500, unique.count)])
+                let marks = Array(repeating: "?", count: chunk.count).joined(separator: ",")
+                for row in try Row.fetchAll(db, sql: "SELECT * FROM entries WHERE id IN (\(marks))", arguments: StatementArguments(chunk)) {
+                    let entry = Self.entryRecord(row)
+                    out[entry.id] = entry
+                }
+            }
+            return out
+        }
+    }
+
     public func entries(parentID: String?) async throws(StoreError) -> [EntryRecord] {
         try await read { db in
             if let parentID {

@@ -75,6 +75,25 @@ struct SQLiteDatastoreTests {
         #expect(try await store.issuanceLog(after: 0, limit: 10).count == 2)
     }
 
+    @Test func entriesAreCreatedOnceAndReadInBatches() async throws {
+        let (store, dir) = try fileStore()
+        defer { dir.remove() }
+        try await store.initialize(trustDomain: "example.org", authorities: [authority("root", kind: .root)], at: Date())
+        let a = try await store.createEntry(EntryRecord(id: "a", spiffeID: "spiffe://example.org/x", parentID: "spiffe://example.org/sigil/agent/n",
+                                                        selectors: ["unix:uid:2", "unix:gid:1"], ttlSeconds: 60, dnsNames: [], createdAt: Date()))
+        #expect(a.selectors == ["unix:gid:1", "unix:uid:2"])
+        #expect(a.revision == 1)
+        await #expect(throws: StoreError.self) {
+            // The same workload under the same agent, selectors in another order: a duplicate.
+            _ = try await store.createEntry(EntryRecord(id: "b", spiffeID: "spiffe://example.org/x", parentID: "spiffe://example.org/sigil/agent/n",
+                                                        selectors: ["unix:gid:1", "unix:uid:2"], ttlSeconds: 60, dnsNames: [], createdAt: Date()))
+        }
+        let found = try await store.entries(ids: ["a", "missing", "a"])
+        #expect(Array(found.keys) == ["a"])
+        #expect(try await store.deleteEntry(id: "a", at: Date())?.id == "a")
+        #expect(try await store.entries(ids: ["a"]).isEmpty)
+    }
+
     @Test func migrationsAreIdempotentOnReopen() async throws {
         let (store, dir) = try fileStore()
         defer { dir.remove() }
