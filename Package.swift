@@ -7,6 +7,16 @@ let swiftSettings: [SwiftSetting] = [
     .enableUpcomingFeature("MemberImportVisibility"),
 ]
 
+// Products several targets use, named once.
+let x509: Target.Dependency = .product(name: "X509", package: "swift-certificates")
+let crypto: Target.Dependency = .product(name: "Crypto", package: "swift-crypto")
+let asn1: Target.Dependency = .product(name: "SwiftASN1", package: "swift-asn1")
+let logging: Target.Dependency = .product(name: "Logging", package: "swift-log")
+let grpcCore: Target.Dependency = .product(name: "GRPCCore", package: "grpc-swift-2")
+let grpcHTTP2: Target.Dependency = .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport")
+let lifecycle: Target.Dependency = .product(name: "ServiceLifecycle", package: "swift-service-lifecycle")
+let unixSignals: Target.Dependency = .product(name: "UnixSignals", package: "swift-service-lifecycle")
+
 let package = Package(
     name: "sigil",
     platforms: [.macOS(.v15)],
@@ -36,10 +46,10 @@ let package = Package(
         .target(
             name: "SigilCore",
             dependencies: [
-                .product(name: "X509", package: "swift-certificates"),
-                .product(name: "Crypto", package: "swift-crypto"),
+                x509,
+                crypto,
                 .product(name: "_CryptoExtras", package: "swift-crypto"),
-                .product(name: "SwiftASN1", package: "swift-asn1"),
+                asn1,
             ],
             swiftSettings: swiftSettings
         ),
@@ -56,22 +66,22 @@ let package = Package(
             dependencies: [
                 "SigilCore",
                 "SigilStore",
-                .product(name: "X509", package: "swift-certificates"),
-                .product(name: "Crypto", package: "swift-crypto"),
+                x509,
+                crypto,
                 .product(name: "_CryptoExtras", package: "swift-crypto"),
-                .product(name: "SwiftASN1", package: "swift-asn1"),
-                .product(name: "Logging", package: "swift-log"),
+                asn1,
+                logging,
             ],
             swiftSettings: swiftSettings
         ),
         .target(
             name: "SigilRPC",
             dependencies: [
-                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                grpcCore,
                 .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
-                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
-                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                grpcHTTP2,
+                lifecycle,
             ],
             exclude: ["Protos"],
             swiftSettings: swiftSettings
@@ -88,7 +98,7 @@ let package = Package(
             name: "SigilTLS",
             dependencies: [
                 "SigilCore",
-                .product(name: "X509", package: "swift-certificates"),
+                x509,
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -104,13 +114,13 @@ let package = Package(
                 "SigilStore",
                 "SigilRPC",
                 "SigilTLS",
-                .product(name: "GRPCCore", package: "grpc-swift-2"),
-                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
-                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
-                .product(name: "Logging", package: "swift-log"),
-                .product(name: "X509", package: "swift-certificates"),
-                .product(name: "Crypto", package: "swift-crypto"),
+                grpcCore,
+                grpcHTTP2,
+                lifecycle,
+                unixSignals,
+                logging,
+                x509,
+                crypto,
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings
@@ -121,18 +131,18 @@ let package = Package(
                 "SigilCore",
                 "SigilRPC",
                 "SigilTLS",
-                .product(name: "GRPCCore", package: "grpc-swift-2"),
-                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+                grpcCore,
+                grpcHTTP2,
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP2", package: "swift-nio-http2"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
-                .product(name: "X509", package: "swift-certificates"),
-                .product(name: "Crypto", package: "swift-crypto"),
-                .product(name: "SwiftASN1", package: "swift-asn1"),
-                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
-                .product(name: "Logging", package: "swift-log"),
+                x509,
+                crypto,
+                asn1,
+                lifecycle,
+                unixSignals,
+                logging,
             ],
             swiftSettings: swiftSettings
         ),
@@ -147,13 +157,13 @@ let package = Package(
                 "SigilAgent",
                 "SigilPolicy",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
-                .product(name: "Logging", package: "swift-log"),
-                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-                .product(name: "GRPCCore", package: "grpc-swift-2"),
-                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+                logging,
+                lifecycle,
+                grpcCore,
+                grpcHTTP2,
                 .product(name: "Yams", package: "Yams"),
-                .product(name: "X509", package: "swift-certificates"),
-                .product(name: "SwiftASN1", package: "swift-asn1"),
+                x509,
+                asn1,
             ],
             swiftSettings: swiftSettings
         ),
@@ -165,11 +175,11 @@ let package = Package(
                 "SigilStore",
                 "SigilRPC",
                 "SigilTLS",
-                .product(name: "X509", package: "swift-certificates"),
-                .product(name: "Crypto", package: "swift-crypto"),
-                .product(name: "SwiftASN1", package: "swift-asn1"),
-                .product(name: "GRPCCore", package: "grpc-swift-2"),
-                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+                x509,
+                crypto,
+                asn1,
+                grpcCore,
+                grpcHTTP2,
             ],
             path: "bench/SigilBench",
             swiftSettings: swiftSettings
@@ -179,8 +189,8 @@ let package = Package(
             dependencies: [
                 "SigilCore",
                 "SigilCA",
-                .product(name: "X509", package: "swift-certificates"),
-                .product(name: "Crypto", package: "swift-crypto"),
+                x509,
+                crypto,
             ],
             swiftSettings: swiftSettings
         ),

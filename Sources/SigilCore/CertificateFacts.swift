@@ -99,6 +99,18 @@ public func pemEncode(_ der: [UInt8], label: String = "CERTIFICATE") -> String {
     return "-----BEGIN \(label)-----\n" + body + "\n-----END \(label)-----\n"
 }
 
+/// `byteCount` random bytes as lowercase hex (IDs, tokens), drawn eight bytes at a time.
+public func randomHex(byteCount: Int) -> String {
+    var rng = SystemRandomNumberGenerator()
+    var bytes: [UInt8] = []
+    bytes.reserveCapacity(byteCount + 7)
+    while bytes.count < byteCount {
+        let word = rng.next() as UInt64
+        for shift in stride(from: 0, to: 64, by: 8) { bytes.append(UInt8(truncatingIfNeeded: word >> UInt64(shift))) }
+    }
+    return hex(bytes.prefix(byteCount))
+}
+
 /// Lowercase hex of some bytes.
 public func hex<Bytes: Sequence>(_ bytes: Bytes) -> String where Bytes.Element == UInt8 {
     let digits: [Character] = Array("0123456789abcdef")

@@ -33,17 +33,7 @@ public struct JWTSigningKey: Sendable {
 
     /// 128 random bits as 32 lowercase hex characters.
     public static func randomKeyID() -> String {
-        var rng = SystemRandomNumberGenerator()
-        let digits = Array("0123456789abcdef")
-        var out = ""
-        for _ in 0..<2 {
-            var word = rng.next() as UInt64
-            for _ in 0..<16 {
-                out.append(digits[Int(word & 0xF)])
-                word >>= 4
-            }
-        }
-        return out
+        randomHex(byteCount: 16)
     }
 }
 

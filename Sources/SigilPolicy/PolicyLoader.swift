@@ -192,14 +192,14 @@ public enum PolicyLoader {
                     throw error(sp + ".requestPrincipals", "JWT request principals are not supported")
                 }
                 var source = AuthorizationPolicy.Source()
-                source.principals = try strings(s["principals"], sp + ".principals")
-                source.notPrincipals = try strings(s["notPrincipals"], sp + ".notPrincipals")
-                source.namespaces = try strings(s["namespaces"], sp + ".namespaces")
-                source.notNamespaces = try strings(s["notNamespaces"], sp + ".notNamespaces")
-                source.ipBlocks = try cidrs(s["ipBlocks"], sp + ".ipBlocks")
-                source.notIpBlocks = try cidrs(s["notIpBlocks"], sp + ".notIpBlocks")
-                source.remoteIpBlocks = try cidrs(s["remoteIpBlocks"], sp + ".remoteIpBlocks")
-                source.notRemoteIpBlocks = try cidrs(s["notRemoteIpBlocks"], sp + ".notRemoteIpBlocks")
+                for (name, field) in [("principals", \AuthorizationPolicy.Source.principals), ("notPrincipals", \.notPrincipals),
+                                      ("namespaces", \.namespaces), ("notNamespaces", \.notNamespaces)] {
+                    source[keyPath: field] = try strings(s[name], sp + "." + name)
+                }
+                for (name, field) in [("ipBlocks", \AuthorizationPolicy.Source.ipBlocks), ("notIpBlocks", \.notIpBlocks),
+                                      ("remoteIpBlocks", \.remoteIpBlocks), ("notRemoteIpBlocks", \.notRemoteIpBlocks)] {
+                    source[keyPath: field] = try cidrs(s[name], sp + "." + name)
+                }
                 rule.from.append(source)
             }
             for (i, item) in (try list(m["to"], path + ".to") ?? []).enumerated() {
@@ -210,14 +210,12 @@ public enum PolicyLoader {
                 let op = p + ".operation"
                 try allow(o, ["hosts", "notHosts", "ports", "notPorts", "methods", "notMethods", "paths", "notPaths"], at: op)
                 var operation = AuthorizationPolicy.Operation()
-                operation.hosts = try strings(o["hosts"], op + ".hosts")
-                operation.notHosts = try strings(o["notHosts"], op + ".notHosts")
+                for (name, field) in [("hosts", \AuthorizationPolicy.Operation.hosts), ("notHosts", \.notHosts), ("methods", \.methods),
+                                      ("notMethods", \.notMethods), ("paths", \.paths), ("notPaths", \.notPaths)] {
+                    operation[keyPath: field] = try strings(o[name], op + "." + name)
+                }
                 operation.ports = try ports(o["ports"], op + ".ports")
                 operation.notPorts = try ports(o["notPorts"], op + ".notPorts")
-                operation.methods = try strings(o["methods"], op + ".methods")
-                operation.notMethods = try strings(o["notMethods"], op + ".notMethods")
-                operation.paths = try strings(o["paths"], op + ".paths")
-                operation.notPaths = try strings(o["notPaths"], op + ".notPaths")
                 rule.to.append(operation)
             }
             for (i, item) in (try list(m["when"], path + ".when") ?? []).enumerated() {

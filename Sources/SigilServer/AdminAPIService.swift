@@ -144,11 +144,7 @@ public struct AdminAPIService: SigilAdminAPI.SimpleServiceProtocol {
         for name in e.dnsNames {
             try invalidArgument { () throws(SigilError) in try DNSName.validate(name) }
         }
-        var rng = SystemRandomNumberGenerator()
-        let entryID = hex((0..<2).flatMap { _ -> [UInt8] in
-            let v = rng.next() as UInt64
-            return (0..<8).map { UInt8(truncatingIfNeeded: v >> (8 * $0)) }
-        })
+        let entryID = randomHex(byteCount: 16)
         return EntryRecord(id: entryID, spiffeID: id.description, parentID: parent.description, selectors: Array(Set(e.selectors)),
                            ttlSeconds: ttl, dnsNames: e.dnsNames, createdAt: core.clock.now)
     }

@@ -79,10 +79,6 @@ public final class ServerCore: Sendable {
 
     /// A new random join token: 32 bytes, hex.
     static func newToken() -> String {
-        var rng = SystemRandomNumberGenerator()
-        return hex((0..<4).flatMap { _ -> [UInt8] in
-            let v = rng.next() as UInt64
-            return (0..<8).map { UInt8(truncatingIfNeeded: v >> (8 * $0)) }
-        })
+        randomHex(byteCount: 32)
     }
 }

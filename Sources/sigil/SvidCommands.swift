@@ -4,6 +4,7 @@ import CoreFoundation  // the release build resolves Glibc struct members (stat,
 import ArgumentParser
 import SigilCore
 import SigilAgent
+import SigilCA
 import X509
 import Foundation
 
@@ -132,12 +133,5 @@ func writeSVIDs(_ context: FetchedX509Context, to directory: String) throws {
 }
 
 func writeFile(_ path: String, _ text: String, mode: mode_t) throws {
-    unlink(path)
-    let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode)
-    guard fd >= 0 else { throw CLIError.usage("cannot write '\(path)': \(String(cString: strerror(errno)))") }
-    defer { close(fd) }
-    let bytes = Array(text.utf8)
-    guard bytes.withUnsafeBytes({ Glibc.write(fd, $0.baseAddress, $0.count) }) == bytes.count else {
-        throw CLIError.usage("cannot write '\(path)': \(String(cString: strerror(errno)))")
-    }
+    try KeyFiles.writeAtomically(Array(text.utf8), to: path, mode: mode)
 }

@@ -56,19 +56,30 @@ struct WorkloadAPIService: SPIFFESpiffeWorkloadAPI.ServiceProtocol {
         request: ServerRequest<SPIFFEX509BundlesRequest>,
         context: ServerContext
     ) async throws -> StreamingServerResponse<SPIFFEX509BundlesResponse> {
-        let (caller, log) = try authorize(request.metadata, method: "FetchX509Bundles")
+        try bundleStream(request.metadata, method: "FetchX509Bundles") { bundle in
+            var response = SPIFFEX509BundlesResponse()
+            response.bundles = [Self.bundleKey(bundle.trustDomain): Data(bundle.rootsDER)]
+            return response
+        }
+    }
+
+    /// The two bundle streams: the caller must hold an identity (as in SPIRE); a response is sent at
+    /// once and again whenever it changes.
+    private func bundleStream<Response: Equatable & Sendable>(
+        _ metadata: Metadata, method: String, _ make: @escaping @Sendable (WorkloadBundle) -> Response
+    ) throws -> StreamingServerResponse<Response> {
+        let (caller, log) = try authorize(metadata, method: method)
         let snapshots = source.x509Snapshots(selectors: caller.selectors)
         return StreamingServerResponse { writer in
             try await shutdown.endingOnShutdown {
-                var previous: SPIFFEX509BundlesResponse?
+                var previous: Response?
                 for await snapshot in snapshots {
                     try Self.requireIdentity(snapshot, log: log)
-                    var response = SPIFFEX509BundlesResponse()
-                    response.bundles = [Self.bundleKey(snapshot.bundle.trustDomain): Data(snapshot.bundle.rootsDER)]
+                    let response = make(snapshot.bundle)
                     guard response != previous else { continue }
                     try await writer.write(response)
                     previous = response
-                    log.debug("Sent X.509 bundles")
+                    log.debug("Sent bundles")
                 }
                 try Self.sourceEnded()
             }
@@ -122,27 +133,12 @@ struct WorkloadAPIService: SPIFFESpiffeWorkloadAPI.ServiceProtocol {
         request: ServerRequest<SPIFFEJWTBundlesRequest>,
         context: ServerContext
     ) async throws -> StreamingServerResponse<SPIFFEJWTBundlesResponse> {
-        let (caller, log) = try authorize(request.metadata, method: "FetchJWTBundles")
-        let snapshots = source.x509Snapshots(selectors: caller.selectors)
-        return StreamingServerResponse { writer in
-            try await shutdown.endingOnShutdown {
-                var previous: SPIFFEJWTBundlesResponse?
-                for await snapshot in snapshots {
-                    try Self.requireIdentity(snapshot, log: log)
-                    let keys = snapshot.bundle.jwtKeysJSON
-                    var response = SPIFFEJWTBundlesResponse()
-                    // An empty JWK Set, not empty bytes: clients parse every value as a JWKS document.
-                    response.bundles = [
-                        Self.bundleKey(snapshot.bundle.trustDomain): keys.isEmpty ? Data(#"{"keys":[]}"#.utf8) : Data(keys)
-                    ]
-                    guard response != previous else { continue }
-                    try await writer.write(response)
-                    previous = response
-                    log.debug("Sent JWT bundles")
-                }
-                try Self.sourceEnded()
-            }
-            return [:]
+        try bundleStream(request.metadata, method: "FetchJWTBundles") { bundle in
+            var response = SPIFFEJWTBundlesResponse()
+            // An empty JWK Set, not empty bytes: clients parse every value as a JWKS document.
+            let keys = bundle.jwtKeysJSON
+            response.bundles = [Self.bundleKey(bundle.trustDomain): keys.isEmpty ? Data(#"{"keys":[]}"#.utf8) : Data(keys)]
+            return response
         }
     }
 
