@@ -77,6 +77,9 @@ let package = Package(
         .target(
             name: "SigilRPC",
             dependencies: [
+                "SigilCore",
+                x509,
+                asn1,
                 grpcCore,
                 .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
@@ -146,6 +149,27 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        .target(
+            name: "SigilProxy",
+            dependencies: [
+                "SigilCore",
+                "SigilTLS",
+                "SigilPolicy",
+                "SigilRPC",
+                x509,
+                crypto,
+                logging,
+                lifecycle,
+                unixSignals,
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         .executableTarget(
             name: "sigil",
             dependencies: [
@@ -156,6 +180,7 @@ let package = Package(
                 "SigilServer",
                 "SigilAgent",
                 "SigilPolicy",
+                "SigilProxy",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 logging,
                 lifecycle,

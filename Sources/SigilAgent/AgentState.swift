@@ -1,3 +1,4 @@
+import SigilRPC
 import SigilCore
 import Foundation
 

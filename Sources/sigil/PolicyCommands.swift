@@ -41,12 +41,7 @@ struct PolicyCheck: AsyncParsableCommand {
     @Flag(name: .long, help: "Print the decision as JSON.") var json = false
 
     func run() async throws {
-        var labelMap: [String: String] = [:]
-        for pair in labels.split(separator: ",") where !pair.isEmpty {
-            let kv = pair.split(separator: "=", maxSplits: 1)
-            guard kv.count == 2, !kv[0].isEmpty else { throw CLIError.usage("--labels '\(pair)' must be key=value") }
-            labelMap[String(kv[0])] = String(kv[1])
-        }
+        let labelMap = try parseLabels(labels)
         var headers: [String: [String]] = [:]
         for h in header {
             guard let colon = h.firstIndex(of: ":"), colon != h.startIndex else { throw CLIError.usage("--header '\(h)' must be name:value") }

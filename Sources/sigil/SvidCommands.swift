@@ -4,6 +4,7 @@ import CoreFoundation  // the release build resolves Glibc struct members (stat,
 import ArgumentParser
 import SigilCore
 import SigilAgent
+import SigilRPC
 import SigilCA
 import X509
 import Foundation

@@ -1,3 +1,4 @@
+import SigilRPC
 import NIOCore
 #if canImport(Glibc)
 import Glibc

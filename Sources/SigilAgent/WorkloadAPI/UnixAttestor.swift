@@ -1,3 +1,4 @@
+public import SigilRPC
 #if canImport(CoreFoundation)
 import CoreFoundation  // where the release build looks for timespec on Linux
 #endif

@@ -1,3 +1,4 @@
+import SigilRPC
 import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2

@@ -1,4 +1,5 @@
 import Foundation
+public import SigilRPC
 
 /// One X509-SVID as the Workload API hands it to a workload.
 public struct WorkloadX509SVID: Sendable, Hashable {
@@ -55,25 +56,6 @@ public struct WorkloadJWTSVID: Sendable, Hashable {
         self.spiffeID = spiffeID
         self.token = token
         self.hint = hint
-    }
-}
-
-/// Why the identity source refused a request; the Workload API maps these to gRPC status codes.
-public struct WorkloadAPIError: Error, Sendable, Hashable {
-    public enum Code: Sendable, Hashable {
-        /// The caller matches no entry, or asked for an ID it is not entitled to.
-        case permissionDenied
-        /// The request is malformed (no audience, bad token).
-        case invalidArgument
-        /// The agent has nothing to serve yet (not attested, server never reached).
-        case unavailable
-    }
-    public let code: Code
-    public let message: String
-
-    public init(_ code: Code, _ message: String) {
-        self.code = code
-        self.message = message
     }
 }
 

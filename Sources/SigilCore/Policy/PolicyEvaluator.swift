@@ -94,7 +94,12 @@ public struct PolicyEvaluator: Sendable {
     }
 
     public func evaluate(_ request: AuthorizationRequest, for workload: WorkloadSelector) -> AuthorizationDecision {
-        let policies = applicable(to: workload)
+        evaluate(request, applicable: applicable(to: workload))
+    }
+
+    /// Evaluates against policies already chosen for the workload by ``applicable(to:)`` (a proxy
+    /// does that once per policy load, not once per request).
+    public func evaluate(_ request: AuthorizationRequest, applicable policies: [AuthorizationPolicy]) -> AuthorizationDecision {
         var audited: [String] = []
         for policy in policies where policy.action == .audit {
             if firstMatchingRule(policy, request) != nil { audited.append(policy.qualifiedName) }

@@ -2,9 +2,27 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import SigilCore
-import SigilRPC
 import SwiftASN1
 public import X509
+
+/// Why the identity source refused a request; the Workload API maps these to gRPC status codes.
+public struct WorkloadAPIError: Error, Sendable, Hashable {
+    public enum Code: Sendable, Hashable {
+        /// The caller matches no entry, or asked for an ID it is not entitled to.
+        case permissionDenied
+        /// The request is malformed (no audience, bad token).
+        case invalidArgument
+        /// The agent has nothing to serve yet (not attested, server never reached).
+        case unavailable
+    }
+    public let code: Code
+    public let message: String
+
+    public init(_ code: Code, _ message: String) {
+        self.code = code
+        self.message = message
+    }
+}
 
 /// One X509-SVID as received from a Workload API, decoded and checked.
 public struct FetchedX509SVID: Sendable {

@@ -1,0 +1,216 @@
+import NIOCore
+import NIOPosix
+
+/// Receives what the app sends back for the request in flight on an ``AppConnection``.
+protocol AppResponseSink: AnyObject {
+    /// Raw response bytes as received (the HTTP/1.1 path forwards these untouched).
+    func appBytes(_ buffer: ByteBuffer)
+    /// The final response head was seen.
+    func appHead(status: Int, keepAlive: Bool, headers: [(String, String)])
+    /// De-chunked body bytes (only when the framer decodes: the HTTP/2 path).
+    func appBody(_ buffer: ByteBuffer)
+    /// The response is complete.
+    func appEnd()
+    /// The end of one read batch: flush now.
+    func appReadComplete()
+    /// The connection failed before the response completed.
+    func appFailed(receivedAnything: Bool)
+}
+
+/// The app side of the proxy: reads responses off a pooled loopback connection and hands them to
+/// the current sink, using ``HTTP1ResponseFramer`` to know where each one ends.
+final class AppResponseHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+
+    private var framer = HTTP1ResponseFramer()
+    weak var sink: (any AppResponseSink)?
+    private(set) var receivedBytes = 0
+    /// False once the connection can no longer carry another request.
+    var reusable = true
+    /// Called when the connection closes (the pool drops it).
+    var onClose: (() -> Void)?
+
+    func begin(sink: any AppResponseSink, toHEAD: Bool, decodes: Bool) {
+        self.sink = sink
+        framer.decodes = decodes
+        framer.expectResponse(toHEAD: toHEAD)
+        receivedBytes = 0
+    }
+
+    var isIdle: Bool { !framer.isBusy }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let buffer = unwrapInboundIn(data)
+        guard let sink, framer.isBusy else {
+            // Bytes nobody asked for: the connection is out of step with its requests.
+            reusable = false
+            context.close(promise: nil)
+            return
+        }
+        receivedBytes += buffer.readableBytes
+        var ended = false
+        let consumed: Int
+        do {
+            consumed = try framer.feed(buffer) { event in
+                switch event {
+                case .head(let status, let keepAlive, let headers):
+                    if !keepAlive { reusable = false }
+                    sink.appHead(status: status, keepAlive: keepAlive, headers: headers)
+                case .body(let slice):
+                    sink.appBody(slice)
+                case .end:
+                    ended = true
+                }
+            }
+        } catch {
+            reusable = false
+            context.close(promise: nil)
+            return
+        }
+        if consumed == buffer.readableBytes {
+            sink.appBytes(buffer)
+        } else {
+            if let part = buffer.getSlice(at: buffer.readerIndex, length: consumed) { sink.appBytes(part) }
+            reusable = false  // extra bytes after the response: never reuse
+        }
+        if ended {
+            sink.appEnd()
+            if !reusable { context.close(promise: nil) }
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        sink?.appReadComplete()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        reusable = false
+        var ended = false
+        let complete = framer.connectionClosed { event in
+            if case .end = event { ended = true }
+        }
+        if let sink {
+            if ended {
+                sink.appEnd()
+            } else if !complete {
+                sink.appFailed(receivedAnything: receivedBytes > 0)
+            }
+        }
+        sink = nil
+        let done = onClose
+        onClose = nil
+        done?()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        reusable = false
+        context.close(promise: nil)
+    }
+}
+
+/// One loopback connection to the app.
+/// Confined to its channel's event loop (checked by the pool), hence `@unchecked Sendable`.
+final class AppConnection: @unchecked Sendable {
+    let channel: any Channel
+    let handler: AppResponseHandler
+    /// True when it came from the idle list (a request that fails on it before any response byte
+    /// may be retried once on a fresh connection: the app may have closed it while idle).
+    var reused = false
+
+    init(channel: any Channel, handler: AppResponseHandler) {
+        self.channel = channel
+        self.handler = handler
+    }
+}
+
+/// Keep-alive connections to the app, one pool per event loop and used only on that loop (no
+/// locks on the request path).
+final class AppPool: @unchecked Sendable {
+    let eventLoop: any EventLoop
+    let target: SocketAddress
+    let maxIdle: Int
+    private var idle: [AppConnection] = []
+
+    init(eventLoop: any EventLoop, target: SocketAddress, maxIdle: Int = 256) {
+        self.eventLoop = eventLoop
+        self.target = target
+        self.maxIdle = maxIdle
+    }
+
+    func lease() -> EventLoopFuture<AppConnection> {
+        eventLoop.preconditionInEventLoop()
+        while let connection = idle.popLast() {
+            if connection.channel.isActive, connection.handler.reusable {
+                connection.reused = true
+                return eventLoop.makeSucceededFuture(connection)
+            }
+        }
+        return connect()
+    }
+
+    func connect() -> EventLoopFuture<AppConnection> {
+        ClientBootstrap(group: eventLoop)
+            .channelOption(.socketOption(.so_reuseaddr), value: 1)
+            .connectTimeout(.seconds(5))
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(AppResponseHandler())
+                }
+            }
+            .connect(to: target)
+            .flatMapThrowing { channel in
+                let handler = try channel.pipeline.syncOperations.handler(type: AppResponseHandler.self)
+                return AppConnection(channel: channel, handler: handler)
+            }
+    }
+
+    /// Returns a connection after its response completed; closes it if it cannot be reused.
+    func release(_ connection: AppConnection) {
+        eventLoop.preconditionInEventLoop()
+        connection.handler.sink = nil
+        guard connection.handler.reusable, connection.handler.isIdle, connection.channel.isActive, idle.count < maxIdle else {
+            connection.channel.close(promise: nil)
+            return
+        }
+        connection.handler.onClose = { [weak self, unowned connection] in
+            self?.idle.removeAll { $0 === connection }
+        }
+        idle.append(connection)
+    }
+
+    func discard(_ connection: AppConnection) {
+        connection.handler.sink = nil
+        connection.handler.reusable = false
+        connection.channel.close(promise: nil)
+    }
+
+    func closeAll() {
+        for connection in idle { connection.channel.close(promise: nil) }
+        idle.removeAll()
+    }
+}
+
+/// The pools of every event loop of the proxy, created once at start (immutable map).
+final class AppPools: @unchecked Sendable {
+    private let pools: [ObjectIdentifier: AppPool]
+
+    init(group: any EventLoopGroup, target: SocketAddress) {
+        var pools: [ObjectIdentifier: AppPool] = [:]
+        for loop in group.makeIterator() {
+            pools[ObjectIdentifier(loop)] = AppPool(eventLoop: loop, target: target)
+        }
+        self.pools = pools
+    }
+
+    /// The pool of `loop`; only touch it on that loop.
+    func pool(for loop: any EventLoop) -> AppPool {
+        if let pool = pools[ObjectIdentifier(loop)] { return pool }
+        preconditionFailure("no app pool for this event loop")
+    }
+
+    func closeAll() {
+        for pool in pools.values {
+            pool.eventLoop.execute { pool.closeAll() }
+        }
+    }
+}

@@ -1,0 +1,297 @@
+public import NIOCore
+
+/// Finds the boundaries of HTTP/1.1 responses in a byte stream without re-encoding them, so the
+/// proxy can forward an app's response as the bytes it received (the cheap path) and still know
+/// its status, its size, and where it ends (for pooling the app connection and for the ledger).
+///
+/// Framing follows RFC 9112 §6.3: no body for 1xx/204/304 and for responses to HEAD; chunked
+/// when `Transfer-Encoding` ends in `chunked`; else `Content-Length`; else until the app closes.
+/// 1xx interim responses (100 Continue) are passed through and the real response follows.
+public struct HTTP1ResponseFramer: Sendable {
+    public enum Event: Sendable {
+        /// A final response head. `headers` is filled only when the framer was asked to keep them.
+        case head(status: Int, keepAlive: Bool, headers: [(String, String)])
+        /// Body bytes (de-chunked) of the current response; emitted only when keeping headers.
+        case body(ByteBuffer)
+        /// The current response is complete.
+        case end
+    }
+
+    public struct FramingError: Error, CustomStringConvertible, Sendable {
+        public let description: String
+    }
+
+    enum State: Sendable {
+        case head
+        case fixed(remaining: Int)
+        case chunkSize
+        case chunkData(remaining: Int)
+        case chunkDataEnd
+        case trailers
+        case untilClose
+        case idle
+    }
+
+    /// Head bytes are collected here until the blank line (heads split across reads).
+    private var headBuffer: [UInt8] = []
+    private var state: State = .idle
+    private var lineBuffer: [UInt8] = []
+    private var requestWasHEAD = false
+    /// Keep parsed headers and de-chunked body slices (the HTTP/2 path needs them).
+    public var decodes: Bool
+    public static let maxHeadBytes = 64 * 1024
+
+    public init(decodes: Bool = false) {
+        self.decodes = decodes
+    }
+
+    /// True while a response is expected or in progress.
+    public var isBusy: Bool {
+        if case .idle = state { return false }
+        return true
+    }
+
+    /// True when the current response is delimited by the app closing the connection.
+    public var endsAtClose: Bool {
+        if case .untilClose = state { return true }
+        return false
+    }
+
+    /// Call before forwarding a request: the next bytes are its response.
+    public mutating func expectResponse(toHEAD: Bool) {
+        requestWasHEAD = toHEAD
+        state = .head
+        headBuffer.removeAll(keepingCapacity: true)
+    }
+
+    /// Consumes `buffer`; calls `emit` for each event. Returns the number of bytes that belong to
+    /// responses (bytes after the end of the current response are not consumed).
+    @discardableResult
+    public mutating func feed(_ buffer: ByteBuffer, emit: (Event) -> Void) throws(FramingError) -> Int {
+        var index = buffer.readerIndex
+        let end = buffer.writerIndex
+        while index < end {
+            switch state {
+            case .idle:
+                return index - buffer.readerIndex
+            case .head:
+                // Scan for CRLFCRLF, copying head bytes (heads are small).
+                let found: Int? = buffer.withUnsafeReadableBytes { raw in
+                    let base = index - buffer.readerIndex
+                    var i = base
+                    while i < raw.count {
+                        let byte = raw[i]
+                        headBuffer.append(byte)
+                        i += 1
+                        if byte == 0x0A, headBuffer.count >= 2 {
+                            let n = headBuffer.count
+                            if n >= 4, headBuffer[n - 2] == 0x0D, headBuffer[n - 3] == 0x0A, headBuffer[n - 4] == 0x0D { return i - base }
+                            if headBuffer[n - 2] == 0x0A { return i - base }  // bare LF LF
+                        }
+                    }
+                    return nil
+                }
+                guard let used = found else {
+                    if headBuffer.count > Self.maxHeadBytes { throw FramingError(description: "response head larger than 64 KiB") }
+                    return end - buffer.readerIndex
+                }
+                index += used
+                try finishHead(emit: emit)
+            case .fixed(let remaining):
+                let n = min(remaining, end - index)
+                if decodes, n > 0, let slice = buffer.getSlice(at: index, length: n) { emit(.body(slice)) }
+                index += n
+                if remaining - n == 0 {
+                    state = .idle
+                    emit(.end)
+                } else {
+                    state = .fixed(remaining: remaining - n)
+                }
+            case .untilClose:
+                let n = end - index
+                if decodes, let slice = buffer.getSlice(at: index, length: n) { emit(.body(slice)) }
+                index = end
+            case .chunkSize, .chunkDataEnd, .trailers:
+                guard let byte = buffer.getInteger(at: index, as: UInt8.self) else { return index - buffer.readerIndex }
+                index += 1
+                if byte != 0x0A {
+                    lineBuffer.append(byte)
+                    if lineBuffer.count > 4096 { throw FramingError(description: "chunk line longer than 4 KiB") }
+                    continue
+                }
+                if lineBuffer.last == 0x0D { lineBuffer.removeLast() }
+                let line = lineBuffer
+                lineBuffer.removeAll(keepingCapacity: true)
+                try finishLine(line, emit: emit)
+            case .chunkData(let remaining):
+                let n = min(remaining, end - index)
+                if decodes, n > 0, let slice = buffer.getSlice(at: index, length: n) { emit(.body(slice)) }
+                index += n
+                state = remaining - n == 0 ? .chunkDataEnd : .chunkData(remaining: remaining - n)
+            }
+        }
+        if case .fixed(0) = state {
+            state = .idle
+            emit(.end)
+        }
+        return index - buffer.readerIndex
+    }
+
+    /// The app closed the connection: completes an until-close body; anything else is truncation.
+    public mutating func connectionClosed(emit: (Event) -> Void) -> Bool {
+        switch state {
+        case .untilClose:
+            state = .idle
+            emit(.end)
+            return true
+        case .idle:
+            return true
+        default:
+            return false
+        }
+    }
+
+    private mutating func finishLine(_ line: [UInt8], emit: (Event) -> Void) throws(FramingError) {
+        switch state {
+        case .chunkSize:
+            var size = 0
+            var digits = 0
+            for byte in line {
+                guard let v = Self.hexValue(byte) else {
+                    if byte == 0x3B || byte == 0x20 || byte == 0x09 { break }  // chunk extension
+                    throw FramingError(description: "malformed chunk size")
+                }
+                digits += 1
+                guard digits <= 15 else { throw FramingError(description: "chunk size too large") }
+                size = size << 4 | v
+            }
+            guard digits > 0 else { throw FramingError(description: "malformed chunk size") }
+            state = size == 0 ? .trailers : .chunkData(remaining: size)
+        case .chunkDataEnd:
+            guard line.isEmpty else { throw FramingError(description: "chunk data not followed by CRLF") }
+            state = .chunkSize
+        case .trailers:
+            if line.isEmpty {
+                state = .idle
+                emit(.end)
+            }
+        default:
+            break
+        }
+    }
+
+    private mutating func finishHead(emit: (Event) -> Void) throws(FramingError) {
+        let head = headBuffer
+        headBuffer.removeAll(keepingCapacity: true)
+        // Status line: HTTP/1.x SP 3DIGIT SP reason
+        guard head.count >= 12, head.starts(with: Self.httpSlash),
+              let minor = head[7] == 0x31 ? 1 : (head[7] == 0x30 ? 0 : nil), head[8] == 0x20 else {
+            throw FramingError(description: "not an HTTP/1.x response")
+        }
+        var status = 0
+        for i in 9..<12 {
+            guard head[i] >= 0x30, head[i] <= 0x39 else { throw FramingError(description: "malformed status code") }
+            status = status * 10 + Int(head[i] - 0x30)
+        }
+        var contentLength: Int?
+        var chunked = false
+        var close = minor == 0
+        var headers: [(String, String)] = []
+        var lineStart = 0
+        while lineStart < head.count, head[lineStart] != 0x0A { lineStart += 1 }
+        lineStart += 1
+        while lineStart < head.count {
+            var lineEnd = lineStart
+            while lineEnd < head.count, head[lineEnd] != 0x0A { lineEnd += 1 }
+            var contentEnd = lineEnd
+            if contentEnd > lineStart, head[contentEnd - 1] == 0x0D { contentEnd -= 1 }
+            defer { lineStart = lineEnd + 1 }
+            if contentEnd == lineStart { break }
+            guard let colon = head[lineStart..<contentEnd].firstIndex(of: 0x3A) else {
+                throw FramingError(description: "malformed response header line")
+            }
+            let name = head[lineStart..<colon]
+            var vs = colon + 1
+            var ve = contentEnd
+            while vs < ve, head[vs] == 0x20 || head[vs] == 0x09 { vs += 1 }
+            while ve > vs, head[ve - 1] == 0x20 || head[ve - 1] == 0x09 { ve -= 1 }
+            let value = head[vs..<ve]
+            if Self.equalsIgnoringCase(name, "content-length") {
+                var n = 0
+                guard !value.isEmpty, value.count <= 18 else { throw FramingError(description: "invalid Content-Length") }
+                for b in value {
+                    guard b >= 0x30, b <= 0x39 else { throw FramingError(description: "invalid Content-Length") }
+                    n = n * 10 + Int(b - 0x30)
+                }
+                if let existing = contentLength, existing != n { throw FramingError(description: "conflicting Content-Length headers") }
+                contentLength = n
+            } else if Self.equalsIgnoringCase(name, "transfer-encoding") {
+                chunked = Self.endsWithChunked(value)
+                if !chunked { close = true }  // a non-chunked transfer coding: the body ends at close
+            } else if Self.equalsIgnoringCase(name, "connection") {
+                if Self.containsToken(value, "close") { close = true }
+                if Self.containsToken(value, "keep-alive") { close = false }
+            }
+            if decodes {
+                headers.append((String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self)))
+            }
+        }
+        if (100..<200).contains(status) && status != 101 {
+            state = .head  // interim response; the final one follows
+            return
+        }
+        let next: State
+        if requestWasHEAD || status == 204 || status == 304 || status == 101 {
+            next = .idle
+        } else if chunked {
+            next = .chunkSize
+        } else if let contentLength {
+            next = contentLength == 0 ? .idle : .fixed(remaining: contentLength)
+        } else {
+            next = .untilClose
+            close = true
+        }
+        if status == 101 { close = true }  // an upgraded connection is never pooled
+        emit(.head(status: status, keepAlive: !close, headers: headers))
+        state = next
+        if case .idle = next { emit(.end) }
+    }
+
+    static let httpSlash: [UInt8] = Array("HTTP/1.".utf8)
+
+    static func hexValue(_ b: UInt8) -> Int? {
+        switch b {
+        case 0x30...0x39: return Int(b - 0x30)
+        case 0x41...0x46: return Int(b - 0x41 + 10)
+        case 0x61...0x66: return Int(b - 0x61 + 10)
+        default: return nil
+        }
+    }
+
+    static func equalsIgnoringCase(_ bytes: ArraySlice<UInt8>, _ lower: StaticString) -> Bool {
+        guard bytes.count == lower.utf8CodeUnitCount else { return false }
+        return lower.withUTF8Buffer { target in
+            var i = 0
+            for b in bytes {
+                let folded = (b >= 0x41 && b <= 0x5A) ? b | 0x20 : b
+                if folded != target[i] { return false }
+                i += 1
+            }
+            return true
+        }
+    }
+
+    static func endsWithChunked(_ value: ArraySlice<UInt8>) -> Bool {
+        let last = value.split(separator: 0x2C).last.map { $0.drop { $0 == 0x20 } } ?? []
+        return equalsIgnoringCase(ArraySlice(last), "chunked")
+    }
+
+    static func containsToken(_ value: ArraySlice<UInt8>, _ token: StaticString) -> Bool {
+        value.split(separator: 0x2C).contains { part in
+            var p = ArraySlice(part)
+            while p.first == 0x20 || p.first == 0x09 { p = p.dropFirst() }
+            while p.last == 0x20 || p.last == 0x09 { p = p.dropLast() }
+            return equalsIgnoringCase(p, token)
+        }
+    }
+}

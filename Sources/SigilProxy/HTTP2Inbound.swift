@@ -1,0 +1,220 @@
+import NIOCore
+import NIOHTTP1
+import NIOHTTP2
+import SigilCore
+
+/// Inbound HTTP/2 (ALPN `h2`): each stream is one request, authorized by its head and forwarded
+/// to the app as HTTP/1.1 over the same pooled connections; the response is decoded (status,
+/// headers, de-chunked body) and sent back as HTTP/2 frames.
+final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let environment: ProxyEnvironment
+    private let peer: PeerInfo
+    private var context: ChannelHandlerContext?
+    private var head: HTTPRequestHead?
+    private var facts: RequestFacts?
+    private var pending: [HTTPServerRequestPart] = []
+    private var app: AppConnection?
+    private var chunked = false
+    private var requestEnded = false
+    private var done = false
+    private var retried = false
+
+    /// Connection-specific headers that HTTP/2 forbids.
+    static let hopByHop: Set<String> = ["connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection"]
+
+    init(environment: ProxyEnvironment, peer: PeerInfo) {
+        self.environment = environment
+        self.peer = peer
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let part = unwrapInboundIn(data)
+        switch part {
+        case .head(let head):
+            guard self.head == nil else { return }
+            self.head = head
+            let facts = RequestFacts(head: head, peer: peer, environment: environment, proto: "h2")
+            self.facts = facts
+            if !facts.decision.allowed {
+                deny(context: context)
+                return
+            }
+            connectApp(context: context, fresh: false)
+        case .body(let body):
+            facts?.bytesIn += body.readableBytes
+            guard facts?.decision.allowed == true, !done else { return }
+            if let app { writeBody(body, to: app) } else { pending.append(part) }
+        case .end:
+            requestEnded = true
+            guard facts?.decision.allowed == true, !done else { return }
+            if let app {
+                if chunked { writeEnd(to: app) }
+                app.channel.flush()
+            } else {
+                pending.append(part)
+            }
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if !done, var facts {
+            facts.status = facts.status ?? 499
+            environment.record(facts.ledgerRow(peer: peer, detail: "stream closed before the response completed", environment: environment))
+            done = true
+        }
+        if let app {
+            self.app = nil
+            environment.pools.pool(for: context.eventLoop).discard(app)
+        }
+        self.context = nil
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+
+    private func deny(context: ChannelHandlerContext) {
+        var body = context.channel.allocator.buffer(capacity: 19)
+        body.writeStaticString("RBAC: access denied")
+        facts?.status = 403
+        facts?.bytesOut = body.readableBytes
+        let headers = HTTPHeaders([("content-type", "text/plain"), ("content-length", "19")])
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http2, status: .forbidden, headers: headers))), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        finish(detail: nil)
+    }
+
+    private func connectApp(context: ChannelHandlerContext, fresh: Bool) {
+        let pool = environment.pools.pool(for: context.eventLoop)
+        (fresh ? pool.connect() : pool.lease()).assumeIsolated().whenComplete { result in
+            switch result {
+            case .success(let connection):
+                guard self.context != nil, !self.done else {
+                    pool.release(connection)
+                    return
+                }
+                self.attach(connection)
+            case .failure(let error):
+                self.fail(detail: "app unreachable: \(error)")
+            }
+        }
+    }
+
+    private func attach(_ connection: AppConnection) {
+        guard let head else { return }
+        app = connection
+        connection.handler.begin(sink: self, toHEAD: head.method == .HEAD, decodes: true)
+        let hasLength = head.headers.first(name: "content-length") != nil
+        let noBody = requestEnded && !pending.contains { if case .body = $0 { return true } else { return false } }
+        chunked = !hasLength && !noBody
+        var buffer = connection.channel.allocator.buffer(capacity: 512)
+        RequestHeadWriter.write(head, xfcc: peer.xfcc, forceChunked: chunked, into: &buffer)
+        connection.channel.write(buffer, promise: nil)
+        for part in pending {
+            switch part {
+            case .body(let body): writeBody(body, to: connection)
+            case .end: if chunked { writeEnd(to: connection) }
+            case .head: break
+            }
+        }
+        pending = []
+        connection.channel.flush()
+    }
+
+    private func writeBody(_ body: ByteBuffer, to connection: AppConnection) {
+        guard body.readableBytes > 0 else { return }
+        if chunked {
+            var buffer = connection.channel.allocator.buffer(capacity: body.readableBytes + 16)
+            RequestHeadWriter.writeChunk(body, into: &buffer)
+            connection.channel.write(buffer, promise: nil)
+        } else {
+            connection.channel.write(body, promise: nil)
+        }
+    }
+
+    private func writeEnd(to connection: AppConnection) {
+        var buffer = connection.channel.allocator.buffer(capacity: 5)
+        buffer.writeStaticString("0\r\n\r\n")
+        connection.channel.write(buffer, promise: nil)
+    }
+
+    private func fail(detail: String) {
+        guard let context, !done else { return }
+        facts?.status = 502
+        let headers = HTTPHeaders([("content-type", "text/plain"), ("content-length", "15")])
+        var body = context.channel.allocator.buffer(capacity: 15)
+        body.writeStaticString("upstream failed")
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http2, status: .badGateway, headers: headers))), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        finish(detail: detail)
+    }
+
+    // MARK: AppResponseSink
+
+    func appBytes(_ buffer: ByteBuffer) {
+        facts?.bytesOut += buffer.readableBytes
+    }
+
+    func appHead(status: Int, keepAlive: Bool, headers: [(String, String)]) {
+        facts?.status = status
+        var out = HTTPHeaders()
+        out.reserveCapacity(headers.count)
+        for (name, value) in headers where !Self.hopByHop.contains(name.lowercased()) {
+            out.add(name: name.lowercased(), value: value)
+        }
+        context?.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http2, status: .init(statusCode: status), headers: out))), promise: nil)
+    }
+
+    func appBody(_ buffer: ByteBuffer) {
+        context?.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
+    }
+
+    func appEnd() {
+        guard let context else { return }
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        if !requestEnded { app?.handler.reusable = false }
+        finish(detail: nil)
+    }
+
+    func appReadComplete() {
+        context?.flush()
+    }
+
+    func appFailed(receivedAnything: Bool) {
+        guard let context else { return }
+        let failed = app
+        app = nil
+        if let failed { environment.pools.pool(for: context.eventLoop).discard(failed) }
+        if !receivedAnything {
+            if failed?.reused == true, !retried, facts?.bytesIn == 0 {
+                retried = true
+                connectApp(context: context, fresh: true)
+                return
+            }
+            fail(detail: "the app closed the connection without answering")
+        } else {
+            if facts?.status == nil { facts?.status = 502 }
+            context.close(promise: nil)
+        }
+    }
+
+    private func finish(detail: String?) {
+        guard !done, let facts, let context else { return }
+        done = true
+        environment.record(facts.ledgerRow(peer: peer, detail: detail, environment: environment))
+        if let app {
+            self.app = nil
+            environment.pools.pool(for: context.eventLoop).release(app)
+        }
+    }
+}

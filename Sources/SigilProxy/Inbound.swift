@@ -1,0 +1,204 @@
+import Crypto
+import NIOCore
+import NIOHTTP1
+import NIOHTTP2
+import NIOPosix
+import NIOSSL
+import NIOTLS
+import SwiftASN1
+import SigilCore
+import SigilTLS
+import X509
+
+/// The first handler of every inbound connection: looks at the first byte to tell TLS (0x16, a
+/// handshake record) from plaintext, applies the PeerAuthentication mode in force (STRICT refuses
+/// plaintext; PERMISSIVE takes both on one port; DISABLE takes plaintext only), and builds the
+/// rest of the pipeline.
+final class InboundSniffer: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+
+    private let environment: ProxyEnvironment
+    private var decided = false
+
+    init(environment: ProxyEnvironment) {
+        self.environment = environment
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !decided else {
+            context.fireChannelRead(data)
+            return
+        }
+        decided = true
+        let buffer = unwrapInboundIn(data)
+        let mode = environment.policy.current.mode
+        let looksLikeTLS = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) == 0x16
+        do {
+            if looksLikeTLS && mode != .disable {
+                guard let material = environment.identity.current else {
+                    context.close(promise: nil)
+                    return
+                }
+                let bundle = environment.identity.bundle
+                let tls = NIOSSLServerHandler(
+                    context: material.serverContext,
+                    customVerificationCallbackWithMetadata: SpiffeTLS.verificationCallback(bundle: bundle))
+                try context.pipeline.syncOperations.addHandlers(
+                    [tls, TLSPeerHandler(environment: environment, ownID: material.spiffeID.description)],
+                    position: .after(self))
+            } else if mode == .strict || mode == .unset {
+                environment.record(LedgerRecord(
+                    kind: .connection, timeMicros: ProxyClock.nowMicros(), destination: environment.identity.current?.spiffeID.description,
+                    sourceIP: context.channel.remoteAddress?.ipAddress, port: environment.appPort, decision: "deny",
+                    detail: "plaintext connection refused: PeerAuthentication mode is STRICT"))
+                context.close(promise: nil)
+                return
+            } else {
+                let peer = PeerInfo.plaintext(channel: context.channel, ownID: environment.identity.current?.spiffeID.description)
+                try ApplicationPipeline.configure(context.channel, after: self, peer: peer, alpn: nil, firstBytes: buffer, environment: environment)
+            }
+        } catch {
+            context.close(promise: nil)
+            return
+        }
+        context.fireChannelRead(data)
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+    }
+}
+
+/// Waits for the TLS handshake, settles who the peer is (its verified SPIFFE ID, serial, and the
+/// hash for `x-forwarded-client-cert`), then builds the application pipeline for the negotiated
+/// protocol. A failed handshake is recorded in the ledger as a refused connection.
+final class TLSPeerHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+
+    private let environment: ProxyEnvironment
+    private let ownID: String
+    private var recorded = false
+
+    init(environment: ProxyEnvironment, ownID: String) {
+        self.environment = environment
+        self.ownID = ownID
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        guard let event = event as? TLSUserEvent, case .handshakeCompleted(let alpn) = event else {
+            context.fireUserInboundEventTriggered(event)
+            return
+        }
+        do {
+            let tls = try context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self)
+            guard let leaf = tls.peerValidatedCertificateChain?.first ?? tls.peerCertificate else {
+                throw ProxyError(.identity, "no peer certificate after the handshake")
+            }
+            let der = try leaf.toDERBytes()
+            let certificate = try Certificate(derEncoded: der)
+            guard let id = certificate.spiffeID else { throw ProxyError(.identity, "peer certificate has no SPIFFE ID") }
+            let hash = hex(SHA256.hash(data: der))
+            let peer = PeerInfo(
+                spiffeID: id.description, principal: id.istioPrincipal, serial: certificate.serialHex,
+                sourceIP: context.channel.remoteAddress?.ipAddress, destinationIP: context.channel.localAddress?.ipAddress,
+                mtls: true, ownID: ownID, xfcc: "By=\(ownID);Hash=\(hash);URI=\(id)", sni: nil)
+            try ApplicationPipeline.configure(context.channel, after: self, peer: peer, alpn: alpn, firstBytes: nil, environment: environment)
+            context.fireUserInboundEventTriggered(event)
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        } catch {
+            refuse(context: context, reason: "\(error)")
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        refuse(context: context, reason: "TLS handshake failed: \(error)")
+    }
+
+    private func refuse(context: ChannelHandlerContext, reason: String) {
+        if !recorded {
+            recorded = true
+            environment.record(LedgerRecord(
+                kind: .connection, timeMicros: ProxyClock.nowMicros(), destination: ownID,
+                sourceIP: context.channel.remoteAddress?.ipAddress, port: environment.appPort, decision: "deny",
+                mtls: false, detail: "peer refused: \(reason)"))
+        }
+        context.close(promise: nil)
+    }
+}
+
+/// The protocol layer of an inbound connection, once the peer is known.
+enum ApplicationPipeline {
+    static let h2Preface: [UInt8] = Array("PRI * HTTP/2.0".utf8)
+
+    static func configure(_ channel: any Channel, after handler: any ChannelHandler, peer: PeerInfo, alpn: String?,
+                          firstBytes: ByteBuffer?, environment: ProxyEnvironment) throws {
+        let pipeline = channel.pipeline.syncOperations
+        if environment.tcpMode {
+            try pipeline.addHandler(TCPInbound.handler(peer: peer, environment: environment, channel: channel), position: .after(handler))
+            return
+        }
+        let priorKnowledgeH2 = firstBytes.map { $0.readableBytesView.starts(with: h2Preface.prefix($0.readableBytes)) && $0.readableBytes >= 3 } ?? false
+        if alpn == "h2" || priorKnowledgeH2 {
+            let sendablePeer = peer
+            let multiplexer = try pipeline.configureHTTP2Pipeline(
+                mode: .server, connectionConfiguration: .init(), streamConfiguration: .init(),
+                position: .last
+            ) { stream in
+                stream.eventLoop.makeCompletedFuture {
+                    try stream.pipeline.syncOperations.addHandlers([
+                        HTTP2FramePayloadToHTTP1ServerCodec(),
+                        HTTP2StreamHandler(environment: environment, peer: sendablePeer),
+                    ])
+                }
+            }
+            _ = multiplexer
+            return
+        }
+        let decoder = ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes))
+        let inbound = HTTP1InboundHandler(environment: environment, peer: peer)
+        try pipeline.addHandlers([decoder, inbound], position: .after(handler))
+    }
+}
+
+/// Raw TCP mode: the connection is authorized once (Istio's TCP rules: HTTP-only fields cannot
+/// match an ALLOW rule), then spliced to a fresh connection to the app. One ledger row per connection.
+enum TCPInbound {
+    static func handler(peer: PeerInfo, environment: ProxyEnvironment, channel: any Channel) -> any ChannelHandler & RemovableChannelHandler {
+        let state = environment.policy.current
+        let request = AuthorizationRequest(principal: peer.principal, sourceIP: peer.sourceIP, destinationIP: peer.destinationIP,
+                                           destinationPort: environment.appPort, sni: peer.sni, isTCP: true)
+        let decision = state.decide(request)
+        let start = ProxyClock.nowMicros()
+        func row(bytesIn: Int, bytesOut: Int, duration: TimeAmount, detail: String?) -> LedgerRecord {
+            LedgerRecord(kind: .connection, timeMicros: start, source: peer.spiffeID, destination: peer.ownID, peerSerial: peer.serial,
+                         sourceIP: peer.sourceIP, port: environment.appPort, proto: "tcp",
+                         decision: decision.allowed ? "allow" : "deny", policy: decision.policy, rule: decision.rule,
+                         mtls: peer.mtls, bytesIn: bytesIn, bytesOut: bytesOut, durationMicros: duration.nanoseconds / 1000, detail: detail)
+        }
+        guard decision.allowed else {
+            environment.record(row(bytesIn: 0, bytesOut: 0, duration: .zero, detail: "connection denied"))
+            return DenyConnectionHandler()
+        }
+        let address = environment.appAddress
+        let splice = SpliceHandler(connectOnFirstRead: false) { loop, partner, _ in
+            let bound = NIOLoopBound(partner, eventLoop: loop)
+            return ClientBootstrap(group: loop)
+                .connectTimeout(.seconds(5))
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(bound.value) }
+                }
+                .connect(to: address)
+        }
+        splice.onDone = { bytesIn, bytesOut, error, duration in
+            environment.record(row(bytesIn: bytesIn, bytesOut: bytesOut, duration: duration, detail: error.map { "app unreachable: \($0)" }))
+        }
+        return splice
+    }
+}
+
+/// Closes a connection that authorization refused (TCP mode: no HTTP status to send).
+final class DenyConnectionHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    func handlerAdded(context: ChannelHandlerContext) {
+        context.close(promise: nil)
+    }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+}

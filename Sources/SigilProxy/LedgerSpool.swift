@@ -1,0 +1,163 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+#if canImport(CoreFoundation)
+import CoreFoundation  // the release build resolves Glibc struct members through it
+#endif
+import Crypto
+public import Logging
+import NIOConcurrencyHelpers
+public import SigilCore
+
+/// The proxy's ledger spool: rows are handed over on the request path (an append under a lock),
+/// and a background task serialises, hash-chains and appends them to a JSON-lines file in batches,
+/// with one fsync per batch. The chain continues across restarts (the last row's seq and hash are
+/// read back when the file is opened).
+public final class LedgerSpool: Sendable {
+    struct Pending {
+        var rows: [LedgerRecord] = []
+        var dropped = 0
+        var written: UInt64 = 0
+    }
+
+    public let path: String
+    public let writer: String
+    /// Rows held in memory before new rows are refused (and counted, with an alarm in the log).
+    public let capacity: Int
+    private let pending = NIOLockedValueBox(Pending())
+    private let logger: Logger
+    private let fd: Int32
+    private let chain: NIOLockedValueBox<(seq: UInt64, hash: String)>
+
+    public struct SpoolError: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    public init(path: String, writer: String, capacity: Int = 200_000, logger: Logger) throws(SpoolError) {
+        self.path = path
+        self.writer = writer
+        self.capacity = capacity
+        self.logger = logger
+        let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
+        guard fd >= 0 else {
+            throw SpoolError(description: "cannot open the ledger spool \(path): \(String(cString: strerror(errno)))")
+        }
+        self.fd = fd
+        self.chain = NIOLockedValueBox(Self.tail(of: path))
+    }
+
+    deinit {
+        close(fd)
+    }
+
+    /// Hands a row to the writer. Never blocks; never does I/O.
+    public func append(_ row: LedgerRecord) {
+        let accepted = pending.withLockedValue { state -> Bool in
+            guard state.rows.count < capacity else {
+                state.dropped += 1
+                return false
+            }
+            state.rows.append(row)
+            return true
+        }
+        if !accepted, pending.withLockedValue({ $0.dropped }) == 1 {
+            logger.error("ledger spool is full: rows are being dropped until the writer catches up", metadata: ["spool": "\(path)"])
+        }
+    }
+
+    /// Rows written to disk so far.
+    public var writtenCount: UInt64 { pending.withLockedValue { $0.written } }
+
+    /// Writes out everything handed over so far (one write, one fsync). Returns the number of rows.
+    @discardableResult
+    public func flush() -> Int {
+        let (rows, dropped) = pending.withLockedValue { state -> ([LedgerRecord], Int) in
+            let taken = state.rows
+            state.rows = []
+            state.rows.reserveCapacity(min(taken.count, 4096))
+            let d = state.dropped
+            state.dropped = 0
+            return (taken, d)
+        }
+        if dropped > 0 {
+            logger.error("ledger spool dropped rows while full", metadata: ["spool": "\(path)", "dropped": "\(dropped)"])
+        }
+        guard !rows.isEmpty else { return 0 }
+        var text = ""
+        text.reserveCapacity(rows.count * 420)
+        chain.withLockedValue { chain in
+            for row in rows {
+                chain.seq += 1
+                let body = row.json(writer: writer, seq: chain.seq, prev: chain.hash)
+                let digest = SHA256.hash(data: Array(body.utf8))
+                chain.hash = hex(digest)
+                text += body
+                text += ",\"hash\":\"\(chain.hash)\"}\n"
+            }
+        }
+        var utf8 = Array(text.utf8)
+        var offset = 0
+        while offset < utf8.count {
+            let n = utf8.withUnsafeMutableBytes { raw in
+                write(fd, raw.baseAddress! + offset, raw.count - offset)
+            }
+            if n < 0 {
+                if errno == EINTR { continue }
+                logger.error("ledger spool write failed", metadata: ["spool": "\(path)", "error": "\(String(cString: strerror(errno)))"])
+                return 0
+            }
+            offset += n
+        }
+        fsync(fd)
+        utf8.removeAll()
+        pending.withLockedValue { $0.written += UInt64(rows.count) }
+        return rows.count
+    }
+
+    /// Flushes every `interval` until cancelled, then once more.
+    public func run(interval: Duration = .milliseconds(100)) async {
+        while !Task.isCancelled {
+            try? await Task.sleep(for: interval)
+            flush()
+        }
+        flush()
+    }
+
+    /// The seq and hash of the last complete row of an existing spool (0 and 64 zeros if none).
+    static func tail(of path: String) -> (seq: UInt64, hash: String) {
+        let zero = (UInt64(0), String(repeating: "0", count: 64))
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return zero }
+        defer { close(fd) }
+        let size = lseek(fd, 0, SEEK_END)
+        guard size > 0 else { return zero }
+        let window = min(Int(size), 16 * 1024)
+        var bytes = [UInt8](repeating: 0, count: window)
+        let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, window, off_t(Int(size) - window)) }
+        guard n == window else { return zero }
+        let lines = bytes.split(separator: 0x0A)
+        guard let last = lines.last else { return zero }
+        let line = String(decoding: last, as: UTF8.self)
+        guard let seq = Self.value(of: "seq", in: line).flatMap({ UInt64($0) }),
+              let hash = Self.value(of: "hash", in: line)?.replacingQuotes(), hash.count == 64 else { return zero }
+        return (seq, hash)
+    }
+
+    static func value(of key: String, in line: String) -> String? {
+        let needle = Array("\"\(key)\":".utf8)
+        let bytes = Array(line.utf8)
+        guard bytes.count >= needle.count else { return nil }
+        for start in 0...(bytes.count - needle.count) where bytes[start..<(start + needle.count)].elementsEqual(needle) {
+            var end = start + needle.count
+            while end < bytes.count, bytes[end] != 0x2C, bytes[end] != 0x7D { end += 1 }
+            return String(decoding: bytes[(start + needle.count)..<end], as: UTF8.self)
+        }
+        return nil
+    }
+}
+
+extension String {
+    fileprivate func replacingQuotes() -> String { filter { $0 != "\"" } }
+}

@@ -1,0 +1,140 @@
+import Logging
+import NIOCore
+import NIOHTTP1
+import SigilCore
+
+/// What every connection handler of one proxy shares (all of it thread-safe or immutable).
+final class ProxyEnvironment: Sendable {
+    let policy: PolicyStore
+    let identity: IdentityStore
+    let ledger: LedgerSpool?
+    let pools: AppPools
+    /// The app's port: `destination.port` for authorization, and the PeerAuthentication port.
+    let appPort: Int
+    let appAddress: SocketAddress
+    let tcpMode: Bool
+    let logger: Logger
+
+    init(policy: PolicyStore, identity: IdentityStore, ledger: LedgerSpool?, pools: AppPools, appPort: Int,
+         appAddress: SocketAddress, tcpMode: Bool, logger: Logger) {
+        self.policy = policy
+        self.identity = identity
+        self.ledger = ledger
+        self.pools = pools
+        self.appPort = appPort
+        self.appAddress = appAddress
+        self.tcpMode = tcpMode
+        self.logger = logger
+    }
+
+    func record(_ row: LedgerRecord) {
+        ledger?.append(row)
+    }
+}
+
+/// Who is on the other end of one inbound connection, settled once at the handshake.
+struct PeerInfo: Sendable {
+    /// The caller's SPIFFE ID (nil: plaintext).
+    var spiffeID: String?
+    /// Istio's form of it (`td/ns/x/sa/y`) for policy matching.
+    var principal: String?
+    var serial: String?
+    var sourceIP: String?
+    var destinationIP: String?
+    var mtls: Bool
+    /// Our own SPIFFE ID at accept time.
+    var ownID: String?
+    /// The `x-forwarded-client-cert` value for the app (mTLS peers only).
+    var xfcc: String?
+    var sni: String?
+
+    static func plaintext(channel: any Channel, ownID: String?) -> PeerInfo {
+        PeerInfo(spiffeID: nil, principal: nil, serial: nil, sourceIP: channel.remoteAddress?.ipAddress,
+                 destinationIP: channel.localAddress?.ipAddress, mtls: false, ownID: ownID, xfcc: nil, sni: nil)
+    }
+}
+
+/// One HTTP request as authorization and the ledger see it.
+struct RequestFacts {
+    var method: String
+    var path: String
+    var host: String?
+    var proto: String
+    var start: NIODeadline
+    var startMicros: Int64
+    var decision: AuthorizationDecision
+    var status: Int?
+    var bytesIn = 0
+    var bytesOut = 0
+
+    /// Authorizes `head` from `peer` under the current enforcement state.
+    init(head: HTTPRequestHead, peer: PeerInfo, environment: ProxyEnvironment, proto: String) {
+        method = head.method.rawValue
+        path = head.uri
+        host = head.headers.first(name: "host")
+        self.proto = proto
+        start = .now()
+        startMicros = ProxyClock.nowMicros()
+        let state = environment.policy.current
+        if state.allowsEverything {
+            decision = state.decide(AuthorizationRequest())
+        } else {
+            var headers: [String: [String]] = [:]
+            for name in state.headerNames {
+                let values = head.headers[name]
+                if !values.isEmpty { headers[name] = values }
+            }
+            let request = AuthorizationRequest(
+                principal: peer.principal, sourceIP: peer.sourceIP, destinationIP: peer.destinationIP,
+                destinationPort: environment.appPort, host: host, method: method, path: path,
+                headers: headers, sni: peer.sni)
+            decision = state.decide(request)
+        }
+    }
+
+    func ledgerRow(peer: PeerInfo, detail: String? = nil, environment: ProxyEnvironment) -> LedgerRecord {
+        LedgerRecord(kind: .request, timeMicros: startMicros, source: peer.spiffeID, destination: peer.ownID,
+                     peerSerial: peer.serial, sourceIP: peer.sourceIP, port: environment.appPort, proto: proto,
+                     method: method, path: path, host: host, status: status,
+                     decision: decision.allowed ? "allow" : "deny", policy: decision.policy, rule: decision.rule,
+                     mtls: peer.mtls, bytesIn: bytesIn, bytesOut: bytesOut,
+                     durationMicros: (NIODeadline.now() - start).nanoseconds / 1000, detail: detail)
+    }
+}
+
+/// Writing an HTTP/1.1 request head for the app: the client's head with any client-supplied
+/// `x-forwarded-client-cert` removed and ours added (mTLS peers only), as Envoy's SANITIZE_SET.
+enum RequestHeadWriter {
+    static func write(_ head: HTTPRequestHead, xfcc: String?, forceChunked: Bool = false, into buffer: inout ByteBuffer) {
+        buffer.writeString(head.method.rawValue)
+        buffer.writeStaticString(" ")
+        buffer.writeString(head.uri)
+        buffer.writeStaticString(head.version.minor == 0 ? " HTTP/1.0\r\n" : " HTTP/1.1\r\n")
+        for (name, value) in head.headers {
+            if name.utf8.count == 23, name.lowercased() == "x-forwarded-client-cert" { continue }
+            buffer.writeString(name)
+            buffer.writeStaticString(": ")
+            buffer.writeString(value)
+            buffer.writeStaticString("\r\n")
+        }
+        if forceChunked { buffer.writeStaticString("transfer-encoding: chunked\r\n") }
+        if let xfcc {
+            buffer.writeStaticString("x-forwarded-client-cert: ")
+            buffer.writeString(xfcc)
+            buffer.writeStaticString("\r\n")
+        }
+        buffer.writeStaticString("\r\n")
+    }
+
+    static func isChunked(_ head: HTTPRequestHead) -> Bool {
+        head.headers["transfer-encoding"].last.map { $0.lowercased().hasSuffix("chunked") } ?? false
+    }
+
+    static func writeChunk(_ body: ByteBuffer, into buffer: inout ByteBuffer) {
+        buffer.writeString(String(body.readableBytes, radix: 16))
+        buffer.writeStaticString("\r\n")
+        var body = body
+        buffer.writeBuffer(&body)
+        buffer.writeStaticString("\r\n")
+    }
+}

@@ -1,0 +1,130 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+public import NIOSSL
+public import SigilCore
+import SigilRPC
+import SigilTLS
+import X509
+
+/// What a proxy proves and trusts at one moment: its own X509-SVID and the trust bundle, as ready
+/// TLS contexts. A rotation builds a new one; new handshakes use it, open connections keep theirs.
+public final class TLSMaterial: Sendable {
+    public let spiffeID: SpiffeID
+    public let serial: String
+    public let bundle: TrustBundle
+    /// Inbound: TLS 1.3, client certificate required, ALPN h2 + http/1.1 (HTTP mode).
+    public let serverContext: NIOSSLContext
+    /// Outbound, by ALPN protocol offered to the upstream ("h2", "http/1.1", "" for none).
+    public let clientContexts: [String: NIOSSLContext]
+
+    init(svid: FetchedX509SVID, httpMode: Bool) throws {
+        guard let id = svid.certificates.first?.spiffeID else {
+            throw ProxyError(.identity, "the Workload API sent an SVID without a SPIFFE ID")
+        }
+        spiffeID = id
+        serial = svid.certificates[0].serialHex
+        bundle = try TrustBundle(trustDomain: id.trustDomain, authorities: svid.bundle)
+        let chain = try svid.certificates.map { NIOSSLCertificateSource.certificate(try NIOSSLCertificate(bytes: $0.derBytes, format: .der)) }
+        let key = NIOSSLPrivateKeySource.privateKey(try NIOSSLPrivateKey(bytes: svid.privateKeyPKCS8DER, format: .der))
+
+        var server = TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: key)
+        server.minimumTLSVersion = .tlsv13
+        server.certificateVerification = .noHostnameVerification  // a client certificate is required
+        if httpMode { server.applicationProtocols = ["h2", "http/1.1"] }
+        serverContext = try NIOSSLContext(configuration: server)
+
+        var contexts: [String: NIOSSLContext] = [:]
+        for alpn in httpMode ? ["h2", "http/1.1"] : [""] {
+            var client = TLSConfiguration.makeClientConfiguration()
+            client.minimumTLSVersion = .tlsv13
+            client.certificateChain = chain
+            client.privateKey = key
+            client.certificateVerification = .noHostnameVerification
+            client.trustRoots = .certificates([])  // the SPIFFE callback decides, never the system store
+            if !alpn.isEmpty { client.applicationProtocols = [alpn] }
+            contexts[alpn] = try NIOSSLContext(configuration: client)
+        }
+        clientContexts = contexts
+    }
+}
+
+/// The proxy's current ``TLSMaterial``, replaced on every Workload API update.
+public final class IdentityStore: Sendable {
+    private let box = NIOLockedValueBox<TLSMaterial?>(nil)
+
+    public init() {}
+
+    public var current: TLSMaterial? { box.withLockedValue { $0 } }
+
+    func replace(_ material: TLSMaterial) {
+        box.withLockedValue { $0 = material }
+    }
+
+    /// The bundle for SPIFFE peer verification, read on every handshake.
+    @Sendable public func bundle() -> TrustBundle? { current?.bundle }
+}
+
+/// Follows the Workload API stream and keeps the ``IdentityStore`` current. Reconnects (with
+/// backoff) when the agent restarts; the proxy keeps serving its last identity meanwhile, and new
+/// handshakes fail closed once that identity has expired.
+struct IdentityWatcher: Sendable {
+    let socketPath: String
+    let wantedID: String?
+    let httpMode: Bool
+    let store: IdentityStore
+    let logger: Logger
+    let onChange: @Sendable (TLSMaterial) -> Void
+
+    func run() async {
+        var backoff: Duration = .milliseconds(200)
+        while !Task.isCancelled {
+            do {
+                try await WorkloadAPIClient().watchX509(socketPath: socketPath) { context in
+                    try self.apply(context)
+                }
+                logger.warning("Workload API stream ended; reconnecting", metadata: ["socket": "\(socketPath)"])
+            } catch let error as ProxyError {
+                logger.error("\(error.message)")
+            } catch is CancellationError {
+                return
+            } catch {
+                logger.warning("Workload API unavailable; keeping the current identity and retrying", metadata: ["error": "\(error)"])
+            }
+            try? await Task.sleep(for: backoff)
+            backoff = min(backoff * 2, .seconds(5))
+        }
+    }
+
+    func apply(_ context: FetchedX509Context) throws {
+        let svid: FetchedX509SVID
+        if let wantedID {
+            guard let match = context.svids.first(where: { $0.spiffeID == wantedID }) else {
+                let offered = context.svids.map(\.spiffeID).joined(separator: ", ")
+                throw ProxyError(.identity, "the Workload API offers no SVID for --spiffe-id \(wantedID) (it offers: \(offered)); register an entry for it")
+            }
+            svid = match
+        } else {
+            svid = context.svids[0]
+        }
+        let material = try TLSMaterial(svid: svid, httpMode: httpMode)
+        let previous = store.current
+        store.replace(material)
+        if previous?.serial != material.serial {
+            logger.info("serving X509-SVID", metadata: ["spiffe_id": "\(material.spiffeID)", "serial": "\(material.serial)"])
+            onChange(material)
+        }
+    }
+}
+
+/// The proxy's errors: a code and a message that says what to do.
+public struct ProxyError: Error, Sendable, CustomStringConvertible {
+    public enum Code: Sendable { case configuration, identity, policy, bind }
+    public let code: Code
+    public let message: String
+    public init(_ code: Code, _ message: String) {
+        self.code = code
+        self.message = message
+    }
+    public var description: String { message }
+}

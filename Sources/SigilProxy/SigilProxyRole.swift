@@ -1,0 +1,227 @@
+public import Logging
+import NIOCore
+#if canImport(Glibc)
+import Glibc
+#endif
+import NIOPosix
+public import SigilCore
+import SigilRPC
+import ServiceLifecycle
+import UnixSignals
+
+/// `sigil proxy run` settings.
+public struct ProxyConfig: Sendable {
+    public var workloadAPISocket: String
+    public var inboundHost: String
+    public var inboundPort: Int
+    public var appHost: String
+    public var appPort: Int
+    public var namespace: String
+    public var labels: [String: String]
+    public var policiesPath: String
+    public var rootNamespace: String
+    /// `--mtls`: overrides PeerAuthentication for this workload when set.
+    public var mtls: PeerAuthentication.Mode?
+    public var spiffeID: String?
+    public var outboundHost: String?
+    public var outboundPort: Int?
+    public var upstreamHost: String?
+    public var upstreamPort: Int?
+    public var upstreamID: SpiffeID?
+    /// JSON-lines ledger spool (nil: no ledger).
+    public var ledgerPath: String?
+    /// The kill switch file: present = PERMISSIVE + allow-all.
+    public var killSwitchPath: String
+    public var tcpMode: Bool
+    public var threads: Int
+
+    public init(workloadAPISocket: String, inboundHost: String, inboundPort: Int, appHost: String, appPort: Int,
+                namespace: String, labels: [String: String], policiesPath: String,
+                rootNamespace: String = PolicyEvaluator.defaultRootNamespace, mtls: PeerAuthentication.Mode? = nil,
+                spiffeID: String? = nil, outboundHost: String? = nil, outboundPort: Int? = nil, upstreamHost: String? = nil,
+                upstreamPort: Int? = nil, upstreamID: SpiffeID? = nil, ledgerPath: String? = nil, killSwitchPath: String? = nil,
+                tcpMode: Bool = false, threads: Int = 0) {
+        self.workloadAPISocket = workloadAPISocket
+        self.inboundHost = inboundHost
+        self.inboundPort = inboundPort
+        self.appHost = appHost
+        self.appPort = appPort
+        self.namespace = namespace
+        self.labels = labels
+        self.policiesPath = policiesPath
+        self.rootNamespace = rootNamespace
+        self.mtls = mtls
+        self.spiffeID = spiffeID
+        self.outboundHost = outboundHost
+        self.outboundPort = outboundPort
+        self.upstreamHost = upstreamHost
+        self.upstreamPort = upstreamPort
+        self.upstreamID = upstreamID
+        self.ledgerPath = ledgerPath
+        self.killSwitchPath = killSwitchPath ?? ProxyConfig.defaultKillSwitchPath(policies: policiesPath)
+        self.tcpMode = tcpMode
+        self.threads = threads > 0 ? threads : System.coreCount
+    }
+
+    /// `<policies dir>/sigil-kill-switch` (beside a policy file when --policies is a file).
+    public static func defaultKillSwitchPath(policies: String) -> String {
+        if let directory = opendir(policies) {
+            closedir(directory)
+            return policies + "/sigil-kill-switch"
+        }
+        let parent = policies.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+        return (parent.isEmpty ? "." : parent) + "/sigil-kill-switch"
+    }
+}
+
+/// The sidecar proxy role (see ``ProxyConfig``): inbound mTLS with PeerAuthentication and
+/// AuthorizationPolicy, outbound mTLS origination, identity from the Workload API, policy hot
+/// reload, a ledger row per request. Runs until SIGTERM/SIGINT, then stops accepting, lets open
+/// requests finish (up to a grace period), and flushes the ledger.
+public enum SigilProxyRole {
+    public static func run(_ config: ProxyConfig, logger: Logger, ready: (@Sendable (String) -> Void)? = nil) async throws {
+        let socketPath: String
+        do { socketPath = try WorkloadAPIClient.socketPath(fromEndpoint: config.workloadAPISocket) } catch {
+            throw ProxyError(.configuration, error.message)
+        }
+        let ledger: LedgerSpool?
+        if let path = config.ledgerPath {
+            do {
+                ledger = try LedgerSpool(path: path, writer: "proxy:\(config.namespace)/\(config.labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ","))@\(config.inboundPort)", logger: logger)
+            } catch {
+                throw ProxyError(.configuration, error.description)
+            }
+        } else {
+            ledger = nil
+        }
+        let record: @Sendable (LedgerRecord) -> Void = { ledger?.append($0) }
+        let policy = try PolicyStore(
+            settings: .init(policiesPath: config.policiesPath, killSwitchPath: config.killSwitchPath,
+                            workload: WorkloadSelector(namespace: config.namespace, labels: config.labels),
+                            rootNamespace: config.rootNamespace, modeOverride: config.mtls, appPort: config.appPort),
+            logger: logger, record: record)
+
+        let appAddress: SocketAddress
+        do { appAddress = try SocketAddress.makeAddressResolvingHost(config.appHost, port: config.appPort) } catch {
+            throw ProxyError(.configuration, "--app \(config.appHost):\(config.appPort) does not resolve: \(error)")
+        }
+        var upstream: (SocketAddress, SpiffeID)?
+        if let host = config.upstreamHost, let port = config.upstreamPort, let id = config.upstreamID {
+            do { upstream = (try SocketAddress.makeAddressResolvingHost(host, port: port), id) } catch {
+                throw ProxyError(.configuration, "--upstream \(host):\(port) does not resolve: \(error)")
+            }
+        }
+
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: config.threads)
+        let identity = IdentityStore()
+        let environment = ProxyEnvironment(policy: policy, identity: identity, ledger: ledger,
+                                           pools: AppPools(group: group, target: appAddress), appPort: config.appPort,
+                                           appAddress: appAddress, tcpMode: config.tcpMode, logger: logger)
+        let service = ProxyService(config: config, environment: environment, group: group, socketPath: socketPath,
+                                   upstream: upstream, logger: logger, ready: ready)
+        let serviceGroup = ServiceGroup(configuration: .init(
+            services: [.init(service: service)],
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: logger))
+        do {
+            try await serviceGroup.run()
+        } catch {
+            try? await group.shutdownGracefully()
+            throw error
+        }
+        try? await group.shutdownGracefully()
+    }
+}
+
+/// The proxy's listeners and background tasks as one lifecycle `Service`.
+struct ProxyService: Service {
+    let config: ProxyConfig
+    let environment: ProxyEnvironment
+    let group: MultiThreadedEventLoopGroup
+    let socketPath: String
+    let upstream: (SocketAddress, SpiffeID)?
+    let logger: Logger
+    let ready: (@Sendable (String) -> Void)?
+
+    func run() async throws {
+        let watcher = IdentityWatcher(socketPath: socketPath, wantedID: config.spiffeID, httpMode: !config.tcpMode,
+                                      store: environment.identity, logger: logger) { material in
+            environment.record(LedgerRecord(kind: .identity, timeMicros: ProxyClock.nowMicros(), destination: material.spiffeID.description,
+                                            peerSerial: material.serial, detail: "serving a new X509-SVID"))
+        }
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { await watcher.run() }
+            tasks.addTask { await environment.policy.watch() }
+            if let ledger = environment.ledger { tasks.addTask { await ledger.run() } }
+
+            // Serve only with an identity: wait for the first SVID.
+            var waited = 0
+            while environment.identity.current == nil {
+                try await Task.sleep(for: .milliseconds(100))
+                waited += 1
+                if waited % 50 == 0 {
+                    logger.warning("waiting for an X509-SVID from the Workload API", metadata: ["socket": "\(socketPath)", "spiffe_id": "\(config.spiffeID ?? "any")"])
+                }
+            }
+            let inbound = try await bindInbound()
+            var channels = [inbound]
+            var outbound: (any Channel)?
+            if let host = config.outboundHost, let port = config.outboundPort, let upstream {
+                outbound = try await bindOutbound(host: host, port: port, upstream: upstream)
+                channels.append(outbound!)
+            }
+            let id = environment.identity.current?.spiffeID.description ?? "?"
+            logger.notice("proxy ready", metadata: [
+                "spiffe_id": "\(id)", "inbound": "\(inbound.localAddress.map { "\($0)" } ?? "?")",
+                "outbound": "\(outbound?.localAddress.map { "\($0)" } ?? "-")", "app": "\(config.appHost):\(config.appPort)",
+                "mode": "\(environment.policy.current.mode.rawValue)",
+            ])
+            ready?(id)
+
+            try await gracefulShutdown()
+            logger.notice("proxy stopping: no new connections; open requests get 5 s to finish")
+            for channel in channels { try? await channel.close() }
+            try? await Task.sleep(for: .milliseconds(300))
+            environment.pools.closeAll()
+            tasks.cancelAll()
+        }
+        environment.ledger?.flush()
+    }
+
+    private func bindInbound() async throws -> any Channel {
+        let environment = self.environment
+        do {
+            return try await ServerBootstrap(group: group)
+                .serverChannelOption(.backlog, value: 1024)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(InboundSniffer(environment: environment))
+                    }
+                }
+                .bind(host: config.inboundHost, port: config.inboundPort).get()
+        } catch {
+            throw ProxyError(.bind, "cannot listen on --inbound \(config.inboundHost):\(config.inboundPort): \(error)")
+        }
+    }
+
+    private func bindOutbound(host: String, port: Int, upstream: (SocketAddress, SpiffeID)) async throws -> any Channel {
+        let environment = self.environment
+        do {
+            return try await ServerBootstrap(group: group)
+                .serverChannelOption(.backlog, value: 1024)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(
+                            Outbound.splice(environment: environment, upstream: upstream.0, upstreamID: upstream.1, channel: channel))
+                    }
+                }
+                .bind(host: host, port: port).get()
+        } catch {
+            throw ProxyError(.bind, "cannot listen on --outbound \(host):\(port): \(error)")
+        }
+    }
+}

@@ -1,0 +1,111 @@
+import NIOCore
+import NIOPosix
+
+/// Holds a new connection's first bytes while its other end is being connected, then joins the two
+/// with a ``GlueHandler`` pair and steps out of the pipeline. Used by TCP mode (inbound) and by the
+/// outbound listener.
+final class SpliceHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+
+    /// Opens the other end on `loop`, with `partner` as its last handler.
+    typealias Connector = (_ loop: any EventLoop, _ partner: GlueHandler, _ firstBytes: ByteBuffer?) -> EventLoopFuture<any Channel>
+
+    private let connector: Connector
+    private let connectOnFirstRead: Bool
+    private var buffered: [ByteBuffer] = []
+    private var started = false
+    private var local: GlueHandler?
+    private var remote: GlueHandler?
+    private var openedAt = NIODeadline.now()
+    /// Called once when both sides are closed: bytes from the client, bytes to the client, the
+    /// connect error if the other end never came up, and the time open.
+    var onDone: ((_ bytesIn: Int, _ bytesOut: Int, _ error: (any Error)?, _ duration: TimeAmount) -> Void)?
+
+    init(connectOnFirstRead: Bool, connector: @escaping Connector) {
+        self.connectOnFirstRead = connectOnFirstRead
+        self.connector = connector
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        openedAt = .now()
+        if !connectOnFirstRead, context.channel.isActive { start(context: context, firstBytes: nil) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        if !connectOnFirstRead { start(context: context, firstBytes: nil) }
+        context.fireChannelActive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let buffer = unwrapInboundIn(data)
+        buffered.append(buffer)
+        if !started {
+            // Hold further reads until the other end is up.
+            context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+            start(context: context, firstBytes: buffer)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if local == nil { report(error: nil) }
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+
+    private func start(context: ChannelHandlerContext, firstBytes: ByteBuffer?) {
+        guard !started else { return }
+        started = true
+        let (local, remote) = GlueHandler.matchedPair()
+        connector(context.eventLoop, remote, firstBytes).assumeIsolated().whenComplete { result in
+            switch result {
+            case .success(let channel):
+                guard context.channel.isActive else {
+                    channel.close(promise: nil)
+                    return
+                }
+                self.join(context: context, local: local, remote: remote, remoteChannel: channel)
+            case .failure(let error):
+                self.report(error: error)
+                context.close(promise: nil)
+            }
+        }
+    }
+
+    private func join(context: ChannelHandlerContext, local: GlueHandler, remote: GlueHandler, remoteChannel: any Channel) {
+        self.local = local
+        self.remote = remote
+        var closed = 0
+        let finish = { [self] in
+            closed += 1
+            if closed == 2 { self.report(error: nil) }
+        }
+        local.onClose = finish
+        remote.onClose = finish
+        do {
+            try context.pipeline.syncOperations.addHandler(local, position: .after(self))
+        } catch {
+            remoteChannel.close(promise: nil)
+            context.close(promise: nil)
+            return
+        }
+        let pending = buffered
+        buffered = []
+        for buffer in pending { context.fireChannelRead(wrapInboundOut(buffer)) }
+        if !pending.isEmpty { context.fireChannelReadComplete() }
+        context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+    }
+
+    private func report(error: (any Error)?) {
+        guard let done = onDone else { return }
+        onDone = nil
+        done(local?.bytesRead ?? buffered.reduce(0) { $0 + $1.readableBytes }, remote?.bytesRead ?? 0, error, .now() - openedAt)
+    }
+}
+
+extension SpliceHandler {
+    typealias InboundOut = ByteBuffer
+}
