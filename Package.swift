@@ -244,6 +244,11 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(
+            name: "SigilProxyTests",
+            dependencies: ["SigilProxy", "SigilCore", logging, crypto, .product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
             name: "SigilCATests",
             dependencies: ["SigilCA", "SigilStore", "SigilTestSupport"],
             swiftSettings: swiftSettings

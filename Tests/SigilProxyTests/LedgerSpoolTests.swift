@@ -1,0 +1,78 @@
+import Testing
+import Crypto
+import Foundation
+import Logging
+import SigilCore
+@testable import SigilProxy
+
+/// The spool is the proxy's part of the ledger: rows go to disk as JSON lines, each hash-chained to
+/// the one before, and the chain survives a restart.
+struct LedgerSpoolTests {
+    func tempFile() -> String {
+        FileManager.default.temporaryDirectory.appendingPathComponent("spool-\(UUID().uuidString).jsonl").path
+    }
+
+    func row(_ path: String, status: Int = 200) -> LedgerRecord {
+        LedgerRecord(kind: .request, timeMicros: 1_764_000_000_123_456, source: "spiffe://td/ns/a/sa/b", destination: "spiffe://td/ns/c/sa/d",
+                     method: "GET", path: path, status: status, decision: "allow", policy: "c/p", rule: 0, mtls: true)
+    }
+
+    func lines(_ path: String) throws -> [[String: Any]] {
+        try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").map {
+            try JSONSerialization.jsonObject(with: Data($0.utf8)) as! [String: Any]
+        }
+    }
+
+    @Test("rows are JSON, numbered, and hash-chained across a restart")
+    func chain() throws {
+        let path = tempFile()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        do {
+            let spool = try LedgerSpool(path: path, writer: "w1", logger: Logger(label: "test"))
+            spool.append(row("/a"))
+            spool.append(row("/quote\"and\\slash\nnewline"))
+            #expect(spool.flush() == 2)
+        }
+        do {
+            let reopened = try LedgerSpool(path: path, writer: "w1", logger: Logger(label: "test"))
+            reopened.append(row("/c", status: 403))
+            #expect(reopened.flush() == 1)
+        }
+        let rows = try lines(path)
+        #expect(rows.count == 3)
+        #expect(rows.map { $0["seq"] as? Int } == [1, 2, 3])
+        #expect(rows[1]["path"] as? String == "/quote\"and\\slash\nnewline")
+        #expect(rows[0]["time"] as? String == "2025-11-24T16:00:00.123456Z")
+        var previous = String(repeating: "0", count: 64)
+        let text = try String(contentsOfFile: path, encoding: .utf8)
+        for line in text.split(separator: "\n") {
+            // hash = sha256 of the line up to (not including) `,"hash":`
+            let cut = line.range(of: ",\"hash\":")!
+            let body = String(line[..<cut.lowerBound])
+            let stated = (try JSONSerialization.jsonObject(with: Data(line.utf8)) as! [String: Any])
+            #expect(stated["prev"] as? String == previous)
+            let digest = SHA256.hash(data: Array(body.utf8)).map { String(format: "%02x", $0) }.joined()
+            #expect(stated["hash"] as? String == digest)
+            previous = digest
+        }
+    }
+
+    @Test("a full spool refuses rows instead of growing without bound")
+    func bounded() throws {
+        let path = tempFile()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let spool = try LedgerSpool(path: path, writer: "w", capacity: 3, logger: Logger(label: "test"))
+        for i in 0..<5 { spool.append(row("/\(i)")) }
+        #expect(spool.flush() == 3)
+        #expect(spool.writtenCount == 3)
+    }
+
+    @Test("RFC 3339 formatting", arguments: [
+        (Int64(0), "1970-01-01T00:00:00.000000Z"),
+        (Int64(951_782_400_000_001), "2000-02-29T00:00:00.000001Z"),
+        (Int64(4_102_444_799_999_999), "2099-12-31T23:59:59.999999Z"),
+    ])
+    func rfc3339(micros: Int64, text: String) {
+        #expect(RFC3339.format(micros: micros) == text)
+    }
+}

@@ -1,0 +1,133 @@
+import Testing
+import NIOCore
+@testable import SigilProxy
+
+/// The response framer decides where each app response ends (pooling, pipelining, the ledger's
+/// status and size): fed in every split, it must agree with the message boundaries.
+struct ResponseFramerTests {
+    struct Outcome: Equatable {
+        var statuses: [Int] = []
+        var ends = 0
+        var body: [UInt8] = []
+        var consumed = 0
+        var keepAlive: [Bool] = []
+    }
+
+    /// Feeds `text` in pieces of `split` bytes (0 = all at once) for one response.
+    func frame(_ text: String, toHEAD: Bool = false, split: Int = 0, decodes: Bool = true) throws -> Outcome {
+        var framer = HTTP1ResponseFramer(decodes: decodes)
+        framer.expectResponse(toHEAD: toHEAD)
+        var outcome = Outcome()
+        let bytes = Array(text.utf8)
+        let step = split == 0 ? bytes.count : split
+        var offset = 0
+        while offset < bytes.count {
+            let piece = ByteBuffer(bytes: bytes[offset..<min(offset + step, bytes.count)])
+            let used = try framer.feed(piece) { event in
+                switch event {
+                case .head(let status, let keepAlive, _):
+                    outcome.statuses.append(status)
+                    outcome.keepAlive.append(keepAlive)
+                case .body(let slice): outcome.body += slice.readableBytesView
+                case .end: outcome.ends += 1
+                }
+            }
+            outcome.consumed += used
+            if used < piece.readableBytes { break }
+            offset += step
+        }
+        return outcome
+    }
+
+    static let splits = [0, 1, 2, 3, 7, 64]
+
+    @Test("Content-Length body, any split", arguments: splits)
+    func contentLength(split: Int) throws {
+        let o = try frame("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", split: split)
+        #expect(o.statuses == [200])
+        #expect(o.ends == 1)
+        #expect(o.body == Array("hello".utf8))
+        #expect(o.keepAlive == [true])
+    }
+
+    @Test("chunked body with extensions and trailers, any split", arguments: splits)
+    func chunked(split: Int) throws {
+        let text = "HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nX-Trailer: t\r\n\r\n"
+        let o = try frame(text, split: split)
+        #expect(o.statuses == [201])
+        #expect(o.ends == 1)
+        #expect(o.body == Array("hello0123456789".utf8))
+        #expect(o.consumed == text.utf8.count)
+    }
+
+    @Test("bytes after the end of the response are not consumed")
+    func stopsAtEnd() throws {
+        let text = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n"
+        let o = try frame(text)
+        #expect(o.ends == 1)
+        #expect(o.consumed == text.utf8.count - "HTTP/1.1 200 OK\r\n".utf8.count)
+    }
+
+    @Test("no body: HEAD, 204, 304")
+    func noBody() throws {
+        #expect(try frame("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", toHEAD: true).ends == 1)
+        #expect(try frame("HTTP/1.1 204 No Content\r\n\r\n").ends == 1)
+        #expect(try frame("HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n").ends == 1)
+    }
+
+    @Test("100 Continue is passed through and the final response follows")
+    func interim() throws {
+        let o = try frame("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx", split: 5)
+        #expect(o.statuses == [200])
+        #expect(o.ends == 1)
+    }
+
+    @Test("Connection: close and HTTP/1.0 responses are not reusable")
+    func closing() throws {
+        #expect(try frame("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").keepAlive == [false])
+        #expect(try frame("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n").keepAlive == [false])
+        #expect(try frame("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n").keepAlive == [true])
+    }
+
+    @Test("a body without length ends when the app closes")
+    func untilClose() throws {
+        var framer = HTTP1ResponseFramer(decodes: true)
+        framer.expectResponse(toHEAD: false)
+        var ends = 0
+        var keepAlive: [Bool] = []
+        try framer.feed(ByteBuffer(string: "HTTP/1.1 200 OK\r\n\r\nstream")) { event in
+            if case .head(_, let k, _) = event { keepAlive.append(k) }
+            if case .end = event { ends += 1 }
+        }
+        #expect(ends == 0)
+        #expect(keepAlive == [false])
+        #expect(framer.connectionClosed { if case .end = $0 { ends += 1 } })
+        #expect(ends == 1)
+    }
+
+    @Test("a truncated response is reported at close")
+    func truncated() throws {
+        var framer = HTTP1ResponseFramer()
+        framer.expectResponse(toHEAD: false)
+        try framer.feed(ByteBuffer(string: "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")) { _ in }
+        #expect(framer.connectionClosed { _ in } == false)
+    }
+
+    @Test("malformed responses are errors, not guesses", arguments: [
+        "HTTP/2 200 OK\r\n\r\n",
+        "HTTP/1.1 2x0 OK\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ])
+    func malformed(text: String) {
+        #expect(throws: HTTP1ResponseFramer.FramingError.self) { try frame(text) }
+    }
+
+    @Test("a head larger than 64 KiB is refused")
+    func hugeHead() {
+        let text = "HTTP/1.1 200 OK\r\nX-Big: " + String(repeating: "a", count: 70_000)
+        #expect(throws: HTTP1ResponseFramer.FramingError.self) { try frame(text, split: 4096) }
+    }
+}
