@@ -22,6 +22,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "sigil", targets: ["sigil"]),
+        .executable(name: "sigil-proxy", targets: ["sigil-proxy"]),
         .library(name: "SigilCore", targets: ["SigilCore"]),
     ],
     dependencies: [
@@ -161,6 +162,7 @@ let package = Package(
                 logging,
                 lifecycle,
                 unixSignals,
+                .product(name: "Yams", package: "Yams"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -194,6 +196,11 @@ let package = Package(
                 x509,
                 asn1,
             ],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "sigil-proxy",
+            dependencies: ["SigilProxy", logging],
             swiftSettings: swiftSettings
         ),
         .executableTarget(

@@ -152,6 +152,17 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink {
 
     private func begin(_ head: HTTPRequestHead) {
         guard let context else { return }
+        guard let target = RequestTarget.normalize(head.uri) else {
+            var buffer = context.channel.allocator.buffer(capacity: 96)
+            buffer.writeStaticString("HTTP/1.1 400 Bad Request\r\ncontent-length: 11\r\nconnection: close\r\n\r\nbad request")
+            context.writeAndFlush(wrapOutboundOut(buffer)).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+            queue.removeAll()
+            readPaused = true  // nothing more from this connection
+            return
+        }
+        var head = head
+        head.uri = target.uri
+        if let authority = target.authority { head.headers.replaceOrAdd(name: "host", value: authority) }
         let facts = RequestFacts(head: head, peer: peer, environment: environment, proto: "http/1.1")
         if !head.isKeepAlive { closeAfterResponse = true }
         let length = head.headers.first(name: "content-length").flatMap { Int($0) } ?? 0

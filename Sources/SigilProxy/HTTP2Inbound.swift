@@ -37,8 +37,17 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let part = unwrapInboundIn(data)
         switch part {
-        case .head(let head):
+        case .head(var head):
             guard self.head == nil else { return }
+            guard let target = RequestTarget.normalize(head.uri) else {
+                done = true
+                let headers = HTTPHeaders([("content-length", "0")])
+                context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http2, status: .badRequest, headers: headers))), promise: nil)
+                context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+                return
+            }
+            head.uri = target.uri
+            if let authority = target.authority { head.headers.replaceOrAdd(name: "host", value: authority) }
             self.head = head
             let facts = RequestFacts(head: head, peer: peer, environment: environment, proto: "h2")
             self.facts = facts

@@ -65,6 +65,14 @@ final class InboundSniffer: ChannelInboundHandler, RemovableChannelHandler {
         context.fireChannelRead(data)
         context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
     }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if !decided, let event = event as? ChannelEvent, case .inputClosed = event {
+            context.close(promise: nil)  // EOF before the first byte (half-closure is on in TCP mode)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
 }
 
 /// Waits for the TLS handshake, settles who the peer is (its verified SPIFFE ID, serial, and the
@@ -182,6 +190,7 @@ enum TCPInbound {
             let bound = NIOLoopBound(partner, eventLoop: loop)
             return ClientBootstrap(group: loop)
                 .connectTimeout(.seconds(5))
+                .channelOption(.allowRemoteHalfClosure, value: true)
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(bound.value) }
                 }

@@ -29,6 +29,7 @@ enum Outbound {
             let boundNote = NIOLoopBound(note, eventLoop: loop)
             return ClientBootstrap(group: loop)
                 .connectTimeout(.seconds(5))
+                .channelOption(.allowRemoteHalfClosure, value: tcpMode)
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         let tls = try NIOSSLClientHandler(

@@ -177,6 +177,7 @@ struct ProxyService: Service {
                 "mode": "\(environment.policy.current.mode.rawValue)",
             ])
             ready?(id)
+            StartupPages.release()
 
             try await gracefulShutdown()
             logger.notice("proxy stopping: no new connections; open requests get 5 s to finish")
@@ -195,6 +196,7 @@ struct ProxyService: Service {
                 .serverChannelOption(.backlog, value: 1024)
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                 .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                .childChannelOption(.allowRemoteHalfClosure, value: config.tcpMode)  // TCP mode: a FIN is passed on as a FIN
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(InboundSniffer(environment: environment))
@@ -213,6 +215,7 @@ struct ProxyService: Service {
                 .serverChannelOption(.backlog, value: 1024)
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                 .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                .childChannelOption(.allowRemoteHalfClosure, value: config.tcpMode)
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(

@@ -17,6 +17,8 @@ final class SpliceHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var local: GlueHandler?
     private var remote: GlueHandler?
     private var openedAt = NIODeadline.now()
+    /// The client half-closed before the other end was joined: passed on right after the join.
+    private var inputClosed = false
     /// Called once when both sides are closed: bytes from the client, bytes to the client, the
     /// connect error if the other end never came up, and the time open.
     var onDone: ((_ bytesIn: Int, _ bytesOut: Int, _ error: (any Error)?, _ duration: TimeAmount) -> Void)?
@@ -53,6 +55,14 @@ final class SpliceHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         context.close(promise: nil)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if local == nil, let event = event as? ChannelEvent, case .inputClosed = event {
+            inputClosed = true
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     private func start(context: ChannelHandlerContext, firstBytes: ByteBuffer?) {
@@ -95,6 +105,7 @@ final class SpliceHandler: ChannelInboundHandler, RemovableChannelHandler {
         buffered = []
         for buffer in pending { context.fireChannelRead(wrapInboundOut(buffer)) }
         if !pending.isEmpty { context.fireChannelReadComplete() }
+        if inputClosed { context.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
         context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
         context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
     }

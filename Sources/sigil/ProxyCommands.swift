@@ -61,58 +61,37 @@ struct ProxyRun: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Event loop threads (default: one per core).", valueName: "n")) var threads: Int?
     @Option(name: .long, help: ArgumentHelp("trace, debug, info, notice, warning, error.", valueName: "level")) var logLevel: String?
 
+    /// The flags as given, for the one parser (`ProxyArguments`) that the lean `sigil-proxy` shares.
+    var forwarded: [String] {
+        let pairs: [(String, String?)] = [
+            ("config", config), ("workload-api", workloadApi), ("inbound", inbound), ("app", app), ("namespace", namespace),
+            ("labels", labels), ("policies", policies), ("mtls", mtls), ("spiffe-id", spiffeId), ("outbound", outbound),
+            ("upstream", upstream), ("upstream-id", upstreamId), ("protocol", self.protocol), ("ledger", ledger),
+            ("kill-switch", killSwitch), ("root-namespace", rootNamespace), ("threads", threads.map(String.init)),
+            ("log-level", logLevel),
+        ]
+        return pairs.flatMap { name, value in value.map { ["--\(name)", $0] } ?? [] }
+    }
+
     func run() async throws {
-        let file = try loadConfig(config)
-        bootstrapLogging(level: logLevel ?? file["log_level"])
-        func required(_ value: String?, _ key: String, _ flag: String, _ example: String) throws -> String {
-            guard let v = value ?? file[key], !v.isEmpty else { throw CLIError.usage("\(flag) is required, e.g. \(flag) \(example)") }
-            return v
+        let arguments = forwarded
+        let (settings, level): (ProxyConfig, String?)
+        do {
+            (settings, level) = try ProxyArguments.parse(arguments)
+        } catch {
+            throw CLIError.usage(error.description)
         }
-        let socket = try required(workloadApi ?? ProcessInfo.processInfo.environment["SPIFFE_ENDPOINT_SOCKET"], "workload_api",
-                                  "--workload-api", "unix:///tmp/sigil/agent.sock")
-        let (inHost, inPort) = try parseHostPort(try required(inbound, "inbound", "--inbound", "127.0.0.1:15006"), flag: "--inbound")
-        let (appHost, appPort) = try parseHostPort(try required(app, "app", "--app", "127.0.0.1:8080"), flag: "--app")
-        let ns = try required(namespace, "namespace", "--namespace", "default")
-        let policyPath = try required(policies, "policies", "--policies", "deploy/policies")
-        let labelMap = try parseLabels(labels ?? file["labels"] ?? "")
-        var mode: PeerAuthentication.Mode?
-        if let text = mtls ?? file["mtls"] {
-            guard let m = PeerAuthentication.Mode(rawValue: text.uppercased()), m != .unset else {
-                throw CLIError.usage("--mtls '\(text)' must be STRICT, PERMISSIVE or DISABLE")
-            }
-            mode = m
+        // Hand over to the lean proxy executable when it sits beside this one: the data plane then
+        // carries no CA, store or CLI code (less memory per sidecar). SIGIL_PROXY_IN_PROCESS=1 opts out.
+        let me = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        let lean = URL(fileURLWithPath: me).deletingLastPathComponent().appendingPathComponent("sigil-proxy").path
+        if ProcessInfo.processInfo.environment["SIGIL_PROXY_IN_PROCESS"] == nil, FileManager.default.isExecutableFile(atPath: lean) {
+            let argv = ["sigil-proxy"] + arguments
+            var cArgs = argv.map { strdup($0) } + [nil]
+            execv(lean, &cArgs)
+            // execv only returns on failure: fall through and run in this process.
         }
-        let proto = (self.protocol ?? file["protocol"] ?? "http").lowercased()
-        guard proto == "http" || proto == "tcp" else { throw CLIError.usage("--protocol '\(proto)' must be http or tcp") }
-        let wanted = spiffeId ?? file["spiffe_id"]
-        if let wanted {
-            do { _ = try SpiffeID(wanted) } catch { throw CLIError.usage("--spiffe-id: \(error.message)") }
-        }
-        var outboundHostPort: (String, Int)?
-        var upstreamHostPort: (String, Int)?
-        var upstreamSpiffeID: SpiffeID?
-        let outText = outbound ?? file["outbound"]
-        let upText = upstream ?? file["upstream"]
-        let upIDText = upstreamId ?? file["upstream_id"]
-        if outText != nil || upText != nil || upIDText != nil {
-            guard let outText, let upText, let upIDText else {
-                throw CLIError.usage("--outbound, --upstream and --upstream-id go together (the app's listener, the peer's inbound, and the SPIFFE ID it must prove)")
-            }
-            outboundHostPort = try parseHostPort(outText, flag: "--outbound")
-            upstreamHostPort = try parseHostPort(upText, flag: "--upstream")
-            do { upstreamSpiffeID = try SpiffeID(istioPrincipal: upIDText) } catch { throw CLIError.usage("--upstream-id: \(error.message)") }
-        }
-        guard FileManager.default.fileExists(atPath: policyPath) else {
-            throw CLIError.usage("--policies '\(policyPath)' does not exist (an empty directory means: no policies, allow all)")
-        }
-        let settings = ProxyConfig(
-            workloadAPISocket: socket, inboundHost: inHost, inboundPort: inPort, appHost: appHost, appPort: appPort,
-            namespace: ns, labels: labelMap, policiesPath: policyPath,
-            rootNamespace: rootNamespace ?? file["root_namespace"] ?? PolicyEvaluator.defaultRootNamespace,
-            mtls: mode, spiffeID: wanted, outboundHost: outboundHostPort?.0, outboundPort: outboundHostPort?.1,
-            upstreamHost: upstreamHostPort?.0, upstreamPort: upstreamHostPort?.1, upstreamID: upstreamSpiffeID,
-            ledgerPath: ledger ?? file["ledger"], killSwitchPath: killSwitch ?? file["kill_switch"],
-            tcpMode: proto == "tcp", threads: threads ?? file["threads"].flatMap { Int($0) } ?? 0)
+        bootstrapLogging(level: level)
         do {
             try await SigilProxyRole.run(settings, logger: Logger(label: "sigil.proxy"))
         } catch let error as ProxyError {
@@ -174,11 +153,9 @@ struct ProxyKillSwitch: AsyncParsableCommand {
 }
 
 func parseLabels(_ text: String) throws -> [String: String] {
-    var labelMap: [String: String] = [:]
-    for pair in text.split(separator: ",") where !pair.isEmpty {
-        let kv = pair.split(separator: "=", maxSplits: 1)
-        guard kv.count == 2, !kv[0].isEmpty else { throw CLIError.usage("--labels '\(pair)' must be key=value") }
-        labelMap[String(kv[0]).trimmingCharacters(in: .whitespaces)] = String(kv[1]).trimmingCharacters(in: .whitespaces)
+    do {
+        return try ProxyArguments.parseLabels(text)
+    } catch {
+        throw CLIError.usage(error.description)
     }
-    return labelMap
 }

@@ -2,13 +2,19 @@
 as child processes, bounded in time, always stopped by the test that started them."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from interop_util import free_port, run
 
@@ -74,6 +80,7 @@ class Cluster:
         self.port = free_port()
         self.server: Proc | None = None
         self.agents: dict[str, Proc] = {}
+        self.proxies: dict[str, Proc] = {}
         res = run([self.bin, "ca", "init", "--trust-domain", TRUST_DOMAIN, "--data-dir", self.ca_dir])
         assert res.returncode == 0, res.describe()
 
@@ -130,9 +137,183 @@ class Cluster:
     def socket(self, name: str) -> Path:
         return self.agent_paths(name)[1]
 
+    def start_proxy(self, name: str, *args, wait: bool = True, timeout: float = 30) -> Proc:
+        """`sigil proxy run ARGS` (log: <root>/proxy-<name>.log), stopped by close(); with wait, returns
+        once it logged "proxy ready" (it has an SVID and its listeners are bound)."""
+        proc = Proc([self.bin, "proxy", "run", *args], self.root / f"proxy-{name}.log")
+        self.proxies[name] = proc
+        if wait:
+            wait_for(lambda: "proxy ready" in proc.output() or not proc.alive(), timeout, f"proxy {name} to be ready")
+            assert proc.alive(), f"proxy {name} exited:\n{proc.output()}"
+        return proc
+
+    def stop_proxy(self, name: str) -> int | None:
+        proc = self.proxies.pop(name, None)
+        return proc.stop() if proc else None
+
     def close(self):
+        for proc in list(self.proxies.values()):
+            proc.stop()
+        self.proxies.clear()
         for proc in self.agents.values():
             proc.kill() if proc.p.poll() is None and False else proc.stop()
         if self.server:
             self.server.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- proxy ledgers
+
+HASH_SUFFIX = ',"hash":"'
+
+
+def ledger_rows(path: Path) -> list[dict]:
+    """The complete rows of a proxy's JSON-lines ledger spool (a line still being written is skipped)."""
+    if not Path(path).exists():
+        return []
+    text = Path(path).read_text()
+    lines = text.split("\n")[:-1]  # the last element is "" or an unterminated line
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def verify_ledger_chain(path: Path) -> list[dict]:
+    """Checks a ledger spool's hash chain and returns its rows: every line ends with
+    `,"hash":"<sha256 hex>"}` where the hash is SHA-256 of the line's bytes before that suffix; `prev` is
+    the previous row's hash (64 zeros for the first); `seq` counts 1, 2, 3... per writer."""
+    lines = Path(path).read_bytes().split(b"\n")
+    assert lines[-1] == b"", f"{path}: last line not terminated"
+    rows = []
+    prev, seq = "0" * 64, 0
+    for number, raw in enumerate(lines[:-1], 1):
+        line = raw.decode()
+        cut = line.rfind(HASH_SUFFIX)
+        assert cut > 0 and line.endswith('"}'), f"{path}:{number}: no trailing hash: {line[:200]}"
+        body, claimed = line[:cut], line[cut + len(HASH_SUFFIX):-2]
+        row = json.loads(line)
+        assert row["hash"] == claimed
+        assert hashlib.sha256(body.encode()).hexdigest() == claimed, f"{path}:{number}: hash does not recompute"
+        assert row["prev"] == prev, f"{path}:{number}: prev {row['prev']} != previous hash {prev}"
+        assert row["seq"] == seq + 1, f"{path}:{number}: seq {row['seq']} after {seq}"
+        prev, seq = claimed, row["seq"]
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- apps behind proxies
+
+class HTTPEchoApp:
+    """A plain HTTP/1.1 app on 127.0.0.1 (keep-alive, reads every request body, Content-Length or
+    chunked) that answers JSON: path, method, every x-forwarded-client-cert value, body length and
+    SHA-256. Counts the requests it saw, so a test can prove a refused caller never reached it."""
+
+    def __init__(self, port: int | None = None):
+        app = self
+        self.count = 0
+        self.seen: list[dict] = []
+        self.lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def read_body(self) -> bytes:
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    body = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass  # trailers
+                            return body
+                        body += self.rfile.read(size)
+                        self.rfile.readline()
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else b""
+
+            def answer(self):
+                body = self.read_body()
+                seen = {"path": self.path, "method": self.command,
+                        "xfcc": self.headers.get_all("x-forwarded-client-cert") or [],
+                        "chunked": "chunked" in (self.headers.get("Transfer-Encoding") or "").lower(),
+                        "body_len": len(body), "body_sha256": hashlib.sha256(body).hexdigest()}
+                with app.lock:
+                    app.count += 1
+                    app.seen.append(seen)
+                size = parse_qs(urlsplit(self.path).query).get("size")
+                if size:  # ?size=N: N bytes of a fixed pattern instead of the JSON echo
+                    out = HTTPEchoApp.pattern(int(size[0]))
+                else:
+                    out = json.dumps(seen).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream" if size else "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(out)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = answer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port or 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @staticmethod
+    def pattern(size: int) -> bytes:
+        block = bytes(range(256)) * 256
+        return (block * (size // len(block) + 1))[:size]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class TCPEchoServer:
+    """A raw TCP echo server on 127.0.0.1; counts the connections it accepted."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.running = True
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _accept(self):
+        while self.running:
+            try:
+                conn, _ = self.sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            self.connections += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket):
+        conn.settimeout(30)
+        with conn:
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def close(self):
+        self.running = False
+        self.thread.join(2)
+        self.sock.close()

@@ -1,0 +1,145 @@
+import Foundation
+import SigilCore
+import SigilRPC
+import Yams
+
+/// The arguments of `sigil proxy run` (and of the lean `sigil-proxy` executable it hands over to),
+/// parsed in one place: `--flag value` or `--flag=value`, a `--config` YAML file of the same
+/// settings by long name (`workload_api`, `inbound`, ...), flags winning over the file.
+public enum ProxyArguments {
+    public struct UsageError: Error, CustomStringConvertible, Sendable {
+        public let description: String
+        init(_ message: String) { description = message }
+    }
+
+    public static let flags: Set<String> = [
+        "config", "workload-api", "inbound", "app", "namespace", "labels", "policies", "mtls", "spiffe-id",
+        "outbound", "upstream", "upstream-id", "protocol", "ledger", "kill-switch", "root-namespace", "threads", "log-level",
+    ]
+
+    /// Parsed settings plus the log level (handled by the caller's logging bootstrap).
+    public static func parse(_ arguments: [String]) throws(UsageError) -> (ProxyConfig, logLevel: String?) {
+        try parse(arguments, environment: ProcessInfo.processInfo.environment)
+    }
+
+    public static func parse(_ arguments: [String], environment: [String: String]) throws(UsageError) -> (ProxyConfig, logLevel: String?) {
+        var values: [String: String] = [:]
+        var index = 0
+        while index < arguments.count {
+            let argument = arguments[index]
+            guard argument.hasPrefix("--") else { throw UsageError("unexpected argument '\(argument)'") }
+            var name = String(argument.dropFirst(2))
+            var value: String
+            if let equals = name.firstIndex(of: "=") {
+                value = String(name[name.index(after: equals)...])
+                name = String(name[..<equals])
+            } else {
+                index += 1
+                guard index < arguments.count else { throw UsageError("--\(name) needs a value") }
+                value = arguments[index]
+            }
+            guard flags.contains(name) else { throw UsageError("unknown option --\(name) (see sigil proxy run --help)") }
+            values[name] = value
+            index += 1
+        }
+        var file: [String: String] = [:]
+        if let path = values["config"] { file = try loadConfig(path) }
+        func get(_ name: String) -> String? { values[name] ?? file[name.replacingOccurrences(of: "-", with: "_")] }
+        func required(_ name: String, _ example: String) throws(UsageError) -> String {
+            guard let v = get(name), !v.isEmpty else { throw UsageError("--\(name) is required, e.g. --\(name) \(example)") }
+            return v
+        }
+        let socket: String
+        if let v = get("workload-api") ?? environment["SPIFFE_ENDPOINT_SOCKET"], !v.isEmpty {
+            socket = v
+        } else {
+            throw UsageError("--workload-api is required (or SPIFFE_ENDPOINT_SOCKET), e.g. --workload-api unix:///tmp/sigil/agent.sock")
+        }
+        let (inHost, inPort) = try hostPort(try required("inbound", "127.0.0.1:15006"), flag: "--inbound")
+        let (appHost, appPort) = try hostPort(try required("app", "127.0.0.1:8080"), flag: "--app")
+        let namespace = try required("namespace", "default")
+        let policies = try required("policies", "deploy/policies")
+        guard FileManager.default.fileExists(atPath: policies) else {
+            throw UsageError("--policies '\(policies)' does not exist (an empty directory means: no policies, allow all)")
+        }
+        let labels = try parseLabels(get("labels") ?? "")
+        var mode: PeerAuthentication.Mode?
+        if let text = get("mtls") {
+            guard let m = PeerAuthentication.Mode(rawValue: text.uppercased()), m != .unset else {
+                throw UsageError("--mtls '\(text)' must be STRICT, PERMISSIVE or DISABLE")
+            }
+            mode = m
+        }
+        let proto = (get("protocol") ?? "http").lowercased()
+        guard proto == "http" || proto == "tcp" else { throw UsageError("--protocol '\(proto)' must be http or tcp") }
+        let wanted = get("spiffe-id")
+        if let wanted {
+            do { _ = try SpiffeID(wanted) } catch { throw UsageError("--spiffe-id: \(error.message)") }
+        }
+        var outbound: (String, Int)?
+        var upstream: (String, Int)?
+        var upstreamID: SpiffeID?
+        let outText = get("outbound"), upText = get("upstream"), upIDText = get("upstream-id")
+        if outText != nil || upText != nil || upIDText != nil {
+            guard let outText, let upText, let upIDText else {
+                throw UsageError("--outbound, --upstream and --upstream-id go together (the app's listener, the peer's inbound, and the SPIFFE ID it must prove)")
+            }
+            outbound = try hostPort(outText, flag: "--outbound")
+            upstream = try hostPort(upText, flag: "--upstream")
+            do { upstreamID = try SpiffeID(istioPrincipal: upIDText) } catch { throw UsageError("--upstream-id: \(error.message)") }
+        }
+        var threads = 0
+        if let text = get("threads") {
+            guard let n = Int(text), (1...256).contains(n) else { throw UsageError("--threads '\(text)' must be a number from 1 to 256") }
+            threads = n
+        }
+        do { _ = try WorkloadAPIClient.socketPath(fromEndpoint: socket) } catch { throw UsageError(error.message) }
+        let config = ProxyConfig(
+            workloadAPISocket: socket, inboundHost: inHost, inboundPort: inPort, appHost: appHost, appPort: appPort,
+            namespace: namespace, labels: labels, policiesPath: policies,
+            rootNamespace: get("root-namespace") ?? PolicyEvaluator.defaultRootNamespace, mtls: mode, spiffeID: wanted,
+            outboundHost: outbound?.0, outboundPort: outbound?.1, upstreamHost: upstream?.0, upstreamPort: upstream?.1,
+            upstreamID: upstreamID, ledgerPath: get("ledger"), killSwitchPath: get("kill-switch"), tcpMode: proto == "tcp",
+            threads: threads)
+        return (config, get("log-level"))
+    }
+
+    public static func hostPort(_ text: String, flag: String) throws(UsageError) -> (String, Int) {
+        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port) else {
+            throw UsageError("\(flag) '\(text)' must be HOST:PORT, e.g. 127.0.0.1:15006")
+        }
+        var host = String(text[..<colon])
+        if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        return (host.isEmpty ? "0.0.0.0" : host, port)
+    }
+
+    public static func parseLabels(_ text: String) throws(UsageError) -> [String: String] {
+        var labels: [String: String] = [:]
+        for pair in text.split(separator: ",") where !pair.isEmpty {
+            let kv = pair.split(separator: "=", maxSplits: 1)
+            guard kv.count == 2, !kv[0].isEmpty else { throw UsageError("--labels '\(pair)' must be key=value") }
+            labels[String(kv[0]).trimmingCharacters(in: .whitespaces)] = String(kv[1]).trimmingCharacters(in: .whitespaces)
+        }
+        return labels
+    }
+
+    static func loadConfig(_ path: String) throws(UsageError) -> [String: String] {
+        guard let data = FileManager.default.contents(atPath: path) else { throw UsageError("cannot read config file '\(path)'") }
+        let node: Any?
+        do { node = try Yams.load(yaml: String(decoding: data, as: UTF8.self)) } catch {
+            throw UsageError("config file '\(path)' is not valid YAML: \(error)")
+        }
+        guard let map = node as? [String: Any] else {
+            throw UsageError("config file '\(path)' must be a YAML mapping of settings (e.g. inbound: 127.0.0.1:15006)")
+        }
+        var out: [String: String] = [:]
+        for (key, value) in map {
+            let name = key.replacingOccurrences(of: "-", with: "_")
+            guard flags.contains(name.replacingOccurrences(of: "_", with: "-")) else {
+                throw UsageError("config file '\(path)': unknown setting '\(key)'")
+            }
+            out[name] = "\(value)"
+        }
+        return out
+    }
+}

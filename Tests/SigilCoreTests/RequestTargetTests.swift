@@ -1,0 +1,34 @@
+import Testing
+import SigilCore
+
+/// Istio's BASE path normalization: what authorization sees is what the app gets.
+struct RequestTargetTests {
+    @Test("normalization", arguments: [
+        ("/api/orders?x=1", "/api/orders?x=1"),
+        ("/%61dmin/x", "/admin/x"),
+        ("/ok/../admin", "/admin"),
+        ("/ok/%2e%2e/admin", "/admin"),
+        ("/ok\\..\\admin", "/admin"),
+        ("/a/./b/", "/a/b/"),
+        ("/../..", "/"),
+        ("/a%2Fb", "/a%2Fb"),
+        ("//admin", "//admin"),
+        ("/.well-known/x", "/.well-known/x"),
+        ("/a/b/..?q=/../", "/a/?q=/../"),
+    ])
+    func normalize(raw: String, expected: String) {
+        #expect(RequestTarget.normalize(raw)?.uri == expected)
+    }
+
+    @Test("absolute form yields its path and authority")
+    func absolute() {
+        let t = RequestTarget.normalize("http://api.shop:8080/admin/../x")
+        #expect(t?.uri == "/x")
+        #expect(t?.authority == "api.shop:8080")
+    }
+
+    @Test("refused targets", arguments: ["/a%00b", "admin", ""])
+    func refused(raw: String) {
+        #expect(RequestTarget.normalize(raw) == nil)
+    }
+}
