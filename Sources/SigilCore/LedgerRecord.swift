@@ -62,39 +62,51 @@ public struct LedgerRecord: Sendable, Hashable {
     }
 
     /// The row as one JSON object (no trailing newline), fields in a fixed order, with the writer's
-    /// sequence number and the hash of its previous row. `hash` is appended by the writer over
-    /// exactly these bytes.
+    /// sequence number and the hash of its previous row. The writer appends `hash` over exactly
+    /// these bytes.
     public func json(writer: String, seq: UInt64, prev: String) -> String {
-        var out = "{\"writer\":"
-        out.reserveCapacity(384)
+        var bytes: [UInt8] = []
+        appendJSON(to: &bytes, writer: writer, seq: seq, prev: prev)
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// ``json(writer:seq:prev:)`` appended to a byte buffer (the spool's path: no String building).
+    public func appendJSON(to out: inout [UInt8], writer: String, seq: UInt64, prev: String) {
+        func raw(_ text: StaticString) {
+            text.withUTF8Buffer { out.append(contentsOf: $0) }
+        }
+        func string(_ key: StaticString, _ value: String?) {
+            raw(key)
+            if let value { JSONText.appendString(value, to: &out) } else { raw("null") }
+        }
+        func number<N: BinaryInteger>(_ key: StaticString, _ value: N?) {
+            raw(key)
+            if let value { out.append(contentsOf: String(value).utf8) } else { raw("null") }
+        }
+        raw("{\"writer\":")
         JSONText.appendString(writer, to: &out)
-        out += ",\"seq\":\(seq),\"time\":"
-        JSONText.appendString(RFC3339.format(micros: timeMicros), to: &out)
-        out += ",\"kind\":\"\(kind.rawValue)\""
-        func field(_ name: String, _ value: String?) {
-            out += ",\"\(name)\":"
-            if let value { JSONText.appendString(value, to: &out) } else { out += "null" }
-        }
-        func number(_ name: String, _ value: Int?) {
-            out += ",\"\(name)\":" + (value.map(String.init) ?? "null")
-        }
-        field("source", source)
-        field("destination", destination)
-        field("peer_serial", peerSerial)
-        field("source_ip", sourceIP)
-        number("port", port)
-        field("protocol", proto)
-        field("method", method)
-        field("path", path)
-        field("host", host)
-        number("status", status)
-        field("decision", decision)
-        field("policy", policy)
-        number("rule", rule)
-        out += ",\"mtls\":\(mtls),\"bytes_in\":\(bytesIn),\"bytes_out\":\(bytesOut),\"duration_us\":\(durationMicros)"
-        field("detail", detail)
-        out += ",\"prev\":\"\(prev)\""
-        return out
+        number(",\"seq\":", seq)
+        string(",\"time\":", RFC3339.format(micros: timeMicros))
+        string(",\"kind\":", kind.rawValue)
+        string(",\"source\":", source)
+        string(",\"destination\":", destination)
+        string(",\"peer_serial\":", peerSerial)
+        string(",\"source_ip\":", sourceIP)
+        number(",\"port\":", port)
+        string(",\"protocol\":", proto)
+        string(",\"method\":", method)
+        string(",\"path\":", path)
+        string(",\"host\":", host)
+        number(",\"status\":", status)
+        string(",\"decision\":", decision)
+        string(",\"policy\":", policy)
+        number(",\"rule\":", rule)
+        raw(mtls ? ",\"mtls\":true" : ",\"mtls\":false")
+        number(",\"bytes_in\":", bytesIn)
+        number(",\"bytes_out\":", bytesOut)
+        number(",\"duration_us\":", durationMicros)
+        string(",\"detail\":", detail)
+        string(",\"prev\":", prev)
     }
 }
 
@@ -128,6 +140,25 @@ public enum JSONText {
             }
         }
         out += "\""
+    }
+
+    /// The same escaping, appended as UTF-8 bytes.
+    public static func appendString(_ value: String, to out: inout [UInt8]) {
+        out.append(0x22)
+        for unit in value.utf8 {
+            switch unit {
+            case 0x22: out.append(0x5C); out.append(0x22)
+            case 0x5C: out.append(0x5C); out.append(0x5C)
+            case 0x0A: out.append(0x5C); out.append(0x6E)
+            case 0x0D: out.append(0x5C); out.append(0x72)
+            case 0x09: out.append(0x5C); out.append(0x74)
+            case 0..<0x20:
+                let digits: [UInt8] = Array("0123456789abcdef".utf8)
+                out.append(contentsOf: [0x5C, 0x75, 0x30, 0x30, digits[Int(unit >> 4)], digits[Int(unit & 0xF)]])
+            default: out.append(unit)
+            }
+        }
+        out.append(0x22)
     }
 
     public static func quoted(_ value: String) -> String {
