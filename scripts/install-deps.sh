@@ -18,7 +18,9 @@ if ((${#missing[@]})); then
 fi
 
 # Python test dependencies (interop tests drive real outside clients).
-if ! python3 -c "import pytest, cryptography" 2>/dev/null || [ -n "${SIGIL_PIP_ALWAYS:-}" ]; then
+# Every module the interop tests import is checked, so a machine with only some of them installed
+# still gets the rest.
+if ! python3 -c "import pytest, cryptography, spiffe, grpc, grpc_tools" 2>/dev/null || [ -n "${SIGIL_PIP_ALWAYS:-}" ]; then
     echo "==> pip install -r Tests/Interop/requirements.txt"
     python3 -m pip install -q -r Tests/Interop/requirements.txt 2>/dev/null \
         || python3 -m pip install -q --break-system-packages -r Tests/Interop/requirements.txt
