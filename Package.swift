@@ -86,6 +86,7 @@ let package = Package(
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 grpcHTTP2,
                 lifecycle,
+                .product(name: "NIOCore", package: "swift-nio"),
             ],
             exclude: ["Protos"],
             swiftSettings: swiftSettings

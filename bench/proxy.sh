@@ -28,7 +28,10 @@
 #   proxies; sigil: both proxy processes, all threads) read before and after each wrk run, divided
 #   by the requests wrk completed → µs of proxy CPU per request. The backend's is recorded too.
 # - "added p99" is the median over rounds of (system p99 − direct p99 in the same round).
-# - RSS: VmRSS of each proxy process before any load, after all rounds, and VmHWM (peak).
+# - RSS: VmRSS (and RssAnon, the process's private anonymous memory) of each proxy process idle
+#   (IDLE_WAIT seconds without traffic after the set-up requests), at the end of the last run, idle
+#   again IDLE_WAIT seconds after it, and VmHWM (peak). The sigil proxy gives back pages it mapped
+#   for a burst once it has been idle ~10-20 s; nginx has no such step.
 # - Everything listens on 127.0.0.1 on free ports; every process started here is stopped on exit.
 #
 #   bash bench/proxy.sh                       # defaults: DURATION=10 ROUNDS=3 WARMUP=2 (~3-4 min)
@@ -43,6 +46,7 @@ repo="$PWD"
 DURATION="${DURATION:-10}"
 ROUNDS="${ROUNDS:-3}"
 WARMUP="${WARMUP:-2}"
+IDLE_WAIT="${IDLE_WAIT:-25}"
 NGINX_ACCESS_LOG="${NGINX_ACCESS_LOG:-0}"
 CONNS=(1 64)
 RESULT_JSON="${RESULT_JSON:-$repo/bench/results/proxy-$(date -u +%Y-%m-%d).json}"
@@ -477,7 +481,8 @@ EOF
 # ---------------------------------------------------------------------------------------------
 declare -A url proxy_pids
 record_rss() { # record_rss PHASE SYSTEM LABEL PID
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$(status_kb "$4" VmRSS)" "$(status_kb "$4" VmHWM)" >> "$work/rss.tsv"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$(status_kb "$4" VmRSS)" "$(status_kb "$4" VmHWM)" \
+        "$(status_kb "$4" RssAnon)" >> "$work/rss.tsv"
 }
 record_all_rss() {
     local sys
@@ -583,6 +588,8 @@ else
     note "SKIPPED: $sigil_skip"
 fi
 
+log "idle for ${IDLE_WAIT}s before the first memory reading"
+sleep "$IDLE_WAIT"
 record_all_rss idle
 log "warm-up: ${WARMUP}s at 64 connections per system (not counted)"
 for sys in "${systems[@]}"; do wrk -t1 -c64 -d"${WARMUP}s" "${url[$sys]}" >/dev/null 2>&1 || true; done
@@ -609,6 +616,9 @@ for round in $(seq "$ROUNDS"); do
     done
 done
 record_all_rss after
+log "idle for ${IDLE_WAIT}s after the load"
+sleep "$IDLE_WAIT"
+record_all_rss idle-after
 
 ledger_rows=""
 for f in "$work"/sigil/ledger-*.jsonl; do
@@ -667,9 +677,9 @@ with open(os.path.join(env["BENCH_WORK"], "runs.tsv")) as f:
 rss = []
 with open(os.path.join(env["BENCH_WORK"], "rss.tsv")) as f:
     for line in f:
-        phase, system, label, pid, kb, hwm = line.rstrip("\n").split("\t")
+        phase, system, label, pid, kb, hwm, anon = line.rstrip("\n").split("\t")
         rss.append({"phase": phase, "system": system, "process": label, "pid": int(pid),
-                    "vmrss_kb": int(kb or 0), "vmhwm_kb": int(hwm or 0)})
+                    "vmrss_kb": int(kb or 0), "vmhwm_kb": int(hwm or 0), "rssanon_kb": int(anon or 0)})
 
 def med(xs):
     xs = [x for x in xs if x is not None]
@@ -752,18 +762,20 @@ for k, x in summary.items():
 
 if rss:
     print()
-    print("| process | idle VmRSS | after load VmRSS | peak VmHWM |")
-    print("|---|---:|---:|---:|")
+    print("| process | idle VmRSS (anon) | end of load VmRSS (anon) | idle after load VmRSS (anon) | peak VmHWM |")
+    print("|---|---:|---:|---:|---:|")
     keys = []
     for r in rss:
         if (r["system"], r["process"], r["pid"]) not in keys:
             keys.append((r["system"], r["process"], r["pid"]))
+    mb = lambda kb: f"{kb/1024:.1f} MB" if kb else "–"
+    def cell(phase, pid):
+        r = next((r for r in rss if r["phase"] == phase and r["pid"] == pid), None)
+        return f"{mb(r['vmrss_kb'])} ({mb(r['rssanon_kb'])})" if r else "–"
     for sysname, label, pid in keys:
-        idle = next((r for r in rss if r["phase"] == "idle" and r["pid"] == pid), None)
-        after = next((r for r in rss if r["phase"] == "after" and r["pid"] == pid), None)
-        mb = lambda kb: f"{kb/1024:.1f} MB" if kb else "–"
-        print(f"| {sysname} {label} | {mb(idle['vmrss_kb'] if idle else 0)} | {mb(after['vmrss_kb'] if after else 0)} "
-              f"| {mb(after['vmhwm_kb'] if after else 0)} |")
+        last = [r for r in rss if r["pid"] == pid]
+        peak = max((r["vmhwm_kb"] for r in last), default=0)
+        print(f"| {sysname} {label} | {cell('idle', pid)} | {cell('after', pid)} | {cell('idle-after', pid)} | {mb(peak)} |")
 if env["BENCH_LEDGER_ROWS"].strip():
     print(f"\nledger rows written: {env['BENCH_LEDGER_ROWS'].strip()}")
 

@@ -13,9 +13,11 @@ import NIOConcurrencyHelpers
 public import SigilCore
 
 /// The proxy's ledger spool: rows are handed over on the request path (an append under a lock),
-/// and a background task serialises, hash-chains and appends them to a JSON-lines file in batches,
-/// with one fsync per batch. The chain continues across restarts (the last row's seq and hash are
-/// read back when the file is opened).
+/// and a background thread serialises, hash-chains and appends them to a JSON-lines file in
+/// batches. Every batch is written (to the page cache: a killed proxy loses nothing written) at
+/// once; `fdatasync` runs at most every `syncInterval` (and at shutdown), which bounds what a power
+/// loss can take without putting a disk flush behind every batch. The chain continues across
+/// restarts (the last row's seq and hash are read back when the file is opened).
 public final class LedgerSpool: Sendable {
     struct Pending {
         var rows: [LedgerRecord] = []
@@ -27,26 +29,40 @@ public final class LedgerSpool: Sendable {
     public let writer: String
     /// Rows held in memory before new rows are refused (and counted, with an alarm in the log).
     public let capacity: Int
+    /// The longest time a written row waits for `fdatasync` (zero: a sync after every batch).
+    public let syncInterval: Duration
     private let pending = NIOLockedValueBox(Pending())
     private let logger: Logger
     private let fd: Int32
-    private let chain: NIOLockedValueBox<(seq: UInt64, hash: String)>
+    /// The chain's tail and the sync state; held for a whole flush, so that two flushes (the
+    /// writer thread's and the one at shutdown) never interleave their rows.
+    private let chain: NIOLockedValueBox<Chain>
+
+    struct Chain {
+        var seq: UInt64
+        var hash: String
+        var unsynced = false
+        var lastSync = ContinuousClock.now
+    }
 
     public struct SpoolError: Error, CustomStringConvertible {
         public let description: String
     }
 
-    public init(path: String, writer: String, capacity: Int = 200_000, logger: Logger) throws(SpoolError) {
+    public init(path: String, writer: String, capacity: Int = 200_000, syncInterval: Duration = .milliseconds(250),
+                logger: Logger) throws(SpoolError) {
         self.path = path
         self.writer = writer
         self.capacity = capacity
+        self.syncInterval = syncInterval
         self.logger = logger
         let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
         guard fd >= 0 else {
             throw SpoolError(description: "cannot open the ledger spool \(path): \(String(cString: strerror(errno)))")
         }
         self.fd = fd
-        self.chain = NIOLockedValueBox(Self.tail(of: path))
+        let tail = Self.tail(of: path)
+        self.chain = NIOLockedValueBox(Chain(seq: tail.seq, hash: tail.hash))
     }
 
     deinit {
@@ -71,9 +87,22 @@ public final class LedgerSpool: Sendable {
     /// Rows written to disk so far.
     public var writtenCount: UInt64 { pending.withLockedValue { $0.written } }
 
-    /// Writes out everything handed over so far (one write, one fsync). Returns the number of rows.
+    /// Writes out everything handed over so far (one write) and makes it durable (`fdatasync`)
+    /// when `sync` is true or the last sync is `syncInterval` old. Returns the number of rows.
     @discardableResult
-    public func flush() -> Int {
+    public func flush(sync: Bool = true) -> Int {
+        chain.withLockedValue { chain in
+            let count = writeOut(&chain)
+            if chain.unsynced, sync || ContinuousClock.now - chain.lastSync >= syncInterval {
+                _ = fdatasync(fd)
+                chain.unsynced = false
+                chain.lastSync = ContinuousClock.now
+            }
+            return count
+        }
+    }
+
+    private func writeOut(_ chain: inout Chain) -> Int {
         let (rows, dropped) = pending.withLockedValue { state -> ([LedgerRecord], Int) in
             let taken = state.rows
             state.rows = []
@@ -86,19 +115,18 @@ public final class LedgerSpool: Sendable {
             logger.error("ledger spool dropped rows while full", metadata: ["spool": "\(path)", "dropped": "\(dropped)"])
         }
         guard !rows.isEmpty else { return 0 }
+        let before = (seq: chain.seq, hash: chain.hash, size: lseek(fd, 0, SEEK_END))
         var utf8: [UInt8] = []
         utf8.reserveCapacity(rows.count * 460)
-        chain.withLockedValue { chain in
-            for row in rows {
-                chain.seq += 1
-                let start = utf8.count
-                row.appendJSON(to: &utf8, writer: writer, seq: chain.seq, prev: chain.hash)
-                let digest = utf8.withUnsafeBytes { SHA256.hash(data: UnsafeRawBufferPointer(rebasing: $0[start...])) }
-                chain.hash = hex(digest)
-                utf8.append(contentsOf: ",\"hash\":\"".utf8)
-                utf8.append(contentsOf: chain.hash.utf8)
-                utf8.append(contentsOf: "\"}\n".utf8)
-            }
+        for row in rows {
+            chain.seq += 1
+            let start = utf8.count
+            row.appendJSON(to: &utf8, writer: writer, seq: chain.seq, prev: chain.hash)
+            let digest = utf8.withUnsafeBytes { SHA256.hash(data: UnsafeRawBufferPointer(rebasing: $0[start...])) }
+            chain.hash = hex(digest)
+            utf8.append(contentsOf: ",\"hash\":\"".utf8)
+            utf8.append(contentsOf: chain.hash.utf8)
+            utf8.append(contentsOf: "\"}\n".utf8)
         }
         var offset = 0
         while offset < utf8.count {
@@ -107,12 +135,18 @@ public final class LedgerSpool: Sendable {
             }
             if n < 0 {
                 if errno == EINTR { continue }
-                logger.error("ledger spool write failed", metadata: ["spool": "\(path)", "error": "\(String(cString: strerror(errno)))"])
+                // Nothing half-written stays and nothing is lost: the file goes back to its last
+                // whole row, the chain to its tail, and the rows back to the front of the queue.
+                logger.error("ledger spool write failed; retrying with the next batch", metadata: ["spool": "\(path)", "error": "\(String(cString: strerror(errno)))"])
+                if before.size >= 0 { _ = ftruncate(fd, before.size) }
+                chain.seq = before.seq
+                chain.hash = before.hash
+                pending.withLockedValue { $0.rows.insert(contentsOf: rows, at: 0) }
                 return 0
             }
             offset += n
         }
-        fsync(fd)
+        chain.unsynced = true
         utf8.removeAll()
         pending.withLockedValue { $0.written += UInt64(rows.count) }
         return rows.count
@@ -133,7 +167,7 @@ public final class LedgerSpool: Sendable {
                     _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10)  // on Linux: this thread only
                     while !stop.withLockedValue({ $0 }) {
                         usleep(micros)
-                        self.flush()
+                        self.flush(sync: false)
                     }
                     self.flush()
                     done.withLockedValue { $0?.resume(); $0 = nil }

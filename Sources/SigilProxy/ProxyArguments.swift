@@ -14,7 +14,7 @@ public enum ProxyArguments {
 
     public static let flags: Set<String> = [
         "config", "workload-api", "inbound", "app", "namespace", "labels", "policies", "mtls", "spiffe-id",
-        "outbound", "upstream", "upstream-id", "protocol", "ledger", "kill-switch", "root-namespace", "threads", "log-level",
+        "outbound", "upstream", "upstream-id", "protocol", "ledger", "ledger-sync-ms", "kill-switch", "root-namespace", "threads", "log-level",
     ]
 
     /// Parsed settings plus the log level (handled by the caller's logging bootstrap).
@@ -93,13 +93,20 @@ public enum ProxyArguments {
             guard let n = Int(text), (1...256).contains(n) else { throw UsageError("--threads '\(text)' must be a number from 1 to 256") }
             threads = n
         }
+        var ledgerSync = ProxyConfig.defaultLedgerSyncMillis
+        if let text = get("ledger-sync-ms") {
+            guard let n = Int(text), (0...60_000).contains(n) else {
+                throw UsageError("--ledger-sync-ms '\(text)' must be a number of milliseconds from 0 (sync every batch) to 60000")
+            }
+            ledgerSync = n
+        }
         do { _ = try WorkloadAPIClient.socketPath(fromEndpoint: socket) } catch { throw UsageError(error.message) }
         let config = ProxyConfig(
             workloadAPISocket: socket, inboundHost: inHost, inboundPort: inPort, appHost: appHost, appPort: appPort,
             namespace: namespace, labels: labels, policiesPath: policies,
             rootNamespace: get("root-namespace") ?? PolicyEvaluator.defaultRootNamespace, mtls: mode, spiffeID: wanted,
             outboundHost: outbound?.0, outboundPort: outbound?.1, upstreamHost: upstream?.0, upstreamPort: upstream?.1,
-            upstreamID: upstreamID, ledgerPath: get("ledger"), killSwitchPath: get("kill-switch"), tcpMode: proto == "tcp",
+            upstreamID: upstreamID, ledgerPath: get("ledger"), ledgerSyncMillis: ledgerSync, killSwitchPath: get("kill-switch"), tcpMode: proto == "tcp",
             threads: threads)
         return (config, get("log-level"))
     }

@@ -74,13 +74,15 @@ struct IdentityWatcher: Sendable {
     let httpMode: Bool
     let store: IdentityStore
     let logger: Logger
+    /// The proxy's own event loops (no extra threads for the stream).
+    let group: any EventLoopGroup
     let onChange: @Sendable (TLSMaterial) -> Void
 
     func run() async {
         var backoff: Duration = .milliseconds(200)
         while !Task.isCancelled {
             do {
-                try await WorkloadAPIClient().watchX509(socketPath: socketPath) { context in
+                try await WorkloadAPIClient(eventLoopGroup: group).watchX509(socketPath: socketPath) { context in
                     try self.apply(context)
                 }
                 logger.warning("Workload API stream ended; reconnecting", metadata: ["socket": "\(socketPath)"])

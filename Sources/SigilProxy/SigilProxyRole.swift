@@ -30,6 +30,9 @@ public struct ProxyConfig: Sendable {
     public var upstreamID: SpiffeID?
     /// JSON-lines ledger spool (nil: no ledger).
     public var ledgerPath: String?
+    /// The longest a written ledger row waits for `fdatasync` (0: every batch is synced).
+    public var ledgerSyncMillis: Int
+    public static let defaultLedgerSyncMillis = 250
     /// The kill switch file: present = PERMISSIVE + allow-all.
     public var killSwitchPath: String
     public var tcpMode: Bool
@@ -39,7 +42,7 @@ public struct ProxyConfig: Sendable {
                 namespace: String, labels: [String: String], policiesPath: String,
                 rootNamespace: String = PolicyEvaluator.defaultRootNamespace, mtls: PeerAuthentication.Mode? = nil,
                 spiffeID: String? = nil, outboundHost: String? = nil, outboundPort: Int? = nil, upstreamHost: String? = nil,
-                upstreamPort: Int? = nil, upstreamID: SpiffeID? = nil, ledgerPath: String? = nil, killSwitchPath: String? = nil,
+                upstreamPort: Int? = nil, upstreamID: SpiffeID? = nil, ledgerPath: String? = nil, ledgerSyncMillis: Int = ProxyConfig.defaultLedgerSyncMillis, killSwitchPath: String? = nil,
                 tcpMode: Bool = false, threads: Int = 0) {
         self.workloadAPISocket = workloadAPISocket
         self.inboundHost = inboundHost
@@ -58,6 +61,7 @@ public struct ProxyConfig: Sendable {
         self.upstreamPort = upstreamPort
         self.upstreamID = upstreamID
         self.ledgerPath = ledgerPath
+        self.ledgerSyncMillis = ledgerSyncMillis
         self.killSwitchPath = killSwitchPath ?? ProxyConfig.defaultKillSwitchPath(policies: policiesPath)
         self.tcpMode = tcpMode
         self.threads = threads > 0 ? threads : System.coreCount
@@ -80,6 +84,7 @@ public struct ProxyConfig: Sendable {
 /// requests finish (up to a grace period), and flushes the ledger.
 public enum SigilProxyRole {
     public static func run(_ config: ProxyConfig, logger: Logger, ready: (@Sendable (String) -> Void)? = nil) async throws {
+        StartupPages.useOneArena()
         let socketPath: String
         do { socketPath = try WorkloadAPIClient.socketPath(fromEndpoint: config.workloadAPISocket) } catch {
             throw ProxyError(.configuration, error.message)
@@ -87,7 +92,8 @@ public enum SigilProxyRole {
         let ledger: LedgerSpool?
         if let path = config.ledgerPath {
             do {
-                ledger = try LedgerSpool(path: path, writer: "proxy:\(config.namespace)/\(config.labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ","))@\(config.inboundPort)", logger: logger)
+                ledger = try LedgerSpool(path: path, writer: "proxy:\(config.namespace)/\(config.labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ","))@\(config.inboundPort)",
+                                        syncInterval: .milliseconds(config.ledgerSyncMillis), logger: logger)
             } catch {
                 throw ProxyError(.configuration, error.description)
             }
@@ -145,7 +151,7 @@ struct ProxyService: Service {
 
     func run() async throws {
         let watcher = IdentityWatcher(socketPath: socketPath, wantedID: config.spiffeID, httpMode: !config.tcpMode,
-                                      store: environment.identity, logger: logger) { material in
+                                      store: environment.identity, logger: logger, group: group) { material in
             environment.record(LedgerRecord(kind: .identity, timeMicros: ProxyClock.nowMicros(), destination: material.spiffeID.description,
                                             peerSerial: material.serial, detail: "serving a new X509-SVID"))
         }
@@ -153,6 +159,7 @@ struct ProxyService: Service {
             tasks.addTask { await watcher.run() }
             tasks.addTask { await environment.policy.watch() }
             if let ledger = environment.ledger { tasks.addTask { await ledger.run() } }
+            tasks.addTask { await IdleTrimmer().run() }
 
             // Serve only with an identity: wait for the first SVID.
             var waited = 0

@@ -1,6 +1,7 @@
 import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
+public import NIOCore
 import SigilCore
 import SwiftASN1
 public import X509
@@ -51,7 +52,13 @@ public struct FetchedX509Context: Sendable {
 /// Errors are ``WorkloadAPIError``s whose message names the socket and the gRPC status, e.g.
 /// `the Workload API at /run/sigil/agent.sock refused: PermissionDenied: no identity issued`.
 public struct WorkloadAPIClient: Sendable {
-    public init() {}
+    /// The event loops the client's connection runs on (nil: NIO's shared singleton group). A
+    /// proxy passes its own, so the Workload API stream costs it no extra threads.
+    let eventLoopGroup: (any EventLoopGroup)?
+
+    public init(eventLoopGroup: (any EventLoopGroup)? = nil) {
+        self.eventLoopGroup = eventLoopGroup
+    }
 
     /// The socket path of a Workload API endpoint address: `unix:///path`, `unix:/path` or a bare `/path`
     /// (the forms of `SPIFFE_ENDPOINT_SOCKET`).
@@ -121,10 +128,13 @@ public struct WorkloadAPIClient: Sendable {
             throw WorkloadAPIError(.unavailable, "no Workload API socket at \(socketPath): is the Sigil agent running? (set --socket or SPIFFE_ENDPOINT_SOCKET)")
         }
         do {
-            let transport = try HTTP2ClientTransport.Posix(
-                target: .unixDomainSocket(path: socketPath),
-                transportSecurity: .plaintext
-            )
+            let transport: HTTP2ClientTransport.Posix
+            if let eventLoopGroup {
+                transport = try HTTP2ClientTransport.Posix(
+                    target: .unixDomainSocket(path: socketPath), transportSecurity: .plaintext, eventLoopGroup: eventLoopGroup)
+            } else {
+                transport = try HTTP2ClientTransport.Posix(target: .unixDomainSocket(path: socketPath), transportSecurity: .plaintext)
+            }
             return try await withGRPCClient(transport: transport) { client in
                 try await body(SPIFFESpiffeWorkloadAPI.Client(wrapping: client))
             }

@@ -57,6 +57,31 @@ struct LedgerSpoolTests {
         }
     }
 
+    @Test("flushes racing from several threads keep one unbroken chain in file order")
+    func concurrentFlushes() async throws {
+        let path = tempFile()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let spool = try LedgerSpool(path: path, writer: "w", syncInterval: .seconds(60), logger: Logger(label: "test"))
+        await withTaskGroup(of: Void.self) { group in
+            for t in 0..<4 {
+                group.addTask {
+                    for i in 0..<250 {
+                        spool.append(row("/t\(t)/\(i)"))
+                        if i % 7 == 0 { spool.flush(sync: i % 2 == 0) }
+                    }
+                }
+            }
+        }
+        spool.flush()
+        let rows = try lines(path)
+        #expect(rows.count == 1000)
+        #expect(rows.map { $0["seq"] as? Int } == Array(1...1000))
+        for (earlier, later) in zip(rows, rows.dropFirst()) {
+            #expect(later["prev"] as? String == earlier["hash"] as? String)
+        }
+        #expect(spool.writtenCount == 1000)
+    }
+
     @Test("a full spool refuses rows instead of growing without bound")
     func bounded() throws {
         let path = tempFile()
