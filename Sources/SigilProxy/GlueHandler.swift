@@ -89,8 +89,15 @@ final class GlueHandler: ChannelDuplexHandler {
         context?.close(mode: .output, promise: nil)
     }
 
+    /// Closes this side once everything already written to it has gone out: a close right away
+    /// would drop writes still queued behind back-pressure (the end of an answer the partner
+    /// sent just before it closed).
     private func partnerClose() {
-        context?.close(promise: nil)
+        guard let context else { return }
+        let empty = context.channel.allocator.buffer(capacity: 0)
+        context.writeAndFlush(wrapOutboundOut(empty)).assumeIsolated().whenComplete { _ in
+            context.close(promise: nil)
+        }
     }
 
     private func partnerBecameWritable() {

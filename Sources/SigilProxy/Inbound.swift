@@ -44,8 +44,9 @@ final class InboundSniffer: ChannelInboundHandler, RemovableChannelHandler {
                 let tls = NIOSSLServerHandler(
                     context: material.serverContext,
                     customVerificationCallbackWithMetadata: SpiffeTLS.verificationCallback(bundle: bundle))
+                let holder = EOFHolder()
                 try context.pipeline.syncOperations.addHandlers(
-                    [tls, TLSPeerHandler(environment: environment, ownID: material.spiffeID.description)],
+                    [holder, tls, TLSPeerHandler(environment: environment, ownID: material.spiffeID.description, eofHolder: holder)],
                     position: .after(self))
             } else if mode == .strict || mode == .unset {
                 environment.record(LedgerRecord(
@@ -75,6 +76,40 @@ final class InboundSniffer: ChannelInboundHandler, RemovableChannelHandler {
     }
 }
 
+/// Sits in front of the TLS handler and holds back a half-close (TCP FIN) that arrives while the
+/// handshake, and our asynchronous check of the peer's certificate, are still running: a client
+/// that sends its request and shuts down its write side at once (`nc -N`, batch protocols) would
+/// otherwise end the handshake with "EOF during handshake". The FIN is passed on once the
+/// handshake is done; everything read before it already has been.
+final class EOFHolder: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    private var context: ChannelHandlerContext?
+    private var held = false
+    private var done = false
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if !done, let event = event as? ChannelEvent, case .inputClosed = event {
+            held = true
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    /// Called (on the channel's event loop) when the handshake has completed.
+    func handshakeDone() {
+        done = true
+        guard let context else { return }
+        if held {
+            held = false
+            context.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        }
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+    }
+}
+
 /// Waits for the TLS handshake, settles who the peer is (its verified SPIFFE ID, serial, and the
 /// hash for `x-forwarded-client-cert`), then builds the application pipeline for the negotiated
 /// protocol. A failed handshake is recorded in the ledger as a refused connection.
@@ -83,11 +118,13 @@ final class TLSPeerHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private let environment: ProxyEnvironment
     private let ownID: String
+    private let eofHolder: EOFHolder?
     private var recorded = false
 
-    init(environment: ProxyEnvironment, ownID: String) {
+    init(environment: ProxyEnvironment, ownID: String, eofHolder: EOFHolder? = nil) {
         self.environment = environment
         self.ownID = ownID
+        self.eofHolder = eofHolder
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -111,6 +148,7 @@ final class TLSPeerHandler: ChannelInboundHandler, RemovableChannelHandler {
             try ApplicationPipeline.configure(context.channel, after: self, peer: peer, alpn: alpn, firstBytes: nil, environment: environment)
             context.fireUserInboundEventTriggered(event)
             context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+            eofHolder?.handshakeDone()
         } catch {
             refuse(context: context, reason: "\(error)")
         }

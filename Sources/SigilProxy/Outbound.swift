@@ -2,6 +2,7 @@ import Logging
 import NIOCore
 import NIOPosix
 import NIOSSL
+import NIOTLS
 import SigilCore
 import SigilTLS
 
@@ -27,6 +28,7 @@ enum Outbound {
             }
             let bound = NIOLoopBound(partner, eventLoop: loop)
             let boundNote = NIOLoopBound(note, eventLoop: loop)
+            let handshake = loop.makePromise(of: Void.self)
             return ClientBootstrap(group: loop)
                 .connectTimeout(.seconds(5))
                 .channelOption(.allowRemoteHalfClosure, value: tcpMode)
@@ -35,10 +37,21 @@ enum Outbound {
                         let tls = try NIOSSLClientHandler(
                             context: context, serverHostname: nil,
                             customVerificationCallbackWithMetadata: SpiffeTLS.verificationCallback(bundle: bundle, expectedPeer: upstreamID))
-                        try channel.pipeline.syncOperations.addHandlers([tls, boundNote.value.handler(), bound.value])
+                        try channel.pipeline.syncOperations.addHandlers(
+                            [tls, boundNote.value.handler(), HandshakeWaiter(handshake)])
                     }
                 }
                 .connect(to: upstream)
+                // Joined only once TLS is up: a client that half-closes (or closes) while the
+                // handshake runs must not have its FIN turned into a close of an unfinished session.
+                // The glue goes in then too: until it has a partner it holds reads back, and the
+                // handshake needs them.
+                .flatMap { channel in
+                    handshake.futureResult.flatMapThrowing {
+                        try channel.pipeline.syncOperations.addHandler(bound.value)
+                        return channel
+                    }
+                }
         }
         splice.onDone = { bytesIn, bytesOut, error, duration in
             environment.record(LedgerRecord(
@@ -80,5 +93,41 @@ final class UpstreamFailureNote {
             }
             context.fireErrorCaught(error)
         }
+    }
+}
+
+/// Completes a promise when the TLS handshake on its channel completes, or fails it when the
+/// channel errors or closes first. The events pass on unchanged.
+final class HandshakeWaiter: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    private var promise: EventLoopPromise<Void>?
+
+    init(_ promise: EventLoopPromise<Void>) {
+        self.promise = promise
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? TLSUserEvent, case .handshakeCompleted = event {
+            promise?.succeed()
+            promise = nil
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        promise?.fail(error)
+        promise = nil
+        context.fireErrorCaught(error)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        promise?.fail(ChannelError.ioOnClosedChannel)
+        promise = nil
+        context.fireChannelInactive()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        promise?.fail(ChannelError.ioOnClosedChannel)
+        promise = nil
     }
 }

@@ -159,7 +159,7 @@ class Cluster:
             proc.kill() if proc.p.poll() is None and False else proc.stop()
         if self.server:
             self.server.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.root, ignore_errors=True) if not os.environ.get("SIGIL_KEEP") else None
 
 
 # --------------------------------------------------------------------------- proxy ledgers
