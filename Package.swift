@@ -87,6 +87,7 @@ let package = Package(
                 grpcHTTP2,
                 lifecycle,
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
             ],
             exclude: ["Protos"],
             swiftSettings: swiftSettings

@@ -118,10 +118,10 @@ final class TLSPeerHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private let environment: ProxyEnvironment
     private let ownID: String
-    private let eofHolder: EOFHolder?
+    private let eofHolder: EOFHolder
     private var recorded = false
 
-    init(environment: ProxyEnvironment, ownID: String, eofHolder: EOFHolder? = nil) {
+    init(environment: ProxyEnvironment, ownID: String, eofHolder: EOFHolder) {
         self.environment = environment
         self.ownID = ownID
         self.eofHolder = eofHolder
@@ -148,7 +148,7 @@ final class TLSPeerHandler: ChannelInboundHandler, RemovableChannelHandler {
             try ApplicationPipeline.configure(context.channel, after: self, peer: peer, alpn: alpn, firstBytes: nil, environment: environment)
             context.fireUserInboundEventTriggered(event)
             context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
-            eofHolder?.handshakeDone()
+            eofHolder.handshakeDone()
         } catch {
             refuse(context: context, reason: "\(error)")
         }

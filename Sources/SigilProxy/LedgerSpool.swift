@@ -102,6 +102,9 @@ public final class LedgerSpool: Sendable {
     /// Rows written to disk so far.
     public var writtenCount: UInt64 { pending.withLockedValue { $0.written } }
 
+    /// Rows handed over and not yet written.
+    var pendingCount: Int { pending.withLockedValue { $0.rows } }
+
     /// Writes out everything handed over so far (one write) and makes it durable (`fdatasync`)
     /// when `sync` is true or the last sync is `syncInterval` old. Returns the number of rows.
     @discardableResult

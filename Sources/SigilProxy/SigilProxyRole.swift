@@ -84,7 +84,7 @@ public struct ProxyConfig: Sendable {
 /// requests finish (up to a grace period), and flushes the ledger.
 public enum SigilProxyRole {
     public static func run(_ config: ProxyConfig, logger: Logger, ready: (@Sendable (String) -> Void)? = nil) async throws {
-        StartupPages.useOneArena()
+        ProcessMemory.useOneArena()
         let socketPath: String
         do { socketPath = try WorkloadAPIClient.socketPath(fromEndpoint: config.workloadAPISocket) } catch {
             throw ProxyError(.configuration, error.message)
@@ -184,7 +184,7 @@ struct ProxyService: Service {
                 "mode": "\(environment.policy.current.mode.rawValue)",
             ])
             ready?(id)
-            StartupPages.release()
+            ProcessMemory.release()
 
             try await gracefulShutdown()
             logger.notice("proxy stopping: no new connections; open requests get 5 s to finish")

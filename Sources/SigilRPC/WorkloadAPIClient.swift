@@ -2,6 +2,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
 public import NIOCore
+import NIOPosix
 import SigilCore
 import SwiftASN1
 public import X509
@@ -128,13 +129,11 @@ public struct WorkloadAPIClient: Sendable {
             throw WorkloadAPIError(.unavailable, "no Workload API socket at \(socketPath): is the Sigil agent running? (set --socket or SPIFFE_ENDPOINT_SOCKET)")
         }
         do {
-            let transport: HTTP2ClientTransport.Posix
-            if let eventLoopGroup {
-                transport = try HTTP2ClientTransport.Posix(
-                    target: .unixDomainSocket(path: socketPath), transportSecurity: .plaintext, eventLoopGroup: eventLoopGroup)
-            } else {
-                transport = try HTTP2ClientTransport.Posix(target: .unixDomainSocket(path: socketPath), transportSecurity: .plaintext)
-            }
+            let transport = try HTTP2ClientTransport.Posix(
+                target: .unixDomainSocket(path: socketPath),
+                transportSecurity: .plaintext,
+                eventLoopGroup: eventLoopGroup ?? .singletonMultiThreadedEventLoopGroup
+            )
             return try await withGRPCClient(transport: transport) { client in
                 try await body(SPIFFESpiffeWorkloadAPI.Client(wrapping: client))
             }

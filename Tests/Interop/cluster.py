@@ -156,10 +156,11 @@ class Cluster:
             proc.stop()
         self.proxies.clear()
         for proc in self.agents.values():
-            proc.kill() if proc.p.poll() is None and False else proc.stop()
+            proc.stop()
         if self.server:
             self.server.stop()
-        shutil.rmtree(self.root, ignore_errors=True) if not os.environ.get("SIGIL_KEEP") else None
+        if not os.environ.get("SIGIL_KEEP"):  # SIGIL_KEEP=1 keeps logs and spools for a failed run
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- proxy ledgers

@@ -82,6 +82,20 @@ struct LedgerSpoolTests {
         #expect(spool.writtenCount == 1000)
     }
 
+    @Test("a failed write loses no row: they stay queued, chained, for the next flush")
+    func failedWriteKeepsRows() throws {
+        // /dev/full fails every write with ENOSPC.
+        let spool = try LedgerSpool(path: "/dev/full", writer: "w", capacity: 3, logger: Logger(label: "test"))
+        for i in 0..<3 { spool.append(row("/\(i)")) }
+        #expect(spool.flush() == 0)
+        #expect(spool.flush() == 0)
+        #expect(spool.writtenCount == 0)
+        #expect(spool.pendingCount == 3)
+        // The three rows were put back, so the spool is still full and refuses a fourth.
+        spool.append(row("/3"))
+        #expect(spool.pendingCount == 3)
+    }
+
     @Test("a full spool refuses rows instead of growing without bound")
     func bounded() throws {
         let path = tempFile()

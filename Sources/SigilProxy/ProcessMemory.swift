@@ -5,7 +5,7 @@ import Glibc
 import CoreFoundation  // the release build resolves Glibc struct members through it
 #endif
 
-/// Hands back the memory that only start-up needed.
+/// Hands back the memory that only start-up (or a past burst) needed.
 ///
 /// A static Swift binary is large (the TLS library, HTTP/2, gRPC for the Workload API, Foundation);
 /// start-up touches code and read-only data all over it (the Swift runtime scans its metadata and
@@ -22,7 +22,7 @@ import CoreFoundation  // the release build resolves Glibc struct members throug
 /// The steady-state RSS then shows the working set. ``IdleTrimmer`` does the same again whenever
 /// the proxy has been idle for a while, so a sidecar that served a burst hours ago does not keep
 /// the burst's pages mapped.
-enum StartupPages {
+enum ProcessMemory {
     /// A mapping from `/proc/self/smaps` that may be dropped.
     struct Mapping: Equatable {
         var start: UInt
@@ -58,17 +58,18 @@ enum StartupPages {
     /// small allocations off the arena lock.
     static func useOneArena() {
         guard getenv("MALLOC_ARENA_MAX") == nil else { return }
-        typealias MallOpt = @convention(c) (Int32, Int32) -> Int32
-        guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "mallopt") else { return }
-        _ = unsafeBitCast(symbol, to: MallOpt.self)(-8 /* M_ARENA_MAX */, 1)
+        _ = mallocFunction("mallopt", as: (@convention(c) (Int32, Int32) -> Int32).self)?(-8 /* M_ARENA_MAX */, 1)
     }
 
-    /// glibc's `malloc_trim(0)`, looked up at run time (Swift's Glibc module does not export
-    /// `<malloc.h>`; other C libraries have no such call and are left alone).
+    /// glibc's `malloc_trim(0)`.
     static func trimHeap() {
-        typealias Trim = @convention(c) (Int) -> Int32
-        guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "malloc_trim") else { return }
-        _ = unsafeBitCast(symbol, to: Trim.self)(0)
+        _ = mallocFunction("malloc_trim", as: (@convention(c) (Int) -> Int32).self)?(0)
+    }
+
+    /// A `<malloc.h>` function looked up at run time: Swift's Glibc module does not export that
+    /// header, and other C libraries have no such calls (then nil: nothing is done).
+    private static func mallocFunction<F>(_ name: String, as type: F.Type) -> F? {
+        dlsym(UnsafeMutableRawPointer(bitPattern: 0), name).map { unsafeBitCast($0, to: type) }
     }
 
     /// The mappings of an smaps text that are private, not writable, backed by a file and hold no
@@ -105,7 +106,7 @@ enum StartupPages {
     }
 }
 
-/// Gives memory back (``StartupPages/release()``) when the proxy is idle and has grown: the
+/// Gives memory back (``ProcessMemory/release()``) when the proxy is idle and has grown: the
 /// process used less than `idleCPU` of CPU time in the last `interval` (1 %: an idle proxy's own
 /// timers use ~0.4 %, a few requests a second stay below it) and its resident set is `growth`
 /// above what it was after the last trim. Reads `getrusage` and `/proc/self/statm` once per
@@ -124,7 +125,7 @@ struct IdleTrimmer: Sendable {
             let used = now - last
             last = now
             guard used < idleCPU, Self.residentBytes() > floor + growth else { continue }
-            StartupPages.release()
+            ProcessMemory.release()
             floor = Self.residentBytes()
             last = Self.cpuTime()  // the trim's own CPU is not activity
         }

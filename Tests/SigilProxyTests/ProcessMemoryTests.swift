@@ -3,7 +3,7 @@ import Testing
 
 /// Dropping a page that holds a private copy (a relocation, a write) would lose it: only clean,
 /// read-only, private, file-backed mappings may be given back.
-struct StartupPagesTests {
+struct ProcessMemoryTests {
     static let smaps = """
         55d0a0000000-55d0a0400000 r--p 00000000 08:01 1234 /usr/local/bin/sigil-proxy
         Size:               4096 kB
@@ -33,7 +33,7 @@ struct StartupPagesTests {
 
     @Test("only clean read-only private file mappings are dropped")
     func onlyCleanReadOnlyFileMappings() {
-        let dropped = StartupPages.droppable(smaps: Array(Self.smaps.utf8))
+        let dropped = ProcessMemory.droppable(smaps: Array(Self.smaps.utf8))
         #expect(dropped == [
             .init(start: 0x55d0_a000_0000, end: 0x55d0_a040_0000),  // rodata, clean
             .init(start: 0x55d0_a040_0000, end: 0x55d0_a140_0000),  // code
@@ -44,15 +44,15 @@ struct StartupPagesTests {
     @Test("a mapping whose Anonymous line is missing or unreadable is kept")
     func unreadableIsKept() {
         let text = "55d0a0000000-55d0a0400000 r--p 00000000 08:01 1234 /bin/x\nSize: 4 kB\n"
-        #expect(StartupPages.droppable(smaps: Array(text.utf8)).isEmpty)
+        #expect(ProcessMemory.droppable(smaps: Array(text.utf8)).isEmpty)
     }
 
     @Test("release() on this process gives back pages and the process keeps running")
     func releaseOnSelf() {
-        let advised = StartupPages.release()
+        let advised = ProcessMemory.release()
         #expect(advised > 0)
         // Code and read-only data fault back in: this process goes on running code it dropped.
-        #expect(StartupPages.droppable(smaps: Array(Self.smaps.utf8)).count == 3)
+        #expect(ProcessMemory.droppable(smaps: Array(Self.smaps.utf8)).count == 3)
     }
 
     @Test("the idle trimmer's CPU clock counts this process's work")
