@@ -20,23 +20,39 @@
 # - sigil pair: the real CLI (CA server, agent, two entries for this uid, one ALLOW policy, two
 #   `sigil proxy run`), SVIDs from the Workload API. Skipped with a message if `sigil proxy run`
 #   does not exist yet or does not start.
-# - wrk -t1 at 1 and 64 connections, DURATION seconds per run, ROUNDS rounds; in every round each
-#   system runs once per connection count, the order of systems rotating between rounds (the
-#   machine's noise is ±15–25 %, so only medians of interleaved rounds rank anything). A WARMUP run
-#   per system at 64 connections fills the connection pools first and is not counted.
+# - HTTP/1.1 keep-alive: wrk -t1 at 1 and 64 connections, DURATION seconds per run, ROUNDS rounds;
+#   in every round each system runs once per connection count, the order of systems rotating
+#   between rounds (the machine's noise is ±15–25 %, so only medians of interleaved rounds rank
+#   anything). A WARMUP run per system at 64 connections fills the connection pools first. p99.9
+#   comes from wrk's Lua `done` hook (the same histogram as --latency).
+# - HTTP/2: h2load -t1 -m1 at 1 and 64 connections, H2_ROUNDS rounds, percentiles from --log-file.
+#   nginx's outbound terminates h2c and proxies HTTP/1.1 over its pool; the sigil outbound passes the
+#   HTTP/2 connection through (its inbound terminates it).
+# - Latency at a fixed rate: h2load -c10 --rps 100 (1000 req/s) for RATE_DURATION seconds, HTTP/1.1
+#   (--h1) and HTTP/2, percentiles p50/p90/p99/p99.9 of every request from --log-file; "added" is
+#   system − direct. CPU of each proxy side during the run gives vCPU per 1000 req/s.
+# - New connections: wrk -c16 with `Connection: close`, so every request is a new connection to the
+#   outbound proxy and a new, full mTLS 1.3 handshake between the proxies (nginx: a second outbound
+#   server with no upstream pool, no session reuse; the inbound has session cache and tickets off).
+#   Handshakes per CPU-second of each side bound what one core can do.
 # - CPU: utime+stime of the proxy processes (/proc/PID/stat; nginx: master and worker of both
-#   proxies; sigil: both proxy processes, all threads) read before and after each wrk run, divided
-#   by the requests wrk completed → µs of proxy CPU per request. The backend's is recorded too.
-# - "added p99" is the median over rounds of (system p99 − direct p99 in the same round).
-# - RSS: VmRSS (and RssAnon, the process's private anonymous memory) of each proxy process idle
-#   (IDLE_WAIT seconds without traffic after the set-up requests), at the end of the last run, idle
-#   again IDLE_WAIT seconds after it, and VmHWM (peak). The sigil proxy gives back pages it mapped
-#   for a burst once it has been idle ~10-20 s; nginx has no such step.
+#   proxies; sigil: both proxy processes, all threads) read before and after each run, divided by the
+#   requests completed → CPU-s per 10k requests. The backend's is recorded too.
+# - "added pN" in the throughput table is the median over rounds of (system pN − direct pN).
+# - RSS: VmRSS (and RssAnon) of each proxy process idle (IDLE_WAIT seconds without traffic), at
+#   1000 req/s (3 s before the end of the HTTP/1.1 fixed-rate run), with OPEN_CONNS (1000) keep-alive
+#   client connections held open (bench/hold_conns.py), at the end of the HTTP/1.1 runs, idle again
+#   IDLE_WAIT seconds after everything, and VmHWM (peak).
+# - sigil-noledger: the same pair without --ledger (LEDGER_OFF_PAIR=0 skips it): what the ledger costs.
 # - Everything listens on 127.0.0.1 on free ports; every process started here is stopped on exit.
 #
-#   bash bench/proxy.sh                       # defaults: DURATION=10 ROUNDS=3 WARMUP=2 (~3-4 min)
-#   SIGIL=/path/to/sigil ROUNDS=5 bash bench/proxy.sh
-#   KEEP=1 bash bench/proxy.sh                # keep the temp dir (configs, logs, raw wrk output)
+#   bash bench/proxy.sh                       # defaults (~17 min on 2 vCPUs)
+#   PHASES="h1 rate" ROUNDS=5 bash bench/proxy.sh   # some phases only: h1 h2 rate newconn conns
+#   SIGIL=/path/to/sigil bash bench/proxy.sh
+#   SIGIL_THREADS=1 bash bench/proxy.sh       # event-loop threads per sigil proxy (default: one per core)
+#   KEEP=1 bash bench/proxy.sh                # keep the temp dir (configs, logs, raw outputs)
+#   PROFILE=h1 IDLE_WAIT=1 bash bench/proxy.sh       # no benchmark: perf profile of the sigil pair (or h2)
+#   PROFILE=syscalls IDLE_WAIT=1 bash bench/proxy.sh # no benchmark: system calls per request (strace -c)
 #
 # Prints a markdown table; writes bench/results/proxy-<UTC date>.json (raw runs + summary).
 set -euo pipefail
@@ -48,37 +64,24 @@ ROUNDS="${ROUNDS:-3}"
 WARMUP="${WARMUP:-2}"
 IDLE_WAIT="${IDLE_WAIT:-25}"
 NGINX_ACCESS_LOG="${NGINX_ACCESS_LOG:-0}"
+H2_ROUNDS="${H2_ROUNDS:-2}"
+RATE_DURATION="${RATE_DURATION:-20}"
+OPEN_CONNS="${OPEN_CONNS:-1000}"
+LEDGER_OFF_PAIR="${LEDGER_OFF_PAIR:-1}"
+PLOT="${PLOT:-$repo/docs/bench-latency.png}"
+# 1,000 held connections need ~2,000 descriptors per proxy (downstream + upstream); children inherit this.
+ulimit -n 65536 2>/dev/null || ulimit -n 8192 2>/dev/null || true
 CONNS=(1 64)
+# PHASES: which parts run (all by default): h1 h2 rate newconn conns.
+PHASES="${PHASES:-h1 h2 rate newconn conns}"
+phase() { [[ " $PHASES " == *" $1 "* ]]; }
 RESULT_JSON="${RESULT_JSON:-$repo/bench/results/proxy-$(date -u +%Y-%m-%d).json}"
 
 log() { echo "==> $*" >&2; }
 note() { echo "    $*" >&2; }
 
-# ---------------------------------------------------------------------------------------------
-# Peers: nginx (nginx-light if the archive has it), wrk, h2load (nghttp2-client, for HTTP/2 later),
-# openssl, curl, python3. Installs only what is missing.
-# ---------------------------------------------------------------------------------------------
-install_peers() {
-    local missing=() sudo=""
-    [ "$(id -u)" -ne 0 ] && sudo="sudo"
-    command -v wrk >/dev/null || missing+=(wrk)
-    command -v h2load >/dev/null || missing+=(nghttp2-client)
-    command -v openssl >/dev/null || missing+=(openssl)
-    command -v curl >/dev/null || missing+=(curl)
-    command -v python3 >/dev/null || missing+=(python3)
-    if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then missing+=(NGINX); fi
-    ((${#missing[@]})) || return 0
-    log "apt-get install (missing: ${missing[*]})"
-    $sudo apt-get update -qq
-    if [[ " ${missing[*]} " == *" NGINX "* ]]; then
-        local pkg=nginx
-        # nginx-light has everything used here (ssl, proxy, upstream keepalive, map) and less else.
-        if [ "$(apt-cache policy nginx-light 2>/dev/null | awk '/Candidate:/ {print $2}')" != "(none)" ] \
-            && apt-cache show nginx-light >/dev/null 2>&1; then pkg=nginx-light; fi
-        missing=("${missing[@]/NGINX/$pkg}")
-    fi
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-}
+# Peers (nginx, wrk, h2load, openssl, curl, matplotlib) come from Debian packages: bench/lib.sh.
+source "$repo/bench/lib.sh"
 
 # ---------------------------------------------------------------------------------------------
 # Process bookkeeping: everything started here is killed (TERM, then KILL) by the EXIT trap.
@@ -261,6 +264,7 @@ setup_backend() {
     { nginx_head "$d"; cat <<EOF
     server {
         listen 127.0.0.1:$port_backend backlog=4096;
+        listen 127.0.0.1:$port_backend_h2 http2 backlog=4096;   # HTTP/2 prior knowledge, for h2load
         location / { return 200 "hello\n"; }
     }
 }
@@ -294,7 +298,8 @@ setup_nginx_pair() {
         ssl_client_certificate $pki/ca.pem;
         ssl_verify_client on;
         ssl_verify_depth 2;
-        ssl_session_cache shared:bench_in:1m;
+        ssl_session_cache off;        # full handshakes only (the new-connection test)
+        ssl_session_tickets off;
         location / {
             if (\$bench_allowed = 0) { return 403; }
             proxy_pass http://app;
@@ -317,8 +322,29 @@ EOF
         keepalive_requests 1000000;
         keepalive_timeout 60s;
     }
+    # New-connection test: no upstream pool and no session reuse, so every client connection costs
+    # one full mTLS handshake between the two nginx, as every new app connection does in a Sigil pair.
+    upstream inbound_fresh {
+        server 127.0.0.1:$port_nginx_in;
+    }
+    server {
+        listen 127.0.0.1:$port_nginx_out_nc backlog=4096;
+        location / {
+            proxy_pass https://inbound_fresh;
+            proxy_http_version 1.1;
+            proxy_ssl_protocols TLSv1.3;
+            proxy_ssl_certificate $pki/client.pem;
+            proxy_ssl_certificate_key $pki/client.key;
+            proxy_ssl_trusted_certificate $pki/ca.pem;
+            proxy_ssl_verify on;
+            proxy_ssl_verify_depth 2;
+            proxy_ssl_name server.bench.local;
+            proxy_ssl_session_reuse off;
+        }
+    }
     server {
         listen 127.0.0.1:$port_nginx_out backlog=4096;
+        listen 127.0.0.1:$port_nginx_out_h2 http2 backlog=4096;   # the app speaking HTTP/2 (h2c)
         location / {
             proxy_pass https://inbound;
             proxy_http_version 1.1;
@@ -375,6 +401,8 @@ sigil_available() {
     proxy_extra=()
     if grep -q -- "--ledger" <<<"$help"; then sigil_ledger=1; else sigil_ledger=0; fi
     grep -q -- "--log-level" <<<"$help" && proxy_extra+=(--log-level warning)
+    # SIGIL_THREADS=N: event-loop threads per proxy (default: the proxy's own, one per core).
+    [ -n "${SIGIL_THREADS:-}" ] && proxy_extra+=(--threads "$SIGIL_THREADS")
     return 0
 }
 
@@ -431,49 +459,56 @@ spec:
         principals: ["bench.local/ns/bench/sa/client"]
 EOF
 
-    local ledger_in=() ledger_out=()
-    if ((sigil_ledger)); then
-        ledger_in=(--ledger "$d/ledger-server.jsonl"); ledger_out=(--ledger "$d/ledger-client.jsonl")
-    else
-        note "'sigil proxy run' has no --ledger option: running without one"
+    start_sigil_pair sigil "$port_sigil_in" "$port_sigil_in2" "$port_sigil_out" "$sigil_ledger" || return 1
+    sigil_server_pid="${pair_server[sigil]}"; sigil_client_pid="${pair_client[sigil]}"
+}
+
+# start_sigil_pair NAME INBOUND_PORT CLIENT_INBOUND_PORT OUTBOUND_PORT LEDGER(0|1): two `sigil proxy
+# run` (server side STRICT inbound → backend with the policy; client side outbound → mTLS → the
+# server side, which must prove .../sa/server); sets pair_server[NAME] and pair_client[NAME].
+declare -A pair_server pair_client
+start_sigil_pair() {
+    local name="$1" in_port="$2" in2_port="$3" out_port="$4" with_ledger="$5"
+    local d="$work/sigil" td=bench.local ledger_in=() ledger_out=()
+    if ((with_ledger)); then
+        ledger_in=(--ledger "$d/ledger-$name-server.jsonl"); ledger_out=(--ledger "$d/ledger-$name-client.jsonl")
     fi
-    # server side: mTLS STRICT inbound on port_sigil_in → backend, policy applies (app=server)
     "$SIGIL" proxy run --workload-api "unix://$d/agent.sock" --spiffe-id "spiffe://$td/ns/bench/sa/server" \
-        --inbound "127.0.0.1:$port_sigil_in" --app "127.0.0.1:$port_backend" \
+        --inbound "127.0.0.1:$in_port" --app "127.0.0.1:$port_backend" \
         --namespace bench --labels app=server --policies "$d/policies" --mtls STRICT \
-        "${ledger_in[@]}" "${proxy_extra[@]}" >"$d/proxy-server.log" 2>&1 &
-    sigil_server_pid=$!
+        "${ledger_in[@]}" "${proxy_extra[@]}" >"$d/proxy-$name-server.log" 2>&1 &
+    pair_server[$name]=$!
     started+=($!)
-    # client side: outbound on port_sigil_out → mTLS to the server proxy, which must be .../sa/server
     "$SIGIL" proxy run --workload-api "unix://$d/agent.sock" --spiffe-id "spiffe://$td/ns/bench/sa/client" \
-        --inbound "127.0.0.1:$port_sigil_in2" --app "127.0.0.1:$port_backend" \
+        --inbound "127.0.0.1:$in2_port" --app "127.0.0.1:$port_backend" \
         --namespace bench --labels app=client --policies "$d/policies" \
-        --outbound "127.0.0.1:$port_sigil_out" --upstream "127.0.0.1:$port_sigil_in" \
+        --outbound "127.0.0.1:$out_port" --upstream "127.0.0.1:$in_port" \
         --upstream-id "spiffe://$td/ns/bench/sa/server" \
-        "${ledger_out[@]}" "${proxy_extra[@]}" >"$d/proxy-client.log" 2>&1 &
-    sigil_client_pid=$!
+        "${ledger_out[@]}" "${proxy_extra[@]}" >"$d/proxy-$name-client.log" 2>&1 &
+    pair_client[$name]=$!
     started+=($!)
+    local sp="${pair_server[$name]}" cp="${pair_client[$name]}"
     # Up to 60 s for both proxies to fetch their SVIDs and answer through the pair; stop early if one exits.
     local deadline=$((SECONDS + 60)) up=0
     while ((SECONDS < deadline)); do
-        if curl -sf -o /dev/null --max-time 2 "http://127.0.0.1:$port_sigil_out/"; then up=1; break; fi
-        alive "$sigil_server_pid" "$sigil_client_pid" || break
+        if curl -sf -o /dev/null --max-time 2 "http://127.0.0.1:$out_port/"; then up=1; break; fi
+        alive "$sp" "$cp" || break
         sleep 0.2
     done
     if ((!up)); then
-        if alive "$sigil_server_pid" "$sigil_client_pid"; then
-            sigil_skip="the sigil pair did not answer 200 within 60 s (last try: $(curl -sS -o /dev/null --max-time 5 \
-                -w 'HTTP %{http_code}' "http://127.0.0.1:$port_sigil_out/" 2>&1 | tr '\n' ' ' || true))"
+        if alive "$sp" "$cp"; then
+            sigil_skip="the $name pair did not answer 200 within 60 s (last try: $(curl -sS -o /dev/null --max-time 5 \
+                -w 'HTTP %{http_code}' "http://127.0.0.1:$out_port/" 2>&1 | tr '\n' ' ' || true))"
         else
-            sigil_skip="a sigil proxy exited at startup: $(cat "$d/proxy-server.log" "$d/proxy-client.log" | grep -v '^\s*$' | tail -1)"
+            sigil_skip="a $name proxy exited at startup: $(cat "$d/proxy-$name-server.log" "$d/proxy-$name-client.log" | grep -v '^\s*$' | tail -1)"
         fi
-        note "server proxy log: $(tail -3 "$d/proxy-server.log" | tr '\n' ' ')"
-        note "client proxy log: $(tail -3 "$d/proxy-client.log" | tr '\n' ' ')"
+        note "server proxy log: $(tail -3 "$d/proxy-$name-server.log" | tr '\n' ' ')"
+        note "client proxy log: $(tail -3 "$d/proxy-$name-client.log" | tr '\n' ' ')"
         return 1
     fi
     local body
-    body="$(curl -sf --max-time 5 "http://127.0.0.1:$port_sigil_out/" || true)"
-    [ "$body" = "hello" ] || { sigil_skip="the sigil pair answered '$body', not the backend's 'hello'"; return 1; }
+    body="$(curl -sf --max-time 5 "http://127.0.0.1:$out_port/" || true)"
+    [ "$body" = "hello" ] || { sigil_skip="the $name pair answered '$body', not the backend's 'hello'"; return 1; }
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -486,18 +521,20 @@ record_rss() { # record_rss PHASE SYSTEM LABEL PID
 }
 record_all_rss() {
     local sys
-    for sys in "${systems[@]}"; do
-        case "$sys" in
-        nginx)
-            record_rss "$1" nginx "outbound master" "${nginx_master[nginx-out]}"
-            for w in ${nginx_workers[nginx-out]}; do record_rss "$1" nginx "outbound worker" "$w"; done
-            record_rss "$1" nginx "inbound master" "${nginx_master[nginx-in]}"
-            for w in ${nginx_workers[nginx-in]}; do record_rss "$1" nginx "inbound worker" "$w"; done ;;
-        sigil)
-            record_rss "$1" sigil "client proxy" "$sigil_client_pid"
-            record_rss "$1" sigil "server proxy" "$sigil_server_pid" ;;
-        esac
-    done
+    for sys in "${systems[@]}"; do record_sys_rss "$1" "$sys"; done
+}
+record_sys_rss() { # record_sys_rss PHASE SYSTEM
+    local sys="$2" w
+    case "$sys" in
+    nginx)
+        record_rss "$1" nginx "outbound master" "${nginx_master[nginx-out]}"
+        for w in ${nginx_workers[nginx-out]}; do record_rss "$1" nginx "outbound worker" "$w"; done
+        record_rss "$1" nginx "inbound master" "${nginx_master[nginx-in]}"
+        for w in ${nginx_workers[nginx-in]}; do record_rss "$1" nginx "inbound worker" "$w"; done ;;
+    sigil*)
+        record_rss "$1" "$sys" "client proxy" "${pair_client[$sys]}"
+        record_rss "$1" "$sys" "server proxy" "${pair_server[$sys]}" ;;
+    esac
 }
 
 # measure SYSTEM CONNS ROUND: one wrk run; raw output kept, CPU deltas appended to runs.tsv.
@@ -505,7 +542,7 @@ measure() {
     local sys="$1" conns="$2" round="$3" out="$work/runs/$1-c$2-r$3.txt"
     local p0 p1 b0 b1
     p0="$(cpu_ticks ${proxy_pids[$sys]})"; b0="$(cpu_ticks $backend_pids)"
-    wrk -t1 -c"$conns" -d"${DURATION}s" --latency "${url[$sys]}" > "$out" 2>&1 || true
+    wrk -t1 -c"$conns" -d"${DURATION}s" --latency -s "$work/p999.lua" "${url[$sys]}" > "$out" 2>&1 || true
     # A proxy that died during the run leaves its CPU figure empty (and the run shows errors).
     p1="$(cpu_ticks ${proxy_pids[$sys]})" || p1=""; b1="$(cpu_ticks $backend_pids)"
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$sys" "$conns" "${p1:+$((p1 - p0))}" "$((b1 - b0))" "$out" >> "$work/runs.tsv"
@@ -515,7 +552,7 @@ measure() {
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
-install_peers
+bench_install_peers
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 
 # Which sigil: $SIGIL, else the release build if there is one, else the debug build.
@@ -554,36 +591,65 @@ work="$(mktemp -d /tmp/sigil-bench-proxy.XXXXXX)"
 chmod 755 "$work"
 mkdir -p "$work/runs"
 : > "$work/runs.tsv"; : > "$work/rss.tsv"
+# wrk's --latency stops at p99; its Lua hook gives p99.9 from the same histogram (µs).
+cat > "$work/p999.lua" <<'EOF'
+done = function(summary, latency, requests)
+  io.write(string.format("p99.9 %d us\n", latency:percentile(99.9)))
+end
+EOF
 
-read -r port_backend port_nginx_in port_nginx_out port_sigil_server port_sigil_in port_sigil_in2 port_sigil_out \
-    <<<"$(free_ports 7)"
+read -r port_backend port_backend_h2 port_nginx_in port_nginx_out port_nginx_out_h2 port_nginx_out_nc \
+    port_sigil_server port_sigil_in port_sigil_in2 port_sigil_out port_nl_in port_nl_in2 port_nl_out \
+    <<<"$(free_ports 13)"
 
 log "test PKI (root → intermediate → P-256 leaves with SPIFFE URI SANs)"
 make_pki "$work/pki"
-log "backend nginx on 127.0.0.1:$port_backend"
+log "backend nginx on 127.0.0.1:$port_backend (h2c on $port_backend_h2)"
 setup_backend
 backend_pids="${nginx_master[backend]} ${nginx_workers[backend]}"
 systems=(direct)
+declare -A h2url ncurl out_pids in_pids
 url[direct]="http://127.0.0.1:$port_backend/"
+h2url[direct]="http://127.0.0.1:$port_backend_h2/"
 proxy_pids[direct]=""
 
 log "nginx pair: 127.0.0.1:$port_nginx_out → mTLS → 127.0.0.1:$port_nginx_in → backend"
 setup_nginx_pair
 systems+=(nginx)
 url[nginx]="http://127.0.0.1:$port_nginx_out/"
-proxy_pids[nginx]="${nginx_master[nginx-out]} ${nginx_workers[nginx-out]} ${nginx_master[nginx-in]} ${nginx_workers[nginx-in]}"
+h2url[nginx]="http://127.0.0.1:$port_nginx_out_h2/"
+ncurl[nginx]="http://127.0.0.1:$port_nginx_out_nc/"
+out_pids[nginx]="${nginx_master[nginx-out]} ${nginx_workers[nginx-out]}"
+in_pids[nginx]="${nginx_master[nginx-in]} ${nginx_workers[nginx-in]}"
+proxy_pids[nginx]="${out_pids[nginx]} ${in_pids[nginx]}"
 
 sigil_skip=""; sigil_ledger=0; sigil_server_pid=""; sigil_client_pid=""; proxy_extra=()
 log "sigil pair ($SIGIL, $sigil_build build)"
 if sigil_available && setup_sigil_pair; then
     systems+=(sigil)
     url[sigil]="http://127.0.0.1:$port_sigil_out/"
+    h2url[sigil]="${url[sigil]}"     # the outbound sniffs the HTTP/2 preface and offers h2 upstream
+    ncurl[sigil]="${url[sigil]}"     # every new app connection is a new mTLS connection upstream
+    out_pids[sigil]="$sigil_client_pid"; in_pids[sigil]="$sigil_server_pid"
     proxy_pids[sigil]="$sigil_server_pid $sigil_client_pid"
     note "127.0.0.1:$port_sigil_out → mTLS → 127.0.0.1:$port_sigil_in → backend"
     case "$sigil_build" in
     debug) note "WARNING: a debug build of sigil: its figures mean nothing (swift build -c release --product sigil)" ;;
     unknown) note "note: cannot tell from its path whether $SIGIL is a release build" ;;
     esac
+    # The same pair without the ledger: what the ledger costs (LEDGER_OFF_PAIR=0 skips it).
+    if [ "$LEDGER_OFF_PAIR" = 1 ] && ((sigil_ledger)); then
+        log "sigil pair without the ledger (sigil-noledger)"
+        if start_sigil_pair sigil-noledger "$port_nl_in" "$port_nl_in2" "$port_nl_out" 0; then
+            systems+=(sigil-noledger)
+            url[sigil-noledger]="http://127.0.0.1:$port_nl_out/"
+            h2url[sigil-noledger]="${url[sigil-noledger]}"
+            out_pids[sigil-noledger]="${pair_client[sigil-noledger]}"; in_pids[sigil-noledger]="${pair_server[sigil-noledger]}"
+            proxy_pids[sigil-noledger]="${pair_server[sigil-noledger]} ${pair_client[sigil-noledger]}"
+        else
+            note "SKIPPED sigil-noledger: $sigil_skip"; sigil_skip=""
+        fi
+    fi
 else
     note "SKIPPED: $sigil_skip"
 fi
@@ -594,28 +660,170 @@ record_all_rss idle
 log "warm-up: ${WARMUP}s at 64 connections per system (not counted)"
 for sys in "${systems[@]}"; do wrk -t1 -c64 -d"${WARMUP}s" "${url[$sys]}" >/dev/null 2>&1 || true; done
 
-log "measuring: ${#systems[@]} systems × ${#CONNS[@]} connection counts × $ROUNDS rounds × ${DURATION}s"
-sigil_dead=0
+# PROFILE=h1|h2: instead of the benchmark, one DURATION-second run at 64 connections through the
+# sigil pair under `perf record` (both proxies, call graphs), then the hottest symbols per proxy.
+# PROFILE=syscalls: instead, `strace -c` on both proxies during a 5 s HTTP/1.1 run at 64 connections:
+# system calls per request by kind (strace slows the proxies; the counts are what matter).
+if [ "${PROFILE:-}" = syscalls ]; then
+    command -v strace >/dev/null || { echo "PROFILE=syscalls needs strace (apt-get install strace)" >&2; exit 1; }
+    for side in server client; do
+        pid="${pair_server[sigil]}"; [ "$side" = client ] && pid="${pair_client[sigil]}"
+        strace -c -f -qq -p "$pid" -o "$work/strace-$side.txt" &
+        eval "strace_$side=\$!"
+    done
+    sleep 1
+    requests="$(wrk -t1 -c64 -d5s "${url[sigil]}" | awk '/requests in/ {print $1}')"
+    kill -INT "$strace_server" "$strace_client" 2>/dev/null || true
+    wait "$strace_server" "$strace_client" 2>/dev/null || true
+    for side in server client; do
+        echo "## sigil $side proxy: system calls per request ($requests requests)"
+        awk -v n="$requests" '$NF ~ /^[a-z_0-9]+$/ && $4 ~ /^[0-9]+$/ && $NF != "total" {printf "%-16s %6.2f\n", $NF, $4 / n}' \
+            "$work/strace-$side.txt" | sort -k2 -nr | head -12
+        echo
+    done
+    exit 0
+fi
+if [ -n "${PROFILE:-}" ]; then
+    [[ " ${systems[*]} " == *" sigil "* ]] || { echo "PROFILE needs the sigil pair: $sigil_skip" >&2; exit 1; }
+    command -v perf >/dev/null || { echo "PROFILE needs perf (apt-get install linux-perf)" >&2; exit 1; }
+    log "perf record: both sigil proxies, ${DURATION}s of ${PROFILE} at 64 connections"
+    perf record -F 499 -g -o "$work/perf.data" -p "${pair_server[sigil]},${pair_client[sigil]}" \
+        -- sleep "$((DURATION + 1))" 2>"$work/perf.log" &
+    perf_pid=$!
+    sleep 0.5
+    if [ "$PROFILE" = h2 ]; then
+        h2load -t1 -c64 -m1 -D "$DURATION" "${h2url[sigil]}" | grep -E "^(finished|requests)" >&2
+    else
+        wrk -t1 -c64 -d"${DURATION}s" "${url[sigil]}" | grep -E "Requests/sec" >&2
+    fi
+    wait "$perf_pid" || true
+    for side in server client; do
+        pid="${pair_server[sigil]}"; [ "$side" = client ] && pid="${pair_client[sigil]}"
+        echo "## sigil $side proxy (pid $pid): self time, symbols ≥ 0.7 %"
+        perf report -i "$work/perf.data" --pid "$pid" --no-children --sort symbol --percent-limit 0.7 --stdio -g none 2>/dev/null \
+            | grep -v '^#' | grep -v '^$' | cut -c1-160 | head -45
+        echo
+    done
+    exit 0
+fi
+
+# A sigil system whose proxies are gone is skipped from then on (and says so once).
+declare -A dead
+usable() {
+    local sys="$1"
+    [ -n "${dead[$sys]:-}" ] && return 1
+    case "$sys" in sigil*) ;; *) return 0 ;; esac
+    if ! alive ${proxy_pids[$sys]}; then
+        dead[$sys]=1
+        [ "$sys" = sigil ] && sigil_skip="a sigil proxy exited during the runs ($2)"
+        note "a $sys proxy exited ($2); no more $sys runs"
+        tail -5 "$work"/sigil/proxy-"$sys"-*.log >&2 || true
+        return 1
+    fi
+}
+# rotated ROUND: the systems in an order that rotates per round (the machine's noise is ±15–25 %).
+rotated() {
+    local n=${#systems[@]} i
+    for i in $(seq 0 $((n - 1))); do echo "${systems[$(((i + $1 - 1) % n))]}"; done
+}
+# side_ticks SYS: "outbound-proxy inbound-proxy backend" CPU ticks (0 0 for direct).
+side_ticks() {
+    local o=0 i=0
+    if [ -n "${out_pids[$1]:-}" ]; then o="$(cpu_ticks ${out_pids[$1]})" || o=""; i="$(cpu_ticks ${in_pids[$1]})" || i=""; fi
+    echo "$o $i $(cpu_ticks $backend_pids)"
+}
+# timed TSV SYS TAG OUTFILE -- COMMAND...: runs COMMAND, appends "SYS TAG out in backend OUTFILE" tick deltas.
+timed() {
+    local tsv="$1" sys="$2" tag="$3" out="$4"; shift 5
+    local a b
+    read -r -a a <<<"$(side_ticks "$sys")"
+    "$@" > "$out" 2>&1 || true
+    read -r -a b <<<"$(side_ticks "$sys")"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$sys" "$tag" "$((b[0] - a[0]))" "$((b[1] - a[1]))" "$((b[2] - a[2]))" "$out" >> "$tsv"
+}
+
+if phase h1; then
+log "HTTP/1.1 keep-alive (wrk): ${#systems[@]} systems × ${#CONNS[@]} connection counts × $ROUNDS rounds × ${DURATION}s"
 for round in $(seq "$ROUNDS"); do
     for conns in "${CONNS[@]}"; do
-        n=${#systems[@]}
-        order=()
-        for i in $(seq 0 $((n - 1))); do order+=("${systems[$(((i + round - 1) % n))]}"); done  # rotates per round
-        for sys in "${order[@]}"; do
-            if [ "$sys" = sigil ] && { ((sigil_dead)) || ! alive $sigil_server_pid $sigil_client_pid; }; then
-                if ((!sigil_dead)); then
-                    sigil_dead=1
-                    sigil_skip="a sigil proxy exited during the runs (round $round)"
-                    note "a sigil proxy exited; no more sigil runs"
-                    tail -5 "$work/sigil/proxy-server.log" "$work/sigil/proxy-client.log" >&2 || true
-                fi
-                continue
-            fi
+        for sys in $(rotated "$round"); do
+            usable "$sys" "h1 round $round" || continue
             measure "$sys" "$conns" "$round"
         done
     done
 done
 record_all_rss after
+fi
+
+if phase h2; then
+log "HTTP/2 (h2load -m1): ${#systems[@]} systems × ${#CONNS[@]} connection counts × $H2_ROUNDS rounds × ${DURATION}s"
+: > "$work/h2.tsv"
+for round in $(seq "$H2_ROUNDS"); do
+    for conns in "${CONNS[@]}"; do
+        for sys in $(rotated "$round"); do
+            usable "$sys" "h2 round $round" || continue
+            timed "$work/h2.tsv" "$sys" "c$conns-r$round" "$work/runs/h2-$sys-c$conns-r$round.txt" -- \
+                h2load -t1 -c"$conns" -m1 -D "$DURATION" --log-file "$work/runs/h2-$sys-c$conns-r$round.log" "${h2url[$sys]}"
+            note "h2 round $round  $(printf '%-14s c=%-3s' "$sys" "$conns")  $(awk '/^finished in/ {print $4, "req/s"}' "$work/runs/h2-$sys-c$conns-r$round.txt")"
+        done
+    done
+done
+fi
+
+if phase rate; then
+log "latency at a fixed rate: h2load -c10 --rps 100 (1000 req/s) for ${RATE_DURATION}s, HTTP/1.1 and HTTP/2"
+: > "$work/rate.tsv"
+for proto in h1 h2; do
+    for sys in $(rotated 1); do
+        usable "$sys" "fixed rate $proto" || continue
+        flags=(); target="${h2url[$sys]}"
+        [ "$proto" = h1 ] && { flags=(--h1); target="${url[$sys]}"; }
+        # Memory at 1k req/s is read 3 s before the end of the HTTP/1.1 run.
+        sampler=""
+        if [ "$proto" = h1 ] && [ "$sys" != direct ]; then
+            ( sleep $((RATE_DURATION - 3)); record_sys_rss rate-1k "$sys" ) &
+            sampler=$!
+        fi
+        timed "$work/rate.tsv" "$sys" "$proto" "$work/runs/rate-$proto-$sys.txt" -- \
+            h2load -t1 -c10 --rps 100 -D "$RATE_DURATION" "${flags[@]}" --log-file "$work/runs/rate-$proto-$sys.log" "$target"
+        [ -n "$sampler" ] && { wait "$sampler" 2>/dev/null || true; }
+        note "fixed rate $proto $(printf '%-14s' "$sys") $(python3 -c '
+import sys
+t = sorted(int(l.split("\t")[2]) for l in open(sys.argv[1]) if l.strip())
+print(f"{len(t)} requests, p50 {t[len(t)//2]} µs, p99 {t[int(len(t)*0.99)]} µs") if t else print("no requests")' "$work/runs/rate-$proto-$sys.log")"
+    done
+done
+fi
+
+if phase newconn; then
+log "new connections (wrk -c16, Connection: close): one full mTLS handshake between the proxies per request"
+: > "$work/newconn.tsv"
+for round in $(seq "$ROUNDS"); do
+    for sys in nginx sigil; do
+        [ -n "${ncurl[$sys]:-}" ] || continue
+        usable "$sys" "new connections" || continue
+        timed "$work/newconn.tsv" "$sys" "r$round" "$work/runs/newconn-$sys-r$round.txt" -- \
+            wrk -t1 -c16 -d"${DURATION}s" -H "Connection: close" "${ncurl[$sys]}"
+        note "new connections r$round $(printf '%-6s' "$sys") $(awk '/Requests\/sec/ {print $2, "conn/s"}' "$work/runs/newconn-$sys-r$round.txt")"
+    done
+done
+fi
+
+if phase conns; then
+log "memory with $OPEN_CONNS open keep-alive connections (one request each, then held)"
+for sys in "${systems[@]}"; do
+    [ "$sys" = direct ] && continue
+    usable "$sys" "open connections" || continue
+    python3 "$repo/bench/hold_conns.py" "${url[$sys]}" "$OPEN_CONNS" "$work/hold-$sys.ready" > "$work/runs/hold-$sys.txt" 2>&1 &
+    holder=$!
+    for _ in $(seq 300); do [ -f "$work/hold-$sys.ready" ] && break; sleep 0.1; done
+    sleep 1
+    record_sys_rss "conns-$OPEN_CONNS" "$sys"
+    kill "$holder" 2>/dev/null || true; wait "$holder" 2>/dev/null || true
+    note "$sys: $(cat "$work/runs/hold-$sys.txt" | tail -1)"
+done
+fi
+
 log "idle for ${IDLE_WAIT}s after the load"
 sleep "$IDLE_WAIT"
 record_all_rss idle-after
@@ -638,174 +846,5 @@ export BENCH_WORK="$work" BENCH_JSON="$RESULT_JSON" BENCH_DURATION="$DURATION" B
     BENCH_ACCESS_LOG="$NGINX_ACCESS_LOG" BENCH_LEDGER_ROWS="$ledger_rows" \
     BENCH_LOAD_BEFORE="$load_before" BENCH_BUSY_BEFORE="$busy_before" BENCH_LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)" \
     BENCH_COMMIT="$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$repo" diff --quiet HEAD -- Sources 2>/dev/null || echo -dirty)"
-python3 - <<'PY'
-import json, os, platform, re, statistics, datetime
-
-env = os.environ
-clk = int(env["BENCH_CLK_TCK"])
-UNIT = {"us": 1.0, "ms": 1e3, "s": 1e6}
-
-def parse_wrk(text):
-    def lat(pct):
-        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
-        return float(m.group(1)) * UNIT[m.group(2)] if m else None
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
-    total = re.search(r"(\d+) requests in", text)
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    return {
-        "rps": float(rps.group(1)) if rps else 0.0,
-        "requests": int(total.group(1)) if total else 0,
-        "p50_us": lat(50), "p75_us": lat(75), "p90_us": lat(90), "p99_us": lat(99),
-        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
-        "socket_errors": sum(map(int, sock.groups())) if sock else 0,
-    }
-
-runs = []
-with open(os.path.join(env["BENCH_WORK"], "runs.tsv")) as f:
-    for line in f:
-        rnd, system, conns, pt, bt, path = line.rstrip("\n").split("\t")
-        r = {"round": int(rnd), "system": system, "conns": int(conns)}
-        r.update(parse_wrk(open(path).read()))
-        req = max(r["requests"], 1)
-        r["proxy_cpu_s"] = int(pt) / clk if pt and system != "direct" else None
-        r["backend_cpu_s"] = int(bt) / clk
-        r["proxy_cpu_us_per_req"] = int(pt) / clk * 1e6 / req if pt and system != "direct" else None
-        r["backend_cpu_us_per_req"] = int(bt) / clk * 1e6 / req
-        runs.append(r)
-
-rss = []
-with open(os.path.join(env["BENCH_WORK"], "rss.tsv")) as f:
-    for line in f:
-        phase, system, label, pid, kb, hwm, anon = line.rstrip("\n").split("\t")
-        rss.append({"phase": phase, "system": system, "process": label, "pid": int(pid),
-                    "vmrss_kb": int(kb or 0), "vmhwm_kb": int(hwm or 0), "rssanon_kb": int(anon or 0)})
-
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-systems = [s for s in ("direct", "nginx", "sigil") if any(r["system"] == s for r in runs)]
-conns_list = sorted({r["conns"] for r in runs})
-summary = {}
-for c in conns_list:
-    direct = {r["round"]: r for r in runs if r["system"] == "direct" and r["conns"] == c}
-    for s in systems:
-        rs = [r for r in runs if r["system"] == s and r["conns"] == c]
-        if not rs:
-            continue
-        added = [r["p99_us"] - direct[r["round"]]["p99_us"] for r in rs
-                 if r["round"] in direct and r["p99_us"] is not None and direct[r["round"]]["p99_us"] is not None]
-        summary[f"{s}/c{c}"] = {
-            "system": s, "conns": c, "rounds": len(rs),
-            "rps_median": med(r["rps"] for r in rs),
-            "rps_min": min(r["rps"] for r in rs), "rps_max": max(r["rps"] for r in rs),
-            "p50_us_median": med(r["p50_us"] for r in rs),
-            "p99_us_median": med(r["p99_us"] for r in rs),
-            "added_p99_us_median": med(added) if s != "direct" else None,
-            "proxy_cpu_us_per_req_median": med(r["proxy_cpu_us_per_req"] for r in rs),
-            "backend_cpu_us_per_req_median": med(r["backend_cpu_us_per_req"] for r in rs),
-            "errors": sum(r["non_2xx"] + r["socket_errors"] for r in rs),
-        }
-
-def ratio(a, b):
-    return a / b if a is not None and b not in (None, 0) else None
-
-ratios = {}
-for c in conns_list:
-    sg, ng = summary.get(f"sigil/c{c}"), summary.get(f"nginx/c{c}")
-    if sg and ng:
-        ratios[f"c{c}"] = {
-            "rps": ratio(sg["rps_median"], ng["rps_median"]),
-            "added_p99": ratio(sg["added_p99_us_median"], ng["added_p99_us_median"]),
-            "proxy_cpu_per_req": ratio(sg["proxy_cpu_us_per_req_median"], ng["proxy_cpu_us_per_req_median"]),
-        }
-
-def lat(us):
-    if us is None: return "–"
-    return f"{us:.0f} µs" if us < 1000 else f"{us/1000:.2f} ms"
-
-def num(x, fmt="{:,.0f}"):
-    return "–" if x is None else fmt.format(x)
-
-print()
-print(f"sidecar pair benchmark: wrk -t1, {env['BENCH_DURATION']} s per run, medians of "
-      f"{env['BENCH_ROUNDS']} interleaved rounds, {os.cpu_count()} CPUs, nginx {env['BENCH_NGINX_VERSION']}, "
-      f"sigil {env['BENCH_SIGIL_BUILD']} build")
-print()
-print("| system | conns | req/s median (min–max) | p50 | p99 | added p99 vs direct | proxy CPU µs/req |")
-print("|---|---:|---:|---:|---:|---:|---:|")
-for c in conns_list:
-    for s in systems:
-        x = summary.get(f"{s}/c{c}")
-        if not x: continue
-        flag = " ⚠" if x["errors"] else ""
-        print(f"| {s}{flag} | {c} | {num(x['rps_median'])} ({num(x['rps_min'])}–{num(x['rps_max'])}) "
-              f"| {lat(x['p50_us_median'])} | {lat(x['p99_us_median'])} "
-              f"| {lat(x['added_p99_us_median']) if s != 'direct' else '–'} "
-              f"| {num(x['proxy_cpu_us_per_req_median'])} |")
-print()
-for c, rt in ratios.items():
-    print(f"sigil / nginx at {c[1:]} conn(s): req/s ×{num(rt['rps'], '{:.2f}')}, "
-          f"added p99 ×{num(rt['added_p99'], '{:.2f}')}, proxy CPU per request ×{num(rt['proxy_cpu_per_req'], '{:.2f}')}")
-if int(env["BENCH_BUSY_BEFORE"]) > 15:
-    print(f"WARNING: the CPUs were {env['BENCH_BUSY_BEFORE']}% busy before the run started: figures are low and noisy")
-if env["BENCH_SIGIL_SKIP"]:
-    print(f"sigil pair skipped: {env['BENCH_SIGIL_SKIP']}")
-elif env["BENCH_SIGIL_BUILD"] == "debug":
-    print(f"WARNING: sigil is a debug build ({env['BENCH_SIGIL']}): its figures mean nothing")
-elif env["BENCH_SIGIL_BUILD"] != "release":
-    print(f"note: cannot tell whether {env['BENCH_SIGIL']} is a release build")
-for k, x in summary.items():
-    if x["errors"]:
-        print(f"⚠ {k}: {x['errors']} non-2xx responses or socket errors (see the JSON's runs)")
-
-if rss:
-    print()
-    print("| process | idle VmRSS (anon) | end of load VmRSS (anon) | idle after load VmRSS (anon) | peak VmHWM |")
-    print("|---|---:|---:|---:|---:|")
-    keys = []
-    for r in rss:
-        if (r["system"], r["process"], r["pid"]) not in keys:
-            keys.append((r["system"], r["process"], r["pid"]))
-    mb = lambda kb: f"{kb/1024:.1f} MB" if kb else "–"
-    def cell(phase, pid):
-        r = next((r for r in rss if r["phase"] == phase and r["pid"] == pid), None)
-        return f"{mb(r['vmrss_kb'])} ({mb(r['rssanon_kb'])})" if r else "–"
-    for sysname, label, pid in keys:
-        last = [r for r in rss if r["pid"] == pid]
-        peak = max((r["vmhwm_kb"] for r in last), default=0)
-        print(f"| {sysname} {label} | {cell('idle', pid)} | {cell('after', pid)} | {cell('idle-after', pid)} | {mb(peak)} |")
-if env["BENCH_LEDGER_ROWS"].strip():
-    print(f"\nledger rows written: {env['BENCH_LEDGER_ROWS'].strip()}")
-
-cpu_model = ""
-try:
-    cpu_model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-except Exception:
-    pass
-doc = {
-    "benchmark": "bench/proxy.sh",
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "commit": env["BENCH_COMMIT"],
-    "host": {"cpus": os.cpu_count(), "cpu_model": cpu_model, "kernel": platform.release(),
-             "cpu_busy_percent_before": int(env["BENCH_BUSY_BEFORE"]),
-             "loadavg_before": env["BENCH_LOAD_BEFORE"], "loadavg_after": env["BENCH_LOAD_AFTER"]},
-    "settings": {"duration_s": int(env["BENCH_DURATION"]), "rounds": int(env["BENCH_ROUNDS"]),
-                 "warmup_s": int(env["BENCH_WARMUP"]), "wrk_threads": 1, "conns": conns_list,
-                 "nginx_access_log": env["BENCH_ACCESS_LOG"] == "1"},
-    "versions": {"nginx": env["BENCH_NGINX_VERSION"], "wrk": env["BENCH_WRK_VERSION"],
-                 "openssl": env["BENCH_OPENSSL"]},
-    "sigil": {"binary": env["BENCH_SIGIL"], "build": env["BENCH_SIGIL_BUILD"],
-              "binary_mtime": env["BENCH_SIGIL_MTIME"] or None,
-              "skipped": env["BENCH_SIGIL_SKIP"] or None,
-              "ledger_rows": env["BENCH_LEDGER_ROWS"].strip() or None},
-    "method": "medians over interleaved rounds; added p99 = median of per-round (system p99 - direct p99); "
-              "proxy CPU = utime+stime of both proxies' processes during the run / requests",
-    "summary": summary, "ratios_sigil_over_nginx": ratios, "rss": rss, "runs": runs,
-}
-with open(env["BENCH_JSON"], "w") as f:
-    json.dump(doc, f, indent=1)
-    f.write("\n")
-print(f"\nJSON: {env['BENCH_JSON']}")
-PY
+BENCH_RATE_DURATION="$RATE_DURATION" BENCH_H2_ROUNDS="$H2_ROUNDS" BENCH_OPEN_CONNS="$OPEN_CONNS" BENCH_PLOT="$PLOT" \
+    "$(bench_python || true)" "$repo/bench/summarize_proxy.py" 2>/dev/null || python3 "$repo/bench/summarize_proxy.py"

@@ -4,15 +4,18 @@
 #      when the agent rotates the SVID, how long until every stream has the new one;
 #   2. entry change -> workload: time from `sigil entry create` returning to the workload's first
 #      successful fetch of the new identity;
-#   3. SVIDs signed per second through the agent API (mTLS, batches of 100, durable SQLite commits).
+#   3. a CA rotation's new bundle reaching every stream: not measured yet, `sigil ca rotate` does not
+#      exist (issue 8); the row says so.
+# (SVIDs signed per second through the agent API moved to bench/ca.sh.)
 #
-#   bash bench/rotation.sh
+#   bash bench/rotation.sh      (or bash bench/run.sh rotation)
+# Prints a markdown table; writes bench/results/rotation-<UTC date>.json (figures + goals).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="/opt/swift/usr/bin:$PATH"
-echo "==> release builds (first time: several minutes)" >&2
-swift build -c release --product sigil 2>&1 | grep -Ev "^\[[0-9]+/[0-9]+\]" >&2 || true
-swift build -c release --product sigil-bench 2>&1 | grep -Ev "^\[[0-9]+/[0-9]+\]" >&2 || true
+source bench/lib.sh
+bench_install_peers
+bench_build
+RESULT_JSON="${RESULT_JSON:-$PWD/bench/results/rotation-$(date -u +%Y-%m-%d).json}"
 S="$PWD/.build/release/sigil"
 B="$PWD/.build/release/sigil-bench"
 work="$(mktemp -d /tmp/sigil-bench-rot.XXXXXX)"
@@ -40,20 +43,14 @@ for i in 1 2 3 4 5; do
     t0=$(date +%s%N)
     "$S" entry create --spiffe-id "$id" --parent node-1 --selector "unix:uid:$(id -u)" --selector "unix:gid:$(id -g)" --ttl 1h >/dev/null
     t1=$(date +%s%N)
-    until "$S" svid fetch --socket "$work/agent.sock" --json 2>/dev/null | grep -q "change$i"; do :; done
+    got=0
+    for _ in $(seq 3000); do   # bounded: 3000 one-shot fetches (~30 s and more) and it counts as missed
+        if "$S" svid fetch --socket "$work/agent.sock" --json 2>/dev/null | grep -q "change$i"; then got=1; break; fi
+    done
     t2=$(date +%s%N)
-    changes+=("$(( (t2 - t1) / 1000000 ))")
+    if ((got)); then changes+=("$(( (t2 - t1) / 1000000 ))"); else changes+=(99999); fi
 done
 echo "entry_change_ms ${changes[*]}" >&2
-
-echo "==> 3. agent API signing throughput" >&2
-: > "$work/entries.txt"
-for i in $(seq 200); do
-    "$S" entry create --spiffe-id "spiffe://bench.sigil/ns/load/sa/w$i" --parent node-1 --selector "unix:uid:9$i" --ttl 1h --json \
-        | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])' >> "$work/entries.txt"
-done
-sign="$("$B" agent-sign --agent-dir "$work/agent" --server "127.0.0.1:$port" --entries "$work/entries.txt" --bundle "$work/ca/bundle.pem" --rounds 10 --batch 100)"
-echo "$sign" >&2
 
 get() { echo "$1" | awk -v k="$2" '$1 == k {print $2}'; }
 echo
@@ -63,4 +60,22 @@ echo "| streams open / rotated | $(get "$fan" fanout_streams_ready) / $(get "$fa
 echo "| rotation reaches all 1,000 streams: last − first arrival | $(get "$fan" fanout_spread_ms) ms |"
 echo "| … p50 / p99 arrival after the first | $(get "$fan" fanout_p50_ms) / $(get "$fan" fanout_p99_ms) ms |"
 echo "| entry created → workload fetches it (5 tries) | ${changes[*]} ms |"
-echo "| SVIDs signed through the agent API (mTLS, batches of 100) | $(get "$sign" agent_api_svids_per_s) /s |"
+echo "| CA rotation: new bundle reaches every stream | not measured: no \`sigil ca rotate\` yet (issue 8) |"
+spread="$(get "$fan" fanout_spread_ms)"
+worst_change="$(printf '%s\n' "${changes[@]}" | sort -n | tail -1)"
+rotated="$(get "$fan" fanout_streams_rotated)"
+met() { python3 -c "import sys; print('yes' if $1 else 'NO')"; }
+{
+    printf 'rotation reaches 1,000 streams (last − first arrival)\t%s ms (%s rotated)\t< 100 ms\t%s\n' "$spread" "$rotated" \
+        "$(met "${rotated:-0} == 1000 and ${spread:-1e9} < 100")"
+    printf 'entry change reaches the workload (worst of 5)\t%s ms\t≤ 1000 ms\t%s\n' "$worst_change" "$(met "${worst_change:-1e9} <= 1000")"
+    printf "CA rotation's new bundle reaches every stream\tnot measured (issue 8)\t< 100 ms\t–\n"
+} > "$work/goals.tsv"
+echo
+echo "| goal | measured | target | met |"
+echo "|---|---:|---:|:---:|"
+awk -F'\t' '{print "| " $1 " | " $2 " | " $3 " | " $4 " |"}' "$work/goals.tsv"
+mkdir -p "$(dirname "$RESULT_JSON")"
+bench_goals_json "$RESULT_JSON" bench/rotation.sh < "$work/goals.tsv"
+echo
+echo "JSON: $RESULT_JSON"

@@ -113,11 +113,8 @@ public func randomHex(byteCount: Int) -> String {
 
 /// Lowercase hex of some bytes.
 public func hex<Bytes: Sequence>(_ bytes: Bytes) -> String where Bytes.Element == UInt8 {
-    let digits: [Character] = Array("0123456789abcdef")
-    var out = ""
-    for b in bytes {
-        out.append(digits[Int(b >> 4)])
-        out.append(digits[Int(b & 0x0f)])
-    }
-    return out
+    var out: [UInt8] = []
+    out.reserveCapacity(bytes.underestimatedCount * 2)
+    JSONText.appendHex(bytes, to: &out)
+    return String(decoding: out, as: UTF8.self)
 }

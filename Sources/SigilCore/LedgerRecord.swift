@@ -72,21 +72,41 @@ public struct LedgerRecord: Sendable, Hashable {
 
     /// ``json(writer:seq:prev:)`` appended to a byte buffer (the spool's path: no String building).
     public func appendJSON(to out: inout [UInt8], writer: String, seq: UInt64, prev: String) {
-        func raw(_ text: StaticString) {
-            text.withUTF8Buffer { out.append(contentsOf: $0) }
-        }
+        Self.appendHead(to: &out, writer: writer, seq: seq)
+        appendBody(to: &out)
+        Self.appendTail(to: &out, prev: Array(prev.utf8))
+    }
+
+    /// The row's first fields: `{"writer":…,"seq":N`.
+    public static func appendHead(to out: inout [UInt8], writer: String, seq: UInt64) {
+        JSONText.appendRaw("{\"writer\":", to: &out)
+        JSONText.appendString(writer, to: &out)
+        JSONText.appendRaw(",\"seq\":", to: &out)
+        JSONText.appendDecimal(seq, to: &out)
+    }
+
+    /// The row's last field: `,"prev":"<hex>"` (the object stays open for the writer's `hash`).
+    public static func appendTail(to out: inout [UInt8], prev: [UInt8]) {
+        JSONText.appendRaw(",\"prev\":\"", to: &out)
+        out.append(contentsOf: prev)
+        out.append(0x22)
+    }
+
+    /// Every field that belongs to the row itself (`,"time":…` to `,"detail":…`), in the fixed
+    /// order, without `seq` and `prev`: what a writer can serialize before it takes its chain's lock.
+    public func appendBody(to out: inout [UInt8]) {
+        func raw(_ text: StaticString) { JSONText.appendRaw(text, to: &out) }
         func string(_ key: StaticString, _ value: String?) {
             raw(key)
             if let value { JSONText.appendString(value, to: &out) } else { raw("null") }
         }
-        func number<N: BinaryInteger>(_ key: StaticString, _ value: N?) {
+        func number(_ key: StaticString, _ value: Int?) {
             raw(key)
-            if let value { out.append(contentsOf: String(value).utf8) } else { raw("null") }
+            if let value { JSONText.appendDecimal(Int64(value), to: &out) } else { raw("null") }
         }
-        raw("{\"writer\":")
-        JSONText.appendString(writer, to: &out)
-        number(",\"seq\":", seq)
-        string(",\"time\":", RFC3339.format(micros: timeMicros))
+        raw(",\"time\":\"")
+        RFC3339.append(micros: timeMicros, to: &out)
+        out.append(0x22)
         string(",\"kind\":", kind.rawValue)
         string(",\"source\":", source)
         string(",\"destination\":", destination)
@@ -104,9 +124,9 @@ public struct LedgerRecord: Sendable, Hashable {
         raw(mtls ? ",\"mtls\":true" : ",\"mtls\":false")
         number(",\"bytes_in\":", bytesIn)
         number(",\"bytes_out\":", bytesOut)
-        number(",\"duration_us\":", durationMicros)
+        raw(",\"duration_us\":")
+        JSONText.appendDecimal(durationMicros, to: &out)
         string(",\"detail\":", detail)
-        string(",\"prev\":", prev)
     }
 }
 
@@ -145,20 +165,85 @@ public enum JSONText {
     /// The same escaping, appended as UTF-8 bytes.
     public static func appendString(_ value: String, to out: inout [UInt8]) {
         out.append(0x22)
-        for unit in value.utf8 {
-            switch unit {
-            case 0x22: out.append(0x5C); out.append(0x22)
-            case 0x5C: out.append(0x5C); out.append(0x5C)
-            case 0x0A: out.append(0x5C); out.append(0x6E)
-            case 0x0D: out.append(0x5C); out.append(0x72)
-            case 0x09: out.append(0x5C); out.append(0x74)
-            case 0..<0x20:
-                let digits: [UInt8] = Array("0123456789abcdef".utf8)
-                out.append(contentsOf: [0x5C, 0x75, 0x30, 0x30, digits[Int(unit >> 4)], digits[Int(unit & 0xF)]])
-            default: out.append(unit)
+        var value = value
+        value.withUTF8 { utf8 in
+            // The common case (nothing to escape) is one copy.
+            var plain = true
+            for unit in utf8 where unit < 0x20 || unit == 0x22 || unit == 0x5C {
+                plain = false
+                break
+            }
+            if plain {
+                out.append(contentsOf: utf8)
+                return
+            }
+            for unit in utf8 {
+                switch unit {
+                case 0x22: out.append(0x5C); out.append(0x22)
+                case 0x5C: out.append(0x5C); out.append(0x5C)
+                case 0x0A: out.append(0x5C); out.append(0x6E)
+                case 0x0D: out.append(0x5C); out.append(0x72)
+                case 0x09: out.append(0x5C); out.append(0x74)
+                case 0..<0x20:
+                    out.append(contentsOf: [0x5C, 0x75, 0x30, 0x30, hexDigit(unit >> 4), hexDigit(unit & 0xF)])
+                default: out.append(unit)
+                }
             }
         }
         out.append(0x22)
+    }
+
+    @inline(__always)
+    static func hexDigit(_ nibble: UInt8) -> UInt8 { nibble < 10 ? 0x30 + nibble : 0x57 + nibble }
+
+    /// Bytes of a static string, appended as they are (keys, literals).
+    @inline(__always)
+    public static func appendRaw(_ text: StaticString, to out: inout [UInt8]) {
+        text.withUTF8Buffer { out.append(contentsOf: $0) }
+    }
+
+    /// A signed integer in decimal, without building a String.
+    public static func appendDecimal(_ value: Int64, to out: inout [UInt8]) {
+        if value < 0 {
+            out.append(0x2D)
+            appendDecimal(value.magnitude, to: &out)
+        } else {
+            appendDecimal(UInt64(value), to: &out)
+        }
+    }
+
+    public static func appendDecimal(_ value: UInt64, to out: inout [UInt8]) {
+        var digits: (UInt64, Int) = (value, 0)
+        var scratch: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8,
+                      UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8) =
+            (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        withUnsafeMutableBytes(of: &scratch) { buf in
+            repeat {
+                digits.1 += 1
+                buf[20 - digits.1] = 0x30 + UInt8(digits.0 % 10)
+                digits.0 /= 10
+            } while digits.0 > 0
+            out.append(contentsOf: UnsafeRawBufferPointer(rebasing: buf[(20 - digits.1)...]))
+        }
+    }
+
+    /// Lowercase hex of some bytes, appended as ASCII.
+    public static func appendHex<Bytes: Sequence>(_ bytes: Bytes, to out: inout [UInt8]) where Bytes.Element == UInt8 {
+        let contiguous: Bool? = bytes.withContiguousStorageIfAvailable { appendHex(UnsafeRawBufferPointer($0), to: &out); return true }
+        if contiguous == true { return }
+        for b in bytes {
+            out.append(hexDigit(b >> 4))
+            out.append(hexDigit(b & 0x0F))
+        }
+    }
+
+    /// The same for raw bytes (a digest's `withUnsafeBytes`): one reservation, no generic dispatch.
+    public static func appendHex(_ bytes: UnsafeRawBufferPointer, to out: inout [UInt8]) {
+        out.reserveCapacity(out.count + 2 * bytes.count)
+        for b in bytes {
+            out.append(hexDigit(b >> 4))
+            out.append(hexDigit(b & 0x0F))
+        }
     }
 
     public static func quoted(_ value: String) -> String {
@@ -171,6 +256,14 @@ public enum JSONText {
 /// RFC 3339 timestamps in UTC with microseconds, without Foundation.
 public enum RFC3339 {
     public static func format(micros: Int64) -> String {
+        var out: [UInt8] = []
+        out.reserveCapacity(27)
+        append(micros: micros, to: &out)
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// `YYYY-MM-DDTHH:MM:SS.ffffffZ` appended as ASCII (the ledger's hot path: no String).
+    public static func append(micros: Int64, to out: inout [UInt8]) {
         let seconds = micros >= 0 ? micros / 1_000_000 : (micros - 999_999) / 1_000_000
         let fraction = Int(micros - seconds * 1_000_000)
         let days = seconds >= 0 ? seconds / 86_400 : (seconds - 86_399) / 86_400
@@ -185,10 +278,26 @@ public enum RFC3339 {
         let day = doy - (153 * mp + 2) / 5 + 1
         let month = mp < 10 ? mp + 3 : mp - 9
         let year = yoe + era * 400 + (month <= 2 ? 1 : 0)
-        func pad(_ v: Int, _ width: Int) -> String {
-            let s = String(v)
-            return s.count >= width ? s : String(repeating: "0", count: width - s.count) + s
+        func pad(_ v: Int, _ width: Int) {
+            guard v >= 0 else {  // years before 0: not a ledger's, but never a crash
+                out.append(0x2D)
+                pad(-v, width)
+                return
+            }
+            var divisor = 1
+            for _ in 1..<width { divisor *= 10 }
+            if v >= divisor * 10 { JSONText.appendDecimal(UInt64(v), to: &out); return }
+            while divisor > 0 {
+                out.append(0x30 + UInt8(v / divisor % 10))
+                divisor /= 10
+            }
         }
-        return "\(pad(Int(year), 4))-\(pad(Int(month), 2))-\(pad(Int(day), 2))T\(pad(secondOfDay / 3600, 2)):\(pad(secondOfDay / 60 % 60, 2)):\(pad(secondOfDay % 60, 2)).\(pad(fraction, 6))Z"
+        pad(Int(year), 4); out.append(0x2D)
+        pad(Int(month), 2); out.append(0x2D)
+        pad(Int(day), 2); out.append(0x54)
+        pad(secondOfDay / 3600, 2); out.append(0x3A)
+        pad(secondOfDay / 60 % 60, 2); out.append(0x3A)
+        pad(secondOfDay % 60, 2); out.append(0x2E)
+        pad(fraction, 6); out.append(0x5A)
     }
 }

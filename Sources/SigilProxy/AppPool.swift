@@ -138,14 +138,21 @@ final class AppPool: @unchecked Sendable {
     }
 
     func lease() -> EventLoopFuture<AppConnection> {
+        if let connection = takeIdle() { return eventLoop.makeSucceededFuture(connection) }
+        return connect()
+    }
+
+    /// An idle pooled connection that can carry another request, if there is one (the request
+    /// path's fast case: no future, no callback).
+    func takeIdle() -> AppConnection? {
         eventLoop.preconditionInEventLoop()
         while let connection = idle.popLast() {
             if connection.channel.isActive, connection.handler.reusable {
                 connection.reused = true
-                return eventLoop.makeSucceededFuture(connection)
+                return connection
             }
         }
-        return connect()
+        return nil
     }
 
     func connect() -> EventLoopFuture<AppConnection> {

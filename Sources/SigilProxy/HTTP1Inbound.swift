@@ -192,8 +192,11 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink {
 
     private func connectApp(context: ChannelHandlerContext, fresh: Bool) {
         let pool = environment.pools.pool(for: context.eventLoop)
-        let future = fresh ? pool.connect() : pool.lease()
-        future.assumeIsolated().whenComplete { result in
+        if !fresh, let connection = pool.takeIdle() {
+            attach(connection)
+            return
+        }
+        pool.connect().assumeIsolated().whenComplete { result in
             switch result {
             case .success(let connection):
                 guard self.context != nil, self.active != nil else {

@@ -21,6 +21,7 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink {
     private var requestEnded = false
     private var done = false
     private var retried = false
+    private var connecting = false
 
     /// Connection-specific headers that HTTP/2 forbids.
     static let hopByHop: Set<String> = ["connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection"]
@@ -55,11 +56,18 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink {
                 deny(context: context)
                 return
             }
-            connectApp(context: context, fresh: false)
+            // The app connection is taken at the first body part or the end of the request, so a
+            // request without a body (END_STREAM on its HEADERS) goes upstream without framing
+            // and one with a body of unknown length as chunked.
         case .body(let body):
             facts?.bytesIn += body.readableBytes
             guard facts?.decision.allowed == true, !done else { return }
-            if let app { writeBody(body, to: app) } else { pending.append(part) }
+            if let app {
+                writeBody(body, to: app)
+            } else {
+                pending.append(part)
+                if !connecting { connectApp(context: context, fresh: false) }
+            }
         case .end:
             requestEnded = true
             guard facts?.decision.allowed == true, !done else { return }
@@ -68,6 +76,7 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink {
                 app.channel.flush()
             } else {
                 pending.append(part)
+                if !connecting { connectApp(context: context, fresh: false) }
             }
         }
     }
@@ -98,13 +107,18 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink {
         let headers = HTTPHeaders([("content-type", "text/plain"), ("content-length", "19")])
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http2, status: .forbidden, headers: headers))), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+        finish(detail: nil)  // before the END_STREAM write, which closes the stream channel at once
         context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
-        finish(detail: nil)
     }
 
     private func connectApp(context: ChannelHandlerContext, fresh: Bool) {
         let pool = environment.pools.pool(for: context.eventLoop)
-        (fresh ? pool.connect() : pool.lease()).assumeIsolated().whenComplete { result in
+        connecting = true
+        if !fresh, let connection = pool.takeIdle() {
+            attach(connection)
+            return
+        }
+        pool.connect().assumeIsolated().whenComplete { result in
             switch result {
             case .success(let connection):
                 guard self.context != nil, !self.done else {
@@ -119,6 +133,7 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink {
     }
 
     private func attach(_ connection: AppConnection) {
+        connecting = false
         guard let head else { return }
         app = connection
         connection.handler.begin(sink: self, toHEAD: head.method == .HEAD, decodes: true)
@@ -164,8 +179,8 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink {
         body.writeStaticString("upstream failed")
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http2, status: .badGateway, headers: headers))), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
-        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
         finish(detail: detail)
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
     }
 
     // MARK: AppResponseSink
@@ -190,9 +205,11 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink {
 
     func appEnd() {
         guard let context else { return }
-        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
         if !requestEnded { app?.handler.reusable = false }
+        // The row is recorded and the app connection goes back to the pool before the END_STREAM
+        // write: that write closes the stream channel (channelInactive) before it returns.
         finish(detail: nil)
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
     }
 
     func appReadComplete() {

@@ -28,7 +28,8 @@ public final class LedgerSpool: Sendable {
         var dropped = 0
         var written: UInt64 = 0
         var seq: UInt64
-        var hash: String
+        /// The last row's hash, as its 64 lowercase hex digits.
+        var hash: [UInt8]
     }
 
     public let path: String
@@ -66,7 +67,7 @@ public final class LedgerSpool: Sendable {
         }
         self.fd = fd
         let tail = Self.tail(of: path)
-        var state = Pending(seq: tail.seq, hash: tail.hash)
+        var state = Pending(seq: tail.seq, hash: Array(tail.hash.utf8))
         state.bytes.reserveCapacity(64 * 1024)
         self.pending = NIOLockedValueBox(state)
     }
@@ -75,8 +76,13 @@ public final class LedgerSpool: Sendable {
         close(fd)
     }
 
-    /// Serializes and chains a row for the writer. Never blocks on I/O.
+    /// Serializes and chains a row for the writer. Never blocks on I/O. The row's own fields are
+    /// serialized before the lock is taken; under it go only the sequence number, the previous
+    /// hash, one SHA-256 over the row (~0.5 µs) and a copy into the shared buffer.
     public func append(_ row: LedgerRecord) {
+        var body: [UInt8] = []
+        body.reserveCapacity(512)
+        row.appendBody(to: &body)
         let writer = self.writer
         let accepted = pending.withLockedValue { state -> Bool in
             guard state.rows < capacity else {
@@ -85,12 +91,15 @@ public final class LedgerSpool: Sendable {
             }
             state.seq += 1
             let start = state.bytes.count
-            row.appendJSON(to: &state.bytes, writer: writer, seq: state.seq, prev: state.hash)
+            LedgerRecord.appendHead(to: &state.bytes, writer: writer, seq: state.seq)
+            state.bytes.append(contentsOf: body)
+            LedgerRecord.appendTail(to: &state.bytes, prev: state.hash)
             let digest = state.bytes.withUnsafeBytes { SHA256.hash(data: UnsafeRawBufferPointer(rebasing: $0[start...])) }
-            state.hash = hex(digest)
-            state.bytes.append(contentsOf: ",\"hash\":\"".utf8)
-            state.bytes.append(contentsOf: state.hash.utf8)
-            state.bytes.append(contentsOf: "\"}\n".utf8)
+            state.hash.removeAll(keepingCapacity: true)
+            digest.withUnsafeBytes { JSONText.appendHex($0, to: &state.hash) }
+            JSONText.appendRaw(",\"hash\":\"", to: &state.bytes)
+            state.bytes.append(contentsOf: state.hash)
+            JSONText.appendRaw("\"}\n", to: &state.bytes)
             state.rows += 1
             return true
         }

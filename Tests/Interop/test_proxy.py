@@ -677,8 +677,12 @@ def test_http2_multiplexed_streams_on_one_connection(mesh, tmp_path):
     assert {r.version for r in replies} == {"2"}
     assert [json.loads((tmp_path / f"mux{i}.json").read_text())["path"] for i in range(12)] == paths
     assert sum(r.connects for r in replies) == 1, "curl did not multiplex the streams on one connection"
+    # bodiless GETs go to the app unframed (no chunked body), and each completed stream's row says
+    # so: status 200 and no "closed before the response completed" detail
+    assert not any(json.loads((tmp_path / f"mux{i}.json").read_text())["chunked"] for i in range(12))
     for p in paths:
-        assert request_row(mesh.api_ledger, p)["decision"] == "allow"
+        row = request_row(mesh.api_ledger, p)
+        assert (row["decision"], row["status"], row["detail"]) == ("allow", 200, None), row
 
 
 # --------------------------------------------------------------------------- 6. TCP mode

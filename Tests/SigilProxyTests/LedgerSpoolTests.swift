@@ -106,7 +106,47 @@ struct LedgerSpoolTests {
         #expect(spool.writtenCount == 3)
     }
 
+    @Test("the spool's byte-level row is the record's JSON, and parses back to every field")
+    func spoolRowMatchesRecordJSON() throws {
+        let path = tempFile()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let record = LedgerRecord(kind: .request, timeMicros: -1, source: nil, destination: "spiffe://td/ns/c/sa/d",
+                                  sourceIP: "10.0.0.1", port: 0, proto: "h2", method: "POST", path: "/ctl\u{01}é",
+                                  host: "h:8080", status: 503, decision: "deny", policy: nil, rule: nil, mtls: false,
+                                  bytesIn: Int.max, bytesOut: 0, durationMicros: Int64.min, detail: "tab\tquote\"")
+        let spool = try LedgerSpool(path: path, writer: "w\"x", logger: Logger(label: "test"))
+        spool.append(record)
+        #expect(spool.flush() == 1)
+        let line = try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n")[0]
+        let expected = record.json(writer: "w\"x", seq: 1, prev: String(repeating: "0", count: 64))
+        #expect(line.hasPrefix(expected + ",\"hash\":\""))
+        let row = try lines(path)[0]
+        #expect(row["time"] as? String == "1969-12-31T23:59:59.999999Z")
+        #expect(row["path"] as? String == "/ctl\u{01}é")
+        #expect(row["detail"] as? String == "tab\tquote\"")
+        #expect(row["bytes_in"] as? Int == Int.max)
+        #expect((row["duration_us"] as? NSNumber)?.int64Value == Int64.min)
+        #expect(row["source"] is NSNull)
+        #expect(row["port"] as? Int == 0)
+    }
+
+    @Test("decimal and hex digits without String building", arguments: [
+        (Int64(0), "0"), (Int64(7), "7"), (Int64(-42), "-42"), (Int64.max, "9223372036854775807"),
+        (Int64.min, "-9223372036854775808"),
+    ])
+    func decimal(value: Int64, text: String) {
+        var out: [UInt8] = []
+        JSONText.appendDecimal(value, to: &out)
+        #expect(String(decoding: out, as: UTF8.self) == text)
+        var big: [UInt8] = []
+        JSONText.appendDecimal(UInt64.max, to: &big)
+        #expect(String(decoding: big, as: UTF8.self) == "18446744073709551615")
+        #expect(hex([0x00, 0x0f, 0xa5, 0xff]) == "000fa5ff")
+        #expect(hex(Array<UInt8>().lazy.map { $0 }) == "")
+    }
+
     @Test("RFC 3339 formatting", arguments: [
+        (Int64(-1), "1969-12-31T23:59:59.999999Z"),
         (Int64(0), "1970-01-01T00:00:00.000000Z"),
         (Int64(951_782_400_000_001), "2000-02-29T00:00:00.000001Z"),
         (Int64(4_102_444_799_999_999), "2099-12-31T23:59:59.999999Z"),

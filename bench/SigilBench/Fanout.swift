@@ -98,7 +98,7 @@ func runFanout() async throws {
 /// Signs CSRs through the agent API with an agent's own SVID, in batches, and reports the rate.
 func runAgentSign() async throws {
     guard let agentDir = option("--agent-dir"), let server = option("--server"), let entriesFile = option("--entries") else {
-        print("usage: sigil-bench agent-sign --agent-dir DIR --server HOST:PORT --entries FILE [--rounds N] [--batch B]")
+        print("usage: sigil-bench agent-sign --agent-dir DIR --server HOST:PORT --entries FILE [--rounds N] [--batch B] [--concurrency C]")
         exit(2)
     }
     let rounds = Int(option("--rounds") ?? "5") ?? 5
@@ -120,37 +120,63 @@ func runAgentSign() async throws {
             tls.customVerificationCallback = SpiffeTLS.verificationCallback(bundle: { bundle })
         })
     // CSRs made beforehand: the agent's key generation is not the server's cost.
-    var csrs: [Data] = []
+    var made: [Data] = []
     for _ in 0..<batch {
         let key = P256.Signing.PrivateKey()
         let csr = try CertificateSigningRequest(version: .v1, subject: DistinguishedName { CommonName("w") }, privateKey: Certificate.PrivateKey(key),
                                                 attributes: .init(), signatureAlgorithm: .ecdsaWithSHA256)
         var s = DER.Serializer()
         try s.serialize(csr)
-        csrs.append(Data(s.serializedBytes))
+        made.append(Data(s.serializedBytes))
     }
-    let (signed, seconds) = try await withGRPCClient(transport: transport) { grpc -> (Int, Double) in
+    let csrs = made
+    // `--concurrency N` batches in flight at once, as N agents' batches would be; every batch's
+    // round trip is one SVID's issuance latency (a workload gets its SVID when its batch returns).
+    let concurrency = Int(option("--concurrency") ?? "1") ?? 1
+    let batches = Array(stride(from: 0, to: entryIDs.count, by: batch))
+    let (signed, seconds, latencies) = try await withGRPCClient(transport: transport) { grpc -> (Int, Double, [Double]) in
         let api = SigilAgentAPI.Client(wrapping: grpc)
         let t0 = ContinuousClock.now
-        var ok = 0
-        for _ in 0..<rounds {
-            for start in stride(from: 0, to: entryIDs.count, by: batch) {
-                var request = SigilSignX509SVIDsRequest()
-                for (i, id) in entryIDs[start..<min(start + batch, entryIDs.count)].enumerated() {
-                    var item = SigilSVIDRequest()
-                    item.entryID = id
-                    item.csr = csrs[i % csrs.count]
-                    request.requests.append(item)
+        return try await withThrowingTaskGroup(of: (Int, [Double]).self) { group in
+            for lane in 0..<concurrency {
+                group.addTask {
+                    var ok = 0
+                    var times: [Double] = []
+                    for _ in 0..<rounds {
+                        for (n, start) in batches.enumerated() where n % concurrency == lane {
+                            var request = SigilSignX509SVIDsRequest()
+                            for (i, id) in entryIDs[start..<min(start + batch, entryIDs.count)].enumerated() {
+                                var item = SigilSVIDRequest()
+                                item.entryID = id
+                                item.csr = csrs[i % csrs.count]
+                                request.requests.append(item)
+                            }
+                            let b0 = ContinuousClock.now
+                            let response = try await api.signX509SVIDs(request)
+                            let d = ContinuousClock.now - b0
+                            times.append(Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18)
+                            ok += response.results.filter { $0.error.isEmpty }.count
+                        }
+                    }
+                    return (ok, times)
                 }
-                let response = try await api.signX509SVIDs(request)
-                ok += response.results.filter { $0.error.isEmpty }.count
             }
+            var ok = 0
+            var all: [Double] = []
+            for try await (n, times) in group {
+                ok += n
+                all += times
+            }
+            let d = ContinuousClock.now - t0
+            return (ok, Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18, all.sorted())
         }
-        let d = ContinuousClock.now - t0
-        return (ok, Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18)
     }
+    func pct(_ q: Double) -> Double { latencies.isEmpty ? 0 : latencies[min(latencies.count - 1, Int(Double(latencies.count) * q))] }
     print("agent_api_svids \(signed)")
     print("agent_api_svids_per_s \(Int(Double(signed) / seconds))")
+    print("agent_api_concurrency \(concurrency)")
+    print("agent_api_issuance_p50_ms \(String(format: "%.1f", pct(0.50) * 1000))")
+    print("agent_api_issuance_p99_ms \(String(format: "%.1f", pct(0.99) * 1000))")
     print("agent_api_batch \(batch)")
 }
 

@@ -141,18 +141,21 @@ public struct PolicyEvaluator: Sendable {
     }
 
     func matches(_ s: AuthorizationPolicy.Source, _ r: AuthorizationRequest) -> Bool {
+        // Per request, so derived values (the namespace) are computed only when a field needs them.
         let principal = r.principal ?? ""
-        let namespace = r.sourceNamespace ?? ""
         let remote = r.remoteIP ?? r.sourceIP
         return Self.field(s.principals, s.notPrincipals) { StringMatch.matches($0, principal) }
-            && Self.field(s.namespaces, s.notNamespaces) { StringMatch.matches($0, namespace) }
+            && (s.namespaces == nil && s.notNamespaces == nil
+                || Self.field(s.namespaces, s.notNamespaces) { StringMatch.matches($0, r.sourceNamespace ?? "") })
             && Self.field(s.ipBlocks, s.notIpBlocks) { IPBlock.contains($0, r.sourceIP) }
             && Self.field(s.remoteIpBlocks, s.notRemoteIpBlocks) { IPBlock.contains($0, remote) }
     }
 
     func matches(_ o: AuthorizationPolicy.Operation, _ r: AuthorizationRequest, ignoreHTTP: Bool) -> Bool {
-        let port = r.destinationPort.map(String.init) ?? ""
-        guard Self.field(o.ports, o.notPorts, { $0 == port }) else { return false }
+        if o.ports != nil || o.notPorts != nil {
+            let port = r.destinationPort.map(String.init) ?? ""
+            guard Self.field(o.ports, o.notPorts, { $0 == port }) else { return false }
+        }
         if ignoreHTTP { return true }
         let host = (r.host ?? "").lowercased()
         return Self.field(o.hosts, o.notHosts) { StringMatch.matches($0.lowercased(), host) || StringMatch.matches($0.lowercased(), Self.stripPort(host)) }
