@@ -105,6 +105,7 @@ let package = Package(
             dependencies: [
                 "SigilCore",
                 x509,
+                crypto,
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -256,6 +257,16 @@ let package = Package(
         .testTarget(
             name: "SigilProxyTests",
             dependencies: ["SigilProxy", "SigilCore", logging, crypto, .product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "SigilTLSTests",
+            dependencies: [
+                "SigilTLS", "SigilCore", "SigilTestSupport", x509,
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            ],
             swiftSettings: swiftSettings
         ),
         .testTarget(

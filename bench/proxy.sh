@@ -314,6 +314,13 @@ EOF
 
     # outbound: plain HTTP from the app on loopback, originates mTLS 1.3 to the inbound proxy with
     # the client certificate, verifies the server's chain and name, keeps a pool of 64 connections.
+    local upstream_tls="proxy_ssl_protocols TLSv1.3;
+            proxy_ssl_certificate $pki/client.pem;
+            proxy_ssl_certificate_key $pki/client.key;
+            proxy_ssl_trusted_certificate $pki/ca.pem;
+            proxy_ssl_verify on;
+            proxy_ssl_verify_depth 2;
+            proxy_ssl_name server.bench.local;"
     d="$work/nginx-out"; mkdir -p "$d"
     { nginx_head "$d" "$(access_log_line "$d/access.log")"; cat <<EOF
     upstream inbound {
@@ -332,13 +339,7 @@ EOF
         location / {
             proxy_pass https://inbound_fresh;
             proxy_http_version 1.1;
-            proxy_ssl_protocols TLSv1.3;
-            proxy_ssl_certificate $pki/client.pem;
-            proxy_ssl_certificate_key $pki/client.key;
-            proxy_ssl_trusted_certificate $pki/ca.pem;
-            proxy_ssl_verify on;
-            proxy_ssl_verify_depth 2;
-            proxy_ssl_name server.bench.local;
+            $upstream_tls
             proxy_ssl_session_reuse off;
         }
     }
@@ -349,13 +350,7 @@ EOF
             proxy_pass https://inbound;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
-            proxy_ssl_protocols TLSv1.3;
-            proxy_ssl_certificate $pki/client.pem;
-            proxy_ssl_certificate_key $pki/client.key;
-            proxy_ssl_trusted_certificate $pki/ca.pem;
-            proxy_ssl_verify on;
-            proxy_ssl_verify_depth 2;
-            proxy_ssl_name server.bench.local;
+            $upstream_tls
             proxy_ssl_session_reuse on;
         }
     }

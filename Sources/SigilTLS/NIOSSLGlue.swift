@@ -1,8 +1,15 @@
 public import NIOCore
 public import NIOSSL
+import NIOConcurrencyHelpers
+import Crypto
 import X509
 public import SigilCore
 import SwiftASN1
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 
 /// The NIOSSL end of SPIFFE verification: a custom verification callback that replaces
 /// BoringSSL's chain check with ``SpiffeVerifier`` over the *current* bundle (read per handshake,
@@ -20,10 +27,25 @@ public enum SpiffeTLS {
         expectedPeer: SpiffeID? = nil
     ) -> @Sendable ([NIOSSLCertificate], EventLoopPromise<NIOSSLVerificationResultWithMetadata>) -> Void {
         { nioChain, promise in
-            let chain: [Certificate]
-            do {
-                chain = try nioChain.map { try Certificate(derEncoded: $0.toDERBytes()) }
-            } catch {
+            guard let ders = try? nioChain.map({ try $0.toDERBytes() }) else {
+                promise.succeed(.failed)
+                return
+            }
+            let current = bundle()
+            // The same chain under the same bundle, still inside its validity: the earlier verdict
+            // stands, decided here on the event loop (no parsing, no chain building, no signature
+            // checks).
+            let key = VerifiedChains.key(ders)
+            let now = Date()
+            if let current, let id = VerifiedChains.shared.lookup(key, bundle: current, now: now) {
+                if let expectedPeer, id != expectedPeer {
+                    promise.succeed(.failed)
+                } else {
+                    promise.succeed(.certificateVerified(VerificationMetadata(NIOSSL.ValidatedCertificateChain(nioChain))))
+                }
+                return
+            }
+            guard let chain = try? ders.map({ try Certificate(derEncoded: $0) }) else {
                 promise.succeed(.failed)
                 return
             }
@@ -32,13 +54,14 @@ public enum SpiffeTLS {
                 promise.succeed(.certificateVerified(VerificationMetadata(nil)))
                 return
             }
-            guard let current = bundle() else {
+            guard let current else {
                 promise.succeed(.failed)
                 return
             }
             promise.completeWithTask {
                 do {
-                    let id = try await SpiffeVerifier(bundle: current).verify(chain: chain)
+                    let id = try await SpiffeVerifier(bundle: current).verify(chain: chain, now: now)
+                    VerifiedChains.shared.store(key, chain: chain, bundle: current, id: id)
                     if let expectedPeer, id != expectedPeer { return .failed }
                     return .certificateVerified(VerificationMetadata(NIOSSL.ValidatedCertificateChain(nioChain)))
                 } catch {
@@ -47,4 +70,57 @@ public enum SpiffeTLS {
             }
         }
     }
+}
+
+/// Chains that passed ``SpiffeVerifier``, by their exact bytes. A workload opens many connections
+/// with one SVID, so most handshakes present a chain already verified: looking it up replaces
+/// parsing, chain building and two or more ECDSA verifications. An entry counts only for the very
+/// bundle it was verified against (any bundle change, such as a CA removed or revoked, misses)
+/// and only inside the validity window shared by every certificate of the chain. Failures are
+/// never cached. The handshake's own proof of key possession (CertificateVerify) is BoringSSL's
+/// and happens on every connection either way.
+final class VerifiedChains: Sendable {
+    struct Entry {
+        let bundle: TrustBundle
+        let id: SpiffeID
+        let notBefore: Date
+        let notAfter: Date
+    }
+
+    static let shared = VerifiedChains()
+    /// Entries kept before the table is emptied (each a few hundred bytes).
+    static let capacity = 4096
+    private let entries = NIOLockedValueBox<[SHA256Digest: Entry]>([:])
+
+    /// The SHA-256 of the chain's certificates, each prefixed with its length.
+    static func key(_ ders: [[UInt8]]) -> SHA256Digest {
+        var hasher = SHA256()
+        for der in ders {
+            var length = UInt32(truncatingIfNeeded: der.count).bigEndian
+            withUnsafeBytes(of: &length) { hasher.update(bufferPointer: $0) }
+            hasher.update(data: der)
+        }
+        return hasher.finalize()
+    }
+
+    func lookup(_ key: SHA256Digest, bundle: TrustBundle, now: Date) -> SpiffeID? {
+        guard let entry = entries.withLockedValue({ $0[key] }) else { return nil }
+        guard now >= entry.notBefore, now <= entry.notAfter, entry.bundle == bundle else { return nil }
+        return entry.id
+    }
+
+    func store(_ key: SHA256Digest, chain: [Certificate], bundle: TrustBundle, id: SpiffeID) {
+        // The window every certificate involved shares: the presented chain and (conservatively)
+        // every authority of the bundle, so an expired root ends the entry even while it is listed.
+        let involved = chain + bundle.authorities
+        guard let notBefore = involved.map(\.notValidBefore).max(), let notAfter = involved.map(\.notValidAfter).min() else { return }
+        let entry = Entry(bundle: bundle, id: id, notBefore: notBefore, notAfter: notAfter)
+        entries.withLockedValue { table in
+            if table.count >= Self.capacity { table.removeAll(keepingCapacity: true) }
+            table[key] = entry
+        }
+    }
+
+    /// For tests.
+    var count: Int { entries.withLockedValue { $0.count } }
 }
