@@ -51,7 +51,7 @@
 #   SIGIL=/path/to/sigil bash bench/proxy.sh
 #   SIGIL_THREADS=1 bash bench/proxy.sh       # event-loop threads per sigil proxy (default: one per core)
 #   KEEP=1 bash bench/proxy.sh                # keep the temp dir (configs, logs, raw outputs)
-#   PROFILE=h1 IDLE_WAIT=1 bash bench/proxy.sh       # no benchmark: perf profile of the sigil pair (or h2)
+#   PROFILE=h1 IDLE_WAIT=1 bash bench/proxy.sh       # no benchmark: perf profile of the sigil pair (or h2, newconn)
 #   PROFILE=syscalls IDLE_WAIT=1 bash bench/proxy.sh # no benchmark: system calls per request (strace -c)
 #
 # Prints a markdown table; writes bench/results/proxy-<UTC date>.json (raw runs + summary).
@@ -655,8 +655,8 @@ record_all_rss idle
 log "warm-up: ${WARMUP}s at 64 connections per system (not counted)"
 for sys in "${systems[@]}"; do wrk -t1 -c64 -d"${WARMUP}s" "${url[$sys]}" >/dev/null 2>&1 || true; done
 
-# PROFILE=h1|h2: instead of the benchmark, one DURATION-second run at 64 connections through the
-# sigil pair under `perf record` (both proxies, call graphs), then the hottest symbols per proxy.
+# PROFILE=h1|h2|newconn: instead of the benchmark, one DURATION-second run (64 connections; newconn:
+# 16, each request a new connection) through the sigil pair under `perf record` (both proxies, call graphs), then the hottest symbols per proxy.
 # PROFILE=syscalls: instead, `strace -c` on both proxies during a 5 s HTTP/1.1 run at 64 connections:
 # system calls per request by kind (strace slows the proxies; the counts are what matter).
 if [ "${PROFILE:-}" = syscalls ]; then
@@ -688,6 +688,8 @@ if [ -n "${PROFILE:-}" ]; then
     sleep 0.5
     if [ "$PROFILE" = h2 ]; then
         h2load -t1 -c64 -m1 -D "$DURATION" "${h2url[sigil]}" | grep -E "^(finished|requests)" >&2
+    elif [ "$PROFILE" = newconn ]; then
+        wrk -t1 -c16 -d"${DURATION}s" -H "Connection: close" "${url[sigil]}" | grep -E "Requests/sec" >&2
     else
         wrk -t1 -c64 -d"${DURATION}s" "${url[sigil]}" | grep -E "Requests/sec" >&2
     fi
