@@ -20,7 +20,11 @@ def main() -> int:
     if len(sys.argv) != 4:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
-    url, n, ready = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    url, count, ready = sys.argv[1], sys.argv[2], sys.argv[3]
+    if not count.isdigit() or int(count) < 1:
+        print(f"hold_conns.py: N must be a positive number of connections, got '{count}'", file=sys.stderr)
+        return 2
+    n = int(count)
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     request = f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()

@@ -661,15 +661,16 @@ for sys in "${systems[@]}"; do wrk -t1 -c64 -d"${WARMUP}s" "${url[$sys]}" >/dev/
 # system calls per request by kind (strace slows the proxies; the counts are what matter).
 if [ "${PROFILE:-}" = syscalls ]; then
     command -v strace >/dev/null || { echo "PROFILE=syscalls needs strace (apt-get install strace)" >&2; exit 1; }
+    tracers=()
     for side in server client; do
         pid="${pair_server[sigil]}"; [ "$side" = client ] && pid="${pair_client[sigil]}"
         strace -c -f -qq -p "$pid" -o "$work/strace-$side.txt" &
-        eval "strace_$side=\$!"
+        tracers+=($!)
     done
     sleep 1
     requests="$(wrk -t1 -c64 -d5s "${url[sigil]}" | awk '/requests in/ {print $1}')"
-    kill -INT "$strace_server" "$strace_client" 2>/dev/null || true
-    wait "$strace_server" "$strace_client" 2>/dev/null || true
+    kill -INT "${tracers[@]}" 2>/dev/null || true
+    wait "${tracers[@]}" 2>/dev/null || true
     for side in server client; do
         echo "## sigil $side proxy: system calls per request ($requests requests)"
         awk -v n="$requests" '$NF ~ /^[a-z_0-9]+$/ && $4 ~ /^[0-9]+$/ && $NF != "total" {printf "%-16s %6.2f\n", $NF, $4 / n}' \

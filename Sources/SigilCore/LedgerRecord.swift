@@ -70,7 +70,8 @@ public struct LedgerRecord: Sendable, Hashable {
         return String(decoding: bytes, as: UTF8.self)
     }
 
-    /// ``json(writer:seq:prev:)`` appended to a byte buffer (the spool's path: no String building).
+    /// ``json(writer:seq:prev:)`` appended to a byte buffer: head, body and tail, the same bytes
+    /// the spool writes (it serializes the body before taking its chain's lock).
     public func appendJSON(to out: inout [UInt8], writer: String, seq: UInt64, prev: String) {
         Self.appendHead(to: &out, writer: writer, seq: seq)
         appendBody(to: &out)
@@ -230,11 +231,7 @@ public enum JSONText {
     /// Lowercase hex of some bytes, appended as ASCII.
     public static func appendHex<Bytes: Sequence>(_ bytes: Bytes, to out: inout [UInt8]) where Bytes.Element == UInt8 {
         let contiguous: Bool? = bytes.withContiguousStorageIfAvailable { appendHex(UnsafeRawBufferPointer($0), to: &out); return true }
-        if contiguous == true { return }
-        for b in bytes {
-            out.append(hexDigit(b >> 4))
-            out.append(hexDigit(b & 0x0F))
-        }
+        if contiguous != true { Array(bytes).withUnsafeBytes { appendHex($0, to: &out) } }
     }
 
     /// The same for raw bytes (a digest's `withUnsafeBytes`): one reservation, no generic dispatch.

@@ -137,14 +137,18 @@ final class AppPool: @unchecked Sendable {
         self.maxIdle = maxIdle
     }
 
-    func lease() -> EventLoopFuture<AppConnection> {
-        if let connection = takeIdle() { return eventLoop.makeSucceededFuture(connection) }
-        return connect()
+    /// Hands `body` a connection for one request: an idle pooled one at once (the request path's
+    /// fast case: no future), else a new one when it is connected (`fresh`: always a new one).
+    func acquire(fresh: Bool, _ body: @escaping (Result<AppConnection, any Error>) -> Void) {
+        if !fresh, let connection = takeIdle() {
+            body(.success(connection))
+            return
+        }
+        connect().assumeIsolated().whenComplete(body)
     }
 
-    /// An idle pooled connection that can carry another request, if there is one (the request
-    /// path's fast case: no future, no callback).
-    func takeIdle() -> AppConnection? {
+    /// An idle pooled connection that can carry another request, if there is one.
+    private func takeIdle() -> AppConnection? {
         eventLoop.preconditionInEventLoop()
         while let connection = idle.popLast() {
             if connection.channel.isActive, connection.handler.reusable {

@@ -192,11 +192,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink {
 
     private func connectApp(context: ChannelHandlerContext, fresh: Bool) {
         let pool = environment.pools.pool(for: context.eventLoop)
-        if !fresh, let connection = pool.takeIdle() {
-            attach(connection)
-            return
-        }
-        pool.connect().assumeIsolated().whenComplete { result in
+        pool.acquire(fresh: fresh) { result in
             switch result {
             case .success(let connection):
                 guard self.context != nil, self.active != nil else {

@@ -114,11 +114,7 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink {
     private func connectApp(context: ChannelHandlerContext, fresh: Bool) {
         let pool = environment.pools.pool(for: context.eventLoop)
         connecting = true
-        if !fresh, let connection = pool.takeIdle() {
-            attach(connection)
-            return
-        }
-        pool.connect().assumeIsolated().whenComplete { result in
+        pool.acquire(fresh: fresh) { result in
             switch result {
             case .success(let connection):
                 guard self.context != nil, !self.done else {

@@ -120,7 +120,4 @@ final class VerifiedChains: Sendable {
             table[key] = entry
         }
     }
-
-    /// For tests.
-    var count: Int { entries.withLockedValue { $0.count } }
 }
