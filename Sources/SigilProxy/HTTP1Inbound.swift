@@ -1,29 +1,39 @@
 import Logging
 import NIOCore
-import NIOHTTP1
 import SigilCore
 
-/// Inbound HTTP/1.1: authorizes each request by its head, forwards allowed ones to the app over a
-/// pooled keep-alive connection (with `x-forwarded-client-cert`), and relays the app's response as
-/// the bytes it sent. One request is in flight at a time; pipelined requests wait their turn, so
-/// responses keep their order. Denied requests get Istio's `403 RBAC: access denied`.
+/// Inbound HTTP/1.1: frames the client's bytes into requests (``HTTP1RequestFramer``: the head is
+/// parsed for what authorization needs, bodies stay the bytes received), authorizes each request
+/// by its head, forwards allowed ones to the app over a pooled keep-alive connection (with
+/// `x-forwarded-client-cert`), and relays the app's response as the bytes it sent. One request is
+/// in flight at a time; pipelined requests wait their turn, so responses keep their order. Denied
+/// requests get Istio's `403 RBAC: access denied`; malformed ones 400 and the connection closes.
 final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink {
-    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
+    /// One framed piece of the client's stream, queued in order.
+    private enum Part {
+        case head(HTTP1RequestHead)
+        case body(ByteBuffer, payload: Int)
+        case end
+        case malformed(HTTP1RequestFramer.FramingError)
+    }
+
     private struct Active {
-        var head: HTTPRequestHead
+        var head: HTTP1RequestHead
+        var uri: String
+        var hostOverride: String?
         var facts: RequestFacts
-        var chunked: Bool
         var requestEnded = false
         var responseEnded = false
-        /// Body parts that arrived before the app connection was ready.
-        var pending: [HTTPServerRequestPart] = []
-        var hasBody: Bool
+        /// Body bytes that arrived before the app connection was ready (raw, framing included).
+        var pending: [ByteBuffer] = []
         var retried = false
         var sentDownstream = false
         var discardBody = false
+        var detail: String?
     }
 
     private let environment: ProxyEnvironment
@@ -31,7 +41,9 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink {
     private var context: ChannelHandlerContext?
     private var active: Active?
     private var app: AppConnection?
-    private var queue = CircularBuffer<HTTPServerRequestPart>()
+    private var framer = HTTP1RequestFramer()
+    private var queue = CircularBuffer<Part>()
+    private var malformed = false
     private var closeAfterResponse = false
     private var readPaused = false
     private var wantsRead = false
@@ -51,7 +63,19 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink {
     // MARK: inbound from the client
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        queue.append(unwrapInboundIn(data))
+        guard !malformed else { return }  // nothing after a framing error is a request
+        do {
+            try framer.feed(unwrapInboundIn(data)) { event in
+                switch event {
+                case .head(let head): queue.append(.head(head))
+                case .body(let bytes, let payload): queue.append(.body(bytes, payload: payload))
+                case .end: queue.append(.end)
+                }
+            }
+        } catch {
+            malformed = true
+            queue.append(.malformed(error))
+        }
         if queue.count > Self.maxQueuedParts { readPaused = true }
         drain()
     }
@@ -90,21 +114,43 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if error is HTTPParserError, active == nil || active?.sentDownstream == false {
-            // Malformed request: answer 400 (if nothing was sent yet) and close.
-            if active == nil {
-                var buffer = context.channel.allocator.buffer(capacity: 96)
-                buffer.writeStaticString("HTTP/1.1 400 Bad Request\r\ncontent-length: 11\r\nconnection: close\r\n\r\nbad request")
-                context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+        context.close(promise: nil)
+    }
+
+    /// A request that cannot be framed safely: answered with its status (when nothing of a
+    /// response went out yet) and the connection is closed, so no byte after it is read as a request.
+    private func refuse(_ error: HTTP1RequestFramer.FramingError) {
+        guard let context else { return }
+        queue.removeAll()
+        readPaused = true
+        if var active {
+            // The body of the request in flight was malformed: its app connection cannot be reused.
+            active.detail = "malformed request: \(error.description)"
+            active.facts.status = active.sentDownstream ? active.facts.status : error.status
+            self.active = active
+            if active.sentDownstream {
+                context.close(promise: nil)
+                return
             }
         }
-        context.close(promise: nil)
+        let reason: StaticString = switch error.status {
+        case 431: "Request Header Fields Too Large"
+        case 501: "Not Implemented"
+        case 505: "HTTP Version Not Supported"
+        default: "Bad Request"
+        }
+        let body = "bad request: \(error.description)"
+        var buffer = context.channel.allocator.buffer(capacity: 160)
+        buffer.writeString("HTTP/1.1 \(error.status) ")
+        buffer.writeStaticString(reason)
+        buffer.writeString("\r\ncontent-type: text/plain\r\ncontent-length: \(body.utf8.count)\r\nconnection: close\r\n\r\n\(body)")
+        context.writeAndFlush(wrapOutboundOut(buffer)).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
         if var active {
             active.facts.status = active.facts.status ?? 499
-            environment.record(active.facts.ledgerRow(peer: peer, detail: "client closed the connection before the response completed", environment: environment))
+            environment.record(active.facts.ledgerRow(peer: peer, detail: active.detail ?? "client closed the connection before the response completed", environment: environment))
             self.active = nil
         }
         if let app {
@@ -116,58 +162,46 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink {
         context.fireChannelInactive()
     }
 
-    private func dispatch(_ part: HTTPServerRequestPart) {
+    private func dispatch(_ part: Part) {
         switch part {
         case .head(let head):
             begin(head)
-        case .body(let body):
+        case .body(let body, let payload):
             guard var active = self.active else { return }
-            active.facts.bytesIn += body.readableBytes
+            active.facts.bytesIn += payload
             if active.discardBody || !active.facts.decision.allowed {
                 self.active = active
                 return
             }
             if let app {
                 self.active = active
-                writeBody(body, chunked: active.chunked, to: app)
+                app.channel.write(body, promise: nil)
             } else {
-                active.pending.append(part)
+                active.pending.append(body)
                 self.active = active
             }
-        case .end(let trailers):
+        case .end:
             guard var active = self.active else { return }
             active.requestEnded = true
-            if active.facts.decision.allowed, !active.discardBody {
-                if let app {
-                    if active.chunked { writeEnd(trailers, to: app) }
-                    app.channel.flush()
-                } else {
-                    active.pending.append(part)
-                }
-            }
+            if active.facts.decision.allowed, !active.discardBody, let app { app.channel.flush() }
             self.active = active
             if active.responseEnded { finish() }
+        case .malformed(let error):
+            refuse(error)
         }
     }
 
-    private func begin(_ head: HTTPRequestHead) {
+    private func begin(_ head: HTTP1RequestHead) {
         guard let context else { return }
-        guard let target = RequestTarget.normalize(head.uri) else {
-            var buffer = context.channel.allocator.buffer(capacity: 96)
-            buffer.writeStaticString("HTTP/1.1 400 Bad Request\r\ncontent-length: 11\r\nconnection: close\r\n\r\nbad request")
-            context.writeAndFlush(wrapOutboundOut(buffer)).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
-            queue.removeAll()
-            readPaused = true  // nothing more from this connection
+        guard let target = RequestTarget.normalize(head.target) else {
+            refuse(.init(400, "invalid request target"))
             return
         }
-        var head = head
-        head.uri = target.uri
-        if let authority = target.authority { head.headers.replaceOrAdd(name: "host", value: authority) }
-        let facts = RequestFacts(head: head, peer: peer, environment: environment, proto: "http/1.1")
-        if !head.isKeepAlive { closeAfterResponse = true }
-        let length = head.headers.first(name: "content-length").flatMap { Int($0) } ?? 0
-        let chunked = RequestHeadWriter.isChunked(head)
-        active = Active(head: head, facts: facts, chunked: chunked, hasBody: chunked || length > 0)
+        let host = target.authority ?? head.host
+        let facts = RequestFacts(method: head.method, path: target.uri, host: host, values: head.values,
+                                 peer: peer, environment: environment, proto: "http/1.1")
+        if !head.keepAlive { closeAfterResponse = true }
+        active = Active(head: head, uri: target.uri, hostOverride: target.authority, facts: facts)
         guard facts.decision.allowed else {
             deny(context: context)
             return
@@ -209,47 +243,15 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink {
     private func attach(_ connection: AppConnection) {
         guard var active else { return }
         app = connection
-        connection.handler.begin(sink: self, toHEAD: active.head.method == .HEAD, decodes: false)
-        var buffer = connection.channel.allocator.buffer(capacity: 512)
-        RequestHeadWriter.write(active.head, xfcc: peer.xfcc, into: &buffer)
+        connection.handler.begin(sink: self, toHEAD: active.head.method == "HEAD", decodes: false)
+        var buffer = connection.channel.allocator.buffer(capacity: 0)
+        active.head.write(uri: active.uri, host: active.hostOverride, xfcc: peer.xfcc, into: &buffer)
         connection.channel.write(buffer, promise: nil)
         let pending = active.pending
         active.pending = []
         self.active = active
-        for part in pending {
-            switch part {
-            case .body(let body): writeBody(body, chunked: active.chunked, to: connection)
-            case .end(let trailers): if active.chunked { writeEnd(trailers, to: connection) }
-            case .head: break
-            }
-        }
+        for body in pending { connection.channel.write(body, promise: nil) }
         connection.channel.flush()
-    }
-
-    private func writeBody(_ body: ByteBuffer, chunked: Bool, to connection: AppConnection) {
-        guard body.readableBytes > 0 else { return }
-        if chunked {
-            var buffer = connection.channel.allocator.buffer(capacity: body.readableBytes + 16)
-            RequestHeadWriter.writeChunk(body, into: &buffer)
-            connection.channel.write(buffer, promise: nil)
-        } else {
-            connection.channel.write(body, promise: nil)
-        }
-    }
-
-    private func writeEnd(_ trailers: HTTPHeaders?, to connection: AppConnection) {
-        var buffer = connection.channel.allocator.buffer(capacity: 16)
-        buffer.writeStaticString("0\r\n")
-        if let trailers {
-            for (name, value) in trailers {
-                buffer.writeString(name)
-                buffer.writeStaticString(": ")
-                buffer.writeString(value)
-                buffer.writeStaticString("\r\n")
-            }
-        }
-        buffer.writeStaticString("\r\n")
-        connection.channel.write(buffer, promise: nil)
     }
 
     /// The app could not be reached or dropped the connection before answering.
@@ -316,7 +318,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink {
         if !receivedAnything, !active.sentDownstream {
             // A pooled connection the app closed while idle: retry once on a fresh one if nothing
             // of the request body could have been consumed.
-            if failed?.reused == true, !active.hasBody, !active.retried {
+            if failed?.reused == true, !active.head.hasBody, !active.retried {
                 active.retried = true
                 self.active = active
                 connectApp(context: context, fresh: true)

@@ -157,7 +157,7 @@ public struct HTTP1ResponseFramer: Sendable {
             var size = 0
             var digits = 0
             for byte in line {
-                guard let v = Self.hexValue(byte) else {
+                guard let v = HTTPBytes.hexValue(byte) else {
                     if byte == 0x3B || byte == 0x20 || byte == 0x09 { break }  // chunk extension
                     throw FramingError(description: "malformed chunk size")
                 }
@@ -258,15 +258,6 @@ public struct HTTP1ResponseFramer: Sendable {
     }
 
     static let httpSlash: [UInt8] = Array("HTTP/1.".utf8)
-
-    static func hexValue(_ b: UInt8) -> Int? {
-        switch b {
-        case 0x30...0x39: return Int(b - 0x30)
-        case 0x41...0x46: return Int(b - 0x41 + 10)
-        case 0x61...0x66: return Int(b - 0x61 + 10)
-        default: return nil
-        }
-    }
 
     static func equalsIgnoringCase(_ bytes: ArraySlice<UInt8>, _ lower: StaticString) -> Bool {
         guard bytes.count == lower.utf8CodeUnitCount else { return false }

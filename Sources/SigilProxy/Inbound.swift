@@ -198,9 +198,7 @@ enum ApplicationPipeline {
             _ = multiplexer
             return
         }
-        let decoder = ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes))
-        let inbound = HTTP1InboundHandler(environment: environment, peer: peer)
-        try pipeline.addHandlers([decoder, inbound], position: .after(handler))
+        try pipeline.addHandler(HTTP1InboundHandler(environment: environment, peer: peer), position: .after(handler))
     }
 }
 

@@ -69,9 +69,17 @@ struct RequestFacts {
 
     /// Authorizes `head` from `peer` under the current enforcement state.
     init(head: HTTPRequestHead, peer: PeerInfo, environment: ProxyEnvironment, proto: String) {
-        method = head.method.rawValue
-        path = head.uri
-        host = head.headers.first(name: "host")
+        self.init(method: head.method.rawValue, path: head.uri, host: head.headers.first(name: "host"),
+                  values: { head.headers[$0] }, peer: peer, environment: environment, proto: proto)
+    }
+
+    /// Authorizes a request from `peer`; `values` gives a header's values by lowercased name
+    /// (called only for the headers a policy rule reads).
+    init(method: String, path: String, host: String?, values: (String) -> [String], peer: PeerInfo,
+         environment: ProxyEnvironment, proto: String) {
+        self.method = method
+        self.path = path
+        self.host = host
         self.proto = proto
         start = .now()
         startMicros = ProxyClock.nowMicros()
@@ -81,8 +89,8 @@ struct RequestFacts {
         } else {
             var headers: [String: [String]] = [:]
             for name in state.headerNames {
-                let values = head.headers[name]
-                if !values.isEmpty { headers[name] = values }
+                let found = values(name)
+                if !found.isEmpty { headers[name] = found }
             }
             let request = AuthorizationRequest(
                 principal: peer.principal, sourceIP: peer.sourceIP, destinationIP: peer.destinationIP,
@@ -124,10 +132,6 @@ enum RequestHeadWriter {
             buffer.writeStaticString("\r\n")
         }
         buffer.writeStaticString("\r\n")
-    }
-
-    static func isChunked(_ head: HTTPRequestHead) -> Bool {
-        head.headers["transfer-encoding"].last.map { $0.lowercased().hasSuffix("chunked") } ?? false
     }
 
     static func writeChunk(_ body: ByteBuffer, into buffer: inout ByteBuffer) {

@@ -635,6 +635,35 @@ def test_pipelined_requests_answered_in_order(mesh):
         assert s.recv(100) == b"", "Connection: close was not honoured"
 
 
+SMUGGLING = {
+    # (request bytes, status, words in the answer): each one a way two HTTP parsers could
+    # disagree about where a request ends; the smuggled GET behind it must never reach the app.
+    "cl-te": ("POST /ok HTTP/1.1\r\nHost: api\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "both"),
+    "te-space": ("POST /ok HTTP/1.1\r\nHost: api\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n", 400, "header name"),
+    "te-twice": ("POST /ok HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "more than once"),
+    "te-not-final": ("POST /ok HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n", 400, "final"),
+    "cl-cl": ("POST /ok HTTP/1.1\r\nHost: api\r\nContent-Length: 0\r\nContent-Length: 40\r\n\r\n", 400, "conflicting"),
+    "obs-fold": ("GET /ok HTTP/1.1\r\nHost: api\r\nX-A: 1\r\n Transfer-Encoding: chunked\r\n\r\n", 400, "folding"),
+    "chunk-lf": ("POST /ok HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n", 400, "CRLF"),
+    "no-host": ("GET /ok HTTP/1.1\r\n\r\n", 400, "Host"),
+    "version": ("GET /ok HTTP/3.0\r\nHost: api\r\n\r\n", 505, "version"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SMUGGLING))
+def test_ambiguous_request_framing_is_refused_and_nothing_is_smuggled(mesh, case):
+    request, status, words = SMUGGLING[case]
+    ctx = tls_client(mesh.idents["web"], mesh.bundle, ["http/1.1"])
+    smuggled = f"/smuggled/{case}"
+    with socket.create_connection(("127.0.0.1", mesh.api_in), timeout=10) as raw, ctx.wrap_socket(raw) as s:
+        s.sendall((request + f"GET {smuggled} HTTP/1.1\r\nHost: api\r\n\r\n").encode())
+        [(got, body)] = read_http_responses(s, 1)
+        assert got == status and words.encode() in body, (got, body)
+        s.settimeout(10)
+        assert s.recv(100) == b"", "the connection stayed open after a framing error"
+    assert not any(seen["path"] == smuggled for seen in list(mesh.app.seen))
+
+
 def test_head_then_get_on_one_connection(mesh):
     """HEAD answers carry a Content-Length but no body: the relay must not wait for one."""
     path = tag("head")

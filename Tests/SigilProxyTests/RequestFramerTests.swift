@@ -1,0 +1,161 @@
+import Testing
+import NIOCore
+@testable import SigilProxy
+
+/// The request framer decides where each client request ends: the inbound forwards bodies as the
+/// bytes received, so the framer must agree with the message boundaries in every split and refuse
+/// whatever two HTTP implementations could frame differently (request smuggling).
+struct RequestFramerTests {
+    struct Request: Equatable {
+        var method: String
+        var target: String
+        var host: String?
+        var keepAlive: Bool
+        var raw: [UInt8] = []
+        var payload = 0
+        var ended = false
+    }
+
+    /// Feeds `text` in pieces of `split` bytes (0 = all at once).
+    func frame(_ text: String, split: Int = 0) throws(HTTP1RequestFramer.FramingError) -> [Request] {
+        var framer = HTTP1RequestFramer()
+        var requests: [Request] = []
+        let bytes = Array(text.utf8)
+        let step = split == 0 ? max(bytes.count, 1) : split
+        var offset = 0
+        while offset < bytes.count {
+            let piece = ByteBuffer(bytes: bytes[offset..<min(offset + step, bytes.count)])
+            try framer.feed(piece) { event in
+                switch event {
+                case .head(let head):
+                    requests.append(Request(method: head.method, target: head.target, host: head.host, keepAlive: head.keepAlive))
+                case .body(let body, let payload):
+                    requests[requests.count - 1].raw += body.readableBytesView
+                    requests[requests.count - 1].payload += payload
+                case .end:
+                    requests[requests.count - 1].ended = true
+                }
+            }
+            offset += step
+        }
+        return requests
+    }
+
+    func refusal(_ text: String) -> HTTP1RequestFramer.FramingError? {
+        do {
+            _ = try frame(text)
+            return nil
+        } catch {
+            return error
+        }
+    }
+
+    static let pipelined =
+        "GET /a HTTP/1.1\r\nHost: api\r\n\r\n"
+        + "POST /b HTTP/1.1\r\nHost: api\r\nContent-Length: 5\r\n\r\nhello"
+        + "POST /c HTTP/1.1\r\nhost: api\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nx-sum: 1\r\n\r\n"
+        + "\r\nGET /d HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+        + "GET /e HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+
+    @Test func pipelinedRequestsInEverySplit() throws {
+        let whole = try frame(Self.pipelined)
+        #expect(whole.map(\.target) == ["/a", "/b", "/c", "/d", "/e"])
+        #expect(whole.map(\.ended) == [true, true, true, true, true])
+        #expect(whole.map(\.payload) == [0, 5, 19, 0, 0])
+        #expect(whole.map(\.keepAlive) == [true, true, true, true, false])
+        #expect(whole[3].host == nil)
+        #expect(String(decoding: whole[2].raw, as: UTF8.self) == "3;ext=1\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nx-sum: 1\r\n\r\n")
+        for split in 1...17 {
+            #expect(try frame(Self.pipelined, split: split) == whole, "split \(split)")
+        }
+    }
+
+    @Test func headFieldsAndForwardedHead() throws {
+        var framer = HTTP1RequestFramer()
+        var heads: [HTTP1RequestHead] = []
+        let text = "GET /x?q=1 HTTP/1.1\r\nHost:  api:8080 \r\nX-Forwarded-Client-Cert: forged\r\nX-Tag: a\r\nx-tag: b\r\n\r\n"
+        try framer.feed(ByteBuffer(string: text)) { if case .head(let h) = $0 { heads.append(h) } }
+        let head = try #require(heads.first)
+        #expect(head.method == "GET" && head.target == "/x?q=1" && head.host == "api:8080")
+        #expect(head.values("x-tag") == ["a", "b"])
+        #expect(head.values("missing") == [])
+        var out = ByteBuffer()
+        head.write(uri: "/x?q=1", host: nil, xfcc: "By=spiffe://td/a", into: &out)
+        #expect(String(buffer: out) == "GET /x?q=1 HTTP/1.1\r\nHost: api:8080\r\nX-Tag: a\r\nx-tag: b\r\nx-forwarded-client-cert: By=spiffe://td/a\r\n\r\n")
+        out.clear()
+        head.write(uri: "/y", host: "other", xfcc: nil, into: &out)
+        #expect(String(buffer: out) == "GET /y HTTP/1.1\r\nhost: other\r\nX-Tag: a\r\nx-tag: b\r\n\r\n")
+    }
+
+    @Test func identicalContentLengthsAreOneLength() throws {
+        let requests = try frame("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\nContent-Length: 3\r\n\r\nabc")
+        #expect(requests.map(\.payload) == [3])
+    }
+
+    @Test(arguments: [
+        ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400, "conflicting"),
+        ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 4\r\n\r\n", 400, "conflicting"),
+        ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\n", 400, "Content-Length"),
+        ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "both"),
+        ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 400, "final transfer coding"),
+        ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 400, "more than once"),
+        ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501, "not implemented"),
+        ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", 400, "final transfer coding"),
+        ("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "HTTP/1.0"),
+        ("GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n", 400, "folding"),
+        ("GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n", 400, "header name"),
+        ("GET / HTTP/1.1\r\nHost: a\r\nX-A: b\u{1}c\r\n\r\n", 400, "control character"),
+        ("GET / HTTP/1.1\r\nHost: a\rX-A: b\r\n\r\n", 400, "bare CR"),
+        ("GET / HTTP/1.1\r\n\r\n", 400, "missing Host"),
+        ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "more than one Host"),
+        ("GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505, "version"),
+        ("GET / HTTP/1.1 \r\nHost: a\r\n\r\n", 400, "version"),
+        ("GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 400, "request line"),
+        ("G(T / HTTP/1.1\r\nHost: a\r\n\r\n", 400, "method"),
+        ("GET /\u{7f} HTTP/1.1\r\nHost: a\r\n\r\n", 400, "request target"),
+        ("GET /\r\n\r\n", 400, "request line"),
+        ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0x3\r\nabc\r\n0\r\n\r\n", 400, "chunk size"),
+        ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n-3\r\nabc\r\n0\r\n\r\n", 400, "chunk size"),
+        ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n", 400, "CRLF"),
+        ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcd\r\n0\r\n\r\n", 400, "CRLF"),
+        ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1000000000000000\r\n", 400, "too large"),
+        ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nbad trailer\r\n\r\n", 400, "header name"),
+    ])
+    func ambiguousOrMalformedRequestsAreRefused(text: String, status: Int, words: String) {
+        let error = refusal(text)
+        #expect(error?.status == status, "\(text.debugDescription)")
+        #expect(error?.description.contains(words) == true, "\(error?.description ?? "accepted")")
+    }
+
+    @Test func aRefusedRequestStopsTheStream() throws {
+        // Nothing after a refused head is framed: the smuggled request never surfaces.
+        var framer = HTTP1RequestFramer()
+        var targets: [String] = []
+        let text = "GET /ok HTTP/1.1\r\nHost: a\r\n\r\nPOST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+        #expect(throws: HTTP1RequestFramer.FramingError.self) {
+            try framer.feed(ByteBuffer(string: text)) { if case .head(let h) = $0 { targets.append(h.target) } }
+        }
+        try framer.feed(ByteBuffer(string: "GET /after HTTP/1.1\r\nHost: a\r\n\r\n")) { if case .head(let h) = $0 { targets.append(h.target) } }
+        #expect(targets == ["/ok"])
+    }
+
+    @Test func oversizedHeadsAre431() {
+        let big = "GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + String(repeating: "a", count: 70_000) + "\r\n\r\n"
+        #expect(refusal(big)?.status == 431)
+        // also when it trickles in
+        var framer = HTTP1RequestFramer()
+        var status: Int?
+        do {
+            for chunk in Array(big.utf8).chunked(1000) { try framer.feed(ByteBuffer(bytes: chunk)) { _ in } }
+        } catch {
+            status = error.status
+        }
+        #expect(status == 431)
+    }
+}
+
+extension Array {
+    func chunked(_ size: Int) -> [ArraySlice<Element>] {
+        stride(from: 0, to: count, by: size).map { self[$0..<Swift.min($0 + size, count)] }
+    }
+}
