@@ -165,6 +165,8 @@ let package = Package(
                 logging,
                 lifecycle,
                 unixSignals,
+                grpcCore,
+                grpcHTTP2,
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -241,7 +243,7 @@ let package = Package(
         ),
         .testTarget(
             name: "SigilStoreTests",
-            dependencies: ["SigilStore", "SigilTestSupport"],
+            dependencies: ["SigilStore", "SigilCore", "SigilTestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(

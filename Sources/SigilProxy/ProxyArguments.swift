@@ -14,7 +14,7 @@ public enum ProxyArguments {
 
     public static let flags: Set<String> = [
         "config", "workload-api", "inbound", "app", "namespace", "labels", "policies", "mtls", "spiffe-id",
-        "outbound", "upstream", "upstream-id", "protocol", "ledger", "ledger-sync-ms", "kill-switch", "root-namespace", "threads", "log-level",
+        "outbound", "upstream", "upstream-id", "protocol", "ledger", "ledger-sync-ms", "ledger-server", "kill-switch", "root-namespace", "threads", "log-level",
     ]
 
     /// Parsed settings plus the log level (handled by the caller's logging bootstrap).
@@ -100,14 +100,20 @@ public enum ProxyArguments {
             }
             ledgerSync = n
         }
+        let ledgerServer = get("ledger-server")
+        if let ledgerServer {
+            guard get("ledger") != nil else { throw UsageError("--ledger-server ships the rows of --ledger: give the spool file too") }
+            _ = try hostPort(ledgerServer, flag: "--ledger-server")
+        }
         do { _ = try WorkloadAPIClient.socketPath(fromEndpoint: socket) } catch { throw UsageError(error.message) }
-        let config = ProxyConfig(
+        var config = ProxyConfig(
             workloadAPISocket: socket, inboundHost: inHost, inboundPort: inPort, appHost: appHost, appPort: appPort,
             namespace: namespace, labels: labels, policiesPath: policies,
             rootNamespace: get("root-namespace") ?? PolicyEvaluator.defaultRootNamespace, mtls: mode, spiffeID: wanted,
             outboundHost: outbound?.0, outboundPort: outbound?.1, upstreamHost: upstream?.0, upstreamPort: upstream?.1,
             upstreamID: upstreamID, ledgerPath: get("ledger"), ledgerSyncMillis: ledgerSync, killSwitchPath: get("kill-switch"), tcpMode: proto == "tcp",
             threads: threads)
+        config.ledgerServer = ledgerServer
         return (config, get("log-level"))
     }
 

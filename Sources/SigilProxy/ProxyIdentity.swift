@@ -17,6 +17,9 @@ public final class TLSMaterial: Sendable {
     public let serverContext: NIOSSLContext
     /// Outbound, by ALPN protocol offered to the upstream ("h2", "http/1.1", "" for none).
     public let clientContexts: [String: NIOSSLContext]
+    /// The SVID chain (leaf first) and its PKCS#8 key, for the ledger shipper's gRPC client.
+    public let chainDER: [[UInt8]]
+    public let keyDER: [UInt8]
 
     init(svid: FetchedX509SVID, httpMode: Bool) throws {
         guard let id = svid.certificates.first?.spiffeID else {
@@ -46,6 +49,8 @@ public final class TLSMaterial: Sendable {
             contexts[alpn] = try NIOSSLContext(configuration: client)
         }
         clientContexts = contexts
+        chainDER = svid.certificates.map(\.derBytes)
+        keyDER = svid.privateKeyPKCS8DER
     }
 }
 

@@ -33,6 +33,8 @@ public struct ProxyConfig: Sendable {
     /// The longest a written ledger row waits for `fdatasync` (0: every batch is synced).
     public var ledgerSyncMillis: Int
     public static let defaultLedgerSyncMillis = 250
+    /// The server's agent API address (`host:port`) to ship ledger rows to (nil: they stay in the spool).
+    public var ledgerServer: String?
     /// The kill switch file: present = PERMISSIVE + allow-all.
     public var killSwitchPath: String
     public var tcpMode: Bool
@@ -62,6 +64,7 @@ public struct ProxyConfig: Sendable {
         self.upstreamID = upstreamID
         self.ledgerPath = ledgerPath
         self.ledgerSyncMillis = ledgerSyncMillis
+        self.ledgerServer = nil
         self.killSwitchPath = killSwitchPath ?? ProxyConfig.defaultKillSwitchPath(policies: policiesPath)
         self.tcpMode = tcpMode
         self.threads = threads > 0 ? threads : System.coreCount
@@ -90,12 +93,19 @@ public enum SigilProxyRole {
             throw ProxyError(.configuration, error.message)
         }
         let ledger: LedgerSpool?
+        let identity = IdentityStore()
+        var shipper: LedgerShipper?
         if let path = config.ledgerPath {
+            let writer = "proxy:\(config.namespace)/\(config.labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ","))@\(config.inboundPort)"
             do {
-                ledger = try LedgerSpool(path: path, writer: "proxy:\(config.namespace)/\(config.labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ","))@\(config.inboundPort)",
-                                        syncInterval: .milliseconds(config.ledgerSyncMillis), logger: logger)
-            } catch {
+                ledger = try LedgerSpool(path: path, writer: writer, syncInterval: .milliseconds(config.ledgerSyncMillis), logger: logger)
+                if let server = config.ledgerServer {
+                    shipper = try LedgerShipper(spoolPath: path, writer: writer, server: server, identity: identity, logger: logger)
+                }
+            } catch let error as LedgerShipper.ShipError {
                 throw ProxyError(.configuration, error.description)
+            } catch {
+                throw ProxyError(.configuration, "\(error)")
             }
         } else {
             ledger = nil
@@ -119,12 +129,11 @@ public enum SigilProxyRole {
         }
 
         let group = MultiThreadedEventLoopGroup(numberOfThreads: config.threads)
-        let identity = IdentityStore()
         let environment = ProxyEnvironment(policy: policy, identity: identity, ledger: ledger,
                                            pools: AppPools(group: group, target: appAddress), appPort: config.appPort,
                                            appAddress: appAddress, tcpMode: config.tcpMode, logger: logger)
         let service = ProxyService(config: config, environment: environment, group: group, socketPath: socketPath,
-                                   upstream: upstream, logger: logger, ready: ready)
+                                   upstream: upstream, shipper: shipper, logger: logger, ready: ready)
         let serviceGroup = ServiceGroup(configuration: .init(
             services: [.init(service: service)],
             gracefulShutdownSignals: [.sigterm, .sigint],
@@ -133,9 +142,14 @@ public enum SigilProxyRole {
             try await serviceGroup.run()
         } catch {
             try? await group.shutdownGracefully()
+            ledger?.flush()
             throw error
         }
+        // Connections still open (keep-alive clients) are served until the event loops stop, and
+        // each of their requests appends a row: the spool's last flush comes after that, so every
+        // response a client received has its row on disk.
         try? await group.shutdownGracefully()
+        ledger?.flush()
     }
 }
 
@@ -146,6 +160,7 @@ struct ProxyService: Service {
     let group: MultiThreadedEventLoopGroup
     let socketPath: String
     let upstream: (SocketAddress, SpiffeID)?
+    let shipper: LedgerShipper?
     let logger: Logger
     let ready: (@Sendable (String) -> Void)?
 
@@ -159,6 +174,7 @@ struct ProxyService: Service {
             tasks.addTask { await watcher.run() }
             tasks.addTask { await environment.policy.watch() }
             if let ledger = environment.ledger { tasks.addTask { await ledger.run() } }
+            if let shipper { tasks.addTask { await shipper.run() } }
             tasks.addTask { await IdleTrimmer().run() }
 
             // Serve only with an identity: wait for the first SVID.

@@ -87,7 +87,7 @@ public enum SigilServer {
                 transport.connection.maxAge = age
                 transport.connection.maxGraceTime = age
             })
-        let agentServer = GRPCServer(transport: agentTransport, services: [AgentAPIService(core: core)])
+        let agentServer = GRPCServer(transport: agentTransport, services: [AgentAPIService(core: core), LedgerAPIService(core: core, ledger: core.store)])
         let adminServer = GRPCServer(
             transport: .http2NIOPosix(address: .unixDomainSocket(path: config.adminSocketPath), transportSecurity: .plaintext),
             services: [AdminAPIService(core: core)])

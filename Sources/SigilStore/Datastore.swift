@@ -6,7 +6,7 @@ public import Foundation
 
 /// What the CA persists. SQLite (``SQLiteDatastore``) is the default; the protocol keeps room for a
 /// PostgreSQL implementation for HA servers.
-public protocol Datastore: Sendable {
+public protocol Datastore: LedgerStore {
     /// The trust domain this store belongs to, or nil before `sigil ca init`.
     func trustDomain() async throws(StoreError) -> String?
 

@@ -130,6 +130,7 @@ public final class SQLiteDatastore: Datastore {
             }
             try db.execute(sql: "INSERT OR IGNORE INTO meta (key, value) VALUES ('entries_revision', '0')")
         }
+        migrator.registerMigration("v3-ledger") { db in try SQLiteDatastore.migrateLedger(db) }
         return migrator
     }
 
@@ -411,7 +412,7 @@ public final class SQLiteDatastore: Datastore {
 
     // MARK: - plumbing
 
-    private func read<T: Sendable>(_ body: @Sendable @escaping (Database) throws -> T) async throws(StoreError) -> T {
+    func read<T: Sendable>(_ body: @Sendable @escaping (Database) throws -> T) async throws(StoreError) -> T {
         do {
             return try await writer.read(body)
         } catch let error as StoreError {
@@ -421,7 +422,7 @@ public final class SQLiteDatastore: Datastore {
         }
     }
 
-    private func write<T: Sendable>(_ body: @Sendable @escaping (Database) throws -> T) async throws(StoreError) -> T {
+    func write<T: Sendable>(_ body: @Sendable @escaping (Database) throws -> T) async throws(StoreError) -> T {
         do {
             return try await writer.write(body)
         } catch let error as StoreError {

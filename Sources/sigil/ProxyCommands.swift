@@ -57,6 +57,7 @@ struct ProxyRun: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("http (HTTP/1.1 and HTTP/2) or tcp.", valueName: "p")) var `protocol`: String?
     @Option(name: .long, help: ArgumentHelp("Ledger spool (JSON lines, 0600).", valueName: "file")) var ledger: String?
     @Option(name: .long, help: ArgumentHelp("Longest a written ledger row waits for fdatasync (0: every batch; default 250).", valueName: "ms")) var ledgerSyncMs: Int?
+    @Option(name: .long, help: ArgumentHelp("Ship the spool's rows to the server's ledger (its agent API address), over mTLS with this workload's SVID.", valueName: "host:port")) var ledgerServer: String?
     @Option(name: .long, help: ArgumentHelp("Kill switch file (default <policies>/sigil-kill-switch).", valueName: "file")) var killSwitch: String?
     @Option(name: .long, help: ArgumentHelp("Istio's root namespace (mesh-wide policies).", valueName: "ns")) var rootNamespace: String?
     @Option(name: .long, help: ArgumentHelp("Event loop threads (default: one per core).", valueName: "n")) var threads: Int?
@@ -68,7 +69,7 @@ struct ProxyRun: AsyncParsableCommand {
             ("config", config), ("workload-api", workloadApi), ("inbound", inbound), ("app", app), ("namespace", namespace),
             ("labels", labels), ("policies", policies), ("mtls", mtls), ("spiffe-id", spiffeId), ("outbound", outbound),
             ("upstream", upstream), ("upstream-id", upstreamId), ("protocol", self.protocol), ("ledger", ledger),
-            ("ledger-sync-ms", ledgerSyncMs.map(String.init)),
+            ("ledger-sync-ms", ledgerSyncMs.map(String.init)), ("ledger-server", ledgerServer),
             ("kill-switch", killSwitch), ("root-namespace", rootNamespace), ("threads", threads.map(String.init)),
             ("log-level", logLevel),
         ]

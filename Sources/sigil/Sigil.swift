@@ -22,7 +22,7 @@ struct Sigil: AsyncParsableCommand {
             Exit codes: 0 success, 1 a negative answer (denied, verification failed), 2 usage or input error.
             """,
         version: SigilVersion.current,
-        subcommands: [CACommand.self, BundleCommand.self, ServerCommand.self, TokenCommand.self, EntryCommand.self, AgentCommand.self, SvidCommand.self, PolicyCommand.self, ProxyCommand.self, DemoCommand.self]
+        subcommands: [CACommand.self, BundleCommand.self, ServerCommand.self, TokenCommand.self, EntryCommand.self, AgentCommand.self, SvidCommand.self, PolicyCommand.self, ProxyCommand.self, AuditCommand.self, DemoCommand.self]
     )
 
     static func main() async {

@@ -1236,6 +1236,359 @@ extension SigilAgentAPI.ClientProtocol {
     }
 }
 
+// MARK: - sigil.v1.LedgerAPI
+
+/// Namespace containing generated types for the "sigil.v1.LedgerAPI" service.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+public enum SigilLedgerAPI: Sendable {
+    /// Service descriptor for the "sigil.v1.LedgerAPI" service.
+    public static let descriptor = GRPCCore.ServiceDescriptor(fullyQualifiedService: "sigil.v1.LedgerAPI")
+    /// Namespace for method metadata.
+    public enum Method: Sendable {
+        /// Namespace for "Append" metadata.
+        public enum Append: Sendable {
+            /// Request type for "Append".
+            public typealias Input = SigilLedgerAppendRequest
+            /// Response type for "Append".
+            public typealias Output = SigilLedgerAppendResponse
+            /// Descriptor for "Append".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "sigil.v1.LedgerAPI"),
+                method: "Append",
+                type: .unary
+            )
+        }
+        /// Descriptors for all methods in the "sigil.v1.LedgerAPI" service.
+        public static let descriptors: [GRPCCore.MethodDescriptor] = [
+            Append.descriptor
+        ]
+    }
+}
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension GRPCCore.ServiceDescriptor {
+    /// Service descriptor for the "sigil.v1.LedgerAPI" service.
+    public static let sigilLedgerAPI = GRPCCore.ServiceDescriptor(fullyQualifiedService: "sigil.v1.LedgerAPI")
+}
+
+// MARK: sigil.v1.LedgerAPI (server)
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension SigilLedgerAPI {
+    /// Streaming variant of the service protocol for the "sigil.v1.LedgerAPI" service.
+    ///
+    /// This protocol is the lowest-level of the service protocols generated for this service
+    /// giving you the most flexibility over the implementation of your service. This comes at
+    /// the cost of more verbose and less strict APIs. Each RPC requires you to implement it in
+    /// terms of a request stream and response stream. Where the RPC expects only a single
+    /// request or response message, you are responsible for ensuring your implementation
+    /// maintains this invariant.
+    ///
+    /// Where possible, prefer using the stricter, less-verbose ``ServiceProtocol``
+    /// or ``SimpleServiceProtocol`` instead.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Who-called-whom rows shipped by proxies, authenticated by their workload SVIDs. Rows are
+    /// > stored once per (writer, seq): an upload that is retried stores nothing twice.
+    public protocol StreamingServiceProtocol: GRPCCore.RegistrableRPCService {
+        /// Handle the "Append" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Appends rows of one writer, in seq order. An empty append asks where to resume.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `SigilLedgerAppendRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `SigilLedgerAppendResponse` messages.
+        func append(
+            request: GRPCCore.StreamingServerRequest<SigilLedgerAppendRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<SigilLedgerAppendResponse>
+    }
+
+    /// Service protocol for the "sigil.v1.LedgerAPI" service.
+    ///
+    /// This protocol is higher level than ``StreamingServiceProtocol`` but lower level than
+    /// the ``SimpleServiceProtocol``, it provides access to request and response metadata and
+    /// trailing response metadata. If you don't need these then consider using
+    /// the ``SimpleServiceProtocol``. If you need fine grained control over your RPCs then
+    /// use ``StreamingServiceProtocol``.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Who-called-whom rows shipped by proxies, authenticated by their workload SVIDs. Rows are
+    /// > stored once per (writer, seq): an upload that is retried stores nothing twice.
+    public protocol ServiceProtocol: SigilLedgerAPI.StreamingServiceProtocol {
+        /// Handle the "Append" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Appends rows of one writer, in seq order. An empty append asks where to resume.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `SigilLedgerAppendRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `SigilLedgerAppendResponse` message.
+        func append(
+            request: GRPCCore.ServerRequest<SigilLedgerAppendRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<SigilLedgerAppendResponse>
+    }
+
+    /// Simple service protocol for the "sigil.v1.LedgerAPI" service.
+    ///
+    /// This is the highest level protocol for the service. The API is the easiest to use but
+    /// doesn't provide access to request or response metadata. If you need access to these
+    /// then use ``ServiceProtocol`` instead.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Who-called-whom rows shipped by proxies, authenticated by their workload SVIDs. Rows are
+    /// > stored once per (writer, seq): an upload that is retried stores nothing twice.
+    public protocol SimpleServiceProtocol: SigilLedgerAPI.ServiceProtocol {
+        /// Handle the "Append" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Appends rows of one writer, in seq order. An empty append asks where to resume.
+        ///
+        /// - Parameters:
+        ///   - request: A `SigilLedgerAppendRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `SigilLedgerAppendResponse` to respond with.
+        func append(
+            request: SigilLedgerAppendRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> SigilLedgerAppendResponse
+    }
+}
+
+// Default implementation of 'registerMethods(with:)'.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension SigilLedgerAPI.StreamingServiceProtocol {
+    public func registerMethods<Transport>(with router: inout GRPCCore.RPCRouter<Transport>) where Transport: GRPCCore.ServerTransport {
+        router.registerHandler(
+            forMethod: SigilLedgerAPI.Method.Append.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<SigilLedgerAppendRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<SigilLedgerAppendResponse>(),
+            handler: { request, context in
+                try await self.append(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+    }
+}
+
+// Default implementation of streaming methods from 'StreamingServiceProtocol'.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension SigilLedgerAPI.ServiceProtocol {
+    public func append(
+        request: GRPCCore.StreamingServerRequest<SigilLedgerAppendRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<SigilLedgerAppendResponse> {
+        let response = try await self.append(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+}
+
+// Default implementation of methods from 'ServiceProtocol'.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension SigilLedgerAPI.SimpleServiceProtocol {
+    public func append(
+        request: GRPCCore.ServerRequest<SigilLedgerAppendRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<SigilLedgerAppendResponse> {
+        return GRPCCore.ServerResponse<SigilLedgerAppendResponse>(
+            message: try await self.append(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+}
+
+// MARK: sigil.v1.LedgerAPI (client)
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension SigilLedgerAPI {
+    /// Generated client protocol for the "sigil.v1.LedgerAPI" service.
+    ///
+    /// You don't need to implement this protocol directly, use the generated
+    /// implementation, ``Client``.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Who-called-whom rows shipped by proxies, authenticated by their workload SVIDs. Rows are
+    /// > stored once per (writer, seq): an upload that is retried stores nothing twice.
+    public protocol ClientProtocol: Sendable {
+        /// Call the "Append" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Appends rows of one writer, in seq order. An empty append asks where to resume.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `SigilLedgerAppendRequest` message.
+        ///   - serializer: A serializer for `SigilLedgerAppendRequest` messages.
+        ///   - deserializer: A deserializer for `SigilLedgerAppendResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func append<Result>(
+            request: GRPCCore.ClientRequest<SigilLedgerAppendRequest>,
+            serializer: some GRPCCore.MessageSerializer<SigilLedgerAppendRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<SigilLedgerAppendResponse>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<SigilLedgerAppendResponse>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+    }
+
+    /// Generated client for the "sigil.v1.LedgerAPI" service.
+    ///
+    /// The ``Client`` provides an implementation of ``ClientProtocol`` which wraps
+    /// a `GRPCCore.GRPCCClient`. The underlying `GRPCClient` provides the long-lived
+    /// means of communication with the remote peer.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Who-called-whom rows shipped by proxies, authenticated by their workload SVIDs. Rows are
+    /// > stored once per (writer, seq): an upload that is retried stores nothing twice.
+    public struct Client<Transport>: ClientProtocol where Transport: GRPCCore.ClientTransport {
+        private let client: GRPCCore.GRPCClient<Transport>
+
+        /// Creates a new client wrapping the provided `GRPCCore.GRPCClient`.
+        ///
+        /// - Parameters:
+        ///   - client: A `GRPCCore.GRPCClient` providing a communication channel to the service.
+        public init(wrapping client: GRPCCore.GRPCClient<Transport>) {
+            self.client = client
+        }
+
+        /// Call the "Append" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Appends rows of one writer, in seq order. An empty append asks where to resume.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `SigilLedgerAppendRequest` message.
+        ///   - serializer: A serializer for `SigilLedgerAppendRequest` messages.
+        ///   - deserializer: A deserializer for `SigilLedgerAppendResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func append<Result>(
+            request: GRPCCore.ClientRequest<SigilLedgerAppendRequest>,
+            serializer: some GRPCCore.MessageSerializer<SigilLedgerAppendRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<SigilLedgerAppendResponse>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<SigilLedgerAppendResponse>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: SigilLedgerAPI.Method.Append.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+    }
+}
+
+// Helpers providing default arguments to 'ClientProtocol' methods.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension SigilLedgerAPI.ClientProtocol {
+    /// Call the "Append" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Appends rows of one writer, in seq order. An empty append asks where to resume.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `SigilLedgerAppendRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func append<Result>(
+        request: GRPCCore.ClientRequest<SigilLedgerAppendRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<SigilLedgerAppendResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.append(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<SigilLedgerAppendRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<SigilLedgerAppendResponse>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+}
+
+// Helpers providing sugared APIs for 'ClientProtocol' methods.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension SigilLedgerAPI.ClientProtocol {
+    /// Call the "Append" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Appends rows of one writer, in seq order. An empty append asks where to resume.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func append<Result>(
+        _ message: SigilLedgerAppendRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<SigilLedgerAppendResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<SigilLedgerAppendRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.append(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+}
+
 // MARK: - sigil.v1.AdminAPI
 
 /// Namespace containing generated types for the "sigil.v1.AdminAPI" service.

@@ -218,6 +218,38 @@ public nonisolated struct SigilSignJWTSVIDResponse: Sendable {
   public init() {}
 }
 
+public nonisolated struct SigilLedgerAppendRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var writer: String = String()
+
+  /// Each row as its writer chained it: one JSON object, no newline.
+  public var rows: [Data] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct SigilLedgerAppendResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// Everything before this seq is stored; the writer sends from here.
+  public var nextSeq: UInt64 = 0
+
+  public var accepted: UInt32 = 0
+
+  public var duplicates: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 public nonisolated struct SigilCreateJoinTokenRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -872,6 +904,81 @@ nonisolated extension SigilSignJWTSVIDResponse: SwiftProtobuf.Message, SwiftProt
   public static func ==(lhs: SigilSignJWTSVIDResponse, rhs: SigilSignJWTSVIDResponse) -> Bool {
     if lhs.token != rhs.token {return false}
     if lhs.expiresAt != rhs.expiresAt {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension SigilLedgerAppendRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".LedgerAppendRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}writer\0\u{1}rows\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.writer) }()
+      case 2: try { try decoder.decodeRepeatedBytesField(value: &self.rows) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.writer.isEmpty {
+      try visitor.visitSingularStringField(value: self.writer, fieldNumber: 1)
+    }
+    if !self.rows.isEmpty {
+      try visitor.visitRepeatedBytesField(value: self.rows, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: SigilLedgerAppendRequest, rhs: SigilLedgerAppendRequest) -> Bool {
+    if lhs.writer != rhs.writer {return false}
+    if lhs.rows != rhs.rows {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension SigilLedgerAppendResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".LedgerAppendResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}next_seq\0\u{1}accepted\0\u{1}duplicates\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt64Field(value: &self.nextSeq) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.accepted) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.duplicates) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.nextSeq != 0 {
+      try visitor.visitSingularUInt64Field(value: self.nextSeq, fieldNumber: 1)
+    }
+    if self.accepted != 0 {
+      try visitor.visitSingularUInt32Field(value: self.accepted, fieldNumber: 2)
+    }
+    if self.duplicates != 0 {
+      try visitor.visitSingularUInt32Field(value: self.duplicates, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: SigilLedgerAppendResponse, rhs: SigilLedgerAppendResponse) -> Bool {
+    if lhs.nextSeq != rhs.nextSeq {return false}
+    if lhs.accepted != rhs.accepted {return false}
+    if lhs.duplicates != rhs.duplicates {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

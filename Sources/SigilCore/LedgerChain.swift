@@ -1,0 +1,95 @@
+import Crypto
+
+/// The hash chain of one ledger writer, checked from the bytes of its rows.
+///
+/// A row is one JSON object on one line: `{"writer":…,"seq":N,…,"prev":"<hex>","hash":"<hex>"}`.
+/// `hash` is the SHA-256 of every byte before `,"hash":` and `prev` is the previous row's `hash`
+/// (64 zeros for a writer's first row), so editing any byte of a row breaks its own hash and
+/// deleting or reordering rows breaks the next row's `prev`.
+public enum LedgerChain {
+    /// The `prev` of a writer's first row.
+    public static let genesis = String(repeating: "0", count: 64)
+
+    static let hashKey: [UInt8] = Array(",\"hash\":\"".utf8)
+
+    public struct Problem: Error, CustomStringConvertible, Sendable, Equatable {
+        public let description: String
+        public init(_ description: String) { self.description = description }
+    }
+
+    /// The hash a row states and the hash of its bytes; throws when the row has no well-formed
+    /// `hash` field at its end.
+    public static func hashes(of line: some Collection<UInt8>) throws(Problem) -> (stated: String, computed: String) {
+        let bytes = Array(line)
+        // The row ends with `,"hash":"` + 64 hex digits + `"}`.
+        let tail = hashKey.count + 64 + 2
+        guard bytes.count > tail, bytes[bytes.count - 2] == 0x22, bytes[bytes.count - 1] == 0x7D,
+              Array(bytes[(bytes.count - tail)..<(bytes.count - tail + hashKey.count)]) == hashKey else {
+            throw Problem("the row does not end with its \"hash\" field")
+        }
+        let stated = String(decoding: bytes[(bytes.count - 66)..<(bytes.count - 2)], as: UTF8.self)
+        let digest = SHA256.hash(data: bytes[..<(bytes.count - tail)])
+        var hex: [UInt8] = []
+        digest.withUnsafeBytes { JSONText.appendHex($0, to: &hex) }
+        return (stated, String(decoding: hex, as: UTF8.self))
+    }
+
+    /// Checks one row against its own hash and against the row before it (`previousHash`, or
+    /// ``genesis`` for the first), given the `seq` and `prev` the row states.
+    public static func check(line: some Collection<UInt8>, seq: UInt64, prev: String, expectedSeq: UInt64,
+                             previousHash: String) throws(Problem) -> String {
+        let (stated, computed) = try hashes(of: line)
+        guard stated == computed else { throw Problem("its bytes do not match its hash (the row was edited)") }
+        guard seq == expectedSeq else {
+            throw Problem(seq > expectedSeq
+                ? "seq \(expectedSeq)\(seq - expectedSeq > 1 ? "-\(seq - 1)" : "") missing before it (rows were deleted)"
+                : "seq \(seq) repeats or goes back (expected \(expectedSeq))")
+        }
+        guard prev == previousHash else { throw Problem("its prev does not match the hash of the row before it (the chain was cut or rows were replaced)") }
+        return computed
+    }
+}
+
+extension RFC3339 {
+    /// Microseconds since 1970 from `YYYY-MM-DDTHH:MM:SS[.ffffff]Z` (what the ledger writes); nil
+    /// for anything else.
+    public static func micros(from text: some StringProtocol) -> Int64? {
+        let b = Array(text.utf8)
+        func digits(_ start: Int, _ count: Int) -> Int? {
+            guard start + count <= b.count else { return nil }
+            var v = 0
+            for i in start..<(start + count) {
+                guard b[i] >= 0x30, b[i] <= 0x39 else { return nil }
+                v = v * 10 + Int(b[i] - 0x30)
+            }
+            return v
+        }
+        guard b.count >= 20, b[4] == 0x2D, b[7] == 0x2D, b[10] == 0x54 || b[10] == 0x20, b[13] == 0x3A, b[16] == 0x3A,
+              let year = digits(0, 4), let month = digits(5, 2), let day = digits(8, 2),
+              let hour = digits(11, 2), let minute = digits(14, 2), let second = digits(17, 2),
+              (1...12).contains(month), (1...31).contains(day), hour < 24, minute < 60, second < 61 else { return nil }
+        var i = 19
+        var fraction = 0
+        if i < b.count, b[i] == 0x2E {
+            i += 1
+            var scale = 100_000
+            let start = i
+            while i < b.count, b[i] >= 0x30, b[i] <= 0x39 {
+                if scale > 0 { fraction += Int(b[i] - 0x30) * scale }
+                scale /= 10
+                i += 1
+            }
+            guard i > start else { return nil }
+        }
+        guard i == b.count - 1, b[i] == 0x5A || b[i] == 0x7A else { return nil }
+        // Days from civil (Howard Hinnant's algorithm).
+        let y = month <= 2 ? year - 1 : year
+        let era = (y >= 0 ? y : y - 399) / 400
+        let yoe = y - era * 400
+        let mp = (month + 9) % 12
+        let doy = (153 * mp + 2) / 5 + day - 1
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy
+        let days = Int64(era * 146_097 + doe - 719_468)
+        return (days * 86_400 + Int64(hour * 3600 + minute * 60 + second)) * 1_000_000 + Int64(fraction)
+    }
+}
