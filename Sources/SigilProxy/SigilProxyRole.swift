@@ -207,9 +207,13 @@ struct ProxyService: Service {
             for channel in channels { try? await channel.close() }
             try? await Task.sleep(for: .milliseconds(300))
             environment.pools.closeAll()
+            // Rows of everything served so far go to disk now, before waiting for the background
+            // tasks to stop; the last flush, after the event loops stop, takes the rest.
+            environment.ledger?.flush()
             tasks.cancelAll()
         }
         environment.ledger?.flush()
+        logger.info("proxy stopped: background tasks ended")
     }
 
     private func bindInbound() async throws -> any Channel {

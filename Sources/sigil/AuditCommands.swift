@@ -13,7 +13,7 @@ struct AuditCommand: AsyncParsableCommand {
             These commands read the server's database in --data-dir directly (read-only; the
             server may be running).
             """,
-        subcommands: [AuditVerify.self, AuditQuery.self, AuditGraph.self]
+        subcommands: [AuditVerify.self, AuditQuery.self, AuditGraph.self, AuditReport.self]
     )
 }
 

@@ -5,7 +5,7 @@ import Foundation
 
 struct PolicyCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "policy", abstract: "Evaluate Istio AuthorizationPolicy YAML.", subcommands: [PolicyCheck.self])
+        commandName: "policy", abstract: "Evaluate Istio AuthorizationPolicy YAML: one request, or recorded traffic.", subcommands: [PolicyCheck.self, PolicyReplay.self])
 }
 
 struct PolicyCheck: AsyncParsableCommand {

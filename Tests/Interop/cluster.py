@@ -39,7 +39,8 @@ class Proc:
     def __init__(self, args, log: Path, env=None):
         self.args = [str(a) for a in args]
         self.log_path = log
-        self.log = open(log, "wb")
+        self.log = open(log, "ab")  # a restarted process keeps the earlier run's log above its own
+        self.log_start = self.log.tell()  # output() is this process's part only
         self.p = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def alive(self) -> bool:
@@ -64,7 +65,9 @@ class Proc:
 
     def output(self) -> str:
         self.log.flush()
-        return self.log_path.read_text(errors="replace")
+        with open(self.log_path, "rb") as f:
+            f.seek(self.log_start)
+            return f.read().decode(errors="replace")
 
 
 class Cluster:

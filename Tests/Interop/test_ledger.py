@@ -134,7 +134,7 @@ def shipped(sigil_bin):
             time.sleep(step)
             c.start_server()
             time.sleep(step / 2)
-        c.stop_proxy("api")  # the callee's proxy restarts under load (its chain continues)
+        assert c.stop_proxy("api") == 0  # the callee's proxy restarts under load (its chain continues)
         start_api()
         time.sleep(step)
         completed = load.finish()
@@ -187,6 +187,64 @@ def test_query_and_graph_answer_who_called_whom(shipped):
     assert dot.startswith("digraph") and f'"{WEB}" -> "{API}"' in dot and "color=red" in dot
     bad = audit(c, "query", "--since", "yesterday", ok=False)
     assert bad.returncode != 0 and "--since" in bad.stderr
+
+
+def test_policy_replay_matches_recorded_decisions_and_names_what_a_candidate_changes(shipped, tmp_path):
+    c, _, _ = shipped
+    rows = [r for r in stored_rows(c) if r["kind"] == "request"]
+    allowed = sum(1 for r in rows if r["decision"] == "allow")
+    denied = sum(1 for r in rows if r["decision"] == "deny")
+    assert allowed and denied
+
+    # the policies that were in force: every recorded decision is what a fresh evaluation gives
+    same = audit_policy(c, "--policies", c.root / "policies")
+    assert same.returncode == 0, same.describe()
+    summary = json.loads(audit_policy(c, "--policies", c.root / "policies", "--json").stdout)
+    assert summary["replayed"] >= allowed + denied and summary["unchanged"] == summary["replayed"] and summary["changes"] == []
+
+    # a candidate that drops the notPaths exclusion: exactly the recorded /admin denials flip
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    (loose / "p.yaml").write_text(POLICIES.replace('    to: [{operation: {notPaths: ["/admin*"]}}]\n', ""))
+    res = audit_policy(c, "--policies", loose, "--json", "--limit", "100000")
+    assert res.returncode == 1, res.describe()
+    summary = json.loads(res.stdout)
+    assert summary["denyToAllow"] == denied and summary["allowToDeny"] == 0
+    assert {ch["path"].split("/")[1] for ch in summary["changes"]} == {"admin"}
+    assert all(ch["recorded"] == "deny" and ch["candidate"] == "allow" for ch in summary["changes"])
+
+    # a candidate that only allows another caller: every recorded allow flips, named by policy
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "p.yaml").write_text(POLICIES.replace("sa/web", "sa/other"))
+    text = audit_policy(c, "--policies", other, "--limit", "2")
+    assert text.returncode == 1
+    assert f"allow -> deny" in text.stdout and f"{allowed} allow -> deny, 0 deny -> allow" in text.stdout, text.stdout
+    bad = audit_policy(c, "--policies", tmp_path / "missing")
+    assert bad.returncode == 2 and "policy load error" in bad.stderr
+
+
+def test_compliance_report_in_markdown_and_html(shipped):
+    c, completed, _ = shipped
+    md = audit(c, "report", "--since", "1d").stdout
+    assert md.startswith("# Sigil compliance report: trust domain example.org")
+    assert "Intact: " in md and "every chain is continuous" in md
+    assert f"| {WEB} | {API} |" in md  # the edge
+    assert f"| {WEB} |" in md and f"| {API} |" in md  # identities
+    section = md.split("## Plaintext edges")[1].split("##")[0]
+    assert "None: every recorded call was over mTLS" in section
+    denials = md.split("## Denials by policy")[1].split("##")[0]
+    assert "no ALLOW rule matched" in denials and "/admin" in denials
+    issued = md.split("## Certificates issued")[1].split("##")[0]
+    assert f"| {WEB} |" in issued and f"| {API} |" in issued and "| 1h |" in issued
+    assert "## Kill switch\n\nNot used in the period." in md
+    html = audit(c, "report", "--since", "1d", "--format", "html").stdout
+    assert html.startswith("<!doctype html>") and "<h2>Who called whom</h2>" in html and f"<td>{WEB}</td>" in html
+    assert audit(c, "report", "--format", "pdf", ok=False).returncode == 2
+
+
+def audit_policy(c: Cluster, *args):
+    return run([c.bin, "policy", "replay", "--since", "1d", "--data-dir", c.ca_dir, *args], timeout=60)
 
 
 def _tamper(c: Cluster, sql: str, *args):
