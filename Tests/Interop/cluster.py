@@ -19,6 +19,18 @@ from urllib.parse import parse_qs, urlsplit
 from interop_util import free_port, run
 
 TRUST_DOMAIN = "example.org"
+WEB = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/web"
+API = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/api"
+# api accepts calls from web (an ALLOW policy by principal); tests add `to:` rules below it.
+API_FROM_WEB = f"""apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: api-from-web, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: api}}}}
+  action: ALLOW
+  rules:
+  - from: [{{source: {{principals: ["{TRUST_DOMAIN}/ns/shop/sa/web"]}}}}]
+"""
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):

@@ -10,22 +10,11 @@ import threading
 import time
 from pathlib import Path
 
-from cluster import TRUST_DOMAIN, Cluster, Proc, wait_for
+from cluster import API, API_FROM_WEB, WEB, Cluster, Proc, wait_for
 from interop_util import free_port
 
 SECONDS = int(os.environ.get("SIGIL_ROTATION_SECONDS", "180"))
-WEB = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/web"
-API = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/api"
-
-POLICY = f"""apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {{name: api-from-web, namespace: shop}}
-spec:
-  selector: {{matchLabels: {{app: api}}}}
-  action: ALLOW
-  rules:
-  - from: [{{source: {{principals: ["{TRUST_DOMAIN}/ns/shop/sa/web"]}}}}]
-"""
+POLICY = API_FROM_WEB
 
 
 def ledger_rows(path: Path) -> list[dict]:
