@@ -145,7 +145,8 @@ public protocol LedgerStore: Sendable {
     /// Checks every writer's chain from its bytes: each row's own hash, seq continuity, prev links,
     /// the stored columns against the row's bytes, and the last row against the writer's head.
     func verifyLedger() async throws(StoreError) -> LedgerVerification
-    /// Request and connection rows in `[since, until)` grouped by caller and callee.
+    /// Request and connection rows in `[since, until)` grouped by caller and callee, as the callee
+    /// recorded them (a caller's own outbound connection rows would count the same calls twice).
     func ledgerEdges(sinceMicros: Int64?, untilMicros: Int64?) async throws(StoreError) -> [LedgerEdge]
 }
 
@@ -322,6 +323,7 @@ extension SQLiteDatastore {
             let cursor = try Row.fetchCursor(db, sql: """
                 SELECT source, destination, decision, mtls, duration_us FROM ledger_rows
                 WHERE kind IN ('request', 'connection') AND time_us >= ? AND time_us < ?
+                  AND instr(line, CAST('"detail":"outbound' AS BLOB)) = 0
                 """, arguments: [sinceMicros ?? Int64.min, untilMicros ?? Int64.max])
             while let row = try cursor.next() {
                 let key = Key(source: row["source"], destination: row["destination"])

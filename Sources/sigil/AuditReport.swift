@@ -93,7 +93,7 @@ struct AuditReport: AsyncParsableCommand {
         let denials = try await store.ledgerRows(LedgerQuery(sinceMicros: since, untilMicros: until, decision: "deny", limit: Int.max))
         var denialCounts: [String: Int] = [:]
         var denialPaths: [String: Set<String>] = [:]
-        for row in denials where row.kind == "request" || row.kind == "connection" {
+        for row in denials where row.kind == "request" || (row.kind == "connection" && !(row.detail ?? "").hasPrefix("outbound")) {
             let key = row.policy.map { "\($0)\(row.rule.map { " rule \($0)" } ?? "")" } ?? (row.kind == "request" ? "no ALLOW rule matched" : (row.detail ?? "connection refused"))
             denialCounts[key, default: 0] += 1
             if let path = row.path, denialPaths[key, default: []].count < 5 { denialPaths[key, default: []].insert(path) }

@@ -129,12 +129,14 @@ final class DemoRun: @unchecked Sendable {
         try spawn("api-proxy", ["proxy", "run", "--workload-api", "unix://" + agentSocket, "--spiffe-id", apiID,
                                 "--inbound", "127.0.0.1:\(ports.apiInbound)", "--app", "127.0.0.1:\(ports.apiApp)",
                                 "--namespace", "shop", "--labels", "app=api", "--policies", policies,
-                                "--ledger", work + "/api-ledger.jsonl", "--log-level", "warning"])
+                                "--ledger", work + "/api-ledger.jsonl", "--ledger-server", "127.0.0.1:\(ports.server)",
+                                "--log-level", "warning"])
         try spawn("web-proxy", ["proxy", "run", "--workload-api", "unix://" + agentSocket, "--spiffe-id", webID,
                                 "--inbound", "127.0.0.1:\(ports.webInbound)", "--app", "127.0.0.1:\(ports.webApp)",
                                 "--namespace", "shop", "--labels", "app=web", "--policies", policies,
                                 "--outbound", "127.0.0.1:\(ports.webOutbound)", "--upstream", "127.0.0.1:\(ports.apiInbound)",
-                                "--upstream-id", apiID, "--ledger", work + "/web-ledger.jsonl", "--log-level", "warning"])
+                                "--upstream-id", apiID, "--ledger", work + "/web-ledger.jsonl",
+                                "--ledger-server", "127.0.0.1:\(ports.server)", "--log-level", "warning"])
         try await waitFor("both proxies") {
             (try? DemoHTTP.get(port: self.ports.webOutbound, path: "/healthz"))?.status != nil
         }
@@ -174,6 +176,16 @@ final class DemoRun: @unchecked Sendable {
         guard allowed.status == 200, denied.status == 403 else {
             throw CLIError.negative("expected 200 for the allowed call and 403 for the denied one, got \(allowed.status) and \(denied.status)")
         }
+        // The proxies ship their rows to the server (at least once, stored once): the auditor's view.
+        let shippedSpools = [work + "/api-ledger.jsonl.shipped", work + "/web-ledger.jsonl.shipped"]
+        try await waitFor("the proxies to ship their ledger rows to the server") {
+            shippedSpools.allSatisfy { FileManager.default.fileExists(atPath: $0) }
+        }
+        say("")
+        say("==> sigil audit verify --data-dir \(work)/ca   (the server's copy of both proxies' ledgers)")
+        say("    " + (try runOnce(["audit", "verify", "--data-dir", work + "/ca"])).trimmingCharacters(in: .whitespacesAndNewlines))
+        say("==> sigil audit graph --data-dir \(work)/ca   (who called whom)")
+        for line in try runOnce(["audit", "graph", "--data-dir", work + "/ca"]).split(separator: "\n") { say("    \(line)") }
     }
 
     func stop() {

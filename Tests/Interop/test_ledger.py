@@ -269,7 +269,8 @@ def test_editing_or_deleting_a_stored_row_breaks_verify_and_names_it(shipped):
     assert "ledger intact" in audit(c, "verify").stdout
 
     # an indexed column alone (what a query filters on) no longer matches the row
-    _tamper(c, "UPDATE ledger_rows SET decision = 'deny' WHERE writer = ? AND seq = ?", writer, seq)
+    flipped = "allow" if target["decision"] == "deny" else "deny"
+    _tamper(c, "UPDATE ledger_rows SET decision = ? WHERE writer = ? AND seq = ?", flipped, writer, seq)
     res = audit(c, "verify", ok=False)
     assert f"row seq {seq}:" in res.stdout and "decision column" in res.stdout, res.describe()
     _tamper(c, "UPDATE ledger_rows SET decision = ? WHERE writer = ? AND seq = ?", target["decision"], writer, seq)
