@@ -100,12 +100,20 @@ public final class LedgerShipper: Sendable {
     private func session(_ client: SigilLedgerAPI.Client<HTTP2ClientTransport.Posix>) async throws {
         let opened = ContinuousClock.now
         var next = try await append(client, rows: []).nextSeq
+        // A cursor this session found or moved itself is used as is; anything else is looked up.
+        var trusted: Cursor?
         while !Task.isCancelled, ContinuousClock.now - opened < Self.connectionLife {
-            let at = try locate(seq: next, from: progress.withLockedValue { $0.cursor })
-            guard at.seq == next else {
-                throw ShipError(description: "the spool \(spoolPath) has no row seq \(next), which the server expects next (its first row there is \(at.seq)): the spool was truncated or replaced")
+            let at: Cursor
+            if let trusted, trusted.seq == next {
+                at = trusted
+            } else {
+                at = try locate(seq: next, from: progress.withLockedValue { $0.cursor })
+                guard at.seq == next else {
+                    throw ShipError(description: "the spool \(spoolPath) has no row seq \(next), which the server expects next (its first row there is \(at.seq)): the spool was truncated or replaced")
+                }
+                progress.withLockedValue { $0.cursor = at }
+                trusted = at
             }
-            progress.withLockedValue { $0.cursor = at }
             let (rows, end) = try readRows(from: at)
             if rows.isEmpty {
                 try await Task.sleep(for: Self.idlePoll)
@@ -114,6 +122,7 @@ public final class LedgerShipper: Sendable {
             next = try await append(client, rows: rows.map(\.bytes)).nextSeq
             var cursor: Cursor?
             if let last = rows.last, next == last.seq + 1 { cursor = Cursor(offset: end, seq: next) }
+            trusted = cursor
             confirmed(next - 1, cursor: cursor)
         }
     }
@@ -196,10 +205,12 @@ public final class LedgerShipper: Sendable {
 
     /// Complete rows from `cursor`, at most one batch; and the offset after the last of them.
     func readRows(from cursor: Cursor) throws -> ([SpoolRow], Int) {
+        let size = Self.fileSize(spoolPath)
+        guard size > cursor.offset else { return ([], cursor.offset) }  // nothing new: no buffer, no read
         let fd = open(spoolPath, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw ShipError(description: "cannot read the ledger spool \(spoolPath): \(String(cString: strerror(errno)))") }
         defer { close(fd) }
-        var bytes = [UInt8](repeating: 0, count: Self.batchBytes)
+        var bytes = [UInt8](repeating: 0, count: min(Self.batchBytes, size - cursor.offset))
         let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, off_t(cursor.offset)) }
         guard n > 0 else { return ([], cursor.offset) }
         var rows: [SpoolRow] = []
