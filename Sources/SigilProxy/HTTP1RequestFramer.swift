@@ -403,7 +403,7 @@ public struct HTTP1RequestFramer: Sendable {
         if sawTransferEncoding {
             guard minor == 1 else { throw FramingError(400, "Transfer-Encoding in an HTTP/1.0 request") }
             guard contentLength == nil else { throw FramingError(400, "both Transfer-Encoding and Content-Length") }
-            let isChunked = { (c: ArraySlice<UInt8>) in c.withUnsafeBytes { HTTPBytes.equalsIgnoringCase($0, 0, $0.count, "chunked") } }
+            let isChunked = { (c: ArraySlice<UInt8>) in HTTPBytes.equalsIgnoringCase(c, "chunked") }
             guard let last = codings.last, isChunked(last) else { throw FramingError(400, "the final transfer coding is not chunked") }
             guard codings.count == 1 else {
                 if codings.dropLast().contains(where: isChunked) { throw FramingError(400, "chunked applied more than once") }
@@ -463,6 +463,14 @@ enum HTTPBytes {
         while let f = p.first, f == 0x20 || f == 0x09 { p = p.dropFirst() }
         while let l = p.last, l == 0x20 || l == 0x09 { p = p.dropLast() }
         return p
+    }
+
+    static func equalsIgnoringCase(_ bytes: ArraySlice<UInt8>, _ lower: StaticString) -> Bool {
+        bytes.withUnsafeBytes { equalsIgnoringCase($0, 0, $0.count, lower) }
+    }
+
+    static func containsToken(_ value: ArraySlice<UInt8>, _ token: StaticString) -> Bool {
+        value.withUnsafeBytes { containsToken($0, token) }
     }
 
     static func containsToken(_ value: UnsafeRawBufferPointer, _ token: StaticString) -> Bool {

@@ -216,7 +216,7 @@ public struct HTTP1ResponseFramer: Sendable {
             while vs < ve, head[vs] == 0x20 || head[vs] == 0x09 { vs += 1 }
             while ve > vs, head[ve - 1] == 0x20 || head[ve - 1] == 0x09 { ve -= 1 }
             let value = head[vs..<ve]
-            if Self.equalsIgnoringCase(name, "content-length") {
+            if HTTPBytes.equalsIgnoringCase(name, "content-length") {
                 var n = 0
                 guard !value.isEmpty, value.count <= 18 else { throw FramingError(description: "invalid Content-Length") }
                 for b in value {
@@ -225,12 +225,12 @@ public struct HTTP1ResponseFramer: Sendable {
                 }
                 if let existing = contentLength, existing != n { throw FramingError(description: "conflicting Content-Length headers") }
                 contentLength = n
-            } else if Self.equalsIgnoringCase(name, "transfer-encoding") {
+            } else if HTTPBytes.equalsIgnoringCase(name, "transfer-encoding") {
                 chunked = Self.endsWithChunked(value)
                 if !chunked { close = true }  // a non-chunked transfer coding: the body ends at close
-            } else if Self.equalsIgnoringCase(name, "connection") {
-                if Self.containsToken(value, "close") { close = true }
-                if Self.containsToken(value, "keep-alive") { close = false }
+            } else if HTTPBytes.equalsIgnoringCase(name, "connection") {
+                if HTTPBytes.containsToken(value, "close") { close = true }
+                if HTTPBytes.containsToken(value, "keep-alive") { close = false }
             }
             if decodes {
                 headers.append((String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self)))
@@ -259,30 +259,8 @@ public struct HTTP1ResponseFramer: Sendable {
 
     static let httpSlash: [UInt8] = Array("HTTP/1.".utf8)
 
-    static func equalsIgnoringCase(_ bytes: ArraySlice<UInt8>, _ lower: StaticString) -> Bool {
-        guard bytes.count == lower.utf8CodeUnitCount else { return false }
-        return lower.withUTF8Buffer { target in
-            var i = 0
-            for b in bytes {
-                let folded = (b >= 0x41 && b <= 0x5A) ? b | 0x20 : b
-                if folded != target[i] { return false }
-                i += 1
-            }
-            return true
-        }
-    }
-
     static func endsWithChunked(_ value: ArraySlice<UInt8>) -> Bool {
         let last = value.split(separator: 0x2C).last.map { $0.drop { $0 == 0x20 } } ?? []
-        return equalsIgnoringCase(ArraySlice(last), "chunked")
-    }
-
-    static func containsToken(_ value: ArraySlice<UInt8>, _ token: StaticString) -> Bool {
-        value.split(separator: 0x2C).contains { part in
-            var p = ArraySlice(part)
-            while p.first == 0x20 || p.first == 0x09 { p = p.dropFirst() }
-            while p.last == 0x20 || p.last == 0x09 { p = p.dropLast() }
-            return equalsIgnoringCase(p, token)
-        }
+        return HTTPBytes.equalsIgnoringCase(ArraySlice(last), "chunked")
     }
 }

@@ -177,8 +177,11 @@ public final class LedgerShipper: Sendable {
         if let cursor, cursor.seq == seq, Self.seqOfLine(at: cursor.offset, in: spoolPath) == seq || Self.fileSize(spoolPath) == cursor.offset {
             return cursor
         }
-        var offset = (cursor.map { $0.seq <= seq && Self.seqOfLine(at: $0.offset, in: spoolPath) == $0.seq } ?? false) ? cursor!.offset : 0
-        guard let fd = Optional(open(spoolPath, O_RDONLY | O_CLOEXEC)), fd >= 0 else {
+        // Scan forward from a remembered cursor that still points at its row and lies before `seq`.
+        var offset = 0
+        if let cursor, cursor.seq <= seq, Self.seqOfLine(at: cursor.offset, in: spoolPath) == cursor.seq { offset = cursor.offset }
+        let fd = open(spoolPath, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else {
             throw ShipError(description: "cannot read the ledger spool \(spoolPath): \(String(cString: strerror(errno)))")
         }
         defer { close(fd) }

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cluster import (TRUST_DOMAIN, Cluster, HTTPEchoApp, TCPEchoServer, ledger_rows, verify_ledger_chain,
+from cluster import (API_FROM_WEB, TRUST_DOMAIN, Cluster, HTTPEchoApp, TCPEchoServer, ledger_rows, verify_ledger_chain,
                      wait_for)
 from interop_util import free_port, make_csr, openssl, run
 
@@ -39,16 +39,7 @@ OTHER = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/other"
 PRINCIPAL_WEB = f"{TRUST_DOMAIN}/ns/shop/sa/web"
 RBAC_DENIED = "RBAC: access denied"
 
-POLICIES = f"""apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {{name: api-from-web, namespace: shop}}
-spec:
-  selector: {{matchLabels: {{app: api}}}}
-  action: ALLOW
-  rules:
-  - from: [{{source: {{principals: ["{PRINCIPAL_WEB}"]}}}}]
-    to: [{{operation: {{methods: ["GET", "HEAD", "POST"], notPaths: ["/admin*"]}}}}]
----
+POLICIES = API_FROM_WEB + '    to: [{operation: {methods: ["GET", "HEAD", "POST"], notPaths: ["/admin*"]}}]\n' + f"""---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {{name: echo-allow, namespace: shop}}
