@@ -34,6 +34,23 @@ public enum LedgerChain {
         return (stated, String(decoding: hex, as: UTF8.self))
     }
 
+    /// Serializes `record` as row `seq` of `writer`, chained after the row whose hash is `prev`
+    /// (64 lowercase hex digits): the row's bytes (one JSON object, no newline) and its hash.
+    public static func seal(_ record: LedgerRecord, writer: String, seq: UInt64, prev: [UInt8]) -> (line: [UInt8], hash: [UInt8]) {
+        var line: [UInt8] = []
+        line.reserveCapacity(512)
+        LedgerRecord.appendHead(to: &line, writer: writer, seq: seq)
+        record.appendBody(to: &line)
+        LedgerRecord.appendTail(to: &line, prev: prev)
+        var hash: [UInt8] = []
+        hash.reserveCapacity(64)
+        SHA256.hash(data: line).withUnsafeBytes { JSONText.appendHex($0, to: &hash) }
+        line.append(contentsOf: hashKey)
+        line.append(contentsOf: hash)
+        line.append(contentsOf: [0x22, 0x7D])
+        return (line, hash)
+    }
+
     /// Checks one row against its own hash and against the row before it (`previousHash`, or
     /// ``genesis`` for the first), given the `seq` and `prev` the row states.
     public static func check(line: some Collection<UInt8>, seq: UInt64, prev: String, expectedSeq: UInt64,

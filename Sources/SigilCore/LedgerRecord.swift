@@ -5,6 +5,11 @@ public struct LedgerRecord: Sendable, Hashable {
     public enum Kind: String, Sendable {
         case request, connection, policyReload = "policy_reload", policyRejected = "policy_rejected"
         case killSwitchOn = "kill_switch_on", killSwitchOff = "kill_switch_off", identity
+        // The server's own rows (writer `spiffe://<td>/sigil/server`): what the CA did and refused.
+        case caInitialized = "ca_initialized", certificateIssued = "certificate_issued", certificateRefused = "certificate_refused"
+        case certificateRevoked = "certificate_revoked", joinTokenCreated = "join_token_created", joinTokenRefused = "join_token_refused"
+        case agentAttested = "agent_attested", agentEvicted = "agent_evicted", entryCreated = "entry_created", entryDeleted = "entry_deleted"
+        case authorityChanged = "authority_changed", ledgerPruned = "ledger_pruned"
     }
 
     public var kind: Kind

@@ -22,6 +22,8 @@ public struct ServerConfig: Sendable {
     public var listenPort: Int
     public var adminSocketPath: String
     public var agentSVIDTTL: Duration
+    /// How long ledger rows are kept (nil: forever).
+    public var ledgerRetention: Duration?
 
     public static let defaultAdminSocket = "/tmp/sigil/admin.sock"
 
@@ -32,6 +34,7 @@ public struct ServerConfig: Sendable {
         self.listenPort = listenPort
         self.adminSocketPath = adminSocketPath
         self.agentSVIDTTL = agentSVIDTTL
+        self.ledgerRetention = nil
     }
 }
 
@@ -54,6 +57,12 @@ public enum SigilServer {
         let core = ServerCore(ca: ca, store: ca.store, bundle: try await ca.bundle(), clock: clock, logger: logger, agentSVIDTTL: config.agentSVIDTTL)
         let identity = try await ServerIdentity.issue(core: core)
         try core.setJWTKey(try loadOrCreateJWTKey(config.dataDirectory, logger: logger))
+        let checkpointKey: LedgerCheckpointKey
+        do {
+            checkpointKey = try LedgerCheckpointKeyFile.loadOrCreate(config.dataDirectory)
+        } catch {
+            throw ServerError(message: error.message)
+        }
 
         // The admin socket: its directory 0700 and the socket 0600, so only the server's user may connect.
         let socketDirectory = (config.adminSocketPath as NSString).deletingLastPathComponent
@@ -94,14 +103,18 @@ public enum SigilServer {
 
         let announce = Announcer(agentServer: agentServer, adminServer: adminServer, adminSocket: config.adminSocketPath,
                                  previousMask: previousMask, logger: logger, trustDomain: core.trustDomain, core: core)
+        var services: [ServiceGroupConfiguration.ServiceConfiguration] = [
+            .init(service: GRPCServerService(agentServer)),
+            .init(service: GRPCServerService(adminServer)),
+            .init(service: announce),
+            .init(service: identity),
+        ]
+        if let retention = config.ledgerRetention {
+            services.append(.init(service: LedgerRetentionService(store: core.store, retention: retention, key: checkpointKey, clock: clock, logger: logger)))
+        }
         let group = ServiceGroup(
             configuration: .init(
-                services: [
-                    .init(service: GRPCServerService(agentServer)),
-                    .init(service: GRPCServerService(adminServer)),
-                    .init(service: announce),
-                    .init(service: identity),
-                ],
+                services: services,
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
         try await group.run()

@@ -112,6 +112,9 @@ public struct LedgerVerification: Sendable {
 
     public var writers = 0
     public var rows = 0
+    /// Signed checkpoints where retention cut a chain, and whether their signatures were checked.
+    public var checkpoints = 0
+    public var checkpointsChecked = false
     /// The first broken row of each broken writer.
     public var breaks: [Break] = []
     public var intact: Bool { breaks.isEmpty }
@@ -143,8 +146,15 @@ public protocol LedgerStore: Sendable {
     /// Rows matching `query`, oldest first (the newest `limit` of them).
     func ledgerRows(_ query: LedgerQuery) async throws(StoreError) -> [LedgerRow]
     /// Checks every writer's chain from its bytes: each row's own hash, seq continuity, prev links,
-    /// the stored columns against the row's bytes, and the last row against the writer's head.
-    func verifyLedger() async throws(StoreError) -> LedgerVerification
+    /// the stored columns against the row's bytes, and the last row against the writer's head. A
+    /// chain cut by retention continues from its signed checkpoint, whose signature is checked with
+    /// `checkpointKey` (nil: not checked, and the report says so).
+    func verifyLedger(checkpointKey: LedgerCheckpointKey?) async throws(StoreError) -> LedgerVerification
+    /// Retention: removes each writer's rows before the first one stamped at or after
+    /// `beforeMicros`, leaving a checkpoint signed with `key` (see ``LedgerCheckpoint``).
+    func pruneLedger(beforeMicros: Int64, key: LedgerCheckpointKey, at: Date) async throws(StoreError) -> [String: LedgerPruneResult]
+    /// Every retention checkpoint, oldest cut first.
+    func ledgerCheckpoints() async throws(StoreError) -> [LedgerCheckpoint]
     /// Request and connection rows in `[since, until)` grouped by caller and callee, as the callee
     /// recorded them (a caller's own outbound connection rows would count the same calls twice).
     func ledgerEdges(sinceMicros: Int64?, untilMicros: Int64?) async throws(StoreError) -> [LedgerEdge]
@@ -184,6 +194,9 @@ extension SQLiteDatastore {
 
     public func ingestLedger(writer: String, uploader: String, rows: [LedgerRow], at: Date) async throws(StoreError) -> LedgerIngestResult {
         try await write { db in
+            if try ServerLedger.writer(db) == writer || uploader == ServerLedger.uploader {
+                throw StoreError(.conflict, "ledger writer '\(writer)' is the server's own; no proxy may append to it")
+            }
             let head = try Row.fetchOne(db, sql: "SELECT uploader, first_seq, last_seq, last_hash FROM ledger_writers WHERE writer = ?", arguments: [writer])
             if let head, (head["uploader"] as String) != uploader {
                 throw StoreError(.conflict, "ledger writer '\(writer)' is shipped by \(head["uploader"] as String); \(uploader) may not append to it")
@@ -207,20 +220,13 @@ extension SQLiteDatastore {
                 guard row.prev == previous else {
                     throw StoreError(.conflict, "writer '\(writer)' row seq \(row.seq) does not continue the stored chain (its prev is not the hash of seq \(row.seq - 1))")
                 }
-                try db.execute(sql: """
-                    INSERT INTO ledger_rows (writer, seq, time_us, kind, source, destination, decision, status, mtls, policy, duration_us, hash, line)
-                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                    """, arguments: [writer, Int64(row.seq), row.timeMicros, row.kind, row.source, row.destination, row.decision,
-                                     row.status, row.mtls, row.policy, row.durationMicros, row.hash, Data(row.line)])
+                try Self.insertLedgerRow(db, row)
                 expected += 1
                 previous = row.hash
                 accepted += 1
             }
             if accepted > 0 {
-                try db.execute(sql: """
-                    INSERT INTO ledger_writers (writer, uploader, first_seq, last_seq, last_hash, updated_at) VALUES (?, ?, 1, ?, ?, ?)
-                    ON CONFLICT(writer) DO UPDATE SET last_seq = excluded.last_seq, last_hash = excluded.last_hash, updated_at = excluded.updated_at
-                    """, arguments: [writer, uploader, Int64(expected - 1), previous, at.timeIntervalSince1970])
+                try Self.saveLedgerHead(db, writer: writer, uploader: uploader, lastSeq: expected - 1, lastHash: previous, at: at)
             }
             return LedgerIngestResult(accepted: accepted, duplicates: duplicates, nextSeq: expected)
         }
@@ -262,9 +268,20 @@ extension SQLiteDatastore {
         }
     }
 
-    public func verifyLedger() async throws(StoreError) -> LedgerVerification {
+    public func verifyLedger(checkpointKey: LedgerCheckpointKey?) async throws(StoreError) -> LedgerVerification {
         try await read { db in
             var report = LedgerVerification()
+            report.checkpointsChecked = checkpointKey != nil
+            var checkpoints: [String: [UInt64: LedgerCheckpoint]] = [:]
+            for row in try Row.fetchAll(db, sql: "SELECT * FROM ledger_checkpoints ORDER BY writer, seq") {
+                let checkpoint = Self.checkpoint(of: row)
+                report.checkpoints += 1
+                if let checkpointKey, !checkpointKey.isValid(checkpoint) {
+                    report.breaks.append(.init(writer: checkpoint.writer, seq: checkpoint.seq,
+                                               problem: "the retention checkpoint at seq \(checkpoint.seq) is not validly signed by the ledger checkpoint key \(checkpointKey.keyID) (it was edited or forged)"))
+                }
+                checkpoints[checkpoint.writer, default: [:]][checkpoint.seq] = checkpoint
+            }
             let heads = try Row.fetchAll(db, sql: "SELECT writer, first_seq, last_seq, last_hash FROM ledger_writers ORDER BY writer")
             var known = Set<String>()
             for head in heads {
@@ -274,6 +291,13 @@ extension SQLiteDatastore {
                 var expected = UInt64(head["first_seq"] as Int64)
                 var previous = LedgerChain.genesis
                 var broken: LedgerVerification.Break?
+                if expected > 1 {
+                    if let checkpoint = checkpoints[writer]?[expected - 1] {
+                        previous = checkpoint.hash
+                    } else {
+                        broken = .init(writer: writer, seq: expected, problem: "rows 1-\(expected - 1) were removed without a signed retention checkpoint")
+                    }
+                }
                 let cursor = try Row.fetchCursor(db, sql: """
                     SELECT seq, time_us, kind, source, destination, decision, status, mtls, policy, duration_us, hash, line
                     FROM ledger_rows WHERE writer = ? ORDER BY seq
@@ -356,5 +380,13 @@ extension SQLiteDatastore {
         if (row["duration_us"] as Int64) != parsed.durationMicros { return "duration" }
         if (row["hash"] as String) != parsed.hash { return "hash" }
         return nil
+    }
+}
+
+extension LedgerStore {
+    /// ``verifyLedger(checkpointKey:)`` without checking checkpoint signatures (chains are still
+    /// continued from each checkpoint's hash).
+    public func verifyLedger() async throws(StoreError) -> LedgerVerification {
+        try await verifyLedger(checkpointKey: nil)
     }
 }

@@ -131,6 +131,7 @@ public final class SQLiteDatastore: Datastore {
             try db.execute(sql: "INSERT OR IGNORE INTO meta (key, value) VALUES ('entries_revision', '0')")
         }
         migrator.registerMigration("v3-ledger") { db in try SQLiteDatastore.migrateLedger(db) }
+        migrator.registerMigration("v4-ledger-checkpoints") { db in try SQLiteDatastore.migrateLedgerCheckpoints(db) }
         return migrator
     }
 
@@ -151,11 +152,8 @@ public final class SQLiteDatastore: Datastore {
                     """, arguments: [a.id, a.kind.rawValue, a.state.rawValue, a.parentID, a.notBefore.timeIntervalSince1970,
                                      a.notAfter.timeIntervalSince1970, a.fingerprint, a.certificatePEM, a.inBundle, a.createdAt.timeIntervalSince1970])
             }
-            try db.execute(sql: """
-                INSERT INTO issuance_log (at, event, serial, spiffe_id, authority_id, requester, detail)
-                VALUES (?, 'ca_initialized', NULL, ?, NULL, 'cli', ?)
-                """, arguments: [at.timeIntervalSince1970, "spiffe://" + trustDomain,
-                                 authorities.map { "\($0.kind.rawValue) \($0.id)" }.joined(separator: ", ")])
+            try Self.insertEvents(db, [IssuanceEvent(at: at, kind: .caInitialized, serial: nil, spiffeID: "spiffe://" + trustDomain, authorityID: nil,
+                                                     requester: "cli", detail: authorities.map { "\($0.kind.rawValue) \($0.id)" }.joined(separator: ", "))])
         }
     }
 
@@ -181,10 +179,8 @@ public final class SQLiteDatastore: Datastore {
                 INSERT INTO issued_certificates (serial, spiffe_id, authority_id, not_before, not_after, issued_at, requester)
                 VALUES (?, ?, ?, ?, ?, ?, ?)
                 """)
-            let insertLog = try db.cachedStatement(sql: """
-                INSERT INTO issuance_log (at, event, serial, spiffe_id, authority_id, requester, detail)
-                VALUES (?, 'issued', ?, ?, ?, ?, ?)
-                """)
+            var events: [IssuanceEvent] = []
+            events.reserveCapacity(certificates.count)
             for c in certificates {
                 do {
                     try insertCert.execute(arguments: [c.serial, c.spiffeID, c.authorityID, c.notBefore.timeIntervalSince1970,
@@ -195,8 +191,10 @@ public final class SQLiteDatastore: Datastore {
                     throw StoreError(.conflict, "authority \(c.authorityID) is unknown to this store")
                 }
                 let ttl = Int((c.notAfter.timeIntervalSince1970 - c.notBefore.timeIntervalSince1970).rounded())
-                try insertLog.execute(arguments: [c.issuedAt.timeIntervalSince1970, c.serial, c.spiffeID, c.authorityID, c.requester, "validity \(ttl)s"])
+                events.append(IssuanceEvent(at: c.issuedAt, kind: .issued, serial: c.serial, spiffeID: c.spiffeID, authorityID: c.authorityID,
+                                            requester: c.requester, detail: "validity \(ttl)s"))
             }
+            try Self.insertEvents(db, events)
         }
     }
 
@@ -247,10 +245,7 @@ public final class SQLiteDatastore: Datastore {
     }
 
     static func insertEvent(_ db: Database, _ e: IssuanceEvent) throws {
-        try db.execute(sql: """
-            INSERT INTO issuance_log (at, event, serial, spiffe_id, authority_id, requester, detail)
-            VALUES (?, ?, ?, ?, ?, ?, ?)
-            """, arguments: [e.at.timeIntervalSince1970, e.kind.rawValue, e.serial, e.spiffeID, e.authorityID, e.requester, e.detail])
+        try insertEvents(db, [e])
     }
 
     public func createJoinToken(hash: String, agentID: String, expiresAt: Date, at: Date) async throws(StoreError) {

@@ -46,7 +46,7 @@ func parseAuditTime(_ text: String?, flag: String, now: Date = Date()) throws ->
 struct AuditVerify: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "verify",
-        abstract: "Check every ledger chain: each row's hash, seq continuity, prev links, stored columns.",
+        abstract: "Check every ledger chain: each row's hash, seq continuity, prev links, stored columns, retention checkpoints.",
         discussion: """
             Exits 0 when every chain is intact; otherwise prints the first broken row of each
             broken writer (writer and seq) and exits 1. With --spool, checks proxy spool files
@@ -65,26 +65,41 @@ struct AuditVerify: AsyncParsableCommand {
     func run() async throws {
         var report: LedgerVerification
         if spool.isEmpty {
+            let store = try openLedger(data)
+            let key: LedgerCheckpointKey?
             do {
-                report = try await openLedger(data).verifyLedger()
-            } catch let error as StoreError {
+                key = try LedgerCheckpointKeyFile.load(data.directory)
+            } catch {
                 throw ValidationError(error.message)
+            }
+            report = try await Self.verifyStore(store, key: key)
+            if key == nil, report.checkpoints > 0 {
+                report.breaks.append(.init(writer: "-", seq: 0, problem: "\(report.checkpoints) retention checkpoint(s) cannot be checked: no ledger checkpoint key at \(data.directory.ledgerCheckpointKeyPath)"))
             }
         } else {
             report = LedgerVerification()
             for path in spool { try Self.verifySpool(path, into: &report) }
         }
         if json {
-            let object: [String: Any] = ["intact": report.intact, "writers": report.writers, "rows": report.rows,
+            let object: [String: Any] = ["intact": report.intact, "writers": report.writers, "rows": report.rows, "checkpoints": report.checkpoints,
                                          "breaks": report.breaks.map { ["writer": $0.writer, "seq": $0.seq, "problem": $0.problem] }]
             print(String(decoding: try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]), as: UTF8.self))
         } else if report.intact {
-            print("ledger intact: \(report.rows) rows from \(report.writers) writer\(report.writers == 1 ? "" : "s"), every chain verified")
+            let cuts = report.checkpoints == 0 ? "" : " (\(report.checkpoints) signed retention checkpoint\(report.checkpoints == 1 ? "" : "s") checked)"
+            print("ledger intact: \(report.rows) rows from \(report.writers) writer\(report.writers == 1 ? "" : "s"), every chain verified\(cuts)")
         } else {
             print("ledger BROKEN: \(report.breaks.count) of \(report.writers) writer\(report.writers == 1 ? "" : "s") fail (\(report.rows) rows read)")
             for broken in report.breaks { print("  \(broken)") }
         }
         if !report.intact { throw NegativeAnswer(message: "") }
+    }
+
+    static func verifyStore(_ store: SQLiteDatastore, key: LedgerCheckpointKey?) async throws -> LedgerVerification {
+        do {
+            return try await store.verifyLedger(checkpointKey: key)
+        } catch {
+            throw ValidationError(error.message)
+        }
     }
 
     /// Checks one spool file line by line (every writer in it keeps its own chain).

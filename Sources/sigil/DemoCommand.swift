@@ -182,7 +182,7 @@ final class DemoRun: @unchecked Sendable {
             shippedSpools.allSatisfy { FileManager.default.fileExists(atPath: $0) }
         }
         say("")
-        say("==> sigil audit verify --data-dir \(work)/ca   (the server's copy of both proxies' ledgers)")
+        say("==> sigil audit verify --data-dir \(work)/ca   (the server's copy of both proxies' ledgers, and its own)")
         say("    " + (try runOnce(["audit", "verify", "--data-dir", work + "/ca"])).trimmingCharacters(in: .whitespacesAndNewlines))
         say("==> sigil audit graph --data-dir \(work)/ca   (who called whom)")
         for line in try runOnce(["audit", "graph", "--data-dir", work + "/ca"]).split(separator: "\n") { say("    \(line)") }

@@ -18,7 +18,7 @@ def test_demo_runs_the_whole_system_and_the_audit_sees_it(sigil_bin, tmp_path):
     out = res.stdout
     assert f'"caller":"{WEB}"' in out and "403 RBAC: access denied" in out
     assert "refused: connection closed before any response" in out
-    assert re.search(r"ledger intact: \d+ rows from 2 writers, every chain verified", out), out
+    assert re.search(r"ledger intact: \d+ rows from 3 writers, every chain verified", out), out
     # the callee's view: healthz, /api/orders and /admin from web over mTLS (one denied), and the
     # refused plaintext caller
     assert f"{WEB} -> {API}  3  1  100.0%" in out, out

@@ -141,4 +141,94 @@ struct LedgerStoreTests {
         report = try await store.verifyLedger()
         #expect(report.breaks.contains { $0.writer == "v" && $0.seq == 3 && $0.problem.contains("missing") })
     }
+
+    /// One certificate batch and one refusal on a store with a CA: the server's own chain.
+    static func storeWithServerRows() async throws -> SQLiteDatastore {
+        let store = try SQLiteDatastore(inMemory: ())
+        let now = Date()
+        let root = AuthorityRecord(id: "root", kind: .root, state: .active, parentID: nil, notBefore: now, notAfter: now.addingTimeInterval(3600),
+                                   fingerprint: "fp-root", certificatePEM: "pem", inBundle: true, createdAt: now)
+        try await store.initialize(trustDomain: "example.org", authorities: [root], at: now)
+        try await store.recordIssued((1...3).map {
+            IssuedCertificate(serial: "0\($0)", spiffeID: "spiffe://example.org/ns/shop/sa/web", authorityID: "root", notBefore: now,
+                              notAfter: now.addingTimeInterval(600), issuedAt: now, requester: "spiffe://example.org/sigil/agent/node-1")
+        })
+        try await store.recordEvent(IssuanceEvent(at: now, kind: .refused, serial: nil, spiffeID: "spiffe://example.org/ns/shop/sa/db", authorityID: nil,
+                                                  requester: "spiffe://example.org/sigil/agent/node-1", detail: "not parented to this agent"))
+        return store
+    }
+
+    @Test func theServerChainsWhatTheCADidAndNoProxyMayWriteAsIt() async throws {
+        let store = try await Self.storeWithServerRows()
+        let server = "spiffe://example.org/sigil/server"
+        let rows = try await store.ledgerRows(LedgerQuery(writer: server))
+        #expect(rows.map(\.kind) == ["ca_initialized", "certificate_issued", "certificate_issued", "certificate_issued", "certificate_refused"])
+        #expect(rows.map(\.seq) == Array(1...5))
+        #expect(rows[1].destination == "spiffe://example.org/ns/shop/sa/web" && rows[1].decision == "allow" && rows[1].detail?.contains("validity 600s") == true)
+        #expect(rows[4].decision == "deny" && rows[4].source == "spiffe://example.org/sigil/agent/node-1")
+        let report = try await store.verifyLedger()
+        #expect(report.intact && report.rows == 5 && report.writers == 1)
+        // a proxy shipping rows under the server's writer name is refused
+        let forged = try Self.chain(server, count: 1)
+        do {
+            _ = try await store.ingestLedger(writer: server, uploader: "spiffe://example.org/ns/shop/sa/api", rows: forged, at: Date())
+            Issue.record("a proxy appended to the server's own chain")
+        } catch {
+            #expect(error.code == .conflict && error.message.contains("server's own"))
+        }
+    }
+
+    @Test func retentionCutsAtASignedCheckpointThatVerifyChecks() async throws {
+        let (store, dir) = try fileStore()
+        _ = dir
+        let rows = try Self.chain("w", count: 10)
+        _ = try await store.ingestLedger(writer: "w", uploader: "u", rows: rows, at: Date())
+        let key = LedgerCheckpointKey()
+        // everything before row 7's time goes: rows 1-6, a checkpoint at seq 6
+        let results = try await store.pruneLedger(beforeMicros: rows[6].timeMicros, key: key, at: Date())
+        let checkpoint = try #require(results["w"]?.checkpoint)
+        #expect(checkpoint.seq == 6 && checkpoint.rowsRemoved == 6 && checkpoint.hash == rows[5].hash && key.isValid(checkpoint))
+        #expect(try await store.ledgerRows(LedgerQuery(writer: "w")).map(\.seq) == [7, 8, 9, 10])
+        var report = try await store.verifyLedger(checkpointKey: key)
+        #expect(report.intact && report.rows == 4 && report.checkpoints == 1)
+        // a retry of already-removed rows is harmless; the chain continues after the cut
+        let more = try Self.chain("w", count: 2, from: 11, prev: rows[9].hash)
+        let retry = try await store.ingestLedger(writer: "w", uploader: "u", rows: Array(rows[4...]) + more, at: Date())
+        #expect(retry.accepted == 2 && retry.nextSeq == 13)
+        // pruning again with the same cutoff does nothing; cutting everything leaves a head-only writer that verifies
+        #expect(try await store.pruneLedger(beforeMicros: rows[6].timeMicros, key: key, at: Date())["w"] == nil)
+        _ = try await store.pruneLedger(beforeMicros: Int64.max, key: key, at: Date())
+        report = try await store.verifyLedger(checkpointKey: key)
+        #expect(report.intact && report.rows == 0 && report.checkpoints == 2)
+        // another key's view: every checkpoint fails, named
+        report = try await store.verifyLedger(checkpointKey: LedgerCheckpointKey())
+        #expect(report.breaks.count == 2 && report.breaks.allSatisfy { $0.problem.contains("not validly signed") })
+    }
+
+    @Test func rowsRemovedWithoutACheckpointOrEditedBeforeACutAreNamed() async throws {
+        let (store, dir) = try fileStore()
+        _ = dir
+        let rows = try Self.chain("w", count: 6)
+        _ = try await store.ingestLedger(writer: "w", uploader: "u", rows: rows, at: Date())
+        let key = LedgerCheckpointKey()
+        let path = store.path
+        func sql(_ statement: String) throws {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+            process.arguments = ["python3", "-c", "import sqlite3,sys; d=sqlite3.connect(sys.argv[1]); d.execute(sys.argv[2]); d.commit()", path, statement]
+            try process.run()
+            process.waitUntilExit()
+            #expect(process.terminationStatus == 0)
+        }
+        // an edited row is never laundered by retention: the writer is left alone and reported
+        try sql("UPDATE ledger_rows SET line = CAST(replace(CAST(line AS TEXT), '/orders/2', '/orders/9') AS BLOB) WHERE writer = 'w' AND seq = 2")
+        let refused = try await store.pruneLedger(beforeMicros: rows[4].timeMicros, key: key, at: Date())
+        #expect(refused["w"]?.checkpoint == nil && refused["w"]?.refused?.contains("row seq 2") == true)
+        #expect(try await store.verifyLedger(checkpointKey: key).breaks.map(\.seq) == [2])  // still there, still named
+        // the oldest rows deleted by hand and the head moved as retention would: no checkpoint, named
+        try sql("DELETE FROM ledger_rows WHERE writer = 'w' AND seq <= 3")
+        try sql("UPDATE ledger_writers SET first_seq = 4 WHERE writer = 'w'")
+        let report = try await store.verifyLedger(checkpointKey: key)
+        #expect(report.breaks.count == 1 && report.breaks[0].seq == 4 && report.breaks[0].problem.contains("without a signed retention checkpoint"))
+    }
 }
