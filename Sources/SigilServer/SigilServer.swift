@@ -22,6 +22,8 @@ public struct ServerConfig: Sendable {
     public var listenPort: Int
     public var adminSocketPath: String
     public var agentSVIDTTL: Duration
+    /// `--ui`: where to serve the read-only ledger page (loopback only); nil for none.
+    public var ledgerUI: LedgerUIAddress?
 
     public static let defaultAdminSocket = "/tmp/sigil/admin.sock"
 
@@ -101,7 +103,7 @@ public enum SigilServer {
                     .init(service: GRPCServerService(adminServer)),
                     .init(service: announce),
                     .init(service: identity),
-                ],
+                ] + LedgerUIServer.services(config.ledgerUI, core: core),
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
         try await group.run()

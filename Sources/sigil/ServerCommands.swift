@@ -102,7 +102,7 @@ struct ServerRun: AsyncParsableCommand {
             The CA must exist first (sigil ca init). Agents connect to --listen over mTLS; operators
             use the admin socket (mode 0600) through `sigil token|entry|agent|bundle` commands.
 
-            A --config YAML file may set: data_dir, listen, admin_socket, agent_svid_ttl, log_level.
+            A --config YAML file may set: data_dir, listen, admin_socket, agent_svid_ttl, log_level, ui.
             Flags win over the file.
 
             Example:
@@ -115,17 +115,21 @@ struct ServerRun: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Admin API socket (default \(ServerConfig.defaultAdminSocket)).", valueName: "path")) var adminSocket: String?
     @Option(name: .long, help: ArgumentHelp("Lifetime of agent SVIDs (default 1h).", valueName: "duration")) var agentSvidTtl: String?
     @Option(name: .long, help: ArgumentHelp("trace, debug, info, notice, warning, error.", valueName: "level")) var logLevel: String?
+    @Option(name: .long, help: ArgumentHelp("Serve the read-only ledger page at http://HOST:PORT/ui (loopback only).", valueName: "host:port")) var ui: String?
 
     func run() async throws {
         let file = try loadConfig(config)
         bootstrapLogging(level: logLevel ?? file["log_level"])
         let (host, port) = try parseHostPort(listen ?? file["listen"] ?? "127.0.0.1:8081", flag: "--listen")
         let ttl = try parseDuration(agentSvidTtl ?? file["agent_svid_ttl"] ?? "1h", flag: "--agent-svid-ttl")
-        let settings = ServerConfig(
+        var settings = ServerConfig(
             dataDirectory: DataDirectory(dataDir ?? file["data_dir"] ?? ProcessInfo.processInfo.environment["SIGIL_DATA_DIR"] ?? "pki"),
             listenHost: host, listenPort: port,
             adminSocketPath: adminSocket ?? file["admin_socket"] ?? ProcessInfo.processInfo.environment["SIGIL_ADMIN_SOCKET"] ?? ServerConfig.defaultAdminSocket,
             agentSVIDTTL: ttl)
+        if let text = ui ?? file["ui"] {
+            do { settings.ledgerUI = try LedgerUIAddress(parsing: text) } catch { throw CLIError.usage(error.message) }
+        }
         do {
             try await SigilServer.run(settings, logger: Logger(label: "sigil.server"))
         } catch let error as ServerError {
