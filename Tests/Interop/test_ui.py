@@ -333,3 +333,24 @@ def test_chromium_renders_the_graph_the_screenshot_shows_it(ledger_ui, tmp_path)
     line = denied["line"]
     assert not any(near(p, GREEN, 60) for p in pixels_around(image, left + (line["x1"] + line["x2"]) / 2, top + (line["y1"] + line["y2"]) / 2))
     print(f"screenshot {png} ({image.size[0]}x{image.size[1]}): {len(scan.nodes)} nodes, {len(scan.edges)} edges checked")
+
+
+def test_a_second_server_on_the_same_ui_port_fails_clearly_and_sigterm_stops_the_page(ledger_ui, sigil_bin, tmp_path):
+    """Runs last: it stops the module's server."""
+    port = int(ledger_ui.base.rsplit(":", 1)[1])
+    other = Cluster(sigil_bin)  # a second CA of its own
+    try:
+        res = run([sigil_bin, "server", "run", "--data-dir", other.ca_dir, "--listen", f"127.0.0.1:{free_port()}",
+                   "--admin-socket", tmp_path / "admin.sock", "--ui", f"127.0.0.1:{port}"], timeout=60)
+        assert res.returncode == 2 and f"--ui 127.0.0.1:{port}: cannot listen" in res.stderr, res.describe()
+    finally:
+        other.close()
+    # an open keep-alive connection does not hold the graceful shutdown open
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/ui/rows.json?limit=1")
+    assert conn.getresponse().read()
+    server = ledger_ui.c.server
+    log = Path(server.log_path)
+    assert server.stop() == 0, log.read_text()[-3000:]
+    assert "ledger page stopped" in log.read_text()
+    conn.close()
