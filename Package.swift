@@ -129,6 +129,9 @@ let package = Package(
                 x509,
                 crypto,
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings
         ),
@@ -269,6 +272,11 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "SigilServerTests",
+            dependencies: ["SigilServer", "SigilStore", "SigilCore", logging],
             swiftSettings: swiftSettings
         ),
         .testTarget(

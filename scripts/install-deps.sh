@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(libsqlite3-dev libssl-dev openssl curl python3 python3-pip)
+# chromium and a font: the ledger page's test renders it headless and checks the screenshot.
+packages=(libsqlite3-dev libssl-dev openssl curl python3 python3-pip chromium fonts-dejavu-core)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -20,7 +21,7 @@ fi
 # Python test dependencies (interop tests drive real outside clients).
 # Every module the interop tests import is checked, so a machine with only some of them installed
 # still gets the rest.
-if ! python3 -c "import pytest, cryptography, spiffe, grpc, grpc_tools" 2>/dev/null || [ -n "${SIGIL_PIP_ALWAYS:-}" ]; then
+if ! python3 -c "import pytest, cryptography, spiffe, grpc, grpc_tools, PIL" 2>/dev/null || [ -n "${SIGIL_PIP_ALWAYS:-}" ]; then
     echo "==> pip install -r Tests/Interop/requirements.txt"
     python3 -m pip install -q -r Tests/Interop/requirements.txt 2>/dev/null \
         || python3 -m pip install -q --break-system-packages -r Tests/Interop/requirements.txt

@@ -24,6 +24,8 @@ public struct ServerConfig: Sendable {
     public var agentSVIDTTL: Duration
     /// How long ledger rows are kept (nil: forever).
     public var ledgerRetention: Duration?
+    /// `--ui`: where to serve the read-only ledger page (loopback only); nil for none.
+    public var ledgerUI: LedgerUIAddress?
 
     public static let defaultAdminSocket = "/tmp/sigil/admin.sock"
 
@@ -114,7 +116,7 @@ public enum SigilServer {
         }
         let group = ServiceGroup(
             configuration: .init(
-                services: services,
+                services: services + LedgerUIServer.services(config.ledgerUI, core: core),
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
         try await group.run()

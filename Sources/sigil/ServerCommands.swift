@@ -103,7 +103,7 @@ struct ServerRun: AsyncParsableCommand {
             use the admin socket (mode 0600) through `sigil token|entry|agent|bundle` commands.
 
             A --config YAML file may set: data_dir, listen, admin_socket, agent_svid_ttl, log_level,
-            ledger_retention.
+            ledger_retention, ui.
             Flags win over the file.
 
             Example:
@@ -118,6 +118,7 @@ struct ServerRun: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("trace, debug, info, notice, warning, error.", valueName: "level")) var logLevel: String?
     @Option(name: .long, help: ArgumentHelp("Keep ledger rows this long (e.g. 400d); older rows are removed, leaving a signed checkpoint so the rest still verifies (default: keep everything).", valueName: "duration"))
     var ledgerRetention: String?
+    @Option(name: .long, help: ArgumentHelp("Serve the read-only ledger page at http://HOST:PORT/ui (loopback only).", valueName: "host:port")) var ui: String?
 
     func run() async throws {
         let file = try loadConfig(config)
@@ -133,6 +134,9 @@ struct ServerRun: AsyncParsableCommand {
             let retention = try parseDuration(text, flag: "--ledger-retention")
             guard retention >= .seconds(1) else { throw CLIError.usage("--ledger-retention must be at least 1s") }
             settings.ledgerRetention = retention
+        }
+        if let text = ui ?? file["ui"] {
+            do { settings.ledgerUI = try LedgerUIAddress(parsing: text) } catch { throw CLIError.usage(error.message) }
         }
         do {
             try await SigilServer.run(settings, logger: Logger(label: "sigil.server"))
