@@ -3,8 +3,11 @@ import SwiftASN1
 public import SigilCore
 public import SigilStore
 import Crypto
-import Foundation
+public import Foundation
 public import Logging
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The files of a CA's data directory (`--data-dir`, default `pki/`):
 ///
@@ -123,6 +126,10 @@ public struct AuthorityStatus: Sendable, Codable {
     public let record: AuthorityRecord
     public let issuedCount: Int
     public let subject: String
+    /// SVIDs it signed that have not expired yet.
+    public var live: Int = 0
+    /// When the last SVID it signed expires.
+    public var lastExpiry: Date?
 }
 
 /// The certificate authority: holds the active signing intermediate and its key, signs SVIDs from
@@ -133,10 +140,10 @@ public actor CertificateAuthority {
     /// The datastore this CA records into.
     public nonisolated let store: any Datastore
     private let clock: any SigilClock
-    private let signer: SigningAuthority
-    private let signerID: String
+    private var signer: SigningAuthority
+    private var signerID: String
     /// The active intermediate and its ancestors that are not bundle roots (DER).
-    private let chainTailDER: [[UInt8]]
+    private var chainTailDER: [[UInt8]]
     private let logger: Logger
 
     init(trustDomain: TrustDomain, directory: DataDirectory, store: any Datastore, clock: any SigilClock, signer: SigningAuthority, signerID: String, chainTail: [Certificate], logger: Logger) {
@@ -159,6 +166,12 @@ public actor CertificateAuthority {
         }
         let store = try openStore(directory)
         let (td, records) = try await loadState(store, directory)
+        let (signer, id, tail) = try loadSigner(records, directory)
+        return CertificateAuthority(trustDomain: td, directory: directory, store: store, clock: clock, signer: signer, signerID: id, chainTail: tail, logger: logger)
+    }
+
+    /// The active intermediate with its key, and the chain above it up to a bundle root.
+    static func loadSigner(_ records: [AuthorityRecord], _ directory: DataDirectory) throws(CAError) -> (SigningAuthority, String, [Certificate]) {
         guard let active = records.first(where: { $0.kind == .intermediate && $0.state == .active }) else {
             throw CAError(.notInitialized, "the CA in '\(directory.path)' has no active signing intermediate")
         }
@@ -176,7 +189,107 @@ public actor CertificateAuthority {
             tail.append(try parse(record))
             parent = record.parentID
         }
-        return CertificateAuthority(trustDomain: td, directory: directory, store: store, clock: clock, signer: signer, signerID: active.id, chainTail: tail, logger: logger)
+        return (signer, active.id, tail)
+    }
+
+    /// The authority signing now.
+    public var activeAuthorityID: String { signerID }
+
+    /// Re-reads the authorities and switches to the active intermediate if another process (or
+    /// the rotation schedule) changed it. Returns whether it switched.
+    @discardableResult
+    public func reload() async throws(CAError) -> Bool {
+        let (_, records) = try await Self.loadState(store, directory)
+        guard let active = records.first(where: { $0.kind == .intermediate && $0.state == .active }), active.id != signerID else { return false }
+        let (signer, id, tail) = try Self.loadSigner(records, directory)
+        let previous = signerID
+        self.signer = signer
+        self.signerID = id
+        self.chainTailDER = tail.map(\.derBytes)
+        logger.info("signing with a new intermediate", metadata: ["authority": "\(id)", "previous": "\(previous)"])
+        return true
+    }
+
+    // MARK: rotation
+
+    /// Makes the next intermediate, signed by the active one's parent (the root, whose key Sigil
+    /// holds), with the active one's lifetime; stores it `prepared` (its key written 0600 first).
+    public func prepareIntermediate(requester: String) async throws(CAError) -> AuthorityRecord {
+        let (_, records) = try await Self.loadState(store, directory)
+        guard let active = records.first(where: { $0.id == signerID }),
+              let parentID = active.parentID, let parent = records.first(where: { $0.id == parentID }) else {
+            throw CAError(.notInitialized, "the active intermediate has no parent authority on record")
+        }
+        guard parent.kind == .root else {
+            throw CAError(.invalidUpstream, "the active intermediate is signed by the upstream CA '\(parentID)', whose key Sigil does not keep: rotate it with `sigil ca rotate --upstream-cert F --upstream-key F`")
+        }
+        let issuerKey = try KeyFiles.read(directory.keyPath(authorityID: parent.id))
+        let parentCertificate = try Self.parse(parent)
+        let now = clock.now
+        let key = Certificate.PrivateKey(P256.Signing.PrivateKey())
+        let certificate: Certificate
+        do throws(SigilError) {
+            let life = active.notAfter.timeIntervalSince(max(active.notBefore, min(active.createdAt, active.notAfter)))
+            let profile = try CAProfile(trustDomain: trustDomain, ttl: .seconds(Int64(max(60, life.rounded()))),
+                                        commonName: "Sigil Intermediate CA \(trustDomain)", maxPathLength: 0)
+            let issuer = try SigningAuthority(certificate: parentCertificate, privateKey: issuerKey)
+            certificate = try profile.makeIntermediate(publicKey: key.publicKey, issuer: issuer, now: now)
+        } catch {
+            throw CAError(.policy, "cannot make the next intermediate: \(error.message)")
+        }
+        let record = AuthorityRecord(id: certificate.authorityID, kind: .intermediate, state: .prepared, parentID: parent.id,
+                                     notBefore: certificate.notValidBefore, notAfter: certificate.notValidAfter,
+                                     fingerprint: certificate.sha256Fingerprint, certificatePEM: certificate.pemString,
+                                     inBundle: false, createdAt: now)
+        try KeyFiles.write(key, to: directory.keyPath(authorityID: record.id))
+        do {
+            try await store.addAuthority(record, at: now, requester: requester)
+        } catch {
+            unlink(directory.keyPath(authorityID: record.id))
+            throw CAError(.store, error.message)
+        }
+        logger.info("prepared the next intermediate", metadata: ["authority": "\(record.id)", "not_after": "\(record.notAfter)"])
+        return record
+    }
+
+    /// Makes a prepared intermediate the signing one (the previous becomes `old`) and signs with it.
+    public func activate(_ id: String, requester: String) async throws(CAError) {
+        let activated: Bool
+        do {
+            activated = try await store.activateAuthority(id: id, at: clock.now, requester: requester)
+        } catch {
+            throw CAError(.store, error.message)
+        }
+        guard activated else { throw CAError(.policy, "authority \(id) is not prepared (see `sigil ca status`)") }
+        try await reload()
+    }
+
+    /// Removes an old intermediate whose SVIDs have all expired (its key file is deleted).
+    public func remove(_ id: String, requester: String, detail: String) async throws(CAError) {
+        let removed: Bool
+        do {
+            removed = try await store.transitionAuthority(id: id, from: .old, to: .removed, at: clock.now, requester: requester, detail: detail)
+        } catch {
+            throw CAError(.store, error.message)
+        }
+        if removed { unlink(directory.keyPath(authorityID: id)) }
+    }
+
+    /// Applies what `schedule` says is due now; returns the steps taken.
+    public func rotateIfDue(_ schedule: RotationSchedule, requester: String = "server") async throws(CAError) -> [RotationSchedule.Step] {
+        let (_, records) = try await Self.loadState(store, directory)
+        let now = clock.now
+        let usage: [String: AuthorityUsage]
+        do { usage = try await store.authorityUsage(now: now) } catch { throw CAError(.store, error.message) }
+        let steps = schedule.steps(records, usage: usage, now: now)
+        for step in steps {
+            switch step {
+            case .prepare: _ = try await prepareIntermediate(requester: requester)
+            case .activate(let id): try await activate(id, requester: requester)
+            case .remove(let id): try await remove(id, requester: requester, detail: "its last SVID expired")
+            }
+        }
+        return steps
     }
 
     static func openStore(_ directory: DataDirectory) throws(CAError) -> SQLiteDatastore {
@@ -284,11 +397,18 @@ public actor CertificateAuthority {
     static func status(store: any Datastore, directory: DataDirectory) async throws(CAError) -> [AuthorityStatus] {
         let (_, records) = try await loadState(store, directory)
         let counts: [String: Int]
-        do { counts = try await store.issuedCounts() } catch { throw CAError(.store, error.message) }
+        let usage: [String: AuthorityUsage]
+        do {
+            counts = try await store.issuedCounts()
+            usage = try await store.authorityUsage(now: Date())
+        } catch {
+            throw CAError(.store, error.message)
+        }
         var out: [AuthorityStatus] = []
         for record in records {
             let subject = (try? Certificate(pemEncoded: record.certificatePEM)).map { "\($0.subject)" } ?? "?"
-            out.append(AuthorityStatus(record: record, issuedCount: counts[record.id] ?? 0, subject: subject))
+            out.append(AuthorityStatus(record: record, issuedCount: counts[record.id] ?? 0, subject: subject,
+                                       live: usage[record.id]?.live ?? 0, lastExpiry: usage[record.id]?.lastExpiry))
         }
         return out
     }

@@ -26,10 +26,10 @@ struct LedgerRetentionService: Service {
     var interval: Duration { min(.seconds(3600), max(.seconds(1), retention / 10)) }
 
     func run() async throws {
-        try await cancelWhenGracefulShutdown {
+        await cancelWhenGracefulShutdown {
             while !Task.isCancelled {
                 await self.pass()
-                try await Task.sleep(for: self.interval)
+                try? await Task.sleep(for: self.interval)
             }
         }
     }

@@ -83,6 +83,12 @@ public enum SigilServer {
         unlink(config.adminSocketPath)
         let previousMask = umask(0o077)
 
+        // An agent SVID lives at most --agent-svid-ttl, and at least 1/6 of the intermediate's life
+        // (SVIDs end with their intermediate, which signs until 5/6 of its life); the agent uses
+        // it until half its life: a connection (its age plus the grace time) must end before that.
+        let intermediateLife = (try? await ca.status())?.first { $0.record.kind == .intermediate && $0.record.state == .active }
+            .map { Duration.seconds(Int64($0.record.notAfter.timeIntervalSince($0.record.notBefore))) } ?? config.agentSVIDTTL
+        let connectionAge = max(Duration.seconds(1), min(config.agentSVIDTTL, intermediateLife / 6) / 5)
         let agentTransport = HTTP2ServerTransport.Posix(
             address: .ipv4(host: config.listenHost, port: config.listenPort),
             transportSecurity: try .mTLS(certificateReloader: identity.reloader) { tls in
@@ -94,7 +100,7 @@ public enum SigilServer {
                 transport.rpc.maxRequestPayloadSize = 16 << 20
                 // An agent presents its SVID only at the handshake: recycle connections well within
                 // the agent SVID's life so that a renewed SVID is what the server sees next.
-                let age = max(Duration.seconds(5), config.agentSVIDTTL / 4)
+                let age = connectionAge
                 transport.connection.maxAge = age
                 transport.connection.maxGraceTime = age
             })
@@ -110,6 +116,7 @@ public enum SigilServer {
             .init(service: GRPCServerService(adminServer)),
             .init(service: announce),
             .init(service: identity),
+            .init(service: RotationService(core: core, schedule: RotationSchedule())),
         ]
         if let retention = config.ledgerRetention {
             services.append(.init(service: LedgerRetentionService(store: core.store, retention: retention, key: checkpointKey, clock: clock, logger: logger)))
@@ -193,14 +200,23 @@ final class ServerIdentity: Service, Sendable {
     let core: ServerCore
     static let ttl: Duration = .seconds(86_400)
 
-    init(reloader: SVIDCertificateReloader, core: ServerCore) {
+    /// When the first SVID expires (it may be shorter than `ttl`: clamped to the intermediate's life).
+    let firstNotAfter: Date
+
+    init(reloader: SVIDCertificateReloader, core: ServerCore, firstNotAfter: Date) {
         self.reloader = reloader
         self.core = core
+        self.firstNotAfter = firstNotAfter
     }
 
     static func issue(core: ServerCore) async throws -> ServerIdentity {
-        let (chain, key, _) = try await mint(core: core)
-        return ServerIdentity(reloader: try SVIDCertificateReloader(chainDER: chain, keyPKCS8DER: key), core: core)
+        let (chain, key, notAfter) = try await mint(core: core)
+        return ServerIdentity(reloader: try SVIDCertificateReloader(chainDER: chain, keyPKCS8DER: key), core: core, firstNotAfter: notAfter)
+    }
+
+    /// Half the remaining life of an SVID expiring at `notAfter` (at least a second).
+    static func renewalWait(_ notAfter: Date) -> Duration {
+        .milliseconds(Int64(max(1_000, notAfter.timeIntervalSinceNow * 1000 / 2)))
     }
 
     static func mint(core: ServerCore) async throws -> (chain: [[UInt8]], key: [UInt8], notAfter: Date) {
@@ -221,7 +237,7 @@ final class ServerIdentity: Service, Sendable {
     }
 
     func renewLoop() async throws {
-        var wait = ServerIdentity.ttl / 2
+        var wait = Self.renewalWait(firstNotAfter)
         while !Task.isCancelled {
             // Renew at half the life of a fresh SVID; after a failure, retry every minute until it works.
             try? await Task.sleep(for: wait)
@@ -230,10 +246,10 @@ final class ServerIdentity: Service, Sendable {
                 let (chain, key, notAfter) = try await ServerIdentity.mint(core: core)
                 try reloader.update(chainDER: chain, keyPKCS8DER: key)
                 core.logger.info("server SVID renewed", metadata: ["not_after": "\(notAfter)"])
-                wait = .seconds(Int64(max(60, notAfter.timeIntervalSinceNow / 2)))
+                wait = Self.renewalWait(notAfter)
             } catch {
-                core.logger.error("server SVID renewal failed; retrying in 60s: \(error)")
-                wait = .seconds(60)
+                core.logger.error("server SVID renewal failed; retrying in 5s: \(error)")
+                wait = .seconds(5)
             }
         }
     }

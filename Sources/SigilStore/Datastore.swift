@@ -33,6 +33,20 @@ public protocol Datastore: LedgerStore {
     /// The trust bundle's sequence number (`spiffe_sequence`).
     func bundleSequence() async throws(StoreError) -> UInt64
 
+    // MARK: authority lifecycle (rotation)
+
+    /// Adds an authority made by a rotation (normally `.prepared`), recorded in the issuance log;
+    /// the bundle's sequence moves when it is published in the bundle.
+    func addAuthority(_ record: AuthorityRecord, at: Date, requester: String) async throws(StoreError)
+    /// Makes `id` (prepared) the active authority of its kind; the one active before becomes
+    /// `.old`. One transaction; false if `id` was not prepared (someone else moved it first).
+    func activateAuthority(id: String, at: Date, requester: String) async throws(StoreError) -> Bool
+    /// Moves `id` from `from` to `to` (false if it was not in `from`); removing a bundle authority
+    /// moves the bundle's sequence.
+    func transitionAuthority(id: String, from: AuthorityState, to: AuthorityState, at: Date, requester: String, detail: String) async throws(StoreError) -> Bool
+    /// Live SVIDs and the last expiry of each authority that signed any.
+    func authorityUsage(now: Date) async throws(StoreError) -> [String: AuthorityUsage]
+
     // MARK: nodes and entries
 
     /// Appends one event to the issuance log (attestation, refusals, entry changes).

@@ -92,6 +92,8 @@ public struct IssuanceEvent: Sendable, Hashable, Codable {
         case agentEvicted = "agent_evicted"
         case entryCreated = "entry_created"
         case entryDeleted = "entry_deleted"
+        /// An authority changed state (prepared, active, old, removed); the detail says which.
+        case authorityChanged = "authority_changed"
     }
     public var sequence: Int64
     public var at: Date
@@ -111,5 +113,18 @@ public struct IssuanceEvent: Sendable, Hashable, Codable {
         self.authorityID = authorityID
         self.requester = requester
         self.detail = detail
+    }
+}
+
+/// How an authority's SVIDs stand at one instant (for rotation and `sigil ca status`).
+public struct AuthorityUsage: Sendable, Hashable {
+    /// SVIDs it signed that have not expired.
+    public var live: Int
+    /// When the last SVID it signed expires (nil: it signed none).
+    public var lastExpiry: Date?
+
+    public init(live: Int, lastExpiry: Date?) {
+        self.live = live
+        self.lastExpiry = lastExpiry
     }
 }

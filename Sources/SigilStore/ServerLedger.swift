@@ -35,6 +35,7 @@ enum ServerLedger {
         case .agentEvicted: kind = .agentEvicted
         case .entryCreated: kind = .entryCreated
         case .entryDeleted: kind = .entryDeleted
+        case .authorityChanged: kind = .authorityChanged
         }
         // The requester as an identity where it is one (`agent:spiffe://…` in the issuance log).
         let source = e.requester.hasPrefix("agent:") ? String(e.requester.dropFirst(6)) : e.requester

@@ -11,7 +11,7 @@ struct CACommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ca",
         abstract: "Create and inspect the certificate authority; sign SVIDs by hand.",
-        subcommands: [CAInit.self, CASign.self, CAStatus.self]
+        subcommands: [CAInit.self, CASign.self, CAStatus.self, CARotate.self]
     )
 }
 
@@ -154,7 +154,7 @@ struct CASign: AsyncParsableCommand {
 struct CAStatus: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "status",
-        abstract: "List the CA's authorities: kind, state, validity and how many SVIDs each signed."
+        abstract: "List the CA's authorities: kind, state, validity, how many SVIDs each signed and how many are still live."
     )
 
     @OptionGroup var data: DataDirOption
@@ -171,6 +171,8 @@ struct CAStatus: AsyncParsableCommand {
                 let not_before, not_after: Date
                 let in_bundle: Bool
                 let issued: Int
+                let live: Int
+                let last_svid_expiry: Date?
             }
             struct Out: Encodable {
                 let trust_domain: String
@@ -180,14 +182,15 @@ struct CAStatus: AsyncParsableCommand {
             printJSON(Out(trust_domain: bundle.trustDomain.name, bundle_sequence: bundle.sequenceNumber, authorities: authorities.map {
                 Row(id: $0.record.id, kind: $0.record.kind.rawValue, state: $0.record.state.rawValue, subject: $0.subject,
                     fingerprint: $0.record.fingerprint, parent_id: $0.record.parentID, not_before: $0.record.notBefore,
-                    not_after: $0.record.notAfter, in_bundle: $0.record.inBundle, issued: $0.issuedCount)
+                    not_after: $0.record.notAfter, in_bundle: $0.record.inBundle, issued: $0.issuedCount,
+                    live: $0.live, last_svid_expiry: $0.lastExpiry)
             }))
             return
         }
         print("trust domain \(bundle.trustDomain)   bundle sequence \(bundle.sequenceNumber)   \(bundle.authorities.count) root(s) in bundle")
-        printTable(["ID", "KIND", "STATE", "NOT BEFORE", "NOT AFTER", "ISSUED", "IN BUNDLE", "SUBJECT"], authorities.map {
+        printTable(["ID", "KIND", "STATE", "NOT BEFORE", "NOT AFTER", "ISSUED", "LIVE", "IN BUNDLE", "SUBJECT"], authorities.map {
             [$0.record.id, $0.record.kind.rawValue, $0.record.state.rawValue, iso8601($0.record.notBefore),
-             iso8601($0.record.notAfter), "\($0.issuedCount)", $0.record.inBundle ? "yes" : "no", $0.subject]
+             iso8601($0.record.notAfter), "\($0.issuedCount)", "\($0.live)", $0.record.inBundle ? "yes" : "no", $0.subject]
         })
     }
 }
@@ -242,6 +245,43 @@ struct BundleShow: AsyncParsableCommand {
         switch format {
         case .pem: print(bundle.pemEncoded, terminator: "")
         case .spiffe: print(bundle.spiffeBundleJSON(prettyPrinted: true))
+        }
+    }
+}
+
+struct CARotate: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "rotate",
+        abstract: "Rotate the signing intermediate now: make the next one and sign with it.",
+        discussion: """
+            The server does this on its own schedule (prepare at 1/2 of the active intermediate's
+            life, activate at 5/6); this command does it now. The previous intermediate becomes
+            `old` and stays until the last SVID it signed has expired, so nothing it signed stops
+            verifying. A running server on the same --data-dir switches within seconds; agents
+            renew onto the new intermediate at their next renewal.
+
+            Example:
+              sigil ca rotate --data-dir pki && sigil ca status --data-dir pki
+            """
+    )
+
+    @OptionGroup var data: DataDirOption
+    @Flag(name: .long, help: "Print the result as JSON.") var json = false
+
+    func run() async throws {
+        do {
+            let ca = try await CertificateAuthority.open(data.directory)
+            let previous = await ca.activeAuthorityID
+            let next = try await ca.prepareIntermediate(requester: "cli")
+            try await ca.activate(next.id, requester: "cli")
+            if json {
+                struct Out: Encodable { let previous, active: String; let not_after: Date }
+                printJSON(Out(previous: previous, active: next.id, not_after: next.notAfter))
+            } else {
+                print("rotated: intermediate \(next.id) is signing (valid until \(iso8601(next.notAfter))); \(previous) is old until its last SVID expires")
+            }
+        } catch {
+            throw CLIError.usage(error.message)
         }
     }
 }

@@ -86,7 +86,7 @@ class Cluster:
     """One CA server and any number of agents, under a world-traversable temp dir (so that a
     workload running as another uid can reach the agent's socket, as on a real node)."""
 
-    def __init__(self, sigil_bin: Path):
+    def __init__(self, sigil_bin: Path, ca_args=()):
         self.bin = Path(sigil_bin)
         self.root = Path(tempfile.mkdtemp(prefix="sigil-it-", dir="/tmp"))
         os.chmod(self.root, 0o755)
@@ -96,7 +96,7 @@ class Cluster:
         self.server: Proc | None = None
         self.agents: dict[str, Proc] = {}
         self.proxies: dict[str, Proc] = {}
-        res = run([self.bin, "ca", "init", "--trust-domain", TRUST_DOMAIN, "--data-dir", self.ca_dir])
+        res = run([self.bin, "ca", "init", "--trust-domain", TRUST_DOMAIN, "--data-dir", self.ca_dir, *ca_args])
         assert res.returncode == 0, res.describe()
 
     # -- processes

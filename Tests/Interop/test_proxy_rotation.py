@@ -1,6 +1,8 @@
-"""Rotation under load: SVIDs with a 30 s TTL rotate (about every 15 s) while a client loops
-requests through a real proxy pair for three minutes. Nothing may fail, and the inbound proxy's
-ledger must hold exactly one row per request the client made."""
+"""Rotation under load: SVIDs with a 30 s TTL rotate (about every 15 s) and the CA's signing
+intermediate, made with a 60 s life, rotates on the server's schedule (prepared at 1/2 of its
+life, active at 5/6: every 30 s from 50 s on) while clients loop requests through a real proxy
+pair for three minutes. Nothing may fail, the inbound proxy's ledger must hold exactly one row per
+request the clients made, and at the end every workload's SVID chains to the active intermediate."""
 from __future__ import annotations
 
 import http.client
@@ -10,8 +12,10 @@ import threading
 import time
 from pathlib import Path
 
+from cryptography import x509
+
 from cluster import API, API_FROM_WEB, WEB, Cluster, Proc, wait_for
-from interop_util import free_port
+from interop_util import free_port, run
 
 SECONDS = int(os.environ.get("SIGIL_ROTATION_SECONDS", "180"))
 POLICY = API_FROM_WEB
@@ -24,7 +28,7 @@ def ledger_rows(path: Path) -> list[dict]:
 
 
 def test_rotation_under_load_drops_nothing(sigil_bin):
-    c = Cluster(sigil_bin)
+    c = Cluster(sigil_bin, ca_args=["--ca-ttl", "60s"])
     procs: list[Proc] = []
     try:
         c.start_server()
@@ -102,8 +106,30 @@ def test_rotation_under_load_drops_nothing(sigil_bin):
         assert len(served) >= expected, f"the api proxy served only {len(served)} SVIDs in {SECONDS}s"
         peer_serials = {r["peer_serial"] for r in rows}
         assert len(peer_serials) >= expected, f"the caller's certificate rotated only {len(peer_serials)} times"
+        # The intermediate rotated on schedule, and every workload ends on the active one's chain.
+        def status():
+            res = run([c.bin, "ca", "status", "--data-dir", c.ca_dir, "--json"])
+            assert res.returncode == 0, res.describe()
+            return json.loads(res.stdout)["authorities"]
+        intermediates = [a for a in status() if a["kind"] == "intermediate"]
+        activated = [a for a in intermediates if a["state"] != "prepared"]
+        assert len(activated) - 1 >= max(1, (SECONDS - 50) // 30), f"only {len(activated) - 1} scheduled rotations: {intermediates}"
+        assert any(a["state"] == "removed" for a in intermediates), "no old intermediate was removed after its SVIDs expired"
+
+        def on_active_chain():
+            active = next(a["id"] for a in status() if a["kind"] == "intermediate" and a["state"] == "active")
+            out = c.root / "fetched"
+            res = run([c.bin, "svid", "fetch", "--socket", c.socket("node-1"), "--write", out])
+            assert res.returncode == 0, res.describe()
+            issuers = set()
+            for pem in out.glob("svid*.pem"):
+                chain = x509.load_pem_x509_certificates(pem.read_bytes())
+                issuers.add(chain[1].extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex())
+            return issuers == {active}
+        wait_for(on_active_chain, 40, "every workload SVID to chain to the active intermediate", interval=1)
         print(f"\n{total} requests through the pair in {SECONDS}s, 0 failed; {len(rows)} ledger rows; "
-              f"{len(served)} api SVIDs served, {len(peer_serials)} web certificates seen")
+              f"{len(served)} api SVIDs served, {len(peer_serials)} web certificates seen; "
+              f"{len(activated) - 1} intermediate rotations, {sum(a['state'] == 'removed' for a in intermediates)} old intermediates removed")
     finally:
         for p in procs:
             p.stop()

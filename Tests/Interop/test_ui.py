@@ -131,7 +131,7 @@ def test_page_is_served_with_the_graph_the_table_and_the_integrity_result(ledger
     assert "default-src 'none'" in headers["Content-Security-Policy"]
     assert "<script" not in html  # the denied paths were /admin/<script>N: escaped
     assert html.count("/admin/&lt;script&gt;") == DENIED
-    assert "ledger intact:" in html and "from 3 writers" in html
+    assert "ledger intact:" in html and "from 4 writers" in html  # three proxies and the server's own chain
     for label in ("shop/web", "shop/api", "shop/db", "plaintext"):
         assert f'data-label="{label}"' in html
     assert html.count('<g class="edge deny mtls"') == 1 and html.count('<g class="edge allow mtls"') == 1

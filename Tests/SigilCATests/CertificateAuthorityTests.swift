@@ -160,4 +160,52 @@ struct CertificateAuthorityTests {
             #expect(error.message.contains("sigil ca init"))
         }
     }
+
+    /// The intermediate rotates on schedule with time passed in as a value: prepared at 1/2 of its
+    /// life, active at 5/6, the old one kept while an SVID it signed is live, then removed.
+    @Test func intermediateRotatesOnScheduleAndOldStaysWhileItsSVIDsLive() async throws {
+        let tmp = try TemporaryDirectory()
+        defer { tmp.remove() }
+        let dir = DataDirectory(tmp.path + "/ca")
+        let t0 = Date()
+        let summary = try await CertificateAuthority.initialize(dir, options: CAInitOptions(trustDomain: td, caTTL: .seconds(600)), clock: FixedClock(t0))
+        let first = summary.authorities[1]
+        let life = first.notAfter.timeIntervalSince(first.createdAt)  // notBefore is backdated for clock skew; the schedule is not
+        func at(_ fraction: Double, plus seconds: Double = 0) async throws -> CertificateAuthority {
+            try await CertificateAuthority.open(dir, clock: FixedClock(first.createdAt.addingTimeInterval(life * fraction + seconds)))
+        }
+        let schedule = RotationSchedule()
+        #expect(try await at(0.4).rotateIfDue(schedule).isEmpty)
+        let early = try await at(0.49)
+        // an SVID signed just before the switch, valid past it
+        let late = try await at(0.8)
+        let kept = try await late.sign(try SigningRequest(bytes: csr()), profile: try SVIDProfile(spiffeID: SpiffeID("spiffe://example.org/ns/a/sa/kept"), ttl: .seconds(600)), requester: "test")
+        #expect(kept.record.authorityID == first.id)
+        #expect(try await early.rotateIfDue(schedule).isEmpty)
+        let prepared = try await at(0.51).rotateIfDue(schedule)
+        guard case .prepare(replacing: first.id) = try #require(prepared.first) else { Issue.record("not prepared: \(prepared)"); return }
+        let (_, afterPrepare) = try await CertificateAuthority.inspect(dir)
+        let next = try #require(afterPrepare.first { $0.record.state == .prepared })
+        #expect(FileManager.default.fileExists(atPath: dir.keyPath(authorityID: next.record.id)))
+        #expect(try await at(0.7).rotateIfDue(schedule).isEmpty)  // prepared, not yet due
+        let switching = try await at(0.84)
+        #expect(try await switching.rotateIfDue(schedule) == [.activate(next.record.id)])
+        #expect(await switching.activeAuthorityID == next.record.id)
+        let svid = try await switching.sign(try SigningRequest(bytes: csr()), profile: try SVIDProfile(spiffeID: SpiffeID("spiffe://example.org/ns/a/sa/web")), requester: "test")
+        #expect(svid.record.authorityID == next.record.id)
+        #expect(try Certificate(derEncoded: svid.chainDER[1]).authorityID == next.record.id)
+        // the old one stays while `kept` is live, and goes after it expired (its key with it)
+        #expect(try await at(0.85).rotateIfDue(schedule).isEmpty)
+        let afterExpiry = try await CertificateAuthority.open(dir, clock: FixedClock(kept.record.notAfter.addingTimeInterval(1)))
+        #expect(try await afterExpiry.rotateIfDue(schedule).contains(.remove(first.id)))
+        let (_, final) = try await CertificateAuthority.inspect(dir)
+        #expect(final.first { $0.record.id == first.id }?.record.state == .removed)
+        #expect(!FileManager.default.fileExists(atPath: dir.keyPath(authorityID: first.id)))
+        // another process's rotation is picked up by reload()
+        let other = try await at(0.86)
+        let manual = try await other.prepareIntermediate(requester: "cli")
+        try await other.activate(manual.id, requester: "cli")
+        #expect(try await switching.reload())
+        #expect(await switching.activeAuthorityID == manual.id)
+    }
 }
