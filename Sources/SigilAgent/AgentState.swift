@@ -1,3 +1,5 @@
+import X509
+import SwiftASN1
 import SigilRPC
 import SigilCore
 import Foundation
@@ -86,6 +88,29 @@ actor AgentState: WorkloadIdentitySource {
 
     func setJWTSigner(_ signer: @escaping @Sendable (_ entryID: String, _ audience: [String]) async throws -> String) {
         jwtSigner = signer
+    }
+
+    /// Makes every held SVID whose chain includes a tainted authority due now; returns how many.
+    @discardableResult
+    func taint(_ authorities: Set<String>, now: Date) -> Int {
+        guard !authorities.isEmpty else { return 0 }
+        var marked = 0
+        for (id, held) in svids where held.renewAt > now && Self.chains(held.chainDER, toAny: authorities) {
+            svids[id]?.renewAt = now
+            marked += 1
+        }
+        if marked > 0 { changesContinuation.yield() }
+        return marked
+    }
+
+    /// Whether a chain (leaf first) holds a certificate issued by, or being, one of `authorities`.
+    static func chains(_ chainDER: [[UInt8]], toAny authorities: Set<String>) -> Bool {
+        for der in chainDER.dropFirst() {
+            guard let certificate = try? Certificate(derEncoded: der) else { continue }
+            if authorities.contains(certificate.authorityID) { return true }
+            if let aki = (try? certificate.extensions.authorityKeyIdentifier)??.keyIdentifier, authorities.contains(hex(aki)) { return true }
+        }
+        return false
     }
 
     /// Entries whose SVID is missing, due for renewal, or issued for an older revision of the entry.

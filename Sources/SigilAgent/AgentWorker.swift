@@ -25,6 +25,8 @@ final class AgentWorker: Service, Sendable {
     let logger: Logger
     let wakeup = Wakeup()
     private let failureBox = LockedBox<AgentError?>(nil)
+    /// Set when the server taints an authority this agent's own SVID chains to.
+    private let renewOwnSVIDNow = LockedBox(false)
     /// Entries the server refused: not retried for a minute (or until the entry changes), so a
     /// refusal neither hot-loops nor, if it was transient, blocks renewal for good.
     private let refused = LockedBox<[String: (revision: Int64, until: Date)]>([:])
@@ -102,8 +104,23 @@ final class AgentWorker: Service, Sendable {
         }
         await state.apply(entries: entries, bundleRoots: roots, bundleSequence: update.bundleSequence, jwtKeysJSON: Array(update.jwtBundle))
         logger.debug("synced", metadata: ["entries": "\(entries.count)", "bundle_sequence": "\(update.bundleSequence)"])
+        let tainted = Set(update.taintedAuthorities)
+        if await state.taint(tainted, now: Date()) > 0 {
+            logger.info("re-issuing SVIDs that chain to a tainted authority", metadata: ["tainted": "\(tainted.sorted())"])
+        }
+        if AgentState.chains(identity.value.chainDER, toAny: tainted) { renewOwnSVIDNow.withLock { $0 = true } }
         await persist()
         wakeup.fire()
+        // The bundle is held and served: tell the server (the readiness gate of a root rotation).
+        var confirm = SigilConfirmBundleRequest()
+        confirm.bundleSequence = update.bundleSequence
+        var options = CallOptions.defaults
+        options.timeout = .seconds(10)
+        do {
+            _ = try await client.confirmBundle(confirm, options: options)
+        } catch {
+            logger.debug("bundle confirmation failed; sent again with the next update", metadata: ["error": "\(error)"])
+        }
     }
 
     // MARK: workload SVIDs
@@ -188,10 +205,12 @@ final class AgentWorker: Service, Sendable {
             let leaf = current.chainDER.first.flatMap { try? Certificate(derEncoded: $0) }
             let renewAt = leaf.map { renewalTime(notBefore: max($0.notValidBefore, current.receivedAt ?? $0.notValidBefore), notAfter: $0.notValidAfter) } ?? Date()
             let wait = renewAt.timeIntervalSinceNow
-            if wait > 0 {
-                try? await Task.sleep(for: .milliseconds(Int64(min(wait, 3600) * 1000)))
+            if wait > 0, !renewOwnSVIDNow.withLock({ $0 }) {
+                // Short naps: a taint of the authority behind this SVID renews it at once.
+                try? await Task.sleep(for: .milliseconds(Int64(min(wait, 1) * 1000)))
                 continue
             }
+            renewOwnSVIDNow.withLock { $0 = false }
             do {
                 let key = P256.Signing.PrivateKey()
                 var request = SigilRenewAgentRequest()

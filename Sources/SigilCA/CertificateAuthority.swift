@@ -275,18 +275,173 @@ public actor CertificateAuthority {
         if removed { unlink(directory.keyPath(authorityID: id)) }
     }
 
+    /// Root rotation, step one: a new self-signed root (the current root's lifetime) and an
+    /// intermediate under it (the active intermediate's lifetime), both `prepared`; the root is
+    /// published in the bundle at once, beside the current one. They become active when every
+    /// live agent has confirmed that bundle (see ``rotateIfDue(_:requester:)``).
+    public func prepareRoot(requester: String) async throws(CAError) -> (root: AuthorityRecord, intermediate: AuthorityRecord) {
+        let (_, records) = try await Self.loadState(store, directory)
+        if let pending = records.first(where: { $0.kind == .root && $0.state == .prepared }) {
+            throw CAError(.policy, "root \(pending.id) is already prepared and waits for every agent to confirm the bundle (see `sigil ca status`)")
+        }
+        guard let root = records.first(where: { $0.kind == .root && $0.state == .active }),
+              let active = records.first(where: { $0.id == signerID }) else {
+            throw CAError(.invalidUpstream, "this CA chains to an upstream CA: its root is the upstream's, rotated there (then `sigil ca init --upstream-cert ...`)")
+        }
+        let now = clock.now
+        let rootKey = Certificate.PrivateKey(P256.Signing.PrivateKey())
+        let intermediateKey = Certificate.PrivateKey(P256.Signing.PrivateKey())
+        let rootCertificate: Certificate, intermediate: Certificate
+        do throws(SigilError) {
+            let rootLife = root.notAfter.timeIntervalSince(max(root.notBefore, min(root.createdAt, root.notAfter)))
+            let life = active.notAfter.timeIntervalSince(max(active.notBefore, min(active.createdAt, active.notAfter)))
+            let rootProfile = try CAProfile(trustDomain: trustDomain, ttl: .seconds(Int64(max(60, rootLife.rounded()))),
+                                            commonName: "Sigil Root CA \(trustDomain)", maxPathLength: 1)
+            rootCertificate = try rootProfile.makeRoot(key: rootKey, now: now)
+            let profile = try CAProfile(trustDomain: trustDomain, ttl: .seconds(Int64(max(60, life.rounded()))),
+                                        commonName: "Sigil Intermediate CA \(trustDomain)", maxPathLength: 0)
+            intermediate = try profile.makeIntermediate(publicKey: intermediateKey.publicKey,
+                                                        issuer: try SigningAuthority(certificate: rootCertificate, privateKey: rootKey), now: now)
+        } catch {
+            throw CAError(.policy, "cannot make the new root: \(error.message)")
+        }
+        func record(_ c: Certificate, _ kind: AuthorityKind, parent: String?, inBundle: Bool) -> AuthorityRecord {
+            AuthorityRecord(id: c.authorityID, kind: kind, state: .prepared, parentID: parent, notBefore: c.notValidBefore, notAfter: c.notValidAfter,
+                            fingerprint: c.sha256Fingerprint, certificatePEM: c.pemString, inBundle: inBundle, createdAt: now)
+        }
+        let newRoot = record(rootCertificate, .root, parent: nil, inBundle: true)
+        let newIntermediate = record(intermediate, .intermediate, parent: newRoot.id, inBundle: false)
+        try KeyFiles.write(rootKey, to: directory.keyPath(authorityID: newRoot.id))
+        try KeyFiles.write(intermediateKey, to: directory.keyPath(authorityID: newIntermediate.id))
+        do {
+            try await store.addAuthority(newRoot, at: now, requester: requester)
+            try await store.addAuthority(newIntermediate, at: now, requester: requester)
+        } catch {
+            throw CAError(.store, error.message)
+        }
+        try await writeBundleFile()
+        logger.info("prepared a new root; it is in the bundle and becomes active when every agent has confirmed it",
+                    metadata: ["authority": "\(newRoot.id)", "intermediate": "\(newIntermediate.id)"])
+        return (newRoot, newIntermediate)
+    }
+
+    /// Live SVIDs that chain to `id`: its own, or for a root, those of every intermediate under it.
+    func liveSVIDs(under id: String, records: [AuthorityRecord], now: Date) async throws(CAError) -> Int {
+        let usage: [String: AuthorityUsage]
+        do { usage = try await store.authorityUsage(now: now) } catch { throw CAError(.store, error.message) }
+        let ids = [id] + records.filter { $0.parentID == id }.map(\.id)
+        return ids.reduce(0) { $0 + (usage[$1]?.live ?? 0) }
+    }
+
+    /// `sigil ca taint`: every agent re-issues, at once, each SVID that chains to `id` (and its own).
+    /// Tainting the signing intermediate first rotates to a new one; the active root cannot be
+    /// tainted before a root rotation made another one active.
+    public func taint(_ id: String, requester: String) async throws(CAError) {
+        let (_, records) = try await Self.loadState(store, directory)
+        guard let record = records.first(where: { $0.id == id }), record.state != .removed else {
+            throw CAError(.policy, "no authority \(id) that is not removed (see `sigil ca status`)")
+        }
+        guard record.state != .prepared else { throw CAError(.policy, "authority \(id) is only prepared: nothing chains to it yet") }
+        if record.kind == .root, record.state == .active {
+            throw CAError(.policy, "\(id) is the active root: rotate the root first (`sigil ca rotate --root`), then taint the old one")
+        }
+        if record.kind == .upstream {
+            throw CAError(.policy, "\(id) belongs to the upstream CA; taint Sigil's intermediate under it instead")
+        }
+        if id == signerID {
+            let next = try await prepareIntermediate(requester: requester)
+            try await activate(next.id, requester: requester)
+        }
+        do {
+            _ = try await store.taintAuthority(id: id, at: clock.now, requester: requester)
+        } catch {
+            throw CAError(.store, error.message)
+        }
+    }
+
+    /// `sigil ca revoke`: takes a tainted authority out of use for good (out of the bundle for a
+    /// root), once nothing live chains to it (unless `force`).
+    public func revoke(_ id: String, force: Bool, requester: String) async throws(CAError) {
+        let (_, records) = try await Self.loadState(store, directory)
+        guard let record = records.first(where: { $0.id == id }), record.state != .removed else {
+            throw CAError(.policy, "no authority \(id) that is not removed (see `sigil ca status`)")
+        }
+        let tainted: [String]
+        do { tainted = try await store.taintedAuthorities() } catch { throw CAError(.store, error.message) }
+        guard tainted.contains(id) else { throw CAError(.policy, "taint \(id) first (`sigil ca taint \(id)`), so that agents move off it") }
+        guard record.state == .old else { throw CAError(.policy, "\(id) is \(record.state.rawValue); only an old authority can be revoked") }
+        let live = try await liveSVIDs(under: id, records: records, now: clock.now)
+        if live > 0, !force {
+            throw CAError(.policy, "\(live) live SVID(s) still chain to \(id): wait for the taint to complete (agents re-issue at once), or pass --force")
+        }
+        try await removeWithChildren(id, records: records, requester: requester, detail: "revoked")
+    }
+
+    /// `sigil ca retire`: removes an old authority before its schedule would, refusing while live
+    /// SVIDs chain to it or agents have not confirmed the current bundle (unless `force`).
+    public func retire(_ id: String, force: Bool, requester: String) async throws(CAError) {
+        let (_, records) = try await Self.loadState(store, directory)
+        guard let record = records.first(where: { $0.id == id }) else { throw CAError(.policy, "no authority \(id) (see `sigil ca status`)") }
+        guard record.state == .old else { throw CAError(.policy, "\(id) is \(record.state.rawValue); only an old authority can be retired") }
+        let now = clock.now
+        let live = try await liveSVIDs(under: id, records: records, now: now)
+        let unconfirmed: [AgentRecord]
+        do { unconfirmed = try await store.unconfirmedAgents(sequence: try await store.bundleSequence(), now: now) } catch { throw CAError(.store, error.message) }
+        if !force, live > 0 || !unconfirmed.isEmpty {
+            var reasons: [String] = []
+            if live > 0 { reasons.append("\(live) live SVID(s) chain to it") }
+            if !unconfirmed.isEmpty { reasons.append("agent(s) \(unconfirmed.map(\.id).joined(separator: ", ")) have not confirmed the current bundle") }
+            throw CAError(.policy, "not retiring \(id): \(reasons.joined(separator: "; ")); wait, or pass --force")
+        }
+        try await removeWithChildren(id, records: records, requester: requester, detail: force ? "retired with --force" : "retired")
+    }
+
+    private func removeWithChildren(_ id: String, records: [AuthorityRecord], requester: String, detail: String) async throws(CAError) {
+        for child in records where child.parentID == id && (child.state == .old || child.state == .prepared) {
+            _ = try? await store.transitionAuthority(id: child.id, from: child.state, to: .removed, at: clock.now, requester: requester, detail: "its parent \(id) was \(detail)")
+            unlink(directory.keyPath(authorityID: child.id))
+        }
+        try await remove(id, requester: requester, detail: detail)
+        try await writeBundleFile()
+    }
+
+    /// Rewrites `bundle.pem` in the data directory (what new agents are given with --trust-bundle).
+    func writeBundleFile() async throws(CAError) {
+        let bundle = try await bundle()
+        try KeyFiles.writeAtomically(Array(bundle.pemEncoded.utf8), to: directory.bundlePEMPath, mode: 0o644)
+    }
+
     /// Applies what `schedule` says is due now; returns the steps taken.
     public func rotateIfDue(_ schedule: RotationSchedule, requester: String = "server") async throws(CAError) -> [RotationSchedule.Step] {
         let (_, records) = try await Self.loadState(store, directory)
         let now = clock.now
-        let usage: [String: AuthorityUsage]
-        do { usage = try await store.authorityUsage(now: now) } catch { throw CAError(.store, error.message) }
-        let steps = schedule.steps(records, usage: usage, now: now)
+        var usage: [String: AuthorityUsage] = [:]
+        var unconfirmed = 0
+        do {
+            // Usage (a scan of the issued certificates) matters only for old authorities.
+            if records.contains(where: { $0.state == .old }) { usage = try await store.authorityUsage(now: now) }
+            if records.contains(where: { $0.kind == .root && $0.state == .prepared }) {
+                unconfirmed = try await store.unconfirmedAgents(sequence: try await store.bundleSequence(), now: now).count
+            }
+        } catch {
+            throw CAError(.store, error.message)
+        }
+        let steps = schedule.steps(records, usage: usage, now: now, unconfirmedAgents: unconfirmed)
         for step in steps {
             switch step {
             case .prepare: _ = try await prepareIntermediate(requester: requester)
             case .activate(let id): try await activate(id, requester: requester)
-            case .remove(let id): try await remove(id, requester: requester, detail: "its last SVID expired")
+            case .activateRoot(let root, let intermediate):
+                do {
+                    _ = try await store.activateAuthority(id: root, at: now, requester: requester)
+                } catch {
+                    throw CAError(.store, error.message)
+                }
+                try await activate(intermediate, requester: requester)
+                logger.info("the new root is active: every agent confirmed the bundle", metadata: ["authority": "\(root)"])
+            case .remove(let id):
+                try await remove(id, requester: requester, detail: "nothing it signed is live any more")
+                try await writeBundleFile()
             }
         }
         return steps
@@ -413,6 +568,17 @@ public actor CertificateAuthority {
         return out
     }
 
+    /// The readiness gate without loading any key: live agents that have not confirmed the
+    /// current bundle, and the tainted authorities.
+    public static func readiness(_ directory: DataDirectory, now: Date = Date()) async throws(CAError) -> (unconfirmed: [AgentRecord], tainted: [String]) {
+        let store = try openStore(directory)
+        do {
+            return (try await store.unconfirmedAgents(sequence: try await store.bundleSequence(), now: now), try await store.taintedAuthorities())
+        } catch {
+            throw CAError(.store, error.message)
+        }
+    }
+
     /// Reads bundle and status without loading any private key (for `bundle show`, `ca status`).
     public static func inspect(_ directory: DataDirectory) async throws(CAError) -> (TrustBundle, [AuthorityStatus]) {
         guard FileManager.default.fileExists(atPath: directory.databasePath) else {
@@ -423,10 +589,4 @@ public actor CertificateAuthority {
     }
 }
 
-extension Certificate {
-    /// The hex subject key identifier (computed from the key if the extension is absent): Sigil's authority ID.
-    public var authorityID: String {
-        let ski = (try? extensions.subjectKeyIdentifier)?.keyIdentifier ?? SubjectKeyIdentifier(hash: publicKey).keyIdentifier
-        return hex(ski)
-    }
-}
+

@@ -1,7 +1,10 @@
 public import X509
 import SigilCore
 #if canImport(Glibc)
-public import Glibc
+import Glibc
+#endif
+#if canImport(CoreFoundation)
+public import CoreFoundation  // Glibc's struct members (stat, mode_t) resolve through it
 #endif
 import Foundation
 import SwiftASN1

@@ -118,3 +118,11 @@ public func hex<Bytes: Sequence>(_ bytes: Bytes) -> String where Bytes.Element =
     JSONText.appendHex(bytes, to: &out)
     return String(decoding: out, as: UTF8.self)
 }
+
+extension Certificate {
+    /// The hex subject key identifier (computed from the key if the extension is absent): Sigil's authority ID.
+    public var authorityID: String {
+        let ski = (try? extensions.subjectKeyIdentifier)?.keyIdentifier ?? SubjectKeyIdentifier(hash: publicKey).keyIdentifier
+        return hex(ski)
+    }
+}

@@ -102,6 +102,7 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
             update.bundleSequence = bundle.sequenceNumber
             update.jwtBundle = Data(core.jwtKeysJSON)
             update.revision = entries.map(\.revision).max() ?? 0
+            update.taintedAuthorities = core.tainted
             if update != lastSent {
                 try await response.write(update)
                 lastSent = update
@@ -114,6 +115,20 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
             }
             try await sendSnapshot()
         }
+    }
+
+    public func confirmBundle(request: SigilConfirmBundleRequest, context: ServerContext) async throws -> SigilConfirmBundleResponse {
+        let agentID = try await authenticate(context)
+        let current = core.bundle.sequenceNumber
+        guard request.bundleSequence <= current else {
+            throw RPCError(code: .invalidArgument, message: "bundle sequence \(request.bundleSequence) is newer than the server's (\(current))")
+        }
+        do {
+            try await core.store.confirmBundle(agentID: agentID, sequence: request.bundleSequence, at: core.clock.now)
+        } catch {
+            throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+        }
+        return SigilConfirmBundleResponse()
     }
 
     public func signX509SVIDs(request: SigilSignX509SVIDsRequest, context: ServerContext) async throws -> SigilSignX509SVIDsResponse {

@@ -7,11 +7,15 @@ import SigilStore
 
 /// Rotates the signing intermediate on schedule (``RotationSchedule``: prepare at ½ life, activate
 /// at ⅚, remove an old one after its last SVID expired), and picks up rotations made outside the
-/// server (`sigil ca rotate` on the same data directory). Checks every 1/200 of the active
-/// intermediate's life (between 1 s and 60 s); bundle changes reach every agent at once.
+/// server (`sigil ca rotate|taint|revoke|retire` on the same data directory). Checks every 1/200
+/// of the active intermediate's life, between 1 s and 5 s (a few small reads; the issued
+/// certificates are scanned only while an old authority waits to go); bundle and taint changes
+/// reach every agent at once.
 struct RotationService: Service {
     let core: ServerCore
     let schedule: RotationSchedule
+    /// Re-issues the server's own SVID (after a switch, so that it chains to the active authorities).
+    let renewServerSVID: @Sendable () async -> Void
 
     func run() async throws {
         await cancelWhenGracefulShutdown {
@@ -21,7 +25,12 @@ struct RotationService: Service {
                     let switched = try await core.ca.reload()
                     let steps = try await core.ca.rotateIfDue(schedule)
                     for step in steps { core.logger.info("CA rotation", metadata: ["step": "\(step)"]) }
-                    if switched || !steps.isEmpty { try await core.refreshBundle() }
+                    // Bundle and taint changes may come from `sigil ca` commands on the data directory too.
+                    try await core.refreshBundle()
+                    try await core.refreshTainted()
+                    if switched || steps.contains(where: { if case .activateRoot = $0 { true } else { false } }) {
+                        await renewServerSVID()
+                    }
                     warned = false
                 } catch let error as CAError where error.code == .invalidUpstream {
                     if !warned { core.logger.warning("the signing intermediate is due for rotation: \(error.message)") }
@@ -35,11 +44,14 @@ struct RotationService: Service {
     }
 
     func interval() async -> Duration {
-        guard let status = try? await core.ca.status(),
-              let active = status.first(where: { $0.record.kind == .intermediate && $0.record.state == .active })?.record else {
+        guard let authorities = try? await core.store.authorities(),
+              let active = authorities.first(where: { $0.kind == .intermediate && $0.state == .active }) else {
             return .seconds(60)
         }
+        // A root rotation waiting on the readiness gate: check every second, so that the switch
+        // follows the last agent's confirmation at once.
+        if authorities.contains(where: { $0.state == .prepared && $0.kind == .root }) { return .seconds(1) }
         let life = active.notAfter.timeIntervalSince(active.notBefore)
-        return .milliseconds(Int64(min(60_000, max(1_000, life * 1000 / 200))))
+        return .milliseconds(Int64(min(5_000, max(1_000, life * 1000 / 200))))
     }
 }

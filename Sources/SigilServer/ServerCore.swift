@@ -36,6 +36,20 @@ public final class ServerCore: Sendable {
     /// The trust bundle as of now.
     public var bundle: TrustBundle { bundleBox.withLockedValue { $0 } }
 
+    /// Tainted authorities (`sigil ca taint`): every agent re-issues what chains to them.
+    private let taintedBox = NIOLockedValueBox<[String]>([])
+    public var tainted: [String] { taintedBox.withLockedValue { $0 } }
+
+    /// Re-reads the tainted authorities and, if they changed, tells every Sync stream.
+    func refreshTainted() async throws {
+        let fresh = try await store.taintedAuthorities()
+        let changed = taintedBox.withLockedValue { current -> Bool in
+            defer { current = fresh }
+            return current != fresh
+        }
+        if changed { await hub.notifyAll() }
+    }
+
     /// The JWT signing keys (JWK Set JSON) as of now.
     public var jwtKeysJSON: [UInt8] { jwtKeysBox.withLockedValue { $0 } }
 

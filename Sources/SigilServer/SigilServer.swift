@@ -116,7 +116,7 @@ public enum SigilServer {
             .init(service: GRPCServerService(adminServer)),
             .init(service: announce),
             .init(service: identity),
-            .init(service: RotationService(core: core, schedule: RotationSchedule())),
+            .init(service: RotationService(core: core, schedule: RotationSchedule(), renewServerSVID: { await identity.renewNow() })),
         ]
         if let retention = config.ledgerRetention {
             services.append(.init(service: LedgerRetentionService(store: core.store, retention: retention, key: checkpointKey, clock: clock, logger: logger)))
@@ -234,6 +234,18 @@ final class ServerIdentity: Service, Sendable {
 
     func run() async throws {
         try await cancelWhenGracefulShutdown { try await self.renewLoop() }
+    }
+
+    /// Issues a fresh SVID now (the signing intermediate changed); failures are logged and the
+    /// renewal loop keeps its own schedule.
+    func renewNow() async {
+        do {
+            let (chain, key, notAfter) = try await ServerIdentity.mint(core: core)
+            try reloader.update(chainDER: chain, keyPKCS8DER: key)
+            core.logger.info("server SVID re-issued under the new signing authority", metadata: ["not_after": "\(notAfter)"])
+        } catch {
+            core.logger.error("server SVID re-issue failed; the renewal schedule retries: \(error)")
+        }
     }
 
     func renewLoop() async throws {

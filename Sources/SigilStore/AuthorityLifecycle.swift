@@ -49,12 +49,52 @@ extension SQLiteDatastore {
     public func authorityUsage(now: Date) async throws(StoreError) -> [String: AuthorityUsage] {
         try await read { db in
             var out: [String: AuthorityUsage] = [:]
+            // In service: unexpired, and the newest issued to its holder (SPIFFE ID and requester):
+            // an SVID re-issued (a renewal, a taint) is no longer served. The last expiry counts every SVID.
             for row in try Row.fetchAll(db, sql: """
-                SELECT authority_id, SUM(not_after > ?) AS live, MAX(not_after) AS last FROM issued_certificates GROUP BY authority_id
+                SELECT authority_id, SUM(not_after > ? AND newest = 1) AS live, MAX(not_after) AS last FROM (
+                    SELECT authority_id, not_after,
+                           ROW_NUMBER() OVER (PARTITION BY spiffe_id, requester ORDER BY issued_at DESC, rowid DESC) AS newest
+                    FROM issued_certificates)
+                GROUP BY authority_id
                 """, arguments: [now.timeIntervalSince1970]) {
                 out[row["authority_id"]] = AuthorityUsage(live: row["live"] ?? 0, lastExpiry: (row["last"] as Double?).map { Date(timeIntervalSince1970: $0) })
             }
             return out
+        }
+    }
+
+    public func confirmBundle(agentID: String, sequence: UInt64, at: Date) async throws(StoreError) {
+        try await write { db in
+            try db.execute(sql: """
+                UPDATE agents SET bundle_sequence = ?, bundle_confirmed_at = ? WHERE id = ? AND bundle_sequence < ?
+                """, arguments: [Int64(sequence), at.timeIntervalSince1970, agentID, Int64(sequence)])
+        }
+    }
+
+    public func unconfirmedAgents(sequence: UInt64, now: Date) async throws(StoreError) -> [AgentRecord] {
+        try await read { db in
+            try Row.fetchAll(db, sql: """
+                SELECT * FROM agents WHERE evicted = 0 AND not_after > ? AND bundle_sequence < ? ORDER BY id
+                """, arguments: [now.timeIntervalSince1970, Int64(sequence)]).map(Self.agentRecord)
+        }
+    }
+
+    public func taintAuthority(id: String, at: Date, requester: String) async throws(StoreError) -> Bool {
+        try await write { db in
+            guard let kind = try String.fetchOne(db, sql: "SELECT kind FROM authorities WHERE id = ? AND state != 'removed'", arguments: [id]) else {
+                return false
+            }
+            try db.execute(sql: "UPDATE authorities SET tainted_at = COALESCE(tainted_at, ?) WHERE id = ?", arguments: [at.timeIntervalSince1970, id])
+            try Self.insertEvent(db, IssuanceEvent(at: at, kind: .authorityChanged, serial: nil, spiffeID: nil, authorityID: id, requester: requester,
+                                                   detail: "\(kind) tainted: agents re-issue every SVID that chains to it"))
+            return true
+        }
+    }
+
+    public func taintedAuthorities() async throws(StoreError) -> [String] {
+        try await read { db in
+            try String.fetchAll(db, sql: "SELECT id FROM authorities WHERE tainted_at IS NOT NULL AND state != 'removed' ORDER BY id")
         }
     }
 

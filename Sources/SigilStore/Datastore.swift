@@ -46,6 +46,15 @@ public protocol Datastore: LedgerStore {
     func transitionAuthority(id: String, from: AuthorityState, to: AuthorityState, at: Date, requester: String, detail: String) async throws(StoreError) -> Bool
     /// Live SVIDs and the last expiry of each authority that signed any.
     func authorityUsage(now: Date) async throws(StoreError) -> [String: AuthorityUsage]
+    /// Records that an agent holds the bundle with `sequence` (never moves backwards).
+    func confirmBundle(agentID: String, sequence: UInt64, at: Date) async throws(StoreError)
+    /// Agents that could still serve workloads (not evicted, SVID unexpired at `now`) and have not
+    /// confirmed the bundle with `sequence`: the readiness gate of a root rotation.
+    func unconfirmedAgents(sequence: UInt64, now: Date) async throws(StoreError) -> [AgentRecord]
+    /// Marks an authority tainted (agents re-issue what chains to it); false if unknown or removed.
+    func taintAuthority(id: String, at: Date, requester: String) async throws(StoreError) -> Bool
+    /// IDs of tainted authorities that are not removed.
+    func taintedAuthorities() async throws(StoreError) -> [String]
 
     // MARK: nodes and entries
 

@@ -39,14 +39,17 @@ public struct AgentRecord: Sendable, Hashable, Codable {
     public var attestedAt: Date
     public var evicted: Bool
     public var lastSeen: Date
+    /// The trust bundle sequence the agent last confirmed holding (0: none yet).
+    public var bundleSequence: UInt64
 
-    public init(id: String, serial: String, notAfter: Date, attestedAt: Date, evicted: Bool = false, lastSeen: Date) {
+    public init(id: String, serial: String, notAfter: Date, attestedAt: Date, evicted: Bool = false, lastSeen: Date, bundleSequence: UInt64 = 0) {
         self.id = id
         self.serial = serial
         self.notAfter = notAfter
         self.attestedAt = attestedAt
         self.evicted = evicted
         self.lastSeen = lastSeen
+        self.bundleSequence = bundleSequence
     }
 }
 

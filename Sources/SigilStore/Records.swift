@@ -118,7 +118,8 @@ public struct IssuanceEvent: Sendable, Hashable, Codable {
 
 /// How an authority's SVIDs stand at one instant (for rotation and `sigil ca status`).
 public struct AuthorityUsage: Sendable, Hashable {
-    /// SVIDs it signed that have not expired.
+    /// SVIDs it signed that are in service: unexpired and not since replaced by a newer SVID for
+    /// the same holder (SPIFFE ID and requester).
     public var live: Int
     /// When the last SVID it signed expires (nil: it signed none).
     public var lastExpiry: Date?

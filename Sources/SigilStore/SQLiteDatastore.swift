@@ -132,6 +132,13 @@ public final class SQLiteDatastore: Datastore {
         }
         migrator.registerMigration("v3-ledger") { db in try SQLiteDatastore.migrateLedger(db) }
         migrator.registerMigration("v4-ledger-checkpoints") { db in try SQLiteDatastore.migrateLedgerCheckpoints(db) }
+        migrator.registerMigration("v5-rotation") { db in
+            try db.alter(table: "agents") { t in
+                t.add(column: "bundle_sequence", .integer).notNull().defaults(to: 0)
+                t.add(column: "bundle_confirmed_at", .double)
+            }
+            try db.alter(table: "authorities") { t in t.add(column: "tainted_at", .double) }
+        }
         return migrator
     }
 
@@ -298,7 +305,7 @@ public final class SQLiteDatastore: Datastore {
     static func agentRecord(_ row: Row) -> AgentRecord {
         AgentRecord(id: row["id"], serial: row["serial"], notAfter: Date(timeIntervalSince1970: row["not_after"]),
                     attestedAt: Date(timeIntervalSince1970: row["attested_at"]), evicted: row["evicted"],
-                    lastSeen: Date(timeIntervalSince1970: row["last_seen"]))
+                    lastSeen: Date(timeIntervalSince1970: row["last_seen"]), bundleSequence: UInt64((row["bundle_sequence"] as Int64?) ?? 0))
     }
 
     public func agent(id: String) async throws(StoreError) -> AgentRecord? {

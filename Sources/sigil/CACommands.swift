@@ -11,7 +11,7 @@ struct CACommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ca",
         abstract: "Create and inspect the certificate authority; sign SVIDs by hand.",
-        subcommands: [CAInit.self, CASign.self, CAStatus.self, CARotate.self]
+        subcommands: [CAInit.self, CASign.self, CAStatus.self, CARotate.self, CARetire.self, CATaint.self, CARevoke.self]
     )
 }
 
@@ -164,6 +164,7 @@ struct CAStatus: AsyncParsableCommand {
 
     func run() async throws {
         let (bundle, authorities) = try await CertificateAuthority.inspect(data.directory)
+        let (unconfirmed, tainted) = try await CertificateAuthority.readiness(data.directory)
         if json {
             struct Row: Encodable {
                 let id, kind, state, subject, fingerprint: String
@@ -173,25 +174,36 @@ struct CAStatus: AsyncParsableCommand {
                 let issued: Int
                 let live: Int
                 let last_svid_expiry: Date?
+                let tainted: Bool
             }
+            struct Agent: Encodable { let id: String; let bundle_sequence: UInt64 }
             struct Out: Encodable {
                 let trust_domain: String
                 let bundle_sequence: UInt64
+                /// The readiness gate: live agents that have not confirmed the current bundle.
+                let unconfirmed_agents: [Agent]
                 let authorities: [Row]
             }
-            printJSON(Out(trust_domain: bundle.trustDomain.name, bundle_sequence: bundle.sequenceNumber, authorities: authorities.map {
+            printJSON(Out(trust_domain: bundle.trustDomain.name, bundle_sequence: bundle.sequenceNumber,
+                          unconfirmed_agents: unconfirmed.map { Agent(id: $0.id, bundle_sequence: $0.bundleSequence) }, authorities: authorities.map {
                 Row(id: $0.record.id, kind: $0.record.kind.rawValue, state: $0.record.state.rawValue, subject: $0.subject,
                     fingerprint: $0.record.fingerprint, parent_id: $0.record.parentID, not_before: $0.record.notBefore,
                     not_after: $0.record.notAfter, in_bundle: $0.record.inBundle, issued: $0.issuedCount,
-                    live: $0.live, last_svid_expiry: $0.lastExpiry)
+                    live: $0.live, last_svid_expiry: $0.lastExpiry, tainted: tainted.contains($0.record.id))
             }))
             return
         }
         print("trust domain \(bundle.trustDomain)   bundle sequence \(bundle.sequenceNumber)   \(bundle.authorities.count) root(s) in bundle")
         printTable(["ID", "KIND", "STATE", "NOT BEFORE", "NOT AFTER", "ISSUED", "LIVE", "IN BUNDLE", "SUBJECT"], authorities.map {
-            [$0.record.id, $0.record.kind.rawValue, $0.record.state.rawValue, iso8601($0.record.notBefore),
+            [$0.record.id, $0.record.kind.rawValue, $0.record.state.rawValue + (tainted.contains($0.record.id) ? " (tainted)" : ""), iso8601($0.record.notBefore),
              iso8601($0.record.notAfter), "\($0.issuedCount)", "\($0.live)", $0.record.inBundle ? "yes" : "no", $0.subject]
         })
+        if unconfirmed.isEmpty {
+            print("readiness gate: every live agent holds bundle \(bundle.sequenceNumber)")
+        } else {
+            print("readiness gate: \(unconfirmed.count) agent(s) have not confirmed bundle \(bundle.sequenceNumber):")
+            for agent in unconfirmed { print("  \(agent.id) (holds \(agent.bundleSequence == 0 ? "none confirmed" : "\(agent.bundleSequence)"), last seen \(iso8601(agent.lastSeen)))") }
+        }
     }
 }
 
@@ -252,7 +264,7 @@ struct BundleShow: AsyncParsableCommand {
 struct CARotate: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "rotate",
-        abstract: "Rotate the signing intermediate now: make the next one and sign with it.",
+        abstract: "Rotate the signing intermediate now, or (--root) start a root rotation.",
         discussion: """
             The server does this on its own schedule (prepare at 1/2 of the active intermediate's
             life, activate at 5/6); this command does it now. The previous intermediate becomes
@@ -260,17 +272,39 @@ struct CARotate: AsyncParsableCommand {
             verifying. A running server on the same --data-dir switches within seconds; agents
             renew onto the new intermediate at their next renewal.
 
-            Example:
+            With --root: a new root and an intermediate under it are prepared and the root is
+            published in the trust bundle beside the current one at once. The server makes them
+            active only when every live agent has confirmed that bundle (the readiness gate shown
+            by `sigil ca status`), so no workload is ever handed an SVID its peers cannot verify.
+
+            Examples:
               sigil ca rotate --data-dir pki && sigil ca status --data-dir pki
+              sigil ca rotate --root --data-dir pki
             """
     )
 
     @OptionGroup var data: DataDirOption
+    @Flag(name: .long, help: "Rotate the root: publish a new root beside the current one now, switch when every agent has confirmed it.") var root = false
     @Flag(name: .long, help: "Print the result as JSON.") var json = false
 
     func run() async throws {
         do {
             let ca = try await CertificateAuthority.open(data.directory)
+            if root {
+                let (newRoot, intermediate) = try await ca.prepareRoot(requester: "cli")
+                if json {
+                    struct Out: Encodable { let root, intermediate: String; let not_after: Date }
+                    printJSON(Out(root: newRoot.id, intermediate: intermediate.id, not_after: newRoot.notAfter))
+                } else {
+                    print("""
+                        prepared root \(newRoot.id) (valid until \(iso8601(newRoot.notAfter))) with intermediate \(intermediate.id):
+                        the root is in the trust bundle now, beside the current one. The server activates both as
+                        soon as every live agent has confirmed the new bundle (see the readiness gate in
+                        `sigil ca status`); the old root leaves the bundle once nothing it signed is live.
+                        """)
+                }
+                return
+            }
             let previous = await ca.activeAuthorityID
             let next = try await ca.prepareIntermediate(requester: "cli")
             try await ca.activate(next.id, requester: "cli")
@@ -282,6 +316,78 @@ struct CARotate: AsyncParsableCommand {
             }
         } catch {
             throw CLIError.usage(error.message)
+        }
+    }
+}
+
+/// `sigil ca retire|taint|revoke ID`: one authority, by the ID `sigil ca status` shows.
+struct AuthorityArguments: ParsableArguments {
+    @Argument(help: "The authority's ID (from `sigil ca status`).") var id: String
+    @OptionGroup var data: DataDirOption
+}
+
+struct CARetire: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "retire",
+        abstract: "Remove an old authority now (out of the bundle for a root).",
+        discussion: """
+            The server removes old authorities on its own once nothing they signed is live. This
+            does it now, and refuses while live SVIDs chain to the authority or live agents have
+            not confirmed the current bundle (the readiness gate), unless --force.
+            """)
+    @OptionGroup var authority: AuthorityArguments
+    @Flag(name: .long, help: "Retire even with live SVIDs or unconfirmed agents (their peers stop trusting them).") var force = false
+
+    func run() async throws {
+        do {
+            try await CertificateAuthority.open(authority.data.directory).retire(authority.id, force: force, requester: "cli")
+            print("retired \(authority.id)")
+        } catch {
+            throw error.code == .policy ? CLIError.negative(error.message) : CLIError.usage(error.message)
+        }
+    }
+}
+
+struct CATaint: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "taint",
+        abstract: "Mark an authority as not to be relied on: agents re-issue every SVID that chains to it, now.",
+        discussion: """
+            Tainting the signing intermediate first rotates to a new one. The active root cannot be
+            tainted: rotate the root first (sigil ca rotate --root), then taint the old one. Follow
+            with `sigil ca revoke ID` once `sigil ca status` shows LIVE 0 for it. Recorded in the ledger.
+            """)
+    @OptionGroup var authority: AuthorityArguments
+
+    func run() async throws {
+        do {
+            try await CertificateAuthority.open(authority.data.directory).taint(authority.id, requester: "cli")
+            print("tainted \(authority.id): agents re-issue what chains to it; revoke it when `sigil ca status` shows LIVE 0")
+        } catch {
+            throw error.code == .policy ? CLIError.negative(error.message) : CLIError.usage(error.message)
+        }
+    }
+}
+
+struct CARevoke: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "revoke",
+        abstract: "Take a tainted authority out of use for good (a root leaves the trust bundle).",
+        discussion: """
+            Refuses until nothing live chains to it (the taint has completed), unless --force.
+            An intermediate is not in the bundle (its root is): revoking it stops Sigil from using it;
+            peers keep trusting its unexpired SVIDs until they expire, which the taint has already
+            replaced. Recorded in the ledger.
+            """)
+    @OptionGroup var authority: AuthorityArguments
+    @Flag(name: .long, help: "Revoke even with live SVIDs (their peers stop trusting them at once for a root).") var force = false
+
+    func run() async throws {
+        do {
+            try await CertificateAuthority.open(authority.data.directory).revoke(authority.id, force: force, requester: "cli")
+            print("revoked \(authority.id)")
+        } catch {
+            throw error.code == .policy ? CLIError.negative(error.message) : CLIError.usage(error.message)
         }
     }
 }

@@ -88,13 +88,27 @@ public enum SigilAgentAPI: Sendable {
                 type: .unary
             )
         }
+        /// Namespace for "ConfirmBundle" metadata.
+        public enum ConfirmBundle: Sendable {
+            /// Request type for "ConfirmBundle".
+            public typealias Input = SigilConfirmBundleRequest
+            /// Response type for "ConfirmBundle".
+            public typealias Output = SigilConfirmBundleResponse
+            /// Descriptor for "ConfirmBundle".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "sigil.v1.AgentAPI"),
+                method: "ConfirmBundle",
+                type: .unary
+            )
+        }
         /// Descriptors for all methods in the "sigil.v1.AgentAPI" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
             Attest.descriptor,
             RenewAgent.descriptor,
             Sync.descriptor,
             SignX509SVIDs.descriptor,
-            SignJWTSVID.descriptor
+            SignJWTSVID.descriptor,
+            ConfirmBundle.descriptor
         ]
     }
 }
@@ -211,6 +225,25 @@ extension SigilAgentAPI {
             request: GRPCCore.StreamingServerRequest<SigilSignJWTSVIDRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<SigilSignJWTSVIDResponse>
+
+        /// Handle the "ConfirmBundle" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The calling agent holds (and serves its workloads) the bundle with this sequence number: the
+        /// > readiness gate of a root rotation waits for every agent to confirm the new bundle.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `SigilConfirmBundleRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `SigilConfirmBundleResponse` messages.
+        func confirmBundle(
+            request: GRPCCore.StreamingServerRequest<SigilConfirmBundleRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<SigilConfirmBundleResponse>
     }
 
     /// Service protocol for the "sigil.v1.AgentAPI" service.
@@ -311,6 +344,25 @@ extension SigilAgentAPI {
             request: GRPCCore.ServerRequest<SigilSignJWTSVIDRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.ServerResponse<SigilSignJWTSVIDResponse>
+
+        /// Handle the "ConfirmBundle" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The calling agent holds (and serves its workloads) the bundle with this sequence number: the
+        /// > readiness gate of a root rotation waits for every agent to confirm the new bundle.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `SigilConfirmBundleRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `SigilConfirmBundleResponse` message.
+        func confirmBundle(
+            request: GRPCCore.ServerRequest<SigilConfirmBundleRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<SigilConfirmBundleResponse>
     }
 
     /// Simple service protocol for the "sigil.v1.AgentAPI" service.
@@ -410,6 +462,25 @@ extension SigilAgentAPI {
             request: SigilSignJWTSVIDRequest,
             context: GRPCCore.ServerContext
         ) async throws -> SigilSignJWTSVIDResponse
+
+        /// Handle the "ConfirmBundle" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The calling agent holds (and serves its workloads) the bundle with this sequence number: the
+        /// > readiness gate of a root rotation waits for every agent to confirm the new bundle.
+        ///
+        /// - Parameters:
+        ///   - request: A `SigilConfirmBundleRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `SigilConfirmBundleResponse` to respond with.
+        func confirmBundle(
+            request: SigilConfirmBundleRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> SigilConfirmBundleResponse
     }
 }
 
@@ -472,6 +543,17 @@ extension SigilAgentAPI.StreamingServiceProtocol {
                 )
             }
         )
+        router.registerHandler(
+            forMethod: SigilAgentAPI.Method.ConfirmBundle.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<SigilConfirmBundleRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<SigilConfirmBundleResponse>(),
+            handler: { request, context in
+                try await self.confirmBundle(
+                    request: request,
+                    context: context
+                )
+            }
+        )
     }
 }
 
@@ -527,6 +609,17 @@ extension SigilAgentAPI.ServiceProtocol {
         context: GRPCCore.ServerContext
     ) async throws -> GRPCCore.StreamingServerResponse<SigilSignJWTSVIDResponse> {
         let response = try await self.signJWTSVID(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func confirmBundle(
+        request: GRPCCore.StreamingServerRequest<SigilConfirmBundleRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<SigilConfirmBundleResponse> {
+        let response = try await self.confirmBundle(
             request: GRPCCore.ServerRequest(stream: request),
             context: context
         )
@@ -599,6 +692,19 @@ extension SigilAgentAPI.SimpleServiceProtocol {
     ) async throws -> GRPCCore.ServerResponse<SigilSignJWTSVIDResponse> {
         return GRPCCore.ServerResponse<SigilSignJWTSVIDResponse>(
             message: try await self.signJWTSVID(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func confirmBundle(
+        request: GRPCCore.ServerRequest<SigilConfirmBundleRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<SigilConfirmBundleResponse> {
+        return GRPCCore.ServerResponse<SigilConfirmBundleResponse>(
+            message: try await self.confirmBundle(
                 request: request.message,
                 context: context
             ),
@@ -730,6 +836,30 @@ extension SigilAgentAPI {
             deserializer: some GRPCCore.MessageDeserializer<SigilSignJWTSVIDResponse>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<SigilSignJWTSVIDResponse>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "ConfirmBundle" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The calling agent holds (and serves its workloads) the bundle with this sequence number: the
+        /// > readiness gate of a root rotation waits for every agent to confirm the new bundle.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `SigilConfirmBundleRequest` message.
+        ///   - serializer: A serializer for `SigilConfirmBundleRequest` messages.
+        ///   - deserializer: A deserializer for `SigilConfirmBundleResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func confirmBundle<Result>(
+            request: GRPCCore.ClientRequest<SigilConfirmBundleRequest>,
+            serializer: some GRPCCore.MessageSerializer<SigilConfirmBundleRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<SigilConfirmBundleResponse>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<SigilConfirmBundleResponse>) async throws -> Result
         ) async throws -> Result where Result: Sendable
     }
 
@@ -917,6 +1047,41 @@ extension SigilAgentAPI {
                 onResponse: handleResponse
             )
         }
+
+        /// Call the "ConfirmBundle" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The calling agent holds (and serves its workloads) the bundle with this sequence number: the
+        /// > readiness gate of a root rotation waits for every agent to confirm the new bundle.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `SigilConfirmBundleRequest` message.
+        ///   - serializer: A serializer for `SigilConfirmBundleRequest` messages.
+        ///   - deserializer: A deserializer for `SigilConfirmBundleResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func confirmBundle<Result>(
+            request: GRPCCore.ClientRequest<SigilConfirmBundleRequest>,
+            serializer: some GRPCCore.MessageSerializer<SigilConfirmBundleRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<SigilConfirmBundleResponse>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<SigilConfirmBundleResponse>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: SigilAgentAPI.Method.ConfirmBundle.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
     }
 }
 
@@ -1062,6 +1227,36 @@ extension SigilAgentAPI.ClientProtocol {
             request: request,
             serializer: GRPCProtobuf.ProtobufSerializer<SigilSignJWTSVIDRequest>(),
             deserializer: GRPCProtobuf.ProtobufDeserializer<SigilSignJWTSVIDResponse>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "ConfirmBundle" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > The calling agent holds (and serves its workloads) the bundle with this sequence number: the
+    /// > readiness gate of a root rotation waits for every agent to confirm the new bundle.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `SigilConfirmBundleRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func confirmBundle<Result>(
+        request: GRPCCore.ClientRequest<SigilConfirmBundleRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<SigilConfirmBundleResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.confirmBundle(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<SigilConfirmBundleRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<SigilConfirmBundleResponse>(),
             options: options,
             onResponse: handleResponse
         )
@@ -1229,6 +1424,40 @@ extension SigilAgentAPI.ClientProtocol {
             metadata: metadata
         )
         return try await self.signJWTSVID(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "ConfirmBundle" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > The calling agent holds (and serves its workloads) the bundle with this sequence number: the
+    /// > readiness gate of a root rotation waits for every agent to confirm the new bundle.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func confirmBundle<Result>(
+        _ message: SigilConfirmBundleRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<SigilConfirmBundleResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<SigilConfirmBundleRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.confirmBundle(
             request: request,
             options: options,
             onResponse: handleResponse

@@ -57,6 +57,28 @@ public nonisolated struct SigilEntry: Sendable {
   public init() {}
 }
 
+public nonisolated struct SigilConfirmBundleRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var bundleSequence: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct SigilConfirmBundleResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 public nonisolated struct SigilAttestRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -127,6 +149,10 @@ public nonisolated struct SigilSyncUpdate: Sendable {
   public var jwtBundle: Data = Data()
 
   public var revision: Int64 = 0
+
+  /// Authorities (hex subject key identifiers) that must not be relied on: the agent re-issues at
+  /// once every SVID whose chain includes one of them (sigil ca taint).
+  public var taintedAuthorities: [String] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -296,6 +322,9 @@ public nonisolated struct SigilAgent: Sendable {
   public var evicted: Bool = false
 
   public var lastSeen: Int64 = 0
+
+  /// The trust bundle sequence this agent last confirmed holding (0: none yet).
+  public var bundleSequence: UInt64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -525,6 +554,55 @@ nonisolated extension SigilEntry: SwiftProtobuf.Message, SwiftProtobuf._MessageI
   }
 }
 
+nonisolated extension SigilConfirmBundleRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ConfirmBundleRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}bundle_sequence\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt64Field(value: &self.bundleSequence) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.bundleSequence != 0 {
+      try visitor.visitSingularUInt64Field(value: self.bundleSequence, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: SigilConfirmBundleRequest, rhs: SigilConfirmBundleRequest) -> Bool {
+    if lhs.bundleSequence != rhs.bundleSequence {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension SigilConfirmBundleResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ConfirmBundleResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    // Load everything into unknown fields
+    while try decoder.nextFieldNumber() != nil {}
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: SigilConfirmBundleResponse, rhs: SigilConfirmBundleResponse) -> Bool {
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
 nonisolated extension SigilAttestRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".AttestRequest"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}join_token\0\u{1}csr\0")
@@ -651,7 +729,7 @@ nonisolated extension SigilSyncRequest: SwiftProtobuf.Message, SwiftProtobuf._Me
 
 nonisolated extension SigilSyncUpdate: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".SyncUpdate"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}entries\0\u{1}bundle\0\u{3}bundle_sequence\0\u{3}jwt_bundle\0\u{1}revision\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}entries\0\u{1}bundle\0\u{3}bundle_sequence\0\u{3}jwt_bundle\0\u{1}revision\0\u{3}tainted_authorities\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -664,6 +742,7 @@ nonisolated extension SigilSyncUpdate: SwiftProtobuf.Message, SwiftProtobuf._Mes
       case 3: try { try decoder.decodeSingularUInt64Field(value: &self.bundleSequence) }()
       case 4: try { try decoder.decodeSingularBytesField(value: &self.jwtBundle) }()
       case 5: try { try decoder.decodeSingularInt64Field(value: &self.revision) }()
+      case 6: try { try decoder.decodeRepeatedStringField(value: &self.taintedAuthorities) }()
       default: break
       }
     }
@@ -685,6 +764,9 @@ nonisolated extension SigilSyncUpdate: SwiftProtobuf.Message, SwiftProtobuf._Mes
     if self.revision != 0 {
       try visitor.visitSingularInt64Field(value: self.revision, fieldNumber: 5)
     }
+    if !self.taintedAuthorities.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.taintedAuthorities, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -694,6 +776,7 @@ nonisolated extension SigilSyncUpdate: SwiftProtobuf.Message, SwiftProtobuf._Mes
     if lhs.bundleSequence != rhs.bundleSequence {return false}
     if lhs.jwtBundle != rhs.jwtBundle {return false}
     if lhs.revision != rhs.revision {return false}
+    if lhs.taintedAuthorities != rhs.taintedAuthorities {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1061,7 +1144,7 @@ nonisolated extension SigilCreateJoinTokenResponse: SwiftProtobuf.Message, Swift
 
 nonisolated extension SigilAgent: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Agent"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}serial\0\u{3}expires_at\0\u{3}attested_at\0\u{1}evicted\0\u{3}last_seen\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}serial\0\u{3}expires_at\0\u{3}attested_at\0\u{1}evicted\0\u{3}last_seen\0\u{3}bundle_sequence\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1075,6 +1158,7 @@ nonisolated extension SigilAgent: SwiftProtobuf.Message, SwiftProtobuf._MessageI
       case 4: try { try decoder.decodeSingularInt64Field(value: &self.attestedAt) }()
       case 5: try { try decoder.decodeSingularBoolField(value: &self.evicted) }()
       case 6: try { try decoder.decodeSingularInt64Field(value: &self.lastSeen) }()
+      case 7: try { try decoder.decodeSingularUInt64Field(value: &self.bundleSequence) }()
       default: break
       }
     }
@@ -1099,6 +1183,9 @@ nonisolated extension SigilAgent: SwiftProtobuf.Message, SwiftProtobuf._MessageI
     if self.lastSeen != 0 {
       try visitor.visitSingularInt64Field(value: self.lastSeen, fieldNumber: 6)
     }
+    if self.bundleSequence != 0 {
+      try visitor.visitSingularUInt64Field(value: self.bundleSequence, fieldNumber: 7)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1109,6 +1196,7 @@ nonisolated extension SigilAgent: SwiftProtobuf.Message, SwiftProtobuf._MessageI
     if lhs.attestedAt != rhs.attestedAt {return false}
     if lhs.evicted != rhs.evicted {return false}
     if lhs.lastSeen != rhs.lastSeen {return false}
+    if lhs.bundleSequence != rhs.bundleSequence {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
