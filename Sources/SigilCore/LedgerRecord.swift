@@ -5,6 +5,8 @@ public struct LedgerRecord: Sendable, Hashable {
     public enum Kind: String, Sendable {
         case request, connection, policyReload = "policy_reload", policyRejected = "policy_rejected"
         case killSwitchOn = "kill_switch_on", killSwitchOff = "kill_switch_off", identity
+        /// The first row of a proxy spool that was started over once every row before it was shipped.
+        case spoolRotated = "spool_rotated"
     }
 
     public var kind: Kind
