@@ -10,6 +10,8 @@ public struct LedgerRecord: Sendable, Hashable {
         case certificateRevoked = "certificate_revoked", joinTokenCreated = "join_token_created", joinTokenRefused = "join_token_refused"
         case agentAttested = "agent_attested", agentEvicted = "agent_evicted", entryCreated = "entry_created", entryDeleted = "entry_deleted"
         case authorityChanged = "authority_changed", ledgerPruned = "ledger_pruned"
+        /// The first row of a proxy spool that was started over once every row before it was shipped.
+        case spoolRotated = "spool_rotated"
     }
 
     public var kind: Kind

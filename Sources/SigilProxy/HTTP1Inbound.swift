@@ -193,6 +193,10 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink {
 
     private func begin(_ head: HTTP1RequestHead) {
         guard let context else { return }
+        if environment.refusesForLedger() {
+            refuseForLedger(context: context)
+            return
+        }
         guard let target = RequestTarget.normalize(head.target) else {
             refuse(.init(400, "invalid request target"))
             return
@@ -207,6 +211,17 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink {
             return
         }
         connectApp(context: context, fresh: false)
+    }
+
+    /// The ledger spool is full: the request cannot be recorded, so it does not reach the app
+    /// (fail closed). 503 and the connection closes (its unread body is not framed further).
+    private func refuseForLedger(context: ChannelHandlerContext) {
+        queue.removeAll()
+        malformed = true  // nothing more is read as a request
+        readPaused = true
+        var buffer = context.channel.allocator.buffer(capacity: 128)
+        buffer.writeStaticString("HTTP/1.1 503 Service Unavailable\r\ncontent-length: 17\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\nledger spool full")
+        context.writeAndFlush(wrapOutboundOut(buffer)).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
     }
 
     private func deny(context: ChannelHandlerContext) {
@@ -273,8 +288,8 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink {
         }
         self.active = active
         environment.logger.warning("request failed at the app", metadata: ["detail": "\(detail)", "path": "\(active.facts.path)"])
-        context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
-        finish(detail: detail)
+        context.write(wrapOutboundOut(buffer), promise: nil)
+        finish(detail: detail)  // records the row, then flushes
     }
 
     // MARK: AppResponseSink
@@ -338,8 +353,10 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink {
     private func finish(detail: String? = nil) {
         guard let context, let active else { return }
         self.active = nil
-        context.flush()  // the app connection goes back to the pool now: its read-complete won't reach us
+        // The row is in the spool file before the response's last bytes are flushed: a client
+        // that saw the response complete has its row even if the proxy is killed right after.
         environment.record(active.facts.ledgerRow(peer: peer, detail: detail, environment: environment))
+        context.flush()  // the app connection goes back to the pool now: its read-complete won't reach us
         if let app {
             self.app = nil
             environment.pools.pool(for: context.eventLoop).release(app)

@@ -47,6 +47,18 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink {
                 context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
                 return
             }
+            if environment.refusesForLedger() {
+                // The ledger spool is full: the request cannot be recorded, so it does not reach
+                // the app (fail closed).
+                done = true
+                var body = context.channel.allocator.buffer(capacity: 17)
+                body.writeStaticString("ledger spool full")
+                let headers = HTTPHeaders([("content-type", "text/plain"), ("content-length", "17")])
+                context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http2, status: .serviceUnavailable, headers: headers))), promise: nil)
+                context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+                context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+                return
+            }
             head.uri = target.uri
             if let authority = target.authority { head.headers.replaceOrAdd(name: "host", value: authority) }
             self.head = head

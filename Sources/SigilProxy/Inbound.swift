@@ -206,10 +206,13 @@ enum ApplicationPipeline {
 /// match an ALLOW rule), then spliced to a fresh connection to the app. One ledger row per connection.
 enum TCPInbound {
     static func handler(peer: PeerInfo, environment: ProxyEnvironment, channel: any Channel) -> any ChannelHandler & RemovableChannelHandler {
+        // The ledger spool is full: the connection cannot be recorded, so it is closed (fail closed).
+        if environment.refusesForLedger() { return DenyConnectionHandler() }
         let state = environment.policy.current
         let request = AuthorizationRequest(principal: peer.principal, sourceIP: peer.sourceIP, destinationIP: peer.destinationIP,
                                            destinationPort: environment.appPort, sni: peer.sni, isTCP: true)
         let decision = state.decide(request)
+        environment.metrics.request(allowed: decision.allowed)
         let start = ProxyClock.nowMicros()
         func row(bytesIn: Int, bytesOut: Int, duration: TimeAmount, detail: String?) -> LedgerRecord {
             LedgerRecord(kind: .connection, timeMicros: start, source: peer.spiffeID, destination: peer.ownID, peerSerial: peer.serial,

@@ -23,6 +23,10 @@ public final class LedgerShipper: Sendable {
     let port: Int
     let identity: IdentityStore
     let logger: Logger
+    /// The spool itself, to start it over once the server has every row (nil: never rotated).
+    let spool: LedgerSpool?
+    /// A spool at least this large is started over once everything in it is shipped.
+    let segmentSize: Int
     static let batchRows = 2000
     static let batchBytes = 4 << 20
     static let idlePoll: Duration = .milliseconds(200)
@@ -48,7 +52,8 @@ public final class LedgerShipper: Sendable {
         public let description: String
     }
 
-    public init(spoolPath: String, writer: String, server: String, identity: IdentityStore, logger: Logger) throws(ShipError) {
+    public init(spoolPath: String, writer: String, server: String, identity: IdentityStore, spool: LedgerSpool? = nil,
+                segmentSize: Int = 64 << 20, logger: Logger) throws(ShipError) {
         guard let colon = server.lastIndex(of: ":"), let port = Int(server[server.index(after: colon)...]), (1...65535).contains(port),
               colon > server.startIndex else {
             throw ShipError(description: "--ledger-server '\(server)' is not HOST:PORT")
@@ -58,6 +63,8 @@ public final class LedgerShipper: Sendable {
         self.spoolPath = spoolPath
         self.writer = writer
         self.identity = identity
+        self.spool = spool
+        self.segmentSize = segmentSize
         self.logger = logger
     }
 
@@ -116,6 +123,10 @@ public final class LedgerShipper: Sendable {
             }
             let (rows, end) = try readRows(from: at)
             if rows.isEmpty {
+                if let rotated = rotateIfShipped(through: next - 1) {
+                    trusted = rotated
+                    continue
+                }
                 try await Task.sleep(for: Self.idlePoll)
                 continue
             }
@@ -124,7 +135,19 @@ public final class LedgerShipper: Sendable {
             if let last = rows.last, next == last.seq + 1 { cursor = Cursor(offset: end, seq: next) }
             trusted = cursor
             confirmed(next - 1, cursor: cursor)
+            if cursor != nil, let rotated = rotateIfShipped(through: next - 1) { trusted = rotated }
         }
+    }
+
+    /// Asks the spool to start over when the server has confirmed its last row (`seq`) and the
+    /// file is at least a segment large (or full); the cursor then points at the new file's first
+    /// row, the `spool_rotated` row (seq + 1), which is shipped like any other.
+    private func rotateIfShipped(through seq: UInt64) -> Cursor? {
+        guard let spool, seq > 0, let rotated = spool.rotate(shippedThrough: seq, minimumSize: segmentSize) else { return nil }
+        let cursor = Cursor(offset: 0, seq: rotated)
+        progress.withLockedValue { $0.cursor = cursor }
+        Self.writeCursorFile(spoolPath + ".shipped", cursor)
+        return cursor
     }
 
     private func confirmed(_ seq: UInt64, cursor: Cursor?) {

@@ -11,166 +11,371 @@ import Foundation
 public import Logging
 import NIOConcurrencyHelpers
 public import SigilCore
+import Synchronization
 
-/// The proxy's ledger spool. A row is serialized and hash-chained when it is handed over, on the
-/// thread that handles its request, into one shared byte buffer (a few microseconds under a lock,
-/// no I/O): the request's own strings are freed where they were made and no burst of work builds
-/// up. A background thread appends the buffer to a JSON-lines file every 20 ms with one `write` (a
-/// killed proxy loses nothing written); `fdatasync` runs at most every `syncInterval` (and at
-/// shutdown), which bounds what a power loss can take without a disk flush behind every batch.
-/// The chain continues across restarts (the last row's seq and hash are read back when the file
-/// is opened).
+/// The proxy's ledger spool: a JSON-lines file, one hash-chained row per request.
+///
+/// A row is in the file when ``append(_:)`` returns: its body is serialized on the caller's thread
+/// (no lock), then under one lock it gets its seq and prev, its hash, and one `write` on the
+/// O_APPEND descriptor, so the file's order is the chain's order and a proxy killed with SIGKILL
+/// right after a response loses no row of it (the page cache has it; the kernel writes it out).
+/// The cost is one `write` syscall per row on the request path. Durability against power loss is
+/// batched: a background thread runs `fdatasync` at most every `syncInterval` (and at shutdown).
+///
+/// The spool is bounded: a row that would take the file past `maxSize`, or whose `write` fails
+/// (ENOSPC, EIO: the file is truncated back to its last whole row), is kept in memory (at most
+/// `capacity` rows, unchained until written) and the spool is FULL: ``isFull`` tells the inbound
+/// paths to refuse new requests (503) until the background thread has written every held row.
+/// One error line is logged when it fills and one line when it recovers. With a shipper the spool
+/// starts over (``rotate(shippedThrough:minimumSize:)``) once the server has every row; without
+/// one it is the only record and is never rotated.
+///
+/// The chain continues across restarts and rotations (the last row's seq and hash are read back
+/// when the file is opened).
 public final class LedgerSpool: Sendable {
-    struct Pending {
-        /// Serialized, chained rows not yet written.
-        var bytes: [UInt8] = []
-        var rows = 0
-        var dropped = 0
-        var written: UInt64 = 0
+    /// What became of a row handed to ``append(_:)``.
+    public enum Outcome: Sendable, Equatable {
+        /// In the file.
+        case written
+        /// Not in the file yet: the spool is full; kept in memory and written when space returns.
+        case held
+        /// Lost: the spool is full and so is its in-memory buffer (counted and logged).
+        case dropped
+    }
+
+    struct State {
         var seq: UInt64
         /// The last row's hash, as its 64 lowercase hex digits.
         var hash: [UInt8]
+        /// Scratch for the next hash (kept so a failed write leaves `hash` as it was).
+        var nextHash: [UInt8] = []
+        /// Scratch for the row being written (reused: no allocation under the lock).
+        var line: [UInt8] = []
+        /// Bytes in the file.
+        var size: Int
+        /// Rows written by this process.
+        var written: UInt64 = 0
+        /// Row bodies (not yet chained) waiting for space, oldest first.
+        var held: [[UInt8]] = []
+        var dropped = 0
+        var droppedSinceLog = 0
+        var full = false
+        var reason = ""
+        var unsynced = false
     }
 
     public let path: String
     public let writer: String
-    /// Rows held in memory before new rows are refused (and counted, with an alarm in the log).
+    /// Rows kept in memory while the spool is full before rows are dropped.
     public let capacity: Int
-    /// The longest time a written row waits for `fdatasync` (zero: a sync after every batch).
+    /// The largest the file may grow (bytes).
+    public let maxSize: Int
+    /// The spool is FULL (new requests are refused) from this size on: the room above it, up to
+    /// `maxSize`, takes the rows of requests already admitted, so a served request's row still
+    /// goes into the file (1/8 of the limit, at most 1 MiB: ~2000 rows in flight).
+    public let fullSize: Int
+    /// The longest time a written row waits for `fdatasync` (zero: a sync at every tick).
     public let syncInterval: Duration
-    private let pending: NIOLockedValueBox<Pending>
+    private let state: NIOLockedValueBox<State>
+    /// ``State/full``, readable without the lock (every inbound request checks it).
+    private let fullFlag = Atomic<Bool>(false)
     private let logger: Logger
+    private let metrics: ProxyMetrics?
     private let fd: Int32
-    /// Held for a whole flush, so that two flushes (the writer thread's and the one at shutdown)
-    /// never interleave their bytes.
-    private let output = NIOLockedValueBox(SyncState())
+    private let lastSync = NIOLockedValueBox(ContinuousClock.now)
 
-    struct SyncState {
-        var unsynced = false
-        var lastSync = ContinuousClock.now
-    }
+    public static let defaultMaxSize = 1 << 30
 
     public struct SpoolError: Error, CustomStringConvertible {
         public let description: String
     }
 
-    public init(path: String, writer: String, capacity: Int = 200_000, syncInterval: Duration = .milliseconds(250),
-                logger: Logger) throws(SpoolError) {
+    public init(path: String, writer: String, capacity: Int = 10_000, maxSize: Int = LedgerSpool.defaultMaxSize,
+                syncInterval: Duration = .milliseconds(250), metrics: ProxyMetrics? = nil, logger: Logger) throws(SpoolError) {
         self.path = path
         self.writer = writer
-        self.capacity = capacity
+        self.capacity = max(1, capacity)
+        self.maxSize = maxSize
+        self.fullSize = maxSize - min(maxSize / 8, 1 << 20)
         self.syncInterval = syncInterval
         self.logger = logger
+        self.metrics = metrics
         let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
         guard fd >= 0 else {
             throw SpoolError(description: "cannot open the ledger spool \(path): \(String(cString: strerror(errno)))")
         }
         self.fd = fd
         let tail = Self.tail(of: path)
-        var state = Pending(seq: tail.seq, hash: Array(tail.hash.utf8))
-        state.bytes.reserveCapacity(64 * 1024)
-        self.pending = NIOLockedValueBox(state)
+        let end = lseek(fd, 0, SEEK_END)
+        let size = end > 0 ? Int(end) : 0
+        var state = State(seq: tail.seq, hash: Array(tail.hash.utf8), size: size)
+        state.line.reserveCapacity(2048)
+        state.nextHash.reserveCapacity(64)
+        if size >= fullSize {
+            state.full = true
+            state.reason = "the spool is \(size) bytes, near or at its limit of \(maxSize) (--ledger-max-size)"
+        }
+        self.state = NIOLockedValueBox(state)
+        metrics?.spool(bytes: size)
+        if state.full {
+            fullFlag.store(true, ordering: .relaxed)
+            metrics?.spool(full: true)
+            logger.error("ledger spool full: new requests are refused with 503 until space returns",
+                         metadata: ["spool": "\(path)", "reason": "\(state.reason)"])
+        }
     }
 
     deinit {
         close(fd)
     }
 
-    /// Serializes and chains a row for the writer. Never blocks on I/O. The row's own fields are
-    /// serialized before the lock is taken; under it go only the sequence number, the previous
-    /// hash, one SHA-256 over the row (~0.5 µs) and a copy into the shared buffer.
-    public func append(_ row: LedgerRecord) {
+    /// True while rows cannot be written: the inbound paths refuse new requests (fail closed).
+    public var isFull: Bool { fullFlag.load(ordering: .relaxed) }
+
+    /// Chains a row and writes it to the file (one `write`) before returning. The row's own
+    /// fields are serialized before the lock is taken; under it go the seq, the prev hash, one
+    /// SHA-256 over the row (~0.5 µs), a copy into a reused buffer and the `write`.
+    @discardableResult
+    public func append(_ row: LedgerRecord) -> Outcome {
         var body: [UInt8] = []
         body.reserveCapacity(512)
         row.appendBody(to: &body)
         let writer = self.writer
-        let accepted = pending.withLockedValue { state -> Bool in
-            guard state.rows < capacity else {
-                state.dropped += 1
-                return false
+        let fd = self.fd
+        let maxSize = self.maxSize
+        let capacity = self.capacity
+        let fullSize = self.fullSize
+        let (outcome, becameFull, reason) = state.withLockedValue { s -> (Outcome, Bool, String) in
+            let wasFull = s.full
+            // While full, rows of requests admitted before go on into the room left up to
+            // `maxSize`; once a row is held, every later row is held behind it (file order is
+            // chain order).
+            if s.held.isEmpty, Self.writeRow(body, writer: writer, fd: fd, maxSize: maxSize, into: &s) {
+                if s.size >= fullSize, !wasFull {
+                    s.full = true
+                    s.reason = "the spool reached \(s.size) bytes of its limit of \(maxSize) (--ledger-max-size; the rest is room for requests in flight)"
+                    return (.written, true, s.reason)
+                }
+                return (.written, false, "")
             }
-            state.seq += 1
-            let start = state.bytes.count
-            LedgerRecord.appendHead(to: &state.bytes, writer: writer, seq: state.seq)
-            state.bytes.append(contentsOf: body)
-            LedgerRecord.appendTail(to: &state.bytes, prev: state.hash)
-            let digest = state.bytes.withUnsafeBytes { SHA256.hash(data: UnsafeRawBufferPointer(rebasing: $0[start...])) }
-            state.hash.removeAll(keepingCapacity: true)
-            digest.withUnsafeBytes { JSONText.appendHex($0, to: &state.hash) }
-            JSONText.appendRaw(",\"hash\":\"", to: &state.bytes)
-            state.bytes.append(contentsOf: state.hash)
-            JSONText.appendRaw("\"}\n", to: &state.bytes)
-            state.rows += 1
-            return true
+            s.full = true
+            if s.held.count < capacity {
+                s.held.append(body)
+                return (.held, !wasFull, s.reason)
+            }
+            s.dropped += 1
+            s.droppedSinceLog += 1
+            return (.dropped, !wasFull, s.reason)
         }
-        if !accepted, pending.withLockedValue({ $0.dropped }) == 1 {
-            logger.error("ledger spool is full: rows are being dropped until the writer catches up", metadata: ["spool": "\(path)"])
+        switch outcome {
+        case .written:
+            metrics?.rowsWritten()
+        case .held:
+            metrics?.spool(held: heldCount)
+        case .dropped:
+            metrics?.rowDropped()
         }
+        if becameFull { alarm(reason: reason) }
+        return outcome
     }
 
-    /// Rows written to disk so far.
-    public var writtenCount: UInt64 { pending.withLockedValue { $0.written } }
+    private func alarm(reason: String) {
+        fullFlag.store(true, ordering: .relaxed)
+        metrics?.spool(full: true)
+        logger.error("ledger spool full: new requests are refused with 503 until space returns",
+                     metadata: ["spool": "\(path)", "reason": "\(reason)", "max_size": "\(maxSize)"])
+    }
 
-    /// Rows handed over and not yet written.
-    var pendingCount: Int { pending.withLockedValue { $0.rows } }
+    /// Chains `body` as the next row and writes it. On a failed or partial write the file goes
+    /// back to its last whole row and the chain state stays as it was. Under the state lock.
+    private static func writeRow(_ body: [UInt8], writer: String, fd: Int32, maxSize: Int, into s: inout State) -> Bool {
+        s.line.removeAll(keepingCapacity: true)
+        LedgerRecord.appendHead(to: &s.line, writer: writer, seq: s.seq + 1)
+        s.line.append(contentsOf: body)
+        LedgerRecord.appendTail(to: &s.line, prev: s.hash)
+        let digest = SHA256.hash(data: s.line)
+        s.nextHash.removeAll(keepingCapacity: true)
+        digest.withUnsafeBytes { JSONText.appendHex($0, to: &s.nextHash) }
+        JSONText.appendRaw(",\"hash\":\"", to: &s.line)
+        s.line.append(contentsOf: s.nextHash)
+        JSONText.appendRaw("\"}\n", to: &s.line)
+        guard s.size + s.line.count <= maxSize else {
+            s.reason = "the spool reached its limit of \(maxSize) bytes (--ledger-max-size)"
+            return false
+        }
+        var offset = 0
+        var failure: Int32 = 0
+        s.line.withUnsafeBytes { raw in
+            while offset < raw.count {
+                let n = write(fd, raw.baseAddress! + offset, raw.count - offset)
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    failure = errno
+                    return
+                }
+                offset += n
+            }
+        }
+        if failure != 0 {
+            if offset > 0 { _ = ftruncate(fd, off_t(s.size)) }  // no half row stays behind
+            s.reason = "write failed: \(String(cString: strerror(failure)))"
+            return false
+        }
+        s.seq += 1
+        swap(&s.hash, &s.nextHash)
+        s.size += s.line.count
+        s.written += 1
+        s.unsynced = true
+        return true
+    }
 
-    /// Writes out everything handed over so far (one write) and makes it durable (`fdatasync`)
-    /// when `sync` is true or the last sync is `syncInterval` old. Returns the number of rows.
+    /// Rows written to the file by this process.
+    public var writtenCount: UInt64 { state.withLockedValue { $0.written } }
+    /// Rows waiting in memory for space.
+    public var heldCount: Int { state.withLockedValue { $0.held.count } }
+    /// Rows lost because the spool and its memory buffer were full.
+    public var droppedCount: Int { state.withLockedValue { $0.dropped } }
+    /// The seq of the last row in the file.
+    public var lastSeq: UInt64 { state.withLockedValue { $0.seq } }
+    /// Bytes in the file.
+    public var size: Int { state.withLockedValue { $0.size } }
+
+    /// Writes held rows while they fit (the spool recovers when none is left) and runs
+    /// `fdatasync` when `sync` is true or the last sync is `syncInterval` old. Returns the number
+    /// of held rows written.
     @discardableResult
     public func flush(sync: Bool = true) -> Int {
-        output.withLockedValue { output in
-            let count = writeOut(&output)
-            if output.unsynced, sync || ContinuousClock.now - output.lastSync >= syncInterval {
-                _ = fdatasync(fd)
-                output.unsynced = false
-                output.lastSync = ContinuousClock.now
+        let written = retryHeld()
+        let (unsynced, size) = state.withLockedValue { s -> (Bool, Int) in
+            (s.unsynced, s.size)
+        }
+        metrics?.spool(bytes: size)
+        if unsynced {
+            let due = lastSync.withLockedValue { last in
+                let now = ContinuousClock.now
+                guard sync || now - last >= syncInterval else { return false }
+                last = now
+                return true
             }
-            return count
-        }
-    }
-
-    private func writeOut(_ output: inout SyncState) -> Int {
-        var spare: [UInt8] = []
-        spare.reserveCapacity(64 * 1024)  // allocated outside the lock the request path takes
-        let (bytes, rows, dropped) = pending.withLockedValue { state -> ([UInt8], Int, Int) in
-            swap(&state.bytes, &spare)
-            let taken = (spare, state.rows, state.dropped)
-            state.rows = 0
-            state.dropped = 0
-            return taken
-        }
-        if dropped > 0 {
-            logger.error("ledger spool dropped rows while full", metadata: ["spool": "\(path)", "dropped": "\(dropped)"])
-        }
-        guard rows > 0 else { return 0 }
-        let size = lseek(fd, 0, SEEK_END)
-        var offset = 0
-        while offset < bytes.count {
-            let n = bytes.withUnsafeBytes { raw in
-                write(fd, raw.baseAddress! + offset, raw.count - offset)
-            }
-            if n < 0 {
-                if errno == EINTR { continue }
-                // Nothing half-written stays and nothing is lost: the file goes back to its last
-                // whole row and the rows (already chained) back to the front of the buffer.
-                logger.error("ledger spool write failed; retrying with the next batch", metadata: ["spool": "\(path)", "error": "\(String(cString: strerror(errno)))"])
-                if size >= 0 { _ = ftruncate(fd, size) }
-                pending.withLockedValue { state in
-                    state.bytes.insert(contentsOf: bytes, at: 0)
-                    state.rows += rows
+            if due {
+                state.withLockedValue { $0.unsynced = false }
+                if fdatasync(fd) != 0 {
+                    logger.error("ledger spool fdatasync failed", metadata: ["spool": "\(path)", "error": "\(String(cString: strerror(errno)))"])
                 }
-                return 0
             }
-            offset += n
         }
-        output.unsynced = true
-        pending.withLockedValue { $0.written += UInt64(rows) }
-        return rows
+        return written
     }
 
-    /// Flushes every `interval` on a dedicated, lower-priority (nice 10) thread until cancelled,
-    /// then once more. The rows are serialized already: each flush is one buffer swap and one
-    /// `write`.
+    /// Writes the held rows, in order, while they fit; clears FULL when none is left.
+    private func retryHeld() -> Int {
+        let writer = self.writer
+        let fd = self.fd
+        let maxSize = self.maxSize
+        let fullSize = self.fullSize
+        let (written, recovered, held, dropped, reason) = state.withLockedValue { s -> (Int, Bool, Int, Int, String) in
+            guard s.full else { return (0, false, 0, 0, "") }
+            var n = 0
+            while n < s.held.count, Self.writeRow(s.held[n], writer: writer, fd: fd, maxSize: maxSize, into: &s) { n += 1 }
+            if n > 0 { s.held.removeFirst(n) }
+            let dropped = s.droppedSinceLog
+            s.droppedSinceLog = 0
+            // Without held rows and below `fullSize` the spool is not full any more; a file at
+            // its limit needs a rotation (or an operator) for that.
+            if s.held.isEmpty, s.size < fullSize {
+                s.full = false
+                s.reason = ""
+                return (n, true, 0, dropped, "")
+            }
+            return (n, false, s.held.count, dropped, s.reason)
+        }
+        if written > 0 { metrics?.rowsWritten(written) }
+        if dropped > 0 {
+            logger.error("ledger rows were dropped while the spool was full", metadata: ["spool": "\(path)", "dropped": "\(dropped)", "reason": "\(reason)"])
+        }
+        metrics?.spool(held: held)
+        if recovered {
+            fullFlag.store(false, ordering: .relaxed)
+            metrics?.spool(full: false)
+            logger.notice("ledger spool has space again: requests are served", metadata: ["spool": "\(path)", "rows_written_from_memory": "\(written)"])
+        }
+        return written
+    }
+
+    /// Starts the file over when every row in it has been shipped: if the last row written is
+    /// `seq` (the server's last confirmed row) and the file is at least `minimumSize` bytes (or
+    /// the spool is full), the file is replaced, atomically, by one whose first row is a normal
+    /// chained `spool_rotated` row (seq + 1, prev = the hash of row `seq`). Held rows follow it.
+    /// Returns the rotated row's seq, or nil when nothing was done.
+    public func rotate(shippedThrough seq: UInt64, minimumSize: Int) -> UInt64? {
+        let writer = self.writer
+        let fd = self.fd
+        let maxSize = self.maxSize
+        let path = self.path
+        let result = state.withLockedValue { s -> Result<UInt64, SpoolError>? in
+            guard s.seq == seq, seq > 0, s.size >= minimumSize || s.full else { return nil }
+            let temporary = path + ".rotating"
+            let newFD = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0o600)
+            guard newFD >= 0 else {
+                return .failure(SpoolError(description: "cannot create \(temporary): \(String(cString: strerror(errno)))"))
+            }
+            let row = LedgerRecord(kind: .spoolRotated, timeMicros: ProxyClock.nowMicros(),
+                                   detail: "rows 1..\(seq) were shipped to the server; the spool starts over here")
+            var body: [UInt8] = []
+            row.appendBody(to: &body)
+            var fresh = s
+            fresh.size = 0
+            guard Self.writeRow(body, writer: writer, fd: newFD, maxSize: Int.max, into: &fresh), fdatasync(newFD) == 0 else {
+                let error = String(cString: strerror(errno))
+                close(newFD)
+                unlink(temporary)
+                return .failure(SpoolError(description: "cannot write \(temporary): \(fresh.reason.isEmpty ? error : fresh.reason)"))
+            }
+            // The new file replaces the old one under its name, then under our descriptor.
+            guard rename(temporary, path) == 0 else {
+                let error = String(cString: strerror(errno))
+                close(newFD)
+                unlink(temporary)
+                return .failure(SpoolError(description: "cannot rename \(temporary) to \(path): \(error)"))
+            }
+            Self.syncDirectory(of: path)
+            _ = dup2(newFD, fd)
+            close(newFD)
+            s.seq = fresh.seq
+            s.hash = fresh.hash
+            s.size = fresh.size
+            s.written += 1
+            // Held rows (a full spool) go in after the rotated row.
+            var n = 0
+            while n < s.held.count, Self.writeRow(s.held[n], writer: writer, fd: fd, maxSize: maxSize, into: &s) { n += 1 }
+            if n > 0 { s.held.removeFirst(n) }
+            return .success(fresh.seq)
+        }
+        switch result {
+        case nil:
+            return nil
+        case .failure(let error):
+            logger.error("ledger spool rotation failed; the spool keeps growing", metadata: ["spool": "\(path)", "error": "\(error.description)"])
+            return nil
+        case .success(let rotated):
+            metrics?.rowsWritten()
+            logger.info("ledger spool rotated: every row was shipped", metadata: ["spool": "\(path)", "shipped_seq": "\(seq)", "seq": "\(rotated)"])
+            flush(sync: false)  // clears FULL when nothing is held any more
+            return rotated
+        }
+    }
+
+    private static func syncDirectory(of path: String) {
+        let parent = path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+        let dir = open(parent.isEmpty ? (path.hasPrefix("/") ? "/" : ".") : parent, O_RDONLY | O_CLOEXEC)
+        guard dir >= 0 else { return }
+        _ = fsync(dir)
+        close(dir)
+    }
+
+    /// Every `interval`, on a dedicated, lower-priority (nice 10) thread until cancelled: writes
+    /// held rows when the spool is full and runs `fdatasync` when the sync interval is up; once
+    /// more with a sync at the end. Rows themselves are written by ``append(_:)``.
     public func run(interval: Duration = .milliseconds(20)) async {
         let stop = NIOLockedValueBox(false)
         let done = NIOLockedValueBox<CheckedContinuation<Void, Never>?>(nil)
@@ -192,6 +397,15 @@ public final class LedgerSpool: Sendable {
             }
         } onCancel: {
             stop.withLockedValue { $0 = true }
+        }
+    }
+
+    /// At shutdown: the last sync, and a log line for rows that never reached the file.
+    public func finalFlush() {
+        flush()
+        let held = heldCount
+        if held > 0 {
+            logger.error("ledger rows still held in memory at shutdown are lost (the spool was full)", metadata: ["spool": "\(path)", "rows": "\(held)"])
         }
     }
 

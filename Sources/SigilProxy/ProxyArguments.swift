@@ -14,7 +14,8 @@ public enum ProxyArguments {
 
     public static let flags: Set<String> = [
         "config", "workload-api", "inbound", "app", "namespace", "labels", "policies", "mtls", "spiffe-id",
-        "outbound", "upstream", "upstream-id", "protocol", "ledger", "ledger-sync-ms", "ledger-server", "kill-switch", "root-namespace", "threads", "log-level",
+        "outbound", "upstream", "upstream-id", "protocol", "ledger", "ledger-sync-ms", "ledger-server",
+        "ledger-max-size", "ledger-segment-size", "metrics", "kill-switch", "root-namespace", "threads", "log-level",
     ]
 
     /// Parsed settings plus the log level (handled by the caller's logging bootstrap).
@@ -105,6 +106,18 @@ public enum ProxyArguments {
             guard get("ledger") != nil else { throw UsageError("--ledger-server ships the rows of --ledger: give the spool file too") }
             _ = try hostPort(ledgerServer, flag: "--ledger-server")
         }
+        var ledgerMaxSize = ProxyConfig.defaultLedgerMaxSize
+        if let text = get("ledger-max-size") { ledgerMaxSize = try size(text, flag: "--ledger-max-size") }
+        var ledgerSegmentSize = ProxyConfig.defaultLedgerSegmentSize
+        if let text = get("ledger-segment-size") { ledgerSegmentSize = try size(text, flag: "--ledger-segment-size") }
+        var metrics: (String, Int)?
+        if let text = get("metrics") {
+            let (host, port) = try hostPort(text, flag: "--metrics")
+            guard isLoopback(host) else {
+                throw UsageError("--metrics '\(text)' must listen on loopback (127.0.0.1, ::1 or localhost): the metrics endpoint has no authentication")
+            }
+            metrics = (host, port)
+        }
         do { _ = try WorkloadAPIClient.socketPath(fromEndpoint: socket) } catch { throw UsageError(error.message) }
         var config = ProxyConfig(
             workloadAPISocket: socket, inboundHost: inHost, inboundPort: inPort, appHost: appHost, appPort: appPort,
@@ -114,6 +127,10 @@ public enum ProxyArguments {
             upstreamID: upstreamID, ledgerPath: get("ledger"), ledgerSyncMillis: ledgerSync, killSwitchPath: get("kill-switch"), tcpMode: proto == "tcp",
             threads: threads)
         config.ledgerServer = ledgerServer
+        config.ledgerMaxSize = ledgerMaxSize
+        config.ledgerSegmentSize = ledgerSegmentSize
+        config.metricsHost = metrics?.0
+        config.metricsPort = metrics?.1
         return (config, get("log-level"))
     }
 
@@ -124,6 +141,32 @@ public enum ProxyArguments {
         var host = String(text[..<colon])
         if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
         return (host.isEmpty ? "0.0.0.0" : host, port)
+    }
+
+    /// A size in bytes: digits with an optional unit, B, KiB, MiB, GiB, TiB (powers of 1024) or
+    /// KB, MB, GB, TB (powers of 1000); at least 4 KiB.
+    public static func size(_ text: String, flag: String) throws(UsageError) -> Int {
+        let trimmed = text.trimmingCharacters(in: .whitespaces)
+        let digits = trimmed.prefix { $0.isASCII && $0.isNumber }
+        let unit = trimmed.dropFirst(digits.count).trimmingCharacters(in: .whitespaces).lowercased()
+        let multipliers: [String: Int] = [
+            "": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+            "kb": 1_000, "mb": 1_000_000, "gb": 1_000_000_000, "tb": 1_000_000_000_000,
+        ]
+        guard !digits.isEmpty, let value = Int(digits), let multiplier = multipliers[unit] else {
+            throw UsageError("\(flag) '\(text)' must be a size in bytes, e.g. 1GiB, 512MiB or 20000")
+        }
+        let (bytes, overflow) = value.multipliedReportingOverflow(by: multiplier)
+        guard !overflow, bytes >= 4096 else {
+            throw UsageError("\(flag) '\(text)' must be at least 4KiB (4096 bytes), e.g. 1GiB")
+        }
+        return bytes
+    }
+
+    static func isLoopback(_ host: String) -> Bool {
+        if host == "localhost" || host == "::1" { return true }
+        let parts = host.split(separator: ".", omittingEmptySubsequences: false)
+        return parts.count == 4 && parts[0] == "127" && parts.allSatisfy { UInt8($0) != nil }
     }
 
     public static func parseLabels(_ text: String) throws(UsageError) -> [String: String] {

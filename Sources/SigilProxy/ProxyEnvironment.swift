@@ -13,10 +13,11 @@ final class ProxyEnvironment: Sendable {
     let appPort: Int
     let appAddress: SocketAddress
     let tcpMode: Bool
+    let metrics: ProxyMetrics
     let logger: Logger
 
     init(policy: PolicyStore, identity: IdentityStore, ledger: LedgerSpool?, pools: AppPools, appPort: Int,
-         appAddress: SocketAddress, tcpMode: Bool, logger: Logger) {
+         appAddress: SocketAddress, tcpMode: Bool, metrics: ProxyMetrics = ProxyMetrics(), logger: Logger) {
         self.policy = policy
         self.identity = identity
         self.ledger = ledger
@@ -24,11 +25,23 @@ final class ProxyEnvironment: Sendable {
         self.appPort = appPort
         self.appAddress = appAddress
         self.tcpMode = tcpMode
+        self.metrics = metrics
         self.logger = logger
     }
 
+    /// Writes a row into the spool (it is in the file when this returns). Inbound paths call it
+    /// before they flush a response's last bytes, so a response the client saw complete has its
+    /// row even if the proxy is killed right after.
     func record(_ row: LedgerRecord) {
         ledger?.append(row)
+    }
+
+    /// True while the ledger spool is full: new inbound requests (and TCP connections) are
+    /// refused without reaching the app, since their rows could not be written. Counts the refusal.
+    func refusesForLedger() -> Bool {
+        guard let ledger, ledger.isFull else { return false }
+        metrics.requestRefused()
+        return true
     }
 }
 
@@ -98,6 +111,7 @@ struct RequestFacts {
                 headers: headers, sni: peer.sni)
             decision = state.decide(request)
         }
+        environment.metrics.request(allowed: decision.allowed)
     }
 
     func ledgerRow(peer: PeerInfo, detail: String? = nil, environment: ProxyEnvironment) -> LedgerRecord {

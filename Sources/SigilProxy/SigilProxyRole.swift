@@ -35,6 +35,15 @@ public struct ProxyConfig: Sendable {
     public static let defaultLedgerSyncMillis = 250
     /// The server's agent API address (`host:port`) to ship ledger rows to (nil: they stay in the spool).
     public var ledgerServer: String?
+    /// The largest the spool file may grow; at the limit the proxy refuses new requests (503).
+    public var ledgerMaxSize: Int = ProxyConfig.defaultLedgerMaxSize
+    public static let defaultLedgerMaxSize = 1 << 30
+    /// With a shipper: a spool at least this large whose every row the server has is started over.
+    public var ledgerSegmentSize: Int = ProxyConfig.defaultLedgerSegmentSize
+    public static let defaultLedgerSegmentSize = 64 << 20
+    /// `--metrics`: where to serve Prometheus text at `GET /metrics` (loopback only; nil: nowhere).
+    public var metricsHost: String?
+    public var metricsPort: Int?
     /// The kill switch file: present = PERMISSIVE + allow-all.
     public var killSwitchPath: String
     public var tcpMode: Bool
@@ -93,14 +102,18 @@ public enum SigilProxyRole {
             throw ProxyError(.configuration, error.message)
         }
         let ledger: LedgerSpool?
+        let metrics = ProxyMetrics()
         let identity = IdentityStore()
         var shipper: LedgerShipper?
         if let path = config.ledgerPath {
             let writer = "proxy:\(config.namespace)/\(config.labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ","))@\(config.inboundPort)"
             do {
-                ledger = try LedgerSpool(path: path, writer: writer, syncInterval: .milliseconds(config.ledgerSyncMillis), logger: logger)
+                let spool = try LedgerSpool(path: path, writer: writer, maxSize: config.ledgerMaxSize,
+                                            syncInterval: .milliseconds(config.ledgerSyncMillis), metrics: metrics, logger: logger)
+                ledger = spool
                 if let server = config.ledgerServer {
-                    shipper = try LedgerShipper(spoolPath: path, writer: writer, server: server, identity: identity, logger: logger)
+                    shipper = try LedgerShipper(spoolPath: path, writer: writer, server: server, identity: identity,
+                                                spool: spool, segmentSize: config.ledgerSegmentSize, logger: logger)
                 }
             } catch let error as LedgerShipper.ShipError {
                 throw ProxyError(.configuration, error.description)
@@ -110,7 +123,7 @@ public enum SigilProxyRole {
         } else {
             ledger = nil
         }
-        let record: @Sendable (LedgerRecord) -> Void = { ledger?.append($0) }
+        let record: @Sendable (LedgerRecord) -> Void = { _ = ledger?.append($0) }
         let policy = try PolicyStore(
             settings: .init(policiesPath: config.policiesPath, killSwitchPath: config.killSwitchPath,
                             workload: WorkloadSelector(namespace: config.namespace, labels: config.labels),
@@ -131,7 +144,7 @@ public enum SigilProxyRole {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: config.threads)
         let environment = ProxyEnvironment(policy: policy, identity: identity, ledger: ledger,
                                            pools: AppPools(group: group, target: appAddress), appPort: config.appPort,
-                                           appAddress: appAddress, tcpMode: config.tcpMode, logger: logger)
+                                           appAddress: appAddress, tcpMode: config.tcpMode, metrics: metrics, logger: logger)
         let service = ProxyService(config: config, environment: environment, group: group, socketPath: socketPath,
                                    upstream: upstream, shipper: shipper, logger: logger, ready: ready)
         let serviceGroup = ServiceGroup(configuration: .init(
@@ -142,14 +155,13 @@ public enum SigilProxyRole {
             try await serviceGroup.run()
         } catch {
             try? await group.shutdownGracefully()
-            ledger?.flush()
+            ledger?.finalFlush()
             throw error
         }
         // Connections still open (keep-alive clients) are served until the event loops stop, and
-        // each of their requests appends a row: the spool's last flush comes after that, so every
-        // response a client received has its row on disk.
+        // each of their requests writes its row: the spool's last sync comes after that.
         try? await group.shutdownGracefully()
-        ledger?.flush()
+        ledger?.finalFlush()
     }
 }
 
@@ -188,6 +200,9 @@ struct ProxyService: Service {
             }
             let inbound = try await bindInbound()
             var channels = [inbound]
+            if let host = config.metricsHost, let port = config.metricsPort {
+                channels.append(try await MetricsEndpoint.bind(host: host, port: port, metrics: environment.metrics, group: group))
+            }
             var outbound: (any Channel)?
             if let host = config.outboundHost, let port = config.outboundPort, let upstream {
                 outbound = try await bindOutbound(host: host, port: port, upstream: upstream)
@@ -198,6 +213,7 @@ struct ProxyService: Service {
                 "spiffe_id": "\(id)", "inbound": "\(inbound.localAddress.map { "\($0)" } ?? "?")",
                 "outbound": "\(outbound?.localAddress.map { "\($0)" } ?? "-")", "app": "\(config.appHost):\(config.appPort)",
                 "mode": "\(environment.policy.current.mode.rawValue)",
+                "metrics": "\(config.metricsHost.map { "\($0):\(config.metricsPort ?? 0)" } ?? "-")",
             ])
             ready?(id)
             ProcessMemory.release()

@@ -50,7 +50,9 @@ struct AuditVerify: AsyncParsableCommand {
         discussion: """
             Exits 0 when every chain is intact; otherwise prints the first broken row of each
             broken writer (writer and seq) and exits 1. With --spool, checks proxy spool files
-            instead of the server's store.
+            instead of the server's store: each writer's rows start at seq 1 with the genesis prev,
+            or, in a spool that was started over after shipping, at a spool_rotated row (seq > 1)
+            whose prev is the hash of the last shipped row (the server's store has the rows before it).
             """
     )
 
@@ -64,6 +66,7 @@ struct AuditVerify: AsyncParsableCommand {
 
     func run() async throws {
         var report: LedgerVerification
+        var notes: [String] = []
         if spool.isEmpty {
             let store = try openLedger(data)
             let key: LedgerCheckpointKey?
@@ -78,15 +81,17 @@ struct AuditVerify: AsyncParsableCommand {
             }
         } else {
             report = LedgerVerification()
-            for path in spool { try Self.verifySpool(path, into: &report) }
+            for path in spool { try Self.verifySpool(path, into: &report, notes: &notes) }
         }
         if json {
-            let object: [String: Any] = ["intact": report.intact, "writers": report.writers, "rows": report.rows, "checkpoints": report.checkpoints,
+            var object: [String: Any] = ["intact": report.intact, "writers": report.writers, "rows": report.rows, "checkpoints": report.checkpoints,
                                          "breaks": report.breaks.map { ["writer": $0.writer, "seq": $0.seq, "problem": $0.problem] }]
+            if !notes.isEmpty { object["notes"] = notes }
             print(String(decoding: try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]), as: UTF8.self))
         } else if report.intact {
             let cuts = report.checkpoints == 0 ? "" : " (\(report.checkpoints) signed retention checkpoint\(report.checkpoints == 1 ? "" : "s") checked)"
             print("ledger intact: \(report.rows) rows from \(report.writers) writer\(report.writers == 1 ? "" : "s"), every chain verified\(cuts)")
+            for note in notes { print("  \(note)") }
         } else {
             print("ledger BROKEN: \(report.breaks.count) of \(report.writers) writer\(report.writers == 1 ? "" : "s") fail (\(report.rows) rows read)")
             for broken in report.breaks { print("  \(broken)") }
@@ -103,7 +108,7 @@ struct AuditVerify: AsyncParsableCommand {
     }
 
     /// Checks one spool file line by line (every writer in it keeps its own chain).
-    static func verifySpool(_ path: String, into report: inout LedgerVerification) throws {
+    static func verifySpool(_ path: String, into report: inout LedgerVerification, notes: inout [String]) throws {
         guard let data = FileManager.default.contents(atPath: path) else {
             throw ValidationError("cannot read the spool \(path)")
         }
@@ -115,7 +120,13 @@ struct AuditVerify: AsyncParsableCommand {
                 let row = try LedgerRow.parse(line: line)
                 if chains[row.writer] == nil { report.writers += 1 }
                 guard !broken.contains(row.writer) else { continue }
-                let chain = chains[row.writer] ?? (1, LedgerChain.genesis)
+                var chain = chains[row.writer] ?? (1, LedgerChain.genesis)
+                if chains[row.writer] == nil, row.kind == LedgerRecord.Kind.spoolRotated.rawValue, row.seq > 1 {
+                    // A spool started over after shipping: the rows before it are in the server's
+                    // store; the chain goes on from the last of them (its hash is this row's prev).
+                    chain = (row.seq, row.prev)
+                    notes.append("\(path): writer \(row.writer) begins at seq \(row.seq) after rotation (rows 1..\(row.seq - 1) were shipped)")
+                }
                 do {
                     let hash = try LedgerChain.check(line: row.line, seq: row.seq, prev: row.prev, expectedSeq: chain.next, previousHash: chain.hash)
                     chains[row.writer] = (row.seq + 1, hash)

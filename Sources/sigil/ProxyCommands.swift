@@ -34,6 +34,12 @@ struct ProxyRun: AsyncParsableCommand {
             stays in force. The kill switch is a file (default <policies>/sigil-kill-switch; see
             `sigil proxy kill-switch`): while it exists the proxy is PERMISSIVE and allows everything.
 
+            Ledger (--ledger): one hash-chained row per request, in the spool file before the
+            response's last bytes go out. The spool is bounded (--ledger-max-size): when it is full
+            the proxy fails closed, answering new requests 503 "ledger spool full" (TCP mode: new
+            connections are closed) until space returns, and logs one error line. With
+            --ledger-server the spool is started over once the server has every row in it.
+
             A --config YAML file may set any flag by its long name (workload_api, inbound, app, ...).
 
             Example:
@@ -58,6 +64,9 @@ struct ProxyRun: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Ledger spool (JSON lines, 0600).", valueName: "file")) var ledger: String?
     @Option(name: .long, help: ArgumentHelp("Longest a written ledger row waits for fdatasync (0: every batch; default 250).", valueName: "ms")) var ledgerSyncMs: Int?
     @Option(name: .long, help: ArgumentHelp("Ship the spool's rows to the server's ledger (its agent API address), over mTLS with this workload's SVID.", valueName: "host:port")) var ledgerServer: String?
+    @Option(name: .long, help: ArgumentHelp("Largest the ledger spool may grow (e.g. 512MiB; default 1GiB); when full, new requests get 503 until space returns.", valueName: "size")) var ledgerMaxSize: String?
+    @Option(name: .long, help: ArgumentHelp("With --ledger-server: start the spool over once it is this large and the server has every row (default 64MiB).", valueName: "size")) var ledgerSegmentSize: String?
+    @Option(name: .long, help: ArgumentHelp("Serve Prometheus metrics at GET /metrics on this loopback address.", valueName: "host:port")) var metrics: String?
     @Option(name: .long, help: ArgumentHelp("Kill switch file (default <policies>/sigil-kill-switch).", valueName: "file")) var killSwitch: String?
     @Option(name: .long, help: ArgumentHelp("Istio's root namespace (mesh-wide policies).", valueName: "ns")) var rootNamespace: String?
     @Option(name: .long, help: ArgumentHelp("Event loop threads (default: one per core).", valueName: "n")) var threads: Int?
@@ -70,6 +79,7 @@ struct ProxyRun: AsyncParsableCommand {
             ("labels", labels), ("policies", policies), ("mtls", mtls), ("spiffe-id", spiffeId), ("outbound", outbound),
             ("upstream", upstream), ("upstream-id", upstreamId), ("protocol", self.protocol), ("ledger", ledger),
             ("ledger-sync-ms", ledgerSyncMs.map(String.init)), ("ledger-server", ledgerServer),
+            ("ledger-max-size", ledgerMaxSize), ("ledger-segment-size", ledgerSegmentSize), ("metrics", metrics),
             ("kill-switch", killSwitch), ("root-namespace", rootNamespace), ("threads", threads.map(String.init)),
             ("log-level", logLevel),
         ]

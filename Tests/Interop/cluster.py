@@ -195,7 +195,9 @@ def ledger_rows(path: Path) -> list[dict]:
 def verify_ledger_chain(path: Path) -> list[dict]:
     """Checks a ledger spool's hash chain and returns its rows: every line ends with
     `,"hash":"<sha256 hex>"}` where the hash is SHA-256 of the line's bytes before that suffix; `prev` is
-    the previous row's hash (64 zeros for the first); `seq` counts 1, 2, 3... per writer."""
+    the previous row's hash (64 zeros for the first); `seq` counts 1, 2, 3... per writer. A spool that
+    was started over after shipping (rotated) begins with a `spool_rotated` row at seq > 1 whose prev
+    is the hash of the last shipped row: the chain is checked from there."""
     lines = Path(path).read_bytes().split(b"\n")
     assert lines[-1] == b"", f"{path}: last line not terminated"
     rows = []
@@ -208,6 +210,8 @@ def verify_ledger_chain(path: Path) -> list[dict]:
         row = json.loads(line)
         assert row["hash"] == claimed
         assert hashlib.sha256(body.encode()).hexdigest() == claimed, f"{path}:{number}: hash does not recompute"
+        if number == 1 and row["kind"] == "spool_rotated" and row["seq"] > 1:
+            prev, seq = row["prev"], row["seq"] - 1
         assert row["prev"] == prev, f"{path}:{number}: prev {row['prev']} != previous hash {prev}"
         assert row["seq"] == seq + 1, f"{path}:{number}: seq {row['seq']} after {seq}"
         prev, seq = claimed, row["seq"]

@@ -1,6 +1,6 @@
 """The who-called-whom ledger end to end: two proxies ship their spools to a real server over mTLS
 while calls flow; the server is killed (SIGKILL) and restarted twice and the callee proxy is
-restarted once under load; then every call a client saw complete is in the server's store exactly
+killed (SIGKILL) and restarted once under load; then every call a client saw complete is in the server's store exactly
 once, `sigil audit verify` passes, and editing or deleting a stored row makes it fail naming the
 row. Real processes, real sockets, a real SQLite file."""
 from __future__ import annotations
@@ -123,7 +123,9 @@ def shipped(sigil_bin):
             time.sleep(step)
             c.start_server()
             time.sleep(step / 2)
-        assert c.stop_proxy("api") == 0  # the callee's proxy restarts under load (its chain continues)
+        # The callee's proxy is killed without warning (SIGKILL) under load and restarted: every
+        # response it sent had its row in the spool file already, and its chain continues.
+        c.proxies.pop("api").kill()
         start_api()
         time.sleep(step)
         completed = load.finish()

@@ -29,36 +29,64 @@ struct LedgerSpoolTests {
         defer { try? FileManager.default.removeItem(atPath: path) }
         do {
             let spool = try LedgerSpool(path: path, writer: "w1", logger: Logger(label: "test"))
-            spool.append(row("/a"))
-            spool.append(row("/quote\"and\\slash\nnewline"))
-            #expect(spool.flush() == 2)
+            #expect(spool.append(row("/a")) == .written)
+            #expect(spool.append(row("/quote\"and\\slash\nnewline")) == .written)
+            spool.finalFlush()
         }
         do {
             let reopened = try LedgerSpool(path: path, writer: "w1", logger: Logger(label: "test"))
-            reopened.append(row("/c", status: 403))
-            #expect(reopened.flush() == 1)
+            #expect(reopened.append(row("/c", status: 403)) == .written)
         }
         let rows = try lines(path)
         #expect(rows.count == 3)
         #expect(rows.map { $0["seq"] as? Int } == [1, 2, 3])
         #expect(rows[1]["path"] as? String == "/quote\"and\\slash\nnewline")
         #expect(rows[0]["time"] as? String == "2025-11-24T16:00:00.123456Z")
-        var previous = String(repeating: "0", count: 64)
+        try checkChain(path, from: 1, prev: String(repeating: "0", count: 64))
+    }
+
+    /// Every line's hash is SHA-256 of the line up to `,"hash":`, its prev the hash before it, its
+    /// seq one more than the one before. Returns the rows.
+    @discardableResult
+    func checkChain(_ path: String, from firstSeq: Int, prev: String) throws -> [[String: Any]] {
+        var previous = prev
+        var seq = firstSeq
         let text = try String(contentsOfFile: path, encoding: .utf8)
+        #expect(text.hasSuffix("\n"))
+        var rows: [[String: Any]] = []
         for line in text.split(separator: "\n") {
-            // hash = sha256 of the line up to (not including) `,"hash":`
             let cut = line.range(of: ",\"hash\":")!
             let body = String(line[..<cut.lowerBound])
             let stated = (try JSONSerialization.jsonObject(with: Data(line.utf8)) as! [String: Any])
             #expect(stated["prev"] as? String == previous)
+            #expect(stated["seq"] as? Int == seq)
             let digest = SHA256.hash(data: Array(body.utf8)).map { String(format: "%02x", $0) }.joined()
             #expect(stated["hash"] as? String == digest)
             previous = digest
+            seq += 1
+            rows.append(stated)
         }
+        return rows
     }
 
-    @Test("flushes racing from several threads keep one unbroken chain in file order")
-    func concurrentFlushes() async throws {
+    @Test("a row is in the file when append returns: no flush, no background thread")
+    func rowInFileOnReturn() throws {
+        let path = tempFile()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let spool = try LedgerSpool(path: path, writer: "w", syncInterval: .seconds(60), logger: Logger(label: "test"))
+        for i in 1...5 {
+            #expect(spool.append(row("/\(i)")) == .written)
+            // Read through another descriptor right away: what a SIGKILL would leave behind.
+            let rows = try lines(path)
+            #expect(rows.count == i)
+            #expect(rows.last?["path"] as? String == "/\(i)")
+        }
+        #expect(spool.writtenCount == 5)
+        #expect(spool.size == Int(try FileManager.default.attributesOfItem(atPath: path)[.size] as! UInt64))
+    }
+
+    @Test("appends racing from several threads keep one unbroken chain in file order")
+    func concurrentAppends() async throws {
         let path = tempFile()
         defer { try? FileManager.default.removeItem(atPath: path) }
         let spool = try LedgerSpool(path: path, writer: "w", syncInterval: .seconds(60), logger: Logger(label: "test"))
@@ -72,38 +100,116 @@ struct LedgerSpoolTests {
                 }
             }
         }
-        spool.flush()
-        let rows = try lines(path)
+        let rows = try checkChain(path, from: 1, prev: String(repeating: "0", count: 64))
         #expect(rows.count == 1000)
-        #expect(rows.map { $0["seq"] as? Int } == Array(1...1000))
-        for (earlier, later) in zip(rows, rows.dropFirst()) {
-            #expect(later["prev"] as? String == earlier["hash"] as? String)
-        }
         #expect(spool.writtenCount == 1000)
     }
 
-    @Test("a failed write loses no row: they stay queued, chained, for the next flush")
+    @Test("at its size limit the spool is full: rows are held, then dropped, and the file never passes the limit")
+    func fullAtLimit() throws {
+        let path = tempFile()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let metrics = ProxyMetrics()
+        let spool = try LedgerSpool(path: path, writer: "w", capacity: 2, maxSize: 4096, metrics: metrics, logger: Logger(label: "test"))
+        var written = 0
+        while spool.append(row("/fill/\(written)")) == .written { written += 1 }
+        #expect(written > 3)
+        #expect(spool.isFull)
+        #expect(spool.heldCount == 1)  // the row that did not fit
+        #expect(spool.append(row("/next")) == .held)
+        #expect(spool.append(row("/lost")) == .dropped)
+        #expect(spool.droppedCount == 1)
+        spool.flush()  // a retry cannot make room: still full
+        #expect(spool.isFull)
+        let size = Int(try FileManager.default.attributesOfItem(atPath: path)[.size] as! UInt64)
+        #expect(size <= 4096)
+        #expect(size == spool.size)
+        #expect(try checkChain(path, from: 1, prev: String(repeating: "0", count: 64)).count == written)
+        let text = metrics.text()
+        spool.flush()  // the background thread's tick updates the size gauge
+        #expect(text.contains("sigil_proxy_ledger_spool_full 1.0\n"))
+        #expect(text.contains("sigil_proxy_ledger_rows_total \(written)\n"))
+        #expect(text.contains("sigil_proxy_ledger_dropped_rows_total 1\n"))
+        #expect(metrics.text().contains("sigil_proxy_ledger_spool_bytes \(Double(size))\n"))
+        // A restart over a spool at its limit starts full.
+        let reopened = try LedgerSpool(path: path, writer: "w", maxSize: size, logger: Logger(label: "test"))
+        #expect(reopened.isFull)
+        #expect(reopened.append(row("/after-restart")) == .held)
+    }
+
+    @Test("the spool is started over only when every row in it is shipped, and only when large enough or full")
+    func rotationOnlyWhenShipped() throws {
+        let path = tempFile()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let spool = try LedgerSpool(path: path, writer: "w", logger: Logger(label: "test"))
+        for i in 1...10 { spool.append(row("/\(i)")) }
+        let before = try lines(path)
+        #expect(spool.rotate(shippedThrough: 9, minimumSize: 0) == nil)  // row 10 is not shipped yet
+        #expect(spool.rotate(shippedThrough: 10, minimumSize: 1 << 30) == nil)  // small and not full
+        #expect(try lines(path).count == 10)
+        #expect(spool.rotate(shippedThrough: 10, minimumSize: 0) == 11)
+        let after = try checkChain(path, from: 11, prev: before[9]["hash"] as! String)
+        #expect(after.count == 1)
+        #expect(after[0]["kind"] as? String == "spool_rotated")
+        #expect((after[0]["detail"] as? String)?.contains("rows 1..10 were shipped") == true)
+        #expect(!FileManager.default.fileExists(atPath: path + ".rotating"))
+        // Rows go on into the new file (the descriptor follows the rename).
+        #expect(spool.append(row("/12")) == .written)
+        #expect(try checkChain(path, from: 11, prev: before[9]["hash"] as! String).count == 2)
+    }
+
+    @Test("a full spool recovers after a rotation: held rows follow the rotated row, in order")
+    func recoveryAfterRotation() throws {
+        let path = tempFile()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let spool = try LedgerSpool(path: path, writer: "w", capacity: 10, maxSize: 4096, logger: Logger(label: "test"))
+        var written = 0
+        while spool.append(row("/fill/\(written)")) == .written { written += 1 }
+        #expect(spool.append(row("/held/2")) == .held)
+        #expect(spool.isFull && spool.heldCount == 2)
+        let last = try lines(path).last!["hash"] as! String
+        // Full, so even a small spool is rotated once everything in the file is shipped.
+        #expect(spool.rotate(shippedThrough: UInt64(written), minimumSize: 1 << 30) == UInt64(written + 1))
+        #expect(!spool.isFull)
+        #expect(spool.heldCount == 0)
+        let rows = try checkChain(path, from: written + 1, prev: last)
+        #expect(rows.map { $0["kind"] as? String } == ["spool_rotated", "request", "request"])
+        #expect(rows.dropFirst().map { $0["path"] as? String } == ["/fill/\(written)", "/held/2"])
+        #expect(spool.append(row("/after")) == .written)
+    }
+
+    @Test("a failed write leaves no half row and loses no row: it is held, unchained, and the spool is full")
     func failedWriteKeepsRows() throws {
         // /dev/full fails every write with ENOSPC.
         let spool = try LedgerSpool(path: "/dev/full", writer: "w", capacity: 3, logger: Logger(label: "test"))
-        for i in 0..<3 { spool.append(row("/\(i)")) }
-        #expect(spool.flush() == 0)
-        #expect(spool.flush() == 0)
+        for i in 0..<3 { #expect(spool.append(row("/\(i)")) == .held) }
+        #expect(spool.isFull)
+        #expect(spool.flush() == 0)  // the background retry fails too
         #expect(spool.writtenCount == 0)
-        #expect(spool.pendingCount == 3)
-        // The three rows were put back, so the spool is still full and refuses a fourth.
-        spool.append(row("/3"))
-        #expect(spool.pendingCount == 3)
+        #expect(spool.lastSeq == 0)  // the chain did not advance past rows that are not in the file
+        #expect(spool.heldCount == 3)
+        #expect(spool.append(row("/3")) == .dropped)  // the memory buffer is bounded too
+        #expect(spool.heldCount == 3)
     }
 
-    @Test("a full spool refuses rows instead of growing without bound")
-    func bounded() throws {
+    @Test("a restart after a rotation continues the chain from the rotated file's last row")
+    func restartAfterRotation() throws {
         let path = tempFile()
         defer { try? FileManager.default.removeItem(atPath: path) }
-        let spool = try LedgerSpool(path: path, writer: "w", capacity: 3, logger: Logger(label: "test"))
-        for i in 0..<5 { spool.append(row("/\(i)")) }
-        #expect(spool.flush() == 3)
-        #expect(spool.writtenCount == 3)
+        var hash10 = ""
+        do {
+            let spool = try LedgerSpool(path: path, writer: "w", logger: Logger(label: "test"))
+            for i in 1...10 { spool.append(row("/\(i)")) }
+            hash10 = try lines(path).last!["hash"] as! String
+            #expect(spool.rotate(shippedThrough: 10, minimumSize: 0) == 11)
+            spool.append(row("/12"))
+            spool.finalFlush()
+        }
+        let reopened = try LedgerSpool(path: path, writer: "w", logger: Logger(label: "test"))
+        #expect(reopened.lastSeq == 12)
+        #expect(reopened.append(row("/13")) == .written)
+        let rows = try checkChain(path, from: 11, prev: hash10)
+        #expect(rows.map { $0["seq"] as? Int } == [11, 12, 13])
     }
 
     @Test("the spool's byte-level row is the record's JSON, and parses back to every field")
@@ -115,8 +221,7 @@ struct LedgerSpoolTests {
                                   host: "h:8080", status: 503, decision: "deny", policy: nil, rule: nil, mtls: false,
                                   bytesIn: Int.max, bytesOut: 0, durationMicros: Int64.min, detail: "tab\tquote\"")
         let spool = try LedgerSpool(path: path, writer: "w\"x", logger: Logger(label: "test"))
-        spool.append(record)
-        #expect(spool.flush() == 1)
+        #expect(spool.append(record) == .written)
         let line = try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n")[0]
         let expected = record.json(writer: "w\"x", seq: 1, prev: String(repeating: "0", count: 64))
         #expect(line.hasPrefix(expected + ",\"hash\":\""))

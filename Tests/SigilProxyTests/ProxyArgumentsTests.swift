@@ -24,7 +24,36 @@ struct ProxyArgumentsTests {
         #expect(try parse(["--ledger-sync-ms=1000"]).ledgerSyncMillis == 1000)
     }
 
+    @Test("the spool's size limit and segment size take bytes or binary and decimal units")
+    func ledgerSizes() throws {
+        let defaults = try parse([])
+        #expect(defaults.ledgerMaxSize == 1 << 30)
+        #expect(defaults.ledgerSegmentSize == 64 << 20)
+        #expect(try parse(["--ledger-max-size", "512MiB"]).ledgerMaxSize == 512 << 20)
+        #expect(try parse(["--ledger-max-size=2GiB"]).ledgerMaxSize == 2 << 30)
+        #expect(try parse(["--ledger-max-size", "20000"]).ledgerMaxSize == 20000)
+        #expect(try parse(["--ledger-max-size", "1GB"]).ledgerMaxSize == 1_000_000_000)
+        #expect(try parse(["--ledger-segment-size", "8KiB"]).ledgerSegmentSize == 8192)
+    }
+
+    @Test("metrics listen on loopback only")
+    func metricsAddress() throws {
+        let config = try parse(["--metrics", "127.0.0.1:9464"])
+        #expect(config.metricsHost == "127.0.0.1" && config.metricsPort == 9464)
+        #expect(try parse(["--metrics", "[::1]:9464"]).metricsHost == "::1")
+        #expect(try parse([]).metricsHost == nil)
+    }
+
     @Test("bad values are refused with the flag's name", arguments: [
+        (["--ledger-max-size", "1 GiB and more"], "--ledger-max-size"),
+        (["--ledger-max-size", "1GiBs"], "--ledger-max-size"),
+        (["--ledger-max-size", "-5"], "--ledger-max-size"),
+        (["--ledger-max-size", "100"], "--ledger-max-size"),
+        (["--ledger-max-size", "99999999999TiB"], "--ledger-max-size"),
+        (["--ledger-segment-size", "lots"], "--ledger-segment-size"),
+        (["--metrics", "0.0.0.0:9464"], "--metrics"),
+        (["--metrics", "10.0.0.1:9464"], "--metrics"),
+        (["--metrics", "9464"], "--metrics"),
         (["--ledger-sync-ms", "-1"], "--ledger-sync-ms"),
         (["--ledger-sync-ms", "1s"], "--ledger-sync-ms"),
         (["--ledger-sync-ms", "60001"], "--ledger-sync-ms"),

@@ -1,0 +1,171 @@
+"""The proxy's ledger spool is bounded: a proxy whose spool reaches --ledger-max-size fails closed
+(503 "ledger spool full", over HTTP/1.1 and HTTP/2, without reaching the app), says so once in
+its log and in its Prometheus metrics; a proxy that ships its spool starts it over once the server
+has every row (--ledger-segment-size), and the chain goes on across the rotation and a restart.
+Real processes, real sockets, real files."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from cluster import API, API_FROM_WEB, WEB, Cluster, HTTPEchoApp, verify_ledger_chain, wait_for
+from interop_util import free_port, run
+
+POLICIES = API_FROM_WEB
+
+
+@pytest.fixture
+def cluster(sigil_bin):
+    """A server, an agent with the web and api identities, and a policy directory."""
+    c = Cluster(sigil_bin)
+    app = HTTPEchoApp()
+    try:
+        c.start_server()
+        uid = os.getuid()
+        c.entry(WEB, "node-1", [f"unix:uid:{uid}"])
+        c.entry(API, "node-1", [f"unix:uid:{uid}"])
+        c.start_agent("node-1", c.token("node-1"))
+        policies = c.root / "policies"
+        policies.mkdir()
+        (policies / "shop.yaml").write_text(POLICIES)
+        yield c, app, f"unix://{c.socket('node-1')}", policies
+    finally:
+        c.close()
+        app.close()
+
+
+def start_pair(c: Cluster, app: HTTPEchoApp, sock: str, policies, api_extra=(), api_in: int | None = None,
+               web_out: int | None = None):
+    """api (inbound, in front of the echo app, PERMISSIVE so plaintext h2 can reach it) and web
+    (outbound to api); returns the two ports."""
+    api_in = api_in or free_port()
+    web_out = web_out or free_port()
+    c.start_proxy("api", "--workload-api", sock, "--spiffe-id", API, "--inbound", f"127.0.0.1:{api_in}",
+                  "--app", app.address, "--namespace", "shop", "--labels", "app=api", "--policies", policies,
+                  "--mtls", "PERMISSIVE", "--ledger", c.root / "api.jsonl", *api_extra)
+    if "web" not in c.proxies:
+        c.start_proxy("web", "--workload-api", sock, "--spiffe-id", WEB, "--inbound", f"127.0.0.1:{free_port()}",
+                      "--app", f"127.0.0.1:{free_port()}", "--namespace", "shop", "--labels", "app=web",
+                      "--policies", policies, "--outbound", f"127.0.0.1:{web_out}", "--upstream", f"127.0.0.1:{api_in}",
+                      "--upstream-id", API)
+    return api_in, web_out
+
+
+def get(port: int, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def scrape(port: int) -> dict[str, float]:
+    status, body = get(port, "/metrics")
+    assert status == 200
+    values = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def test_a_full_spool_fails_closed_with_503_one_alarm_and_a_metric(cluster):
+    c, app, sock, policies = cluster
+    metrics = free_port()
+    api_in, web_out = start_pair(c, app, sock, policies,
+                                 api_extra=("--ledger-max-size", "20000", "--metrics", f"127.0.0.1:{metrics}"))
+    before = scrape(metrics)
+    assert before["sigil_proxy_ledger_spool_full"] == 0
+
+    served, refused = 0, 0
+    for i in range(200):
+        status, body = get(web_out, f"/fill/{i}")
+        if status == 200:
+            served += 1
+            assert refused == 0, "a request was served after the spool was full"
+        else:
+            assert (status, body) == (503, b"ledger spool full"), (status, body)
+            refused += 1
+    assert served > 10 and refused > 10, (served, refused)
+    # The app saw only what was recorded: every served request has its row, no refused one reached it.
+    spool = c.root / "api.jsonl"
+    rows = verify_ledger_chain(spool)
+    assert spool.stat().st_size <= 20000
+    requests = [r for r in rows if r["kind"] == "request"]
+    assert len(requests) == served and app.count == served, (len(requests), served, app.count)
+
+    # HTTP/2 (plaintext, prior knowledge: the proxy is PERMISSIVE) is refused the same way.
+    if shutil.which("curl"):
+        res = subprocess.run(["curl", "-s", "--http2-prior-knowledge", "-o", "-", "-w", "\n%{http_code} %{http_version}",
+                              f"http://127.0.0.1:{api_in}/h2"], capture_output=True, text=True, timeout=30)
+        assert res.stdout.endswith("\n503 2"), res
+        assert res.stdout.startswith("ledger spool full"), res
+        refused += 1
+    assert app.count == served
+
+    after = scrape(metrics)
+    assert after["sigil_proxy_ledger_spool_full"] == 1
+    assert after["sigil_proxy_ledger_refused_requests_total"] == refused
+    assert after['sigil_proxy_requests_total{decision="allow"}'] == served
+    assert after["sigil_proxy_ledger_rows_total"] == len(rows)
+    assert 0 < after["sigil_proxy_ledger_spool_bytes"] <= 20000
+    log = c.proxies["api"].output()
+    assert log.count("ledger spool full: new requests are refused") == 1, log
+    assert "ledger spool full" not in c.proxies["web"].output()
+    print(f"served {served}, refused {refused} (503), spool {spool.stat().st_size} bytes, {len(rows)} rows")
+
+
+def test_a_shipped_spool_is_rotated_and_the_chain_goes_on_across_a_restart(cluster):
+    c, app, sock, policies = cluster
+    server = f"127.0.0.1:{c.port}"
+    extra = ("--ledger-server", server, "--ledger-segment-size", "8KiB")
+    api_in, web_out = start_pair(c, app, sock, policies, api_extra=extra)
+    spool = c.root / "api.jsonl"
+
+    def stored() -> list[dict]:
+        """The api proxy's rows in the server's store (every kind)."""
+        res = run([c.bin, "audit", "query", "--json", "--limit", "1000000", "--data-dir", c.ca_dir], timeout=60)
+        assert res.returncode == 0, res.describe()
+        rows = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+        return [r for r in rows if r["writer"].startswith("proxy:shop/app=api@")]
+
+    for i in range(120):
+        assert get(web_out, f"/orders/{i}")[0] == 200
+    wait_for(lambda: len([r for r in stored() if r["kind"] == "request"]) >= 120, 60, "120 rows on the server", interval=0.5)
+    # Everything is shipped and the spool is over a segment: it starts over with a spool_rotated row.
+    wait_for(lambda: spool.stat().st_size < 8192 and verify_ledger_chain(spool)[0]["kind"] == "spool_rotated", 30,
+             "the spool to be rotated", interval=0.2)
+    first = verify_ledger_chain(spool)[0]
+    assert first["seq"] > 120 and "were shipped to the server" in first["detail"]
+    res = run([c.bin, "audit", "verify", "--spool", spool], timeout=60)
+    assert res.returncode == 0 and f"begins at seq {first['seq']} after rotation" in res.stdout, res.describe()
+
+    # A restart (SIGKILL) reads the chain's tail from the rotated spool and goes on.
+    c.proxies.pop("api").kill()
+    start_pair(c, app, sock, policies, api_extra=extra, api_in=api_in, web_out=web_out)
+    for i in range(30):
+        assert get(web_out, f"/after/{i}")[0] == 200
+    wait_for(lambda: len([r for r in stored() if r["kind"] == "request"]) >= 150, 60, "150 rows on the server", interval=0.5)
+    rows = verify_ledger_chain(spool)
+    seqs = sorted(r["seq"] for r in stored())
+    assert seqs == list(range(1, len(seqs) + 1)), "the server's chain for api has a gap or a duplicate"
+    assert rows[-1]["seq"] <= seqs[-1]
+    res = run([c.bin, "audit", "verify", "--data-dir", c.ca_dir], timeout=60)
+    assert res.returncode == 0 and "ledger intact" in res.stdout, res.describe()
+    kinds = [r["kind"] for r in stored()]
+    assert kinds.count("spool_rotated") >= 1
+    # Tampering is still caught: a spool whose first row is not a rotation must start at seq 1.
+    cut = c.root / "cut.jsonl"
+    cut.write_bytes(b"".join(spool.read_bytes().splitlines(keepends=True)[1:]))
+    if cut.stat().st_size:
+        bad = run([c.bin, "audit", "verify", "--spool", cut], timeout=60)
+        assert bad.returncode == 1 and "missing" in bad.stdout, bad.describe()
+    print(f"rotated at seq {first['seq']}; server rows 1..{seqs[-1]}; spool now {spool.stat().st_size} bytes")
