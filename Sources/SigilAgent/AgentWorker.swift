@@ -98,9 +98,14 @@ final class AgentWorker: Service, Sendable {
             AgentEntry(id: $0.id, spiffeID: $0.spiffeID, selectors: $0.selectors, ttlSeconds: $0.ttlSeconds, dnsNames: $0.dnsNames, revision: $0.revision)
         }
         let roots = update.bundle.map { Array($0) }
-        if let bundle = try? TrustBundle(trustDomain: trustDomain, authorities: roots.compactMap { try? Certificate(derEncoded: $0) }),
-           !bundle.authorities.isEmpty {
+        let parsed = roots.compactMap { try? Certificate(derEncoded: $0) }
+        var bundleApplied = false
+        if parsed.count == roots.count, let bundle = try? TrustBundle(trustDomain: trustDomain, authorities: parsed), !bundle.authorities.isEmpty {
             bundleBox.withLock { $0 = bundle }
+            bundleApplied = true
+        } else {
+            logger.error("the server sent a trust bundle this agent cannot use; keeping the one it has and not confirming it",
+                         metadata: ["bundle_sequence": "\(update.bundleSequence)"])
         }
         await state.apply(entries: entries, bundleRoots: roots, bundleSequence: update.bundleSequence, jwtKeysJSON: Array(update.jwtBundle))
         logger.debug("synced", metadata: ["entries": "\(entries.count)", "bundle_sequence": "\(update.bundleSequence)"])
@@ -112,6 +117,7 @@ final class AgentWorker: Service, Sendable {
         await persist()
         wakeup.fire()
         // The bundle is held and served: tell the server (the readiness gate of a root rotation).
+        guard bundleApplied else { return }
         var confirm = SigilConfirmBundleRequest()
         confirm.bundleSequence = update.bundleSequence
         var options = CallOptions.defaults
@@ -119,7 +125,7 @@ final class AgentWorker: Service, Sendable {
         do {
             _ = try await client.confirmBundle(confirm, options: options)
         } catch {
-            logger.debug("bundle confirmation failed; sent again with the next update", metadata: ["error": "\(error)"])
+            logger.warning("cannot confirm the bundle to the server (a root rotation waits for it); sent again with the next update", metadata: ["error": "\(error)"])
         }
     }
 

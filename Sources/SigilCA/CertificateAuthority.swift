@@ -275,14 +275,21 @@ public actor CertificateAuthority {
         if removed { unlink(directory.keyPath(authorityID: id)) }
     }
 
+    /// An intermediate prepared under another parent than the signing one's: a switch of trust
+    /// (a new root or upstream CA) waiting for the readiness gate.
+    public static func pendingSwitch(_ records: [AuthorityRecord]) -> AuthorityRecord? {
+        let current = records.first { $0.kind == .intermediate && $0.state == .active }
+        return records.first { $0.kind == .intermediate && $0.state == .prepared && $0.parentID != current?.parentID }
+    }
+
     /// Root rotation, step one: a new self-signed root (the current root's lifetime) and an
     /// intermediate under it (the active intermediate's lifetime), both `prepared`; the root is
     /// published in the bundle at once, beside the current one. They become active when every
     /// live agent has confirmed that bundle (see ``rotateIfDue(_:requester:)``).
     public func prepareRoot(requester: String) async throws(CAError) -> (root: AuthorityRecord, intermediate: AuthorityRecord) {
         let (_, records) = try await Self.loadState(store, directory)
-        if let pending = records.first(where: { $0.kind == .root && $0.state == .prepared }) {
-            throw CAError(.policy, "root \(pending.id) is already prepared and waits for every agent to confirm the bundle (see `sigil ca status`)")
+        if let pending = Self.pendingSwitch(records) {
+            throw CAError(.policy, "a switch to intermediate \(pending.id) is already prepared and waits for every agent to confirm the bundle (see `sigil ca status`)")
         }
         guard let root = records.first(where: { $0.kind == .root && $0.state == .active }),
               let active = records.first(where: { $0.id == signerID }) else {
@@ -328,7 +335,7 @@ public actor CertificateAuthority {
     /// Live SVIDs that chain to `id`: its own, or for a root, those of every intermediate under it.
     func liveSVIDs(under id: String, records: [AuthorityRecord], now: Date) async throws(CAError) -> Int {
         let usage: [String: AuthorityUsage]
-        do { usage = try await store.authorityUsage(now: now) } catch { throw CAError(.store, error.message) }
+        do { usage = try await store.authorityUsage(now: now, inService: true) } catch { throw CAError(.store, error.message) }
         let ids = [id] + records.filter { $0.parentID == id }.map(\.id)
         return ids.reduce(0) { $0 + (usage[$1]?.live ?? 0) }
     }
@@ -348,7 +355,7 @@ public actor CertificateAuthority {
         if record.kind == .upstream {
             throw CAError(.policy, "\(id) belongs to the upstream CA; taint Sigil's intermediate under it instead")
         }
-        if id == signerID {
+        if id == signerID || records.first(where: { $0.id == signerID })?.parentID == id {
             let next = try await prepareIntermediate(requester: requester)
             try await activate(next.id, requester: requester)
         }
@@ -397,12 +404,74 @@ public actor CertificateAuthority {
     }
 
     private func removeWithChildren(_ id: String, records: [AuthorityRecord], requester: String, detail: String) async throws(CAError) {
+        if let child = records.first(where: { $0.parentID == id && $0.state == .active }) {
+            throw CAError(.policy, "\(child.kind.rawValue) \(child.id) under \(id) is active: rotate away from it first (`sigil ca rotate`)")
+        }
         for child in records where child.parentID == id && (child.state == .old || child.state == .prepared) {
-            _ = try? await store.transitionAuthority(id: child.id, from: child.state, to: .removed, at: clock.now, requester: requester, detail: "its parent \(id) was \(detail)")
-            unlink(directory.keyPath(authorityID: child.id))
+            let moved = (try? await store.transitionAuthority(id: child.id, from: child.state, to: .removed, at: clock.now, requester: requester, detail: "its parent \(id) was \(detail)")) ?? false
+            if moved { unlink(directory.keyPath(authorityID: child.id)) }
         }
         try await remove(id, requester: requester, detail: detail)
         try await writeBundleFile()
+    }
+
+    /// Upstream-CA mode: moves to a new upstream key pair the way a root rotation does. The new
+    /// upstream certificates are recorded (its roots published in the bundle at once, if new) with a
+    /// new intermediate signed by it, all `prepared`; the server switches when every live agent has
+    /// confirmed the bundle (at once when the upstream roots did not change).
+    public func prepareUpstream(_ upstream: UpstreamCA, requester: String) async throws(CAError) -> AuthorityRecord {
+        let (_, records) = try await Self.loadState(store, directory)
+        if let pending = Self.pendingSwitch(records) {
+            throw CAError(.policy, "a switch to intermediate \(pending.id) is already prepared and waits for every agent to confirm the bundle (see `sigil ca status`)")
+        }
+        let now = clock.now
+        try await Self.checkUpstream(upstream, trustDomain: trustDomain, now: now)
+        let key = Certificate.PrivateKey(P256.Signing.PrivateKey())
+        let intermediate: Certificate
+        do throws(SigilError) {
+            let active = records.first { $0.id == signerID }
+            let life = active.map { $0.notAfter.timeIntervalSince(max($0.notBefore, min($0.createdAt, $0.notAfter))) } ?? CAInitOptions.defaultCATTL.timeInterval
+            let profile = try CAProfile(trustDomain: trustDomain, ttl: .seconds(Int64(max(60, life.rounded()))),
+                                        commonName: "Sigil Intermediate CA \(trustDomain)", maxPathLength: 0)
+            intermediate = try profile.makeIntermediate(publicKey: key.publicKey, issuer: try SigningAuthority(certificate: upstream.chain[0], privateKey: upstream.key), now: now)
+        } catch {
+            throw CAError(.invalidUpstream, "cannot make an intermediate under the new upstream CA: \(error.message)")
+        }
+        var all = upstream.roots.map { ($0, true) }
+        for cert in upstream.chain where !upstream.roots.contains(cert) { all.append((cert, false)) }
+        var added: [AuthorityRecord] = []
+        for (cert, inBundle) in all where !records.contains(where: { $0.id == cert.authorityID && $0.state != .removed }) {
+            let parent = all.first { $0.0 != cert && $0.0.subject == cert.issuer }?.0.authorityID
+            added.append(AuthorityRecord(id: cert.authorityID, kind: .upstream, state: .prepared, parentID: cert.issuer == cert.subject ? nil : parent,
+                                         notBefore: cert.notValidBefore, notAfter: cert.notValidAfter, fingerprint: cert.sha256Fingerprint,
+                                         certificatePEM: cert.pemString, inBundle: inBundle, createdAt: now))
+        }
+        // Parents before children (the table's foreign key).
+        var ordered: [AuthorityRecord] = []
+        var known = Set(records.map(\.id))
+        while !added.isEmpty {
+            guard let index = added.firstIndex(where: { $0.parentID.map(known.contains) ?? true }) else {
+                throw CAError(.invalidUpstream, "the upstream chain does not lead to its roots")
+            }
+            let next = added.remove(at: index)
+            ordered.append(next)
+            known.insert(next.id)
+        }
+        added = ordered
+        let record = AuthorityRecord(id: intermediate.authorityID, kind: .intermediate, state: .prepared, parentID: upstream.chain[0].authorityID,
+                                     notBefore: intermediate.notValidBefore, notAfter: intermediate.notValidAfter,
+                                     fingerprint: intermediate.sha256Fingerprint, certificatePEM: intermediate.pemString, inBundle: false, createdAt: now)
+        try KeyFiles.write(key, to: directory.keyPath(authorityID: record.id))
+        do {
+            for authority in added { try await store.addAuthority(authority, at: now, requester: requester) }
+            try await store.addAuthority(record, at: now, requester: requester)
+        } catch {
+            unlink(directory.keyPath(authorityID: record.id))
+            throw CAError(.store, error.message)
+        }
+        try await writeBundleFile()
+        logger.info("prepared a switch to a new upstream CA", metadata: ["intermediate": "\(record.id)", "new_upstream_certificates": "\(added.count)"])
+        return record
     }
 
     /// Rewrites `bundle.pem` in the data directory (what new agents are given with --trust-bundle).
@@ -419,31 +488,56 @@ public actor CertificateAuthority {
         var unconfirmed = 0
         do {
             // Usage (a scan of the issued certificates) matters only for old authorities.
-            if records.contains(where: { $0.state == .old }) { usage = try await store.authorityUsage(now: now) }
-            if records.contains(where: { $0.kind == .root && $0.state == .prepared }) {
+            if records.contains(where: { $0.state == .old }) { usage = try await store.authorityUsage(now: now, inService: false) }
+            if Self.pendingSwitch(records) != nil {
                 unconfirmed = try await store.unconfirmedAgents(sequence: try await store.bundleSequence(), now: now).count
             }
         } catch {
             throw CAError(.store, error.message)
         }
         let steps = schedule.steps(records, usage: usage, now: now, unconfirmedAgents: unconfirmed)
+        var deferred: CAError?
         for step in steps {
             switch step {
-            case .prepare: _ = try await prepareIntermediate(requester: requester)
+            case .prepare:
+                // Upstream mode cannot prepare by itself: say so, and still take the other steps.
+                do { _ = try await prepareIntermediate(requester: requester) } catch where error.code == .invalidUpstream { deferred = error }
             case .activate(let id): try await activate(id, requester: requester)
-            case .activateRoot(let root, let intermediate):
+            case .activateRoot(let parent, let intermediate):
+                // The new intermediate and its prepared ancestors become active; the signing one and
+                // those of its ancestors the new chain does not share become old.
+                func ancestors(_ id: String?) -> [AuthorityRecord] {
+                    var out: [AuthorityRecord] = []
+                    var next = id
+                    while let current = next, let record = records.first(where: { $0.id == current }), !out.contains(record) {
+                        out.append(record)
+                        next = record.parentID
+                    }
+                    return out
+                }
+                let newChain = [intermediate] + ancestors(parent).filter { $0.state == .prepared }.map(\.id)
+                let shared = Set(ancestors(parent).map(\.id))
+                let oldChain = ([signerID] + ancestors(records.first { $0.id == signerID }?.parentID).map(\.id)).filter { !shared.contains($0) }
                 do {
-                    _ = try await store.activateAuthority(id: root, at: now, requester: requester)
+                    guard try await store.switchAuthorities(activate: newChain, retire: oldChain, at: now, requester: requester) else { break }
+                    // An intermediate prepared under the old parent would look like a switch back.
+                    for leftover in records where leftover.kind == .intermediate && leftover.state == .prepared && leftover.id != intermediate {
+                        if try await store.transitionAuthority(id: leftover.id, from: .prepared, to: .removed, at: now, requester: requester,
+                                                               detail: "prepared under the previous chain; never used") {
+                            unlink(directory.keyPath(authorityID: leftover.id))
+                        }
+                    }
                 } catch {
                     throw CAError(.store, error.message)
                 }
-                try await activate(intermediate, requester: requester)
-                logger.info("the new root is active: every agent confirmed the bundle", metadata: ["authority": "\(root)"])
+                try await reload()
+                logger.info("switched to the new chain: every agent confirmed the bundle", metadata: ["authority": "\(parent)", "intermediate": "\(intermediate)"])
             case .remove(let id):
                 try await remove(id, requester: requester, detail: "nothing it signed is live any more")
                 try await writeBundleFile()
             }
         }
+        if let deferred { throw deferred }
         return steps
     }
 
@@ -555,7 +649,7 @@ public actor CertificateAuthority {
         let usage: [String: AuthorityUsage]
         do {
             counts = try await store.issuedCounts()
-            usage = try await store.authorityUsage(now: Date())
+            usage = try await store.authorityUsage(now: Date(), inService: true)
         } catch {
             throw CAError(.store, error.message)
         }

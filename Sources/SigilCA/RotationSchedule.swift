@@ -20,8 +20,8 @@ public struct RotationSchedule: Sendable, Hashable {
         /// Make the next intermediate, signed by the active one's parent.
         case prepare(replacing: String)
         case activate(String)
-        /// Make a prepared root (already in every agent's bundle) and its prepared intermediate
-        /// the active pair.
+        /// Switch trust: make a prepared intermediate under a new parent (a new root, or a new
+        /// upstream CA, already in every agent's bundle) and its prepared ancestors active.
         case activateRoot(String, intermediate: String)
         case remove(String)
     }
@@ -30,17 +30,19 @@ public struct RotationSchedule: Sendable, Hashable {
     /// the current bundle: a prepared root is activated only when it is zero (the readiness gate).
     public func steps(_ authorities: [AuthorityRecord], usage: [String: AuthorityUsage], now: Date, unconfirmedAgents: Int = 0) -> [Step] {
         let intermediates = authorities.filter { $0.kind == .intermediate }
-        let activeRoot = authorities.first { $0.kind == .root && $0.state == .active }
+        let current = intermediates.first { $0.state == .active }
         var steps: [Step] = []
-        if let root = authorities.first(where: { $0.kind == .root && $0.state == .prepared }) {
-            if unconfirmedAgents == 0, let next = intermediates.first(where: { $0.parentID == root.id && $0.state == .prepared }) {
-                steps.append(.activateRoot(root.id, intermediate: next.id))
-            }
-        } else if let active = intermediates.first(where: { $0.state == .active }), active.parentID == activeRoot?.id || activeRoot == nil {
+        // A switch of trust (a new root, or a new upstream CA): an intermediate prepared under
+        // another parent than the signing one's. It waits for the readiness gate.
+        if let pending = intermediates.first(where: { $0.state == .prepared && $0.parentID != current?.parentID }), unconfirmedAgents == 0 {
+            steps.append(.activateRoot(pending.parentID ?? pending.id, intermediate: pending.id))
+        } else if let active = current {
+            // While a switch waits for the gate, the signing intermediate keeps its own schedule
+            // (an agent that never confirms must not let it expire).
             // Its life as made (notBefore is backdated for clock skew; the schedule is not).
             let born = max(active.notBefore, min(active.createdAt, active.notAfter))
             let life = active.notAfter.timeIntervalSince(born)
-            let prepared = intermediates.filter { $0.state == .prepared }
+            let prepared = intermediates.filter { $0.state == .prepared && $0.parentID == active.parentID }
             if prepared.isEmpty, now >= born.addingTimeInterval(life * prepareAt) {
                 steps.append(.prepare(replacing: active.id))
             } else if let next = prepared.max(by: { $0.createdAt < $1.createdAt }), now >= born.addingTimeInterval(life * activateAt) {
@@ -51,10 +53,10 @@ public struct RotationSchedule: Sendable, Hashable {
             let lastExpiry = usage[old.id]?.lastExpiry ?? .distantPast
             if lastExpiry <= now || old.notAfter <= now { steps.append(.remove(old.id)) }
         }
-        // An old root leaves the bundle once nothing it signed is left: every intermediate under
-        // it removed (each only after its last SVID expired).
-        for old in authorities where old.kind == .root && old.state == .old {
-            let children = intermediates.filter { $0.parentID == old.id }
+        // An old root (or upstream certificate) goes once nothing it signed is left: every
+        // authority under it removed (an intermediate only after its last SVID expired).
+        for old in authorities where old.kind != .intermediate && old.state == .old {
+            let children = authorities.filter { $0.parentID == old.id }
             if children.allSatisfy({ $0.state == .removed || steps.contains(.remove($0.id)) }) { steps.append(.remove(old.id)) }
         }
         return steps

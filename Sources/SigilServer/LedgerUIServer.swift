@@ -66,6 +66,8 @@ struct LedgerUI: Sendable {
     let store: any LedgerStore
     let clock: any SigilClock
     let logger: Logger
+    /// Checks retention checkpoints' signatures (nil: not checked).
+    var checkpointKey: LedgerCheckpointKey? = nil
 
     /// Answers one request; never throws (a store failure is a 500 that says so).
     func respond(method: String, uri: String, host: String?) async -> LedgerUIResponse {
@@ -109,7 +111,7 @@ struct LedgerUI: Sendable {
             case .page:
                 let edges = try await store.ledgerEdges(sinceMicros: query.sinceMicros, untilMicros: query.untilMicros).filter(query.keeps)
                 let rows = try await store.ledgerRows(query.ledgerQuery)
-                let verification = try await store.verifyLedger()
+                let verification = try await store.verifyLedger(checkpointKey: checkpointKey)
                 let html = LedgerPage.render(query: query, edges: edges, rows: rows, verification: verification, nowMicros: nowMicros)
                 return LedgerUIResponse(status: 200, contentType: "text/html; charset=utf-8", body: Array(html.utf8))
             case .graph:
@@ -156,9 +158,9 @@ public struct LedgerUIServer: Service {
     let address: LedgerUIAddress
     let ui: LedgerUI
 
-    public init(address: LedgerUIAddress, store: any LedgerStore, clock: any SigilClock, logger: Logger) {
+    public init(address: LedgerUIAddress, store: any LedgerStore, clock: any SigilClock, logger: Logger, checkpointKey: LedgerCheckpointKey? = nil) {
         self.address = address
-        self.ui = LedgerUI(store: store, clock: clock, logger: logger)
+        self.ui = LedgerUI(store: store, clock: clock, logger: logger, checkpointKey: checkpointKey)
     }
 
     public func run() async throws {
@@ -235,8 +237,8 @@ public struct LedgerUIServer: Service {
     }
 
     /// The service list entry for `config.ledgerUI`, or nothing when the page is off.
-    static func services(_ address: LedgerUIAddress?, core: ServerCore) -> [ServiceGroupConfiguration.ServiceConfiguration] {
+    static func services(_ address: LedgerUIAddress?, core: ServerCore, checkpointKey: LedgerCheckpointKey?) -> [ServiceGroupConfiguration.ServiceConfiguration] {
         guard let address else { return [] }
-        return [.init(service: LedgerUIServer(address: address, store: core.store, clock: core.clock, logger: core.logger))]
+        return [.init(service: LedgerUIServer(address: address, store: core.store, clock: core.clock, logger: core.logger, checkpointKey: checkpointKey))]
     }
 }

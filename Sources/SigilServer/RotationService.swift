@@ -22,12 +22,13 @@ struct RotationService: Service {
             var warned = false
             while !Task.isCancelled {
                 do {
-                    let switched = try await core.ca.reload()
-                    let steps = try await core.ca.rotateIfDue(schedule)
-                    for step in steps { core.logger.info("CA rotation", metadata: ["step": "\(step)"]) }
                     // Bundle and taint changes may come from `sigil ca` commands on the data directory too.
                     try await core.refreshBundle()
                     try await core.refreshTainted()
+                    let switched = try await core.ca.reload()
+                    let steps = try await core.ca.rotateIfDue(schedule)
+                    for step in steps { core.logger.info("CA rotation", metadata: ["step": "\(step)"]) }
+                    try await core.refreshBundle()
                     if switched || steps.contains(where: { if case .activateRoot = $0 { true } else { false } }) {
                         await renewServerSVID()
                     }
@@ -36,7 +37,7 @@ struct RotationService: Service {
                     if !warned { core.logger.warning("the signing intermediate is due for rotation: \(error.message)") }
                     warned = true
                 } catch {
-                    core.logger.error("CA rotation check failed; retrying", metadata: ["error": "\(error)"])
+                    core.logger.error("CA rotation check failed; retrying at the next check (see `sigil ca status`)", metadata: ["error": "\(error)"])
                 }
                 try? await Task.sleep(for: await interval())
             }
@@ -50,7 +51,7 @@ struct RotationService: Service {
         }
         // A root rotation waiting on the readiness gate: check every second, so that the switch
         // follows the last agent's confirmation at once.
-        if authorities.contains(where: { $0.state == .prepared && $0.kind == .root }) { return .seconds(1) }
+        if CertificateAuthority.pendingSwitch(authorities) != nil { return .seconds(1) }
         let life = active.notAfter.timeIntervalSince(active.notBefore)
         return .milliseconds(Int64(min(5_000, max(1_000, life * 1000 / 200))))
     }

@@ -61,8 +61,16 @@ public enum SigilServer {
         try core.setJWTKey(try loadOrCreateJWTKey(config.dataDirectory, logger: logger))
         let checkpointKey: LedgerCheckpointKey
         do {
+            // A lost key is not replaced while checkpoints it signed exist: a new key would make
+            // every one of them look forged.
+            if try LedgerCheckpointKeyFile.load(config.dataDirectory) == nil,
+               let count = try? await core.store.ledgerCheckpoints().count, count > 0 {
+                throw ServerError(message: "the ledger checkpoint key \(config.dataDirectory.ledgerCheckpointKeyPath) is missing but \(count) retention checkpoint(s) were signed with it: restore it from your backup of the data directory's keys")
+            }
             checkpointKey = try LedgerCheckpointKeyFile.loadOrCreate(config.dataDirectory)
-        } catch {
+        } catch let error as ServerError {
+            throw error
+        } catch let error as CAError {
             throw ServerError(message: error.message)
         }
 
@@ -123,7 +131,7 @@ public enum SigilServer {
         }
         let group = ServiceGroup(
             configuration: .init(
-                services: services + LedgerUIServer.services(config.ledgerUI, core: core),
+                services: services + LedgerUIServer.services(config.ledgerUI, core: core, checkpointKey: checkpointKey),
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
         try await group.run()

@@ -46,9 +46,16 @@ extension SQLiteDatastore {
         }
     }
 
-    public func authorityUsage(now: Date) async throws(StoreError) -> [String: AuthorityUsage] {
+    public func authorityUsage(now: Date, inService: Bool) async throws(StoreError) -> [String: AuthorityUsage] {
         try await read { db in
             var out: [String: AuthorityUsage] = [:]
+            guard inService else {
+                // The last expiry alone: answered by the (authority_id, not_after) index.
+                for row in try Row.fetchAll(db, sql: "SELECT authority_id, MAX(not_after) AS last FROM issued_certificates GROUP BY authority_id") {
+                    out[row["authority_id"]] = AuthorityUsage(live: 0, lastExpiry: (row["last"] as Double?).map { Date(timeIntervalSince1970: $0) })
+                }
+                return out
+            }
             // In service: unexpired, and the newest issued to its holder (SPIFFE ID and requester):
             // an SVID re-issued (a renewal, a taint) is no longer served. The last expiry counts every SVID.
             for row in try Row.fetchAll(db, sql: """
@@ -62,6 +69,31 @@ extension SQLiteDatastore {
             }
             return out
         }
+    }
+
+    public func switchAuthorities(activate: [String], retire: [String], at: Date, requester: String) async throws(StoreError) -> Bool {
+        try await write { db in
+            for id in activate {
+                guard try String.fetchOne(db, sql: "SELECT state FROM authorities WHERE id = ?", arguments: [id]) == "prepared" else { return false }
+            }
+            for id in retire {
+                try db.execute(sql: "UPDATE authorities SET state = 'old' WHERE id = ? AND state = 'active'", arguments: [id])
+                if db.changesCount > 0 {
+                    try Self.insertEvent(db, IssuanceEvent(at: at, kind: .authorityChanged, serial: nil, spiffeID: nil, authorityID: id, requester: requester,
+                                                           detail: "\(try Self.kind(db, id)) old; kept until nothing it signed is in service"))
+                }
+            }
+            for id in activate {
+                try db.execute(sql: "UPDATE authorities SET state = 'active' WHERE id = ?", arguments: [id])
+                try Self.insertEvent(db, IssuanceEvent(at: at, kind: .authorityChanged, serial: nil, spiffeID: nil, authorityID: id, requester: requester,
+                                                       detail: "\(try Self.kind(db, id)) active"))
+            }
+            return true
+        }
+    }
+
+    static func kind(_ db: Database, _ id: String) throws -> String {
+        try String.fetchOne(db, sql: "SELECT kind FROM authorities WHERE id = ?", arguments: [id]) ?? "authority"
     }
 
     public func confirmBundle(agentID: String, sequence: UInt64, at: Date) async throws(StoreError) {

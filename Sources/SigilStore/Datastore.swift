@@ -44,8 +44,12 @@ public protocol Datastore: LedgerStore {
     /// Moves `id` from `from` to `to` (false if it was not in `from`); removing a bundle authority
     /// moves the bundle's sequence.
     func transitionAuthority(id: String, from: AuthorityState, to: AuthorityState, at: Date, requester: String, detail: String) async throws(StoreError) -> Bool
-    /// Live SVIDs and the last expiry of each authority that signed any.
-    func authorityUsage(now: Date) async throws(StoreError) -> [String: AuthorityUsage]
+    /// The last expiry of each authority that signed any SVID, and with `inService` how many of
+    /// its SVIDs are in service (a scan of every issued certificate: for status and the gates).
+    func authorityUsage(now: Date, inService: Bool) async throws(StoreError) -> [String: AuthorityUsage]
+    /// In one transaction: every authority in `activate` (each must be prepared) becomes active and
+    /// every active one in `retire` becomes old. False (nothing changed) if one was not prepared.
+    func switchAuthorities(activate: [String], retire: [String], at: Date, requester: String) async throws(StoreError) -> Bool
     /// Records that an agent holds the bundle with `sequence` (never moves backwards).
     func confirmBundle(agentID: String, sequence: UInt64, at: Date) async throws(StoreError)
     /// Agents that could still serve workloads (not evicted, SVID unexpired at `now`) and have not

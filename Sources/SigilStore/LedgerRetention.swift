@@ -10,6 +10,9 @@ public struct LedgerPruneResult: Sendable, Hashable {
 }
 
 extension SQLiteDatastore {
+    /// The most rows one retention transaction removes.
+    static let pruneChunk: UInt64 = 10_000
+
     static func migrateLedgerCheckpoints(_ db: Database) throws {
         try db.create(table: "ledger_checkpoints", options: [.withoutRowID]) { t in
             t.column("writer", .text).notNull()
@@ -32,10 +35,15 @@ extension SQLiteDatastore {
         let writers = try await read { db in try String.fetchAll(db, sql: "SELECT writer FROM ledger_writers ORDER BY writer") }
         var results: [String: LedgerPruneResult] = [:]
         for writer in writers {
-            let result = try await write { db -> LedgerPruneResult? in
-                try Self.pruneWriter(db, writer: writer, beforeMicros: beforeMicros, key: key, at: at)
+            // At most `pruneChunk` rows per transaction, so that issuance never waits long on the lock.
+            for _ in 0..<10_000 {
+                let result = try await write { db -> LedgerPruneResult? in
+                    try Self.pruneWriter(db, writer: writer, beforeMicros: beforeMicros, key: key, at: at)
+                }
+                guard let result else { break }
+                results[writer] = result
+                guard result.checkpoint != nil else { break }
             }
-            if let result { results[writer] = result }
         }
         return results
     }
@@ -46,7 +54,7 @@ extension SQLiteDatastore {
         let firstKept = try Int64.fetchOne(db, sql: "SELECT MIN(seq) FROM ledger_rows WHERE writer = ? AND time_us >= ?",
                                            arguments: [writer, beforeMicros]).map { UInt64($0) } ?? last + 1
         guard firstKept > first else { return nil }
-        let cut = firstKept - 1
+        let cut = min(firstKept - 1, first + pruneChunk - 1)
         // The rows to remove must verify from the previous cut (or genesis) before they go.
         var previous = LedgerChain.genesis
         if first > 1 {

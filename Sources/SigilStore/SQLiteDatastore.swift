@@ -138,6 +138,8 @@ public final class SQLiteDatastore: Datastore {
                 t.add(column: "bundle_confirmed_at", .double)
             }
             try db.alter(table: "authorities") { t in t.add(column: "tainted_at", .double) }
+            // SVIDs in service (the newest per holder) for `sigil ca status`, retire and revoke.
+            try db.create(index: "issued_certificates_by_holder", on: "issued_certificates", columns: ["spiffe_id", "requester", "issued_at"])
         }
         return migrator
     }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import SigilCA
 import SigilCore
 import SigilStore
 
@@ -34,20 +35,24 @@ struct AuditReport: AsyncParsableCommand {
         let store = try openLedger(data)
         let blocks: [Block]
         do {
-            blocks = try await Self.build(store: store, since: sinceMicros, until: untilMicros, now: now)
+            blocks = try await Self.build(store: store, since: sinceMicros, until: untilMicros, now: now,
+                                          checkpointKey: try? LedgerCheckpointKeyFile.load(data.directory))
         } catch let error as StoreError {
             throw ValidationError(error.message)
         }
         print(format == .md ? Self.markdown(blocks) : Self.html(blocks))
     }
 
-    static func build(store: SQLiteDatastore, since: Int64, until: Int64, now: Date) async throws -> [Block] {
+    static func build(store: SQLiteDatastore, since: Int64, until: Int64, now: Date, checkpointKey: LedgerCheckpointKey? = nil) async throws -> [Block] {
         var blocks: [Block] = []
         let td = try await store.trustDomain() ?? "?"
         blocks.append(.heading("Sigil compliance report: trust domain \(td)"))
         blocks.append(.text("Period \(RFC3339.format(micros: since)) to \(RFC3339.format(micros: until)); generated \(RFC3339.format(micros: Int64(now.timeIntervalSince1970 * 1_000_000)))."))
 
-        let verification = try await store.verifyLedger()
+        var verification = try await store.verifyLedger(checkpointKey: checkpointKey)
+        if checkpointKey == nil, verification.checkpoints > 0 {
+            verification.breaks.append(.init(writer: "-", seq: 0, problem: "retention checkpoints cannot be checked without the ledger checkpoint key"))
+        }
         blocks.append(.heading("Ledger integrity"))
         if verification.intact {
             blocks.append(.text("Intact: \(verification.rows) rows from \(verification.writers) writers; every row matches its SHA-256, every chain is continuous (`sigil audit verify`)."))

@@ -285,11 +285,35 @@ struct CARotate: AsyncParsableCommand {
 
     @OptionGroup var data: DataDirOption
     @Flag(name: .long, help: "Rotate the root: publish a new root beside the current one now, switch when every agent has confirmed it.") var root = false
+    @Option(name: .long, help: ArgumentHelp("Upstream-CA mode: move to this upstream CA certificate (chain) the same way.", valueName: "file")) var upstreamCert: String?
+    @Option(name: .long, help: ArgumentHelp("The new upstream CA's private key.", valueName: "file")) var upstreamKey: String?
+    @Option(name: .long, help: ArgumentHelp("The new upstream CA's root(s), if --upstream-cert is not self-signed.", valueName: "file")) var upstreamBundle: String?
     @Flag(name: .long, help: "Print the result as JSON.") var json = false
+
+    func validate() throws {
+        if (upstreamCert == nil) != (upstreamKey == nil) { throw ValidationError("--upstream-cert and --upstream-key go together") }
+        if upstreamBundle != nil, upstreamCert == nil { throw ValidationError("--upstream-bundle needs --upstream-cert and --upstream-key") }
+        if root, upstreamCert != nil { throw ValidationError("--root rotates Sigil's own root; --upstream-cert moves to a new upstream CA: give one of them") }
+    }
 
     func run() async throws {
         do {
             let ca = try await CertificateAuthority.open(data.directory)
+            if let upstreamCert, let upstreamKey {
+                let upstream = try UpstreamCA.load(certificatePath: upstreamCert, keyPath: upstreamKey, bundlePath: upstreamBundle)
+                let next = try await ca.prepareUpstream(upstream, requester: "cli")
+                if json {
+                    struct Out: Encodable { let intermediate: String; let not_after: Date }
+                    printJSON(Out(intermediate: next.id, not_after: next.notAfter))
+                } else {
+                    print("""
+                        prepared intermediate \(next.id) under the new upstream CA (valid until \(iso8601(next.notAfter))); any new
+                        upstream root is in the trust bundle now. The server switches as soon as every live agent has
+                        confirmed that bundle (see the readiness gate in `sigil ca status`).
+                        """)
+                }
+                return
+            }
             if root {
                 let (newRoot, intermediate) = try await ca.prepareRoot(requester: "cli")
                 if json {

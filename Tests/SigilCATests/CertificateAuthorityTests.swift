@@ -208,4 +208,37 @@ struct CertificateAuthorityTests {
         #expect(try await switching.reload())
         #expect(await switching.activeAuthorityID == manual.id)
     }
+
+    /// Upstream-CA mode: moving to a new upstream key pair is a switch of trust like a root
+    /// rotation: the new upstream root is published, the switch waits for the readiness gate, and
+    /// the old upstream chain goes once nothing under it is left.
+    @Test func movesToANewUpstreamCAThroughTheGate() async throws {
+        let tmp = try TemporaryDirectory()
+        defer { tmp.remove() }
+        let dir = DataDirectory(tmp.path + "/ca")
+        let t0 = Date()
+        func upstream(_ name: String) throws -> UpstreamCA {
+            let key = TestPKI.p256()
+            let root = try CAProfile(trustDomain: td, ttl: .seconds(86_400 * 365), commonName: name, maxPathLength: 2).makeRoot(key: key, now: t0)
+            return UpstreamCA(chain: [root], key: key, roots: [root])
+        }
+        let first = try upstream("Corp Root 1"), second = try upstream("Corp Root 2")
+        _ = try await CertificateAuthority.initialize(dir, options: CAInitOptions(trustDomain: td, upstream: first), clock: FixedClock(t0))
+        let ca = try await CertificateAuthority.open(dir, clock: FixedClock(t0.addingTimeInterval(10)))
+        let oldIntermediate = await ca.activeAuthorityID
+        let svid = try await ca.sign(try SigningRequest(bytes: csr()), profile: try SVIDProfile(spiffeID: SpiffeID("spiffe://example.org/ns/a/sa/web"), ttl: .seconds(60)), requester: "test")
+        let next = try await ca.prepareUpstream(second, requester: "test")
+        let (bundle, _) = try await CertificateAuthority.inspect(dir)
+        #expect(Set(bundle.authorities.map(\.authorityID)) == [first.roots[0].authorityID, second.roots[0].authorityID])
+        #expect(try await ca.rotateIfDue(RotationSchedule()) == [.activateRoot(second.roots[0].authorityID, intermediate: next.id)])
+        #expect(await ca.activeAuthorityID == next.id)
+        let (_, status) = try await CertificateAuthority.inspect(dir)
+        func state(_ id: String) -> AuthorityState? { status.first { $0.record.id == id }?.record.state }
+        #expect(state(first.roots[0].authorityID) == .old && state(oldIntermediate) == .old && state(second.roots[0].authorityID) == .active)
+        // after the last SVID under the old chain expired: the intermediate, then its upstream root, go
+        let later = try await CertificateAuthority.open(dir, clock: FixedClock(svid.record.notAfter.addingTimeInterval(1)))
+        #expect(try await later.rotateIfDue(RotationSchedule()) == [.remove(oldIntermediate), .remove(first.roots[0].authorityID)])
+        let (after, _) = try await CertificateAuthority.inspect(dir)
+        #expect(after.authorities.map(\.authorityID) == [second.roots[0].authorityID])
+    }
 }
