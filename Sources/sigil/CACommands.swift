@@ -348,6 +348,16 @@ struct CARotate: AsyncParsableCommand {
 struct AuthorityArguments: ParsableArguments {
     @Argument(help: "The authority's ID (from `sigil ca status`).") var id: String
     @OptionGroup var data: DataDirOption
+
+    /// Opens the CA, runs `body` on it and prints `done`; a refusal exits 1, anything else 2.
+    func run(_ done: String, _ body: (CertificateAuthority) async throws(CAError) -> Void) async throws {
+        do {
+            try await body(try await CertificateAuthority.open(data.directory))
+            print(done)
+        } catch {
+            throw error.code == .policy ? CLIError.negative(error.message) : CLIError.usage(error.message)
+        }
+    }
 }
 
 struct CARetire: AsyncParsableCommand {
@@ -363,12 +373,7 @@ struct CARetire: AsyncParsableCommand {
     @Flag(name: .long, help: "Retire even with live SVIDs or unconfirmed agents (their peers stop trusting them).") var force = false
 
     func run() async throws {
-        do {
-            try await CertificateAuthority.open(authority.data.directory).retire(authority.id, force: force, requester: "cli")
-            print("retired \(authority.id)")
-        } catch {
-            throw error.code == .policy ? CLIError.negative(error.message) : CLIError.usage(error.message)
-        }
+        try await authority.run("retired \(authority.id)") { ca throws(CAError) in try await ca.retire(authority.id, force: force, requester: "cli") }
     }
 }
 
@@ -384,11 +389,8 @@ struct CATaint: AsyncParsableCommand {
     @OptionGroup var authority: AuthorityArguments
 
     func run() async throws {
-        do {
-            try await CertificateAuthority.open(authority.data.directory).taint(authority.id, requester: "cli")
-            print("tainted \(authority.id): agents re-issue what chains to it; revoke it when `sigil ca status` shows LIVE 0")
-        } catch {
-            throw error.code == .policy ? CLIError.negative(error.message) : CLIError.usage(error.message)
+        try await authority.run("tainted \(authority.id): agents re-issue what chains to it; revoke it when `sigil ca status` shows LIVE 0") { ca throws(CAError) in
+            try await ca.taint(authority.id, requester: "cli")
         }
     }
 }
@@ -407,11 +409,6 @@ struct CARevoke: AsyncParsableCommand {
     @Flag(name: .long, help: "Revoke even with live SVIDs (their peers stop trusting them at once for a root).") var force = false
 
     func run() async throws {
-        do {
-            try await CertificateAuthority.open(authority.data.directory).revoke(authority.id, force: force, requester: "cli")
-            print("revoked \(authority.id)")
-        } catch {
-            throw error.code == .policy ? CLIError.negative(error.message) : CLIError.usage(error.message)
-        }
+        try await authority.run("revoked \(authority.id)") { ca throws(CAError) in try await ca.revoke(authority.id, force: force, requester: "cli") }
     }
 }

@@ -29,6 +29,17 @@ struct LedgerStoreTests {
         return rows
     }
 
+    /// Runs one SQL statement on the store's file from another process (python3's sqlite3), as
+    /// someone with access to the database would.
+    static func tamper(_ store: SQLiteDatastore, _ sql: String) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["python3", "-c", "import sqlite3,sys; d=sqlite3.connect(sys.argv[1]); d.execute(sys.argv[2]); d.commit()", store.path, sql]
+        try process.run()
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0)
+    }
+
     func fileStore() throws -> (SQLiteDatastore, TemporaryDirectory) {
         let dir = try TemporaryDirectory()
         return (try SQLiteDatastore(path: dir.path + "/sigil.db"), dir)
@@ -118,15 +129,7 @@ struct LedgerStoreTests {
         _ = try await store.ingestLedger(writer: "w", uploader: "u", rows: rows, at: Date())
         _ = try await store.ingestLedger(writer: "v", uploader: "u", rows: try Self.chain("v", count: 3), at: Date())
         #expect(try await store.verifyLedger().intact)
-        let path = store.path
-        func tamper(_ sql: String) throws {
-            let status = Process()
-            status.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-            status.arguments = ["python3", "-c", "import sqlite3,sys; d=sqlite3.connect(sys.argv[1]); d.execute(sys.argv[2]); d.commit()", path, sql]
-            try status.run()
-            status.waitUntilExit()
-            #expect(status.terminationStatus == 0)
-        }
+        func tamper(_ sql: String) throws { try Self.tamper(store, sql) }
         // one byte of a stored row
         try tamper("UPDATE ledger_rows SET line = CAST(replace(CAST(line AS TEXT), '/orders/4', '/orders/5') AS BLOB) WHERE writer = 'w' AND seq = 4")
         var report = try await store.verifyLedger()
@@ -211,15 +214,7 @@ struct LedgerStoreTests {
         let rows = try Self.chain("w", count: 6)
         _ = try await store.ingestLedger(writer: "w", uploader: "u", rows: rows, at: Date())
         let key = LedgerCheckpointKey()
-        let path = store.path
-        func sql(_ statement: String) throws {
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-            process.arguments = ["python3", "-c", "import sqlite3,sys; d=sqlite3.connect(sys.argv[1]); d.execute(sys.argv[2]); d.commit()", path, statement]
-            try process.run()
-            process.waitUntilExit()
-            #expect(process.terminationStatus == 0)
-        }
+        func sql(_ statement: String) throws { try Self.tamper(store, statement) }
         // an edited row is never laundered by retention: the writer is left alone and reported
         try sql("UPDATE ledger_rows SET line = CAST(replace(CAST(line AS TEXT), '/orders/2', '/orders/9') AS BLOB) WHERE writer = 'w' AND seq = 2")
         let refused = try await store.pruneLedger(beforeMicros: rows[4].timeMicros, key: key, at: Date())
