@@ -39,7 +39,13 @@ struct RotationService: Service {
                 } catch {
                     core.logger.error("CA rotation check failed; retrying at the next check (see `sigil ca status`)", metadata: ["error": "\(error)"])
                 }
-                try? await Task.sleep(for: await interval())
+                // Between checks, notice `sigil ca` commands on the data directory within 250 ms.
+                let next = ContinuousClock.now + (await interval())
+                let seen = try? await core.store.authorityVersion()
+                while ContinuousClock.now < next, !Task.isCancelled {
+                    try? await Task.sleep(for: .milliseconds(250))
+                    if let now = try? await core.store.authorityVersion(), now != seen { break }
+                }
             }
         }
     }

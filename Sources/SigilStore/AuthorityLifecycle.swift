@@ -96,6 +96,15 @@ extension SQLiteDatastore {
         try String.fetchOne(db, sql: "SELECT kind FROM authorities WHERE id = ?", arguments: [id]) ?? "authority"
     }
 
+    public func authorityVersion() async throws(StoreError) -> String {
+        try await read { db in
+            try String.fetchOne(db, sql: """
+                SELECT (SELECT value FROM meta WHERE key = 'bundle_sequence') || ':' ||
+                       IFNULL((SELECT group_concat(id || state || IFNULL(tainted_at, ''), ',') FROM authorities), '')
+                """) ?? ""
+        }
+    }
+
     public func confirmBundle(agentID: String, sequence: UInt64, at: Date) async throws(StoreError) {
         try await write { db in
             try db.execute(sql: """

@@ -50,6 +50,9 @@ public protocol Datastore: LedgerStore {
     /// In one transaction: every authority in `activate` (each must be prepared) becomes active and
     /// every active one in `retire` becomes old. False (nothing changed) if one was not prepared.
     func switchAuthorities(activate: [String], retire: [String], at: Date, requester: String) async throws(StoreError) -> Bool
+    /// A value that changes whenever an authority's state or taint, or the bundle, changes (a
+    /// few small reads: polled to notice `sigil ca` commands made outside the server).
+    func authorityVersion() async throws(StoreError) -> String
     /// Records that an agent holds the bundle with `sequence` (never moves backwards).
     func confirmBundle(agentID: String, sequence: UInt64, at: Date) async throws(StoreError)
     /// Agents that could still serve workloads (not evicted, SVID unexpired at `now`) and have not

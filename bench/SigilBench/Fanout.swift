@@ -36,6 +36,8 @@ func runFanout() async throws {
     let streams = Int(option("--streams") ?? "1000") ?? 1000
     let connections = Int(option("--connections") ?? "50") ?? 50
     let timeout = Double(option("--timeout") ?? "120") ?? 120
+    // `--watch svid` (default): a change of the leaf's serial; `--watch bundle`: of the trust bundle.
+    let watchBundle = option("--watch") == "bundle"
     let arrivals = Shared<[String: [Double]]>([:])   // new serial -> arrival times
     let initial = Shared<[String: Int]>([:])
     let ready = Shared(0)
@@ -52,7 +54,8 @@ func runFanout() async throws {
                                 try await api.fetchX509SVID(SPIFFEX509SVIDRequest(), metadata: ["workload.spiffe.io": "true"]) { response in
                                     var first: String?
                                     for try await message in response.messages {
-                                        let serial = leafSerial(message.svids[0].x509Svid)
+                                        let serial = watchBundle ? "bundle-\(message.svids[0].bundle.count)-\(message.svids[0].bundle.hashValue)"
+                                                                 : leafSerial(message.svids[0].x509Svid)
                                         if first == nil {
                                             first = serial
                                             initial.withLock { $0[serial, default: 0] += 1 }
@@ -71,6 +74,11 @@ func runFanout() async throws {
                 }
             }
         }
+        // Tell the driver (bench/rotation.sh) when every stream holds its first answer.
+        while ready.withLock({ $0 }) < streams, Date().timeIntervalSince(start) < timeout {
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        FileHandle.standardError.write(Data("fanout_ready \(Date().timeIntervalSince1970)\n".utf8))
         // Done when every stream saw a rotation, or at the timeout.
         let deadline = Date().addingTimeInterval(timeout)
         while Date() < deadline {
@@ -91,6 +99,7 @@ func runFanout() async throws {
     print("fanout_streams_ready \(ready.withLock { $0 })")
     print("fanout_streams_rotated \(times.count)")
     print("fanout_spread_ms \(String(format: "%.1f", (last - first) * 1000))")
+    print("fanout_last_unix \(String(format: "%.4f", start.timeIntervalSince1970 + last))")
     print("fanout_p50_ms \(String(format: "%.1f", pct(0.5) * 1000))")
     print("fanout_p99_ms \(String(format: "%.1f", pct(0.99) * 1000))")
 }
