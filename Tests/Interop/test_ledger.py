@@ -87,7 +87,7 @@ def stored_rows(c: Cluster, *filters) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def shipped(sigil_bin):
-    """A cluster whose two proxies ship to the server, run through the outage scenario."""
+    """A cluster with two proxy pairs, all four shipping to the server, run through the outage scenario."""
     c = Cluster(sigil_bin)
     app = HTTPEchoApp()
     try:
@@ -113,7 +113,16 @@ def shipped(sigil_bin):
                       "--app", f"127.0.0.1:{free_port()}", "--namespace", "shop", "--labels", "app=web", "--policies", policies,
                       "--outbound", f"127.0.0.1:{web_out}", "--upstream", f"127.0.0.1:{api_in}", "--upstream-id", API,
                       "--ledger", c.root / "web.jsonl", "--ledger-server", server)
-        load = Load(web_out)
+        # A second pair (other replicas of the same two services: their own proxies, spools and writers).
+        api2_in, web2_out = free_port(), free_port()
+        c.start_proxy("api2", "--workload-api", sock, "--spiffe-id", API, "--inbound", f"127.0.0.1:{api2_in}",
+                      "--app", app.address, "--namespace", "shop", "--labels", "app=api", "--policies", policies,
+                      "--mtls", "STRICT", "--ledger", c.root / "api2.jsonl", "--ledger-server", server)
+        c.start_proxy("web2", "--workload-api", sock, "--spiffe-id", WEB, "--inbound", f"127.0.0.1:{free_port()}",
+                      "--app", f"127.0.0.1:{free_port()}", "--namespace", "shop", "--labels", "app=web", "--policies", policies,
+                      "--outbound", f"127.0.0.1:{web2_out}", "--upstream", f"127.0.0.1:{api2_in}", "--upstream-id", API,
+                      "--ledger", c.root / "web2.jsonl", "--ledger-server", server)
+        load, load2 = Load(web_out), Load(web2_out, threads=2)
         seconds = float(os.environ.get("SIGIL_LEDGER_LOAD_SECONDS", "24"))
         step = seconds / 5  # the timeline below is 5 steps long
         time.sleep(step)
@@ -128,8 +137,9 @@ def shipped(sigil_bin):
         c.proxies.pop("api").kill()
         start_api()
         time.sleep(step)
-        completed = load.finish()
-        yield c, completed, load.failed
+        first, second = load.finish(), load2.finish()
+        completed = {status: first[status] + second[status] for status in first}
+        yield c, completed, load.failed + load2.failed
     finally:
         c.close()
         app.close()
@@ -156,8 +166,8 @@ def test_every_completed_call_is_stored_once_after_server_kills(shipped):
     assert by_status[200] + by_status[403] <= want + failed, (by_status, completed, failed)
     assert all(r["source"] == WEB and r["mtls"] for r in inbound)
     assert {r["decision"] for r in inbound if r["status"] == 403} == {"deny"}
-    # both proxies' chains arrived (the caller's outbound writes its own rows)
-    assert len({r["writer"] for r in rows}) >= 2
+    # all four proxies' chains arrived (a caller's outbound writes its own rows), and the server's own
+    assert len({r["writer"] for r in rows}) >= 5
     res = audit(c, "verify")
     assert "ledger intact" in res.stdout, res.describe()
     print(f"completed calls {completed}, failed {failed}; stored request rows by status {by_status}; "
@@ -285,6 +295,6 @@ def test_editing_or_deleting_a_stored_row_breaks_verify_and_names_it(shipped):
     assert verdict["intact"] is False and verdict["breaks"][0]["seq"] == seq + 1
 
     # the proxies' own spools still verify (the store was tampered with, not the source)
-    spools = [str(c.root / "api.jsonl"), str(c.root / "web.jsonl")]
+    spools = [str(c.root / f"{name}.jsonl") for name in ("api", "web", "api2", "web2")]
     res = audit(c, "verify", *sum((["--spool", s] for s in spools), []))
     assert "ledger intact" in res.stdout, res.describe()
