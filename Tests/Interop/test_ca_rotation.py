@@ -83,10 +83,15 @@ def served(c: Cluster, node: str, tmp) -> tuple[set[str], set[str]]:
     return roots, intermediates
 
 
+# The full run of issue 8 (not in CI: about four minutes): SIGIL_CA_ROTATION_SCHEDULED=3 gives the CA a
+# 90-second intermediate and waits for that many scheduled intermediate rotations under load first.
+SCHEDULED = int(os.environ.get("SIGIL_CA_ROTATION_SCHEDULED", "0"))
+
+
 def test_root_rotation_gate_taint_and_revoke_under_load(sigil_bin, tmp_path):
-    c = Cluster(sigil_bin)
+    c = Cluster(sigil_bin, ca_args=["--ca-ttl", "90s"] if SCHEDULED else [])
     app = HTTPEchoApp()
-    calls = None
+    calls = []
     try:
         c.start_server()
         uid = os.getuid()
@@ -99,18 +104,26 @@ def test_root_rotation_gate_taint_and_revoke_under_load(sigil_bin, tmp_path):
         policies = c.root / "policies"
         policies.mkdir()
         (policies / "shop.yaml").write_text(API_FROM_WEB)
-        api_in, web_out = free_port(), free_port()
-        c.start_proxy("api", "--workload-api", sock, "--spiffe-id", API, "--inbound", f"127.0.0.1:{api_in}", "--app", app.address,
-                      "--namespace", "shop", "--labels", "app=api", "--policies", policies, "--mtls", "STRICT")
-        c.start_proxy("web", "--workload-api", sock, "--spiffe-id", WEB, "--inbound", f"127.0.0.1:{free_port()}",
-                      "--app", f"127.0.0.1:{free_port()}", "--namespace", "shop", "--labels", "app=web", "--policies", policies,
-                      "--outbound", f"127.0.0.1:{web_out}", "--upstream", f"127.0.0.1:{api_in}", "--upstream-id", API)
+        outs = []
+        for pair in ("1", "2"):  # two proxy pairs (replicas of web and api)
+            api_in, web_out = free_port(), free_port()
+            c.start_proxy("api" + pair, "--workload-api", sock, "--spiffe-id", API, "--inbound", f"127.0.0.1:{api_in}", "--app", app.address,
+                          "--namespace", "shop", "--labels", "app=api", "--policies", policies, "--mtls", "STRICT")
+            c.start_proxy("web" + pair, "--workload-api", sock, "--spiffe-id", WEB, "--inbound", f"127.0.0.1:{free_port()}",
+                          "--app", f"127.0.0.1:{free_port()}", "--namespace", "shop", "--labels", "app=web", "--policies", policies,
+                          "--outbound", f"127.0.0.1:{web_out}", "--upstream", f"127.0.0.1:{api_in}", "--upstream-id", API)
+            outs.append(web_out)
         before = status(c)
         old_root = next(a["id"] for a in before["authorities"] if a["kind"] == "root" and a["state"] == "active")
         old_intermediate = next(a["id"] for a in before["authorities"] if a["kind"] == "intermediate" and a["state"] == "active")
         wait_for(lambda: not status(c)["unconfirmed_agents"], 30, "both agents to confirm the first bundle")
-        calls = Calls(web_out)
+        calls = [Calls(port) for port in outs]
         time.sleep(2)
+        if SCHEDULED:
+            def rotations():
+                return sum(a["kind"] == "intermediate" and a["state"] != "prepared" for a in status(c)["authorities"]) - 1
+            wait_for(lambda: rotations() >= SCHEDULED, 60 + 50 * SCHEDULED, f"{SCHEDULED} scheduled intermediate rotations", interval=1)
+            old_intermediate = next(a["id"] for a in status(c)["authorities"] if a["kind"] == "intermediate" and a["state"] == "active")
 
         # node-2 goes away; the root rotation starts
         c.agents["node-2"].stop()
@@ -130,8 +143,9 @@ def test_root_rotation_gate_taint_and_revoke_under_load(sigil_bin, tmp_path):
         # node-2 comes back (its cached identity, no token), receives the new bundle and confirms it
         c.start_agent("node-2")
         wait_for(lambda: authority(c, new_root)["state"] == "active", 30, "the new root to become active after the last confirmation")
-        assert authority(c, new_intermediate)["state"] == "active"
-        assert authority(c, old_root)["state"] == "old" and authority(c, old_intermediate)["state"] == "old"
+        assert authority(c, new_root)["state"] == "active" and authority(c, old_root)["state"] == "old"
+        assert authority(c, old_intermediate)["state"] in ("old", "removed")
+        under_new = lambda: {a["id"] for a in status(c)["authorities"] if a["kind"] == "intermediate" and a.get("parent_id") == new_root and a["state"] == "active"}  # noqa: E731
         roots, _ = served(c, "node-2", tmp_path)
         assert roots == {old_root, new_root}, "node-2's workloads lost a root they need"
 
@@ -139,16 +153,19 @@ def test_root_rotation_gate_taint_and_revoke_under_load(sigil_bin, tmp_path):
         res = ca(c, "revoke", old_root, ok=False)
         assert res.returncode == 1 and "taint" in res.stderr, res.describe()
         ca(c, "taint", old_root)
-        wait_for(lambda: all(served(c, n, tmp_path)[1] == {new_intermediate} for n in ("node-1", "node-2")), 40,
-                 "every workload SVID to chain to the new intermediate")
+        wait_for(lambda: all(served(c, n, tmp_path)[1] <= under_new() for n in ("node-1", "node-2")), 40,
+                 "every workload SVID to chain to an intermediate under the new root")
         wait_for(lambda: ca(c, "revoke", old_root, ok=False).returncode == 0, 40, "the taint to complete and the revoke to pass")
         assert authority(c, old_root)["state"] == "removed"
         wait_for(lambda: all(served(c, n, tmp_path)[0] == {new_root} for n in ("node-1", "node-2")), 30,
                  "the old root to leave every agent's bundle")
         time.sleep(3)  # calls keep flowing on the new chain alone
-        calls.finish()
-        assert calls.failures == [], f"{len(calls.failures)} of {calls.ok + len(calls.failures)} calls failed: {calls.failures[:5]}"
-        assert calls.ok > 100
+        for load in calls:
+            load.finish()
+        failures = [f for load in calls for f in load.failures]
+        ok = sum(load.ok for load in calls)
+        assert failures == [], f"{len(failures)} of {ok + len(failures)} calls failed: {failures[:5]}"
+        assert all(load.ok > 50 for load in calls)
 
         # every step is in the server's own ledger chain
         res = run([c.bin, "audit", "query", "--kind", "authority_changed", "--json", "--data-dir", c.ca_dir])
@@ -156,9 +173,11 @@ def test_root_rotation_gate_taint_and_revoke_under_load(sigil_bin, tmp_path):
         for needle in ("root prepared, published in the bundle", "root active", "root old", "tainted", "revoked"):
             assert any(needle in d for d in details), (needle, details)
         assert run([c.bin, "audit", "verify", "--data-dir", c.ca_dir]).returncode == 0
-        print(f"\n{calls.ok} calls, 0 failed, through a root rotation gated on an offline agent, a taint and a revoke")
+        scheduled = sum(a["kind"] == "intermediate" for a in status(c)["authorities"]) - 2  # less the first and the new root's
+        print(f"\n{ok} calls through two proxy pairs, 0 failed, through {scheduled} scheduled intermediate rotations, "
+              f"a root rotation gated on an offline agent, a taint and a revoke")
     finally:
-        if calls:
-            calls.finish()
+        for load in calls:
+            load.finish()
         c.close()
         app.close()
