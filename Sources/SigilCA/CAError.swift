@@ -2,7 +2,7 @@
 public struct CAError: Error, Hashable, Sendable, CustomStringConvertible {
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         enum Backing: String, Hashable, Sendable {
-            case alreadyInitialized, notInitialized, dataDirectory, keyFile, invalidCSR, invalidUpstream, policy, store
+            case alreadyInitialized, notInitialized, dataDirectory, keyFile, invalidCSR, invalidUpstream, policy, store, unknownAuthority
         }
         let backing: Backing
         public var description: String { backing.rawValue }
@@ -22,6 +22,8 @@ public struct CAError: Error, Hashable, Sendable, CustomStringConvertible {
         public static let policy = Code(backing: .policy)
         /// The datastore failed.
         public static let store = Code(backing: .store)
+        /// No authority has the ID given (see `sigil ca status`).
+        public static let unknownAuthority = Code(backing: .unknownAuthority)
     }
 
     public let code: Code

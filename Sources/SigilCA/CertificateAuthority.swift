@@ -346,7 +346,7 @@ public actor CertificateAuthority {
     public func taint(_ id: String, requester: String) async throws(CAError) {
         let (_, records) = try await Self.loadState(store, directory)
         guard let record = records.first(where: { $0.id == id }), record.state != .removed else {
-            throw CAError(.policy, "no authority \(id) that is not removed (see `sigil ca status`)")
+            throw CAError(.unknownAuthority, "no authority \(id) that is not removed (see `sigil ca status`)")
         }
         guard record.state != .prepared else { throw CAError(.policy, "authority \(id) is only prepared: nothing chains to it yet") }
         if record.kind == .root, record.state == .active {
@@ -371,7 +371,7 @@ public actor CertificateAuthority {
     public func revoke(_ id: String, force: Bool, requester: String) async throws(CAError) {
         let (_, records) = try await Self.loadState(store, directory)
         guard let record = records.first(where: { $0.id == id }), record.state != .removed else {
-            throw CAError(.policy, "no authority \(id) that is not removed (see `sigil ca status`)")
+            throw CAError(.unknownAuthority, "no authority \(id) that is not removed (see `sigil ca status`)")
         }
         let tainted: [String]
         do { tainted = try await store.taintedAuthorities() } catch { throw CAError(.store, error.message) }
@@ -388,7 +388,7 @@ public actor CertificateAuthority {
     /// SVIDs chain to it or agents have not confirmed the current bundle (unless `force`).
     public func retire(_ id: String, force: Bool, requester: String) async throws(CAError) {
         let (_, records) = try await Self.loadState(store, directory)
-        guard let record = records.first(where: { $0.id == id }) else { throw CAError(.policy, "no authority \(id) (see `sigil ca status`)") }
+        guard let record = records.first(where: { $0.id == id }) else { throw CAError(.unknownAuthority, "no authority \(id) (see `sigil ca status`)") }
         guard record.state == .old else { throw CAError(.policy, "\(id) is \(record.state.rawValue); only an old authority can be retired") }
         let now = clock.now
         let live = try await liveSVIDs(under: id, records: records, now: now)
