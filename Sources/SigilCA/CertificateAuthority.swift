@@ -126,9 +126,9 @@ public struct AuthorityStatus: Sendable, Codable {
     public let record: AuthorityRecord
     public let issuedCount: Int
     public let subject: String
-    /// SVIDs it signed that have not expired yet.
+    /// SVIDs in service that chain to it (signed by it or by an authority under it).
     public var live: Int = 0
-    /// When the last SVID it signed expires.
+    /// When the last SVID that chains to it expires.
     public var lastExpiry: Date?
 }
 
@@ -653,11 +653,18 @@ public actor CertificateAuthority {
         } catch {
             throw CAError(.store, error.message)
         }
+        // What chains to an authority: its own SVIDs and those of every authority under it.
+        func below(_ id: String, depth: Int = 0) -> [String] {
+            guard depth < 8 else { return [] }
+            return records.filter { $0.parentID == id }.flatMap { [$0.id] + below($0.id, depth: depth + 1) }
+        }
         var out: [AuthorityStatus] = []
         for record in records {
             let subject = (try? Certificate(pemEncoded: record.certificatePEM)).map { "\($0.subject)" } ?? "?"
+            let chained = [record.id] + below(record.id)
             out.append(AuthorityStatus(record: record, issuedCount: counts[record.id] ?? 0, subject: subject,
-                                       live: usage[record.id]?.live ?? 0, lastExpiry: usage[record.id]?.lastExpiry))
+                                       live: chained.reduce(0) { $0 + (usage[$1]?.live ?? 0) },
+                                       lastExpiry: chained.compactMap { usage[$0]?.lastExpiry }.max()))
         }
         return out
     }
