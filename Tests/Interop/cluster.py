@@ -99,6 +99,29 @@ class Cluster:
         res = run([self.bin, "ca", "init", "--trust-domain", TRUST_DOMAIN, "--data-dir", self.ca_dir, *ca_args])
         assert res.returncode == 0, res.describe()
 
+    def sql(self, statement: str, *args):
+        """Runs one statement on the server's SQLite file, as someone with access to the database would."""
+        import sqlite3
+        db = sqlite3.connect(self.ca_dir / "sigil.db")
+        try:
+            db.execute(statement, args)
+            db.commit()
+        finally:
+            db.close()
+
+    def start_shop(self, policy: str) -> tuple[str, Path]:
+        """A server, agent node-1 with the web and api identities for this uid, and a policy
+        directory holding `policy`; returns the Workload API address and the directory."""
+        self.start_server()
+        uid = os.getuid()
+        self.entry(WEB, "node-1", [f"unix:uid:{uid}"])
+        self.entry(API, "node-1", [f"unix:uid:{uid}"])
+        self.start_agent("node-1", self.token("node-1"))
+        policies = self.root / "policies"
+        policies.mkdir()
+        (policies / "shop.yaml").write_text(policy)
+        return f"unix://{self.socket('node-1')}", policies
+
     # -- processes
 
     def start_server(self, extra=()):

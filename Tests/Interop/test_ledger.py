@@ -12,7 +12,6 @@ import signal
 import sqlite3
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -91,15 +90,7 @@ def shipped(sigil_bin):
     c = Cluster(sigil_bin)
     app = HTTPEchoApp()
     try:
-        c.start_server()
-        uid = os.getuid()
-        c.entry(WEB, "node-1", [f"unix:uid:{uid}"])
-        c.entry(API, "node-1", [f"unix:uid:{uid}"])
-        c.start_agent("node-1", c.token("node-1"))
-        sock = f"unix://{c.socket('node-1')}"
-        policies = c.root / "policies"
-        policies.mkdir()
-        (policies / "shop.yaml").write_text(POLICIES)
+        sock, policies = c.start_shop(POLICIES)
         api_in, web_out = free_port(), free_port()
         server = f"127.0.0.1:{c.port}"
 
@@ -250,15 +241,6 @@ def audit_policy(c: Cluster, *args):
     return run([c.bin, "policy", "replay", "--since", "1d", "--data-dir", c.ca_dir, *args], timeout=60)
 
 
-def _tamper(c: Cluster, sql: str, *args):
-    db = sqlite3.connect(c.ca_dir / "sigil.db")
-    try:
-        db.execute(sql, args)
-        db.commit()
-    finally:
-        db.close()
-
-
 def test_editing_or_deleting_a_stored_row_breaks_verify_and_names_it(shipped):
     c, _, _ = shipped
     c.stop_server()
@@ -274,21 +256,21 @@ def test_editing_or_deleting_a_stored_row_breaks_verify_and_names_it(shipped):
     edited = original.replace(b'"decision":"allow"', b'"decision":"allov"', 1) if b'"allow"' in original \
         else original.replace(b'"duration_us":', b'"duration_us":9', 1)
     assert edited != original and len(edited) >= len(original)
-    _tamper(c, "UPDATE ledger_rows SET line = ? WHERE writer = ? AND seq = ?", edited, writer, seq)
+    c.sql("UPDATE ledger_rows SET line = ? WHERE writer = ? AND seq = ?", edited, writer, seq)
     res = audit(c, "verify", ok=False)
     assert res.returncode == 1 and f"writer {writer} row seq {seq}:" in res.stdout and "edited" in res.stdout, res.describe()
-    _tamper(c, "UPDATE ledger_rows SET line = ? WHERE writer = ? AND seq = ?", original, writer, seq)
+    c.sql("UPDATE ledger_rows SET line = ? WHERE writer = ? AND seq = ?", original, writer, seq)
     assert "ledger intact" in audit(c, "verify").stdout
 
     # an indexed column alone (what a query filters on) no longer matches the row
     flipped = "allow" if target["decision"] == "deny" else "deny"
-    _tamper(c, "UPDATE ledger_rows SET decision = ? WHERE writer = ? AND seq = ?", flipped, writer, seq)
+    c.sql("UPDATE ledger_rows SET decision = ? WHERE writer = ? AND seq = ?", flipped, writer, seq)
     res = audit(c, "verify", ok=False)
     assert f"row seq {seq}:" in res.stdout and "decision column" in res.stdout, res.describe()
-    _tamper(c, "UPDATE ledger_rows SET decision = ? WHERE writer = ? AND seq = ?", target["decision"], writer, seq)
+    c.sql("UPDATE ledger_rows SET decision = ? WHERE writer = ? AND seq = ?", target["decision"], writer, seq)
 
     # a deleted row: the next row names the gap
-    _tamper(c, "DELETE FROM ledger_rows WHERE writer = ? AND seq = ?", writer, seq)
+    c.sql("DELETE FROM ledger_rows WHERE writer = ? AND seq = ?", writer, seq)
     res = audit(c, "verify", ok=False)
     assert res.returncode == 1 and f"writer {writer} row seq {seq + 1}:" in res.stdout and f"seq {seq} missing" in res.stdout, res.describe()
     verdict = json.loads(audit(c, "verify", "--json", ok=False).stdout)

@@ -27,15 +27,6 @@ def rows(c: Cluster, *filters) -> list[dict]:
     return [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
 
 
-def sql(c: Cluster, statement: str, *args):
-    db = sqlite3.connect(c.ca_dir / "sigil.db")
-    try:
-        db.execute(statement, args)
-        db.commit()
-    finally:
-        db.close()
-
-
 @pytest.fixture
 def cluster(sigil_bin):
     c = Cluster(sigil_bin)
@@ -75,7 +66,7 @@ def test_what_the_ca_did_and_refused_is_chained_and_verified(cluster):
         "SELECT line FROM ledger_rows WHERE writer = ? AND seq = ?", (SERVER, web["seq"])).fetchone()
     edited = bytes(line).replace(b'"decision":"allow"', b'"decision":"allov"', 1)
     assert edited != bytes(line)
-    sql(c, "UPDATE ledger_rows SET line = ? WHERE writer = ? AND seq = ?", edited, SERVER, web["seq"])
+    c.sql("UPDATE ledger_rows SET line = ? WHERE writer = ? AND seq = ?", edited, SERVER, web["seq"])
     res = audit(c, "verify")
     assert res.returncode == 1 and f"writer {SERVER} row seq {web['seq']}:" in res.stdout and "edited" in res.stdout, res.describe()
 
@@ -106,7 +97,7 @@ def test_retention_removes_old_rows_and_leaves_a_signed_checkpoint(cluster):
     assert json.loads(audit(c, "verify", "--json").stdout)["checkpoints"] >= 1
 
     # a checkpoint edited to hide a different chain: its signature fails, named
-    sql(c, "UPDATE ledger_checkpoints SET hash = ? WHERE writer = ?", "0" * 64, SERVER)
+    c.sql("UPDATE ledger_checkpoints SET hash = ? WHERE writer = ?", "0" * 64, SERVER)
     res = audit(c, "verify")
     assert res.returncode == 1 and f"writer {SERVER}" in res.stdout and "not validly signed" in res.stdout, res.describe()
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import shutil
 import subprocess
 
@@ -25,15 +24,8 @@ def cluster(sigil_bin):
     c = Cluster(sigil_bin)
     app = HTTPEchoApp()
     try:
-        c.start_server()
-        uid = os.getuid()
-        c.entry(WEB, "node-1", [f"unix:uid:{uid}"])
-        c.entry(API, "node-1", [f"unix:uid:{uid}"])
-        c.start_agent("node-1", c.token("node-1"))
-        policies = c.root / "policies"
-        policies.mkdir()
-        (policies / "shop.yaml").write_text(POLICIES)
-        yield c, app, f"unix://{c.socket('node-1')}", policies
+        sock, policies = c.start_shop(POLICIES)
+        yield c, app, sock, policies
     finally:
         c.close()
         app.close()
