@@ -68,6 +68,14 @@ public enum LedgerChain {
 }
 
 extension RFC3339 {
+    /// What audit filters accept (`--since`, the ledger page's `since`): an RFC 3339 time, or a
+    /// duration back from `nowMicros` (`30m`, `24h`, `7d`); nil for anything else.
+    public static func micros(fromTimeOrAgo text: String, nowMicros: Int64) -> Int64? {
+        if let micros = micros(from: text) { return micros }
+        guard let ago = try? DurationText.parse(text) else { return nil }
+        return nowMicros - ago.components.seconds * 1_000_000 - ago.components.attoseconds / 1_000_000_000_000
+    }
+
     /// Microseconds since 1970 from `YYYY-MM-DDTHH:MM:SS[.ffffff]Z` (what the ledger writes); nil
     /// for anything else.
     public static func micros(from text: some StringProtocol) -> Int64? {

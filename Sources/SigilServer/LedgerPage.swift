@@ -72,11 +72,10 @@ struct LedgerPageQuery: Sendable, Equatable {
     /// `24h` (that long before now) or an RFC 3339 time, in microseconds since 1970.
     static func time(_ text: String?, name: String, nowMicros: Int64) throws(ServerError) -> Int64? {
         guard let text else { return nil }
-        if let micros = RFC3339.micros(from: text) { return micros }
-        guard let ago = try? DurationText.parse(text) else {
+        guard let micros = RFC3339.micros(fromTimeOrAgo: text, nowMicros: nowMicros) else {
             throw ServerError(message: "parameter '\(name)': '\(text)' is neither a duration back from now (30m, 24h, 7d) nor an RFC 3339 time (2026-12-01T00:00:00Z)")
         }
-        return nowMicros - ago.components.seconds * 1_000_000
+        return micros
     }
 
     static func decode(_ text: some StringProtocol) -> String? {

@@ -33,14 +33,10 @@ func openLedger(_ data: DataDirOption) throws -> SQLiteDatastore {
 /// `--since 24h` (that long ago) or an RFC 3339 time.
 func parseAuditTime(_ text: String?, flag: String, now: Date = Date()) throws -> Int64? {
     guard let text else { return nil }
-    if let micros = RFC3339.micros(from: text) { return micros }
-    do {
-        let ago = try DurationText.parse(text)
-        let seconds = Double(ago.components.seconds) + Double(ago.components.attoseconds) / 1e18
-        return Int64((now.timeIntervalSince1970 - seconds) * 1_000_000)
-    } catch {
+    guard let micros = RFC3339.micros(fromTimeOrAgo: text, nowMicros: Int64(now.timeIntervalSince1970 * 1_000_000)) else {
         throw ValidationError("\(flag) '\(text)': give a duration back from now (30m, 24h, 7d) or an RFC 3339 time (2026-12-01T00:00:00Z)")
     }
+    return micros
 }
 
 struct AuditVerify: AsyncParsableCommand {
