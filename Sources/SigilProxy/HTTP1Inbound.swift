@@ -8,7 +8,7 @@ import SigilCore
 /// `x-forwarded-client-cert`), and relays the app's response as the bytes it sent. One request is
 /// in flight at a time; pipelined requests wait their turn, so responses keep their order. Denied
 /// requests get Istio's `403 RBAC: access denied`; malformed ones 400 and the connection closes.
-final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink {
+final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRowWaiter {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -48,6 +48,10 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink {
     private var readPaused = false
     private var wantsRead = false
     private var draining = false
+    /// A completed response's last bytes wait for its ledger row (see ``LedgerBatch``): no flush.
+    private var rowPending = false
+    /// The connection closes once the waiting response is flushed (nothing more is served on it).
+    private var closing = false
 
     static let maxQueuedParts = 256
 
@@ -83,7 +87,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink {
     /// Hands queued parts to the request they belong to; a part of the next request waits until
     /// the current response is complete. Not re-entrant (``finish()`` calls it from within).
     private func drain() {
-        guard !draining else { return }
+        guard !draining, !closing else { return }
         draining = true
         defer { draining = false }
         while let part = queue.first {
@@ -101,7 +105,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink {
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        context.flush()
+        if !rowPending { context.flush() }
         app?.channel.flush()
     }
 
@@ -121,6 +125,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink {
     /// response went out yet) and the connection is closed, so no byte after it is read as a request.
     private func refuse(_ error: HTTP1RequestFramer.FramingError) {
         guard let context else { return }
+        if rowPending { environment.writeWaitingRows(on: context.eventLoop) }  // the previous response goes out first
         queue.removeAll()
         readPaused = true
         if var active {
@@ -216,6 +221,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink {
     /// The ledger spool is full: the request cannot be recorded, so it does not reach the app
     /// (fail closed). 503 and the connection closes (its unread body is not framed further).
     private func refuseForLedger(context: ChannelHandlerContext) {
+        if rowPending { environment.writeWaitingRows(on: context.eventLoop) }
         queue.removeAll()
         malformed = true  // nothing more is read as a request
         readPaused = true
@@ -322,7 +328,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink {
     }
 
     func appReadComplete() {
-        context?.flush()
+        if !rowPending { context?.flush() }
     }
 
     func appFailed(receivedAnything: Bool) {
@@ -353,21 +359,39 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink {
     private func finish(detail: String? = nil) {
         guard let context, let active else { return }
         self.active = nil
-        // The row is in the spool file before the response's last bytes are flushed: a client
-        // that saw the response complete has its row even if the proxy is killed right after.
-        environment.record(active.facts.ledgerRow(peer: peer, detail: detail, environment: environment))
-        context.flush()  // the app connection goes back to the pool now: its read-complete won't reach us
+        // The app connection goes back to the pool now: its read-complete won't reach us.
         if let app {
             self.app = nil
             environment.pools.pool(for: context.eventLoop).release(app)
         }
         if closeAfterResponse {
-            context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0))).assumeIsolated().whenComplete { _ in
-                context.close(promise: nil)
-            }
+            closing = true
             queue.removeAll()
+        }
+        // The row is in the spool file before the response's last bytes are flushed: a client
+        // that saw the response complete has its row even if the proxy is killed right after.
+        let row = active.facts.ledgerRow(peer: peer, detail: detail, environment: environment)
+        if environment.recordBeforeFlush(row, on: context.eventLoop, waiter: self) {
+            rowPending = true
+        } else {
+            release(context: context)
+        }
+        drain()  // the next pipelined request, if any (its response queues behind this one)
+    }
+
+    func ledgerRowWritten() {
+        rowPending = false
+        if let context { release(context: context) }
+    }
+
+    /// Flushes the completed response (and closes the connection when it was the last).
+    private func release(context: ChannelHandlerContext) {
+        guard closing else {
+            context.flush()
             return
         }
-        drain()  // the next pipelined request, if any
+        context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0))).assumeIsolated().whenComplete { _ in
+            context.close(promise: nil)
+        }
     }
 }

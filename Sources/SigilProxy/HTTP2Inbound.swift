@@ -6,7 +6,7 @@ import SigilCore
 /// Inbound HTTP/2 (ALPN `h2`): each stream is one request, authorized by its head and forwarded
 /// to the app as HTTP/1.1 over the same pooled connections; the response is decoded (status,
 /// headers, de-chunked body) and sent back as HTTP/2 frames.
-final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink {
+final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink, LedgerRowWaiter {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
 
@@ -22,6 +22,8 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink {
     private var done = false
     private var retried = false
     private var connecting = false
+    /// The response's END_STREAM waits, unflushed, for its ledger row (see ``LedgerBatch``).
+    private var rowPending = false
 
     /// Connection-specific headers that HTTP/2 forbids.
     static let hopByHop: Set<String> = ["connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection"]
@@ -119,8 +121,8 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink {
         let headers = HTTPHeaders([("content-type", "text/plain"), ("content-length", "19")])
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http2, status: .forbidden, headers: headers))), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
-        finish(detail: nil)  // before the END_STREAM write, which closes the stream channel at once
-        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        finish(detail: nil)
+        endStream(context: context)
     }
 
     private func connectApp(context: ChannelHandlerContext, fresh: Bool) {
@@ -188,7 +190,7 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink {
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http2, status: .badGateway, headers: headers))), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
         finish(detail: detail)
-        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        endStream(context: context)
     }
 
     // MARK: AppResponseSink
@@ -214,13 +216,27 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink {
     func appEnd() {
         guard let context else { return }
         if !requestEnded { app?.handler.reusable = false }
-        // The row is recorded and the app connection goes back to the pool before the END_STREAM
-        // write: that write closes the stream channel (channelInactive) before it returns.
         finish(detail: nil)
-        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        endStream(context: context)
     }
 
     func appReadComplete() {
+        if !rowPending { context?.flush() }
+    }
+
+    /// Writes END_STREAM; it is flushed once the row is in the spool file. The flush closes the
+    /// stream channel (channelInactive) before it returns, so the row and the app connection are
+    /// taken care of first (``finish(detail:)``).
+    private func endStream(context: ChannelHandlerContext) {
+        if rowPending {
+            context.write(wrapOutboundOut(.end(nil)), promise: nil)
+        } else {
+            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        }
+    }
+
+    func ledgerRowWritten() {
+        rowPending = false
         context?.flush()
     }
 
@@ -245,10 +261,11 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink {
     private func finish(detail: String?) {
         guard !done, let facts, let context else { return }
         done = true
-        environment.record(facts.ledgerRow(peer: peer, detail: detail, environment: environment))
         if let app {
             self.app = nil
             environment.pools.pool(for: context.eventLoop).release(app)
         }
+        let row = facts.ledgerRow(peer: peer, detail: detail, environment: environment)
+        rowPending = environment.recordBeforeFlush(row, on: context.eventLoop, waiter: self)
     }
 }

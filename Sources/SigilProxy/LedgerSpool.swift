@@ -140,43 +140,59 @@ public final class LedgerSpool: Sendable {
         var body: [UInt8] = []
         body.reserveCapacity(512)
         row.appendBody(to: &body)
+        return append(bodies: CollectionOfOne(body)).outcome
+    }
+
+    /// Chains rows (bodies from ``LedgerRecord/appendBody(to:)``, oldest first) and writes them
+    /// all with one `write` before returning: the proxy's event loops hand over every row completed
+    /// in one loop iteration at once. Returns the last row's outcome and how many were written.
+    @discardableResult
+    public func append<Bodies: Collection>(bodies: Bodies) -> (outcome: Outcome, written: Int) where Bodies.Element == [UInt8] {
+        guard !bodies.isEmpty else { return (.written, 0) }
         let writer = self.writer
         let fd = self.fd
         let maxSize = self.maxSize
         let capacity = self.capacity
         let fullSize = self.fullSize
-        let (outcome, becameFull, reason) = state.withLockedValue { s -> (Outcome, Bool, String) in
+        let (outcome, written, held, dropped, becameFull, reason) = state.withLockedValue { s -> (Outcome, Int, Int, Int, Bool, String) in
             let wasFull = s.full
             // While full, rows of requests admitted before go on into the room left up to
             // `maxSize`; once a row is held, every later row is held behind it (file order is
-            // chain order).
-            if s.held.isEmpty, Self.writeRow(body, writer: writer, fd: fd, maxSize: maxSize, into: &s) {
-                if s.size >= fullSize, !wasFull {
-                    s.full = true
-                    s.reason = "the spool reached \(s.size) bytes of its limit of \(maxSize) (--ledger-max-size; the rest is room for requests in flight)"
-                    return (.written, true, s.reason)
+            // chain order). The whole batch in one write when it fits; row by row when not.
+            var written = 0, held = 0, dropped = 0
+            var outcome = Outcome.written
+            if s.held.isEmpty, Self.writeRows(bodies, writer: writer, fd: fd, maxSize: maxSize, into: &s) {
+                written = bodies.count
+            } else {
+                for body in bodies {
+                    if s.held.isEmpty, Self.writeRows(CollectionOfOne(body), writer: writer, fd: fd, maxSize: maxSize, into: &s) {
+                        written += 1
+                        outcome = .written
+                    } else if s.held.count < capacity {
+                        s.full = true
+                        s.held.append(body)
+                        held += 1
+                        outcome = .held
+                    } else {
+                        s.full = true
+                        s.dropped += 1
+                        s.droppedSinceLog += 1
+                        dropped += 1
+                        outcome = .dropped
+                    }
                 }
-                return (.written, false, "")
             }
-            s.full = true
-            if s.held.count < capacity {
-                s.held.append(body)
-                return (.held, !wasFull, s.reason)
+            if s.size >= fullSize, !s.full {
+                s.full = true
+                s.reason = "the spool reached \(s.size) bytes of its limit of \(maxSize) (--ledger-max-size; the rest is room for requests in flight)"
             }
-            s.dropped += 1
-            s.droppedSinceLog += 1
-            return (.dropped, !wasFull, s.reason)
+            return (outcome, written, held, dropped, s.full && !wasFull, s.reason)
         }
-        switch outcome {
-        case .written:
-            metrics?.rowsWritten()
-        case .held:
-            metrics?.spool(held: heldCount)
-        case .dropped:
-            metrics?.rowDropped()
-        }
+        if written > 0 { metrics?.rowsWritten(written) }
+        if held > 0 { metrics?.spool(held: heldCount) }
+        if dropped > 0 { metrics?.rowDropped(dropped) }
         if becameFull { alarm(reason: reason) }
-        return outcome
+        return (outcome, written)
     }
 
     private func alarm(reason: String) {
@@ -186,19 +202,28 @@ public final class LedgerSpool: Sendable {
                      metadata: ["spool": "\(path)", "reason": "\(reason)", "max_size": "\(maxSize)"])
     }
 
-    /// Chains `body` as the next row and writes it. On a failed or partial write the file goes
-    /// back to its last whole row and the chain state stays as it was. Under the state lock.
-    private static func writeRow(_ body: [UInt8], writer: String, fd: Int32, maxSize: Int, into s: inout State) -> Bool {
+    /// Chains `bodies` as the next rows and writes them with one `write`. On a failed or partial
+    /// write, or rows that would take the file past `maxSize`, the file goes back to its last
+    /// whole row and the chain state stays as it was. Under the state lock.
+    private static func writeRows<Bodies: Collection>(_ bodies: Bodies, writer: String, fd: Int32, maxSize: Int,
+                                                      into s: inout State) -> Bool where Bodies.Element == [UInt8] {
         s.line.removeAll(keepingCapacity: true)
-        LedgerRecord.appendHead(to: &s.line, writer: writer, seq: s.seq + 1)
-        s.line.append(contentsOf: body)
-        LedgerRecord.appendTail(to: &s.line, prev: s.hash)
-        let digest = SHA256.hash(data: s.line)
-        s.nextHash.removeAll(keepingCapacity: true)
-        digest.withUnsafeBytes { JSONText.appendHex($0, to: &s.nextHash) }
-        JSONText.appendRaw(",\"hash\":\"", to: &s.line)
-        s.line.append(contentsOf: s.nextHash)
-        JSONText.appendRaw("\"}\n", to: &s.line)
+        var seq = s.seq
+        var prev = s.hash
+        for body in bodies {
+            let start = s.line.count
+            seq += 1
+            LedgerRecord.appendHead(to: &s.line, writer: writer, seq: seq)
+            s.line.append(contentsOf: body)
+            LedgerRecord.appendTail(to: &s.line, prev: prev)
+            let digest = SHA256.hash(data: s.line[start...])
+            s.nextHash.removeAll(keepingCapacity: true)
+            digest.withUnsafeBytes { JSONText.appendHex($0, to: &s.nextHash) }
+            JSONText.appendRaw(",\"hash\":\"", to: &s.line)
+            s.line.append(contentsOf: s.nextHash)
+            JSONText.appendRaw("\"}\n", to: &s.line)
+            swap(&prev, &s.nextHash)
+        }
         guard s.size + s.line.count <= maxSize else {
             s.reason = "the spool reached its limit of \(maxSize) bytes (--ledger-max-size)"
             return false
@@ -221,10 +246,10 @@ public final class LedgerSpool: Sendable {
             s.reason = "write failed: \(String(cString: strerror(failure)))"
             return false
         }
-        s.seq += 1
-        swap(&s.hash, &s.nextHash)
+        s.seq = seq
+        s.hash = prev
         s.size += s.line.count
-        s.written += 1
+        s.written += UInt64(bodies.count)
         s.unsynced = true
         return true
     }
@@ -276,7 +301,7 @@ public final class LedgerSpool: Sendable {
         let (written, recovered, held, dropped, reason) = state.withLockedValue { s -> (Int, Bool, Int, Int, String) in
             guard s.full else { return (0, false, 0, 0, "") }
             var n = 0
-            while n < s.held.count, Self.writeRow(s.held[n], writer: writer, fd: fd, maxSize: maxSize, into: &s) { n += 1 }
+            while n < s.held.count, Self.writeRows(CollectionOfOne(s.held[n]), writer: writer, fd: fd, maxSize: maxSize, into: &s) { n += 1 }
             if n > 0 { s.held.removeFirst(n) }
             let dropped = s.droppedSinceLog
             s.droppedSinceLog = 0
@@ -325,7 +350,7 @@ public final class LedgerSpool: Sendable {
             row.appendBody(to: &body)
             var fresh = s
             fresh.size = 0
-            guard Self.writeRow(body, writer: writer, fd: newFD, maxSize: Int.max, into: &fresh), fdatasync(newFD) == 0 else {
+            guard Self.writeRows(CollectionOfOne(body), writer: writer, fd: newFD, maxSize: Int.max, into: &fresh), fdatasync(newFD) == 0 else {
                 let error = String(cString: strerror(errno))
                 close(newFD)
                 unlink(temporary)
@@ -347,7 +372,7 @@ public final class LedgerSpool: Sendable {
             s.written += 1
             // Held rows (a full spool) go in after the rotated row.
             var n = 0
-            while n < s.held.count, Self.writeRow(s.held[n], writer: writer, fd: fd, maxSize: maxSize, into: &s) { n += 1 }
+            while n < s.held.count, Self.writeRows(CollectionOfOne(s.held[n]), writer: writer, fd: fd, maxSize: maxSize, into: &s) { n += 1 }
             if n > 0 { s.held.removeFirst(n) }
             return .success(fresh.seq)
         }

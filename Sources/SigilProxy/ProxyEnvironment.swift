@@ -8,6 +8,8 @@ final class ProxyEnvironment: Sendable {
     let policy: PolicyStore
     let identity: IdentityStore
     let ledger: LedgerSpool?
+    /// Per event loop: rows of completed requests, written once per loop iteration.
+    let batches: LedgerBatches?
     let pools: AppPools
     /// The app's port: `destination.port` for authorization, and the PeerAuthentication port.
     let appPort: Int
@@ -16,11 +18,12 @@ final class ProxyEnvironment: Sendable {
     let metrics: ProxyMetrics
     let logger: Logger
 
-    init(policy: PolicyStore, identity: IdentityStore, ledger: LedgerSpool?, pools: AppPools, appPort: Int,
+    init(policy: PolicyStore, identity: IdentityStore, ledger: LedgerSpool?, group: any EventLoopGroup, pools: AppPools, appPort: Int,
          appAddress: SocketAddress, tcpMode: Bool, metrics: ProxyMetrics = ProxyMetrics(), logger: Logger) {
         self.policy = policy
         self.identity = identity
         self.ledger = ledger
+        self.batches = ledger.map { LedgerBatches(group: group, spool: $0) }
         self.pools = pools
         self.appPort = appPort
         self.appAddress = appAddress
@@ -34,6 +37,26 @@ final class ProxyEnvironment: Sendable {
     /// row even if the proxy is killed right after.
     func record(_ row: LedgerRecord) {
         ledger?.append(row)
+    }
+
+    /// Records a completed request's row before its response is released. True: the row waits
+    /// for the end of this loop iteration (one `write` for all rows completed in it) and the
+    /// caller must not flush the response until `waiter.ledgerRowWritten()`. False: nothing
+    /// waits (no ledger, or a loop without a batch: written now); flush at once.
+    func recordBeforeFlush(_ row: LedgerRecord, on loop: any EventLoop, waiter: any LedgerRowWaiter) -> Bool {
+        guard let ledger else { return false }
+        guard let batch = batches?.batch(for: loop) else {
+            ledger.append(row)
+            return false
+        }
+        batch.add(row, waiter: waiter)
+        return true
+    }
+
+    /// Writes this loop's waiting rows now (their responses are released): for a path that must
+    /// flush or close a connection whose completed response still waits for its row.
+    func writeWaitingRows(on loop: any EventLoop) {
+        batches?.batch(for: loop)?.writeNow()
     }
 
     /// True while the ledger spool is full: new inbound requests (and TCP connections) are

@@ -39,7 +39,7 @@ public final class ProxyMetrics: Sendable {
     }
 
     func rowsWritten(_ count: Int = 1) { ledgerRows.increment(by: count) }
-    func rowDropped() { ledgerDroppedRows.increment() }
+    func rowDropped(_ count: Int = 1) { ledgerDroppedRows.increment(by: count) }
     func requestRefused() { refusedRequests.increment() }
     func spool(bytes: Int) { spoolBytes.record(bytes) }
     func spool(full: Bool) { spoolFull.record(full ? 1 : 0) }

@@ -142,7 +142,7 @@ public enum SigilProxyRole {
         }
 
         let group = MultiThreadedEventLoopGroup(numberOfThreads: config.threads)
-        let environment = ProxyEnvironment(policy: policy, identity: identity, ledger: ledger,
+        let environment = ProxyEnvironment(policy: policy, identity: identity, ledger: ledger, group: group,
                                            pools: AppPools(group: group, target: appAddress), appPort: config.appPort,
                                            appAddress: appAddress, tcpMode: config.tcpMode, metrics: metrics, logger: logger)
         let service = ProxyService(config: config, environment: environment, group: group, socketPath: socketPath,

@@ -2,6 +2,8 @@ import Testing
 import Crypto
 import Foundation
 import Logging
+import NIOCore
+import NIOPosix
 import SigilCore
 @testable import SigilProxy
 
@@ -103,6 +105,68 @@ struct LedgerSpoolTests {
         let rows = try checkChain(path, from: 1, prev: String(repeating: "0", count: 64))
         #expect(rows.count == 1000)
         #expect(spool.writtenCount == 1000)
+    }
+
+    func bodies(_ paths: [String]) -> [[UInt8]] {
+        paths.map { path in
+            var body: [UInt8] = []
+            row(path).appendBody(to: &body)
+            return body
+        }
+    }
+
+    @Test("a batch of rows is chained in order and written at once; at the size limit the rest is held")
+    func batchAppend() throws {
+        let path = tempFile()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let spool = try LedgerSpool(path: path, writer: "w", capacity: 100, maxSize: 4096, logger: Logger(label: "test"))
+        #expect(spool.append(bodies: bodies(["/1", "/2", "/3"])) == (.written, 3))
+        #expect(spool.append(row("/4")) == .written)
+        #expect(try checkChain(path, from: 1, prev: String(repeating: "0", count: 64)).map { $0["path"] as? String } == ["/1", "/2", "/3", "/4"])
+        // Forty rows do not fit in 4 KiB: those that fit are written, the rest held in order.
+        let result = spool.append(bodies: bodies((5...44).map { "/\($0)" }))
+        #expect(result.outcome == .held)
+        #expect(result.written > 0 && result.written < 40)
+        #expect(spool.heldCount == 40 - result.written)
+        #expect(spool.isFull)
+        let rows = try checkChain(path, from: 1, prev: String(repeating: "0", count: 64))
+        #expect(rows.count == 4 + result.written)
+        #expect(rows.last?["path"] as? String == "/\(4 + result.written)")
+    }
+
+    /// Hears when its row is written and looks at the file right then.
+    /// Confined to the test's event loop.
+    final class FileWatcher: LedgerRowWaiter, @unchecked Sendable {
+        let path: String
+        var linesSeen: [Int] = []
+        init(path: String) { self.path = path }
+        func ledgerRowWritten() {
+            linesSeen.append((try? String(contentsOfFile: path, encoding: .utf8))?.split(separator: "\n").count ?? 0)
+        }
+    }
+
+    @Test("rows completed in one event-loop iteration go out in one write, before any waiter is released")
+    func loopBatch() throws {
+        let path = tempFile()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let spool = try LedgerSpool(path: path, writer: "w", logger: Logger(label: "test"))
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let loop = group.next()
+        let batches = LedgerBatches(group: group, spool: spool)
+        let (before, releasedEarly, later) = try loop.submit { () -> (String?, Bool, EventLoopFuture<[[Int]]>) in
+            let batch = batches.batch(for: loop)!
+            let watchers = (0..<5).map { _ in FileWatcher(path: path) }
+            for (i, watcher) in watchers.enumerated() { batch.add(self.row("/\(i)"), waiter: watcher) }
+            // Nothing is written, and no waiter released, until the iteration's task runs.
+            let before = try? String(contentsOfFile: path, encoding: .utf8)
+            return (before, !watchers.allSatisfy { $0.linesSeen.isEmpty }, loop.submit { watchers.map(\.linesSeen) })
+        }.wait()
+        #expect(before == "")
+        #expect(!releasedEarly)
+        let seen = try later.wait()
+        #expect(seen == Array(repeating: [5], count: 5))  // each released once, with all five rows in the file
+        #expect(try checkChain(path, from: 1, prev: String(repeating: "0", count: 64)).count == 5)
     }
 
     @Test("at its size limit the spool is full: rows are held, then dropped, and the file never passes the limit")
