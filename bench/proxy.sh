@@ -44,6 +44,10 @@
 #   client connections held open (bench/hold_conns.py), at the end of the HTTP/1.1 runs, idle again
 #   IDLE_WAIT seconds after everything, and VmHWM (peak).
 # - sigil-noledger: the same pair without --ledger (LEDGER_OFF_PAIR=0 skips it): what the ledger costs.
+#   The ledger phase measures that cost on its own: LEDGER_PAIRS (10) pairs of LEDGER_DURATION (5) s
+#   wrk runs at 64 connections, sigil and sigil-noledger back to back (the order alternating), so
+#   each pair sees the same machine; the cost is the median of the pairs' req/s differences, and the
+#   proxies' CPU per request beside it. LEDGER_DIR puts the spools elsewhere (e.g. /dev/shm).
 # - Everything listens on 127.0.0.1 on free ports; every process started here is stopped on exit.
 #
 #   bash bench/proxy.sh                       # defaults (~17 min on 2 vCPUs)
@@ -51,7 +55,8 @@
 #   SIGIL=/path/to/sigil bash bench/proxy.sh
 #   SIGIL_THREADS=1 bash bench/proxy.sh       # event-loop threads per sigil proxy (default: one per core)
 #   KEEP=1 bash bench/proxy.sh                # keep the temp dir (configs, logs, raw outputs)
-#   PROFILE=h1 IDLE_WAIT=1 bash bench/proxy.sh       # no benchmark: perf profile of the sigil pair (or h2, newconn)
+#   PROFILE=h1 IDLE_WAIT=1 bash bench/proxy.sh       # no benchmark: perf profile of the sigil pair (or h2, newconn;
+#                                                    # PROFILE_SYSTEM=sigil-noledger: the pair without the ledger)
 #   PROFILE=syscalls IDLE_WAIT=1 bash bench/proxy.sh # no benchmark: system calls per request (strace -c)
 #
 # Prints a markdown table; writes bench/results/proxy-<UTC date>.json (raw runs + summary).
@@ -66,14 +71,18 @@ IDLE_WAIT="${IDLE_WAIT:-25}"
 NGINX_ACCESS_LOG="${NGINX_ACCESS_LOG:-0}"
 H2_ROUNDS="${H2_ROUNDS:-2}"
 RATE_DURATION="${RATE_DURATION:-20}"
+LEDGER_PAIRS="${LEDGER_PAIRS:-10}"
+LEDGER_DURATION="${LEDGER_DURATION:-5}"
+# Where the sigil pair's ledger spools go (default: the work directory, on the root disk).
+LEDGER_DIR="${LEDGER_DIR:-}"
 OPEN_CONNS="${OPEN_CONNS:-1000}"
 LEDGER_OFF_PAIR="${LEDGER_OFF_PAIR:-1}"
 PLOT="${PLOT:-$repo/docs/bench-latency.png}"
 # 1,000 held connections need ~2,000 descriptors per proxy (downstream + upstream); children inherit this.
 ulimit -n 65536 2>/dev/null || ulimit -n 8192 2>/dev/null || true
 CONNS=(1 64)
-# PHASES: which parts run (all by default): h1 h2 rate newconn conns.
-PHASES="${PHASES:-h1 h2 rate newconn conns}"
+# PHASES: which parts run (all by default): h1 h2 rate newconn conns ledger.
+PHASES="${PHASES:-h1 h2 rate newconn conns ledger}"
 phase() { [[ " $PHASES " == *" $1 "* ]]; }
 RESULT_JSON="${RESULT_JSON:-$repo/bench/results/proxy-$(date -u +%Y-%m-%d).json}"
 
@@ -466,7 +475,7 @@ start_sigil_pair() {
     local name="$1" in_port="$2" in2_port="$3" out_port="$4" with_ledger="$5"
     local d="$work/sigil" td=bench.local ledger_in=() ledger_out=()
     if ((with_ledger)); then
-        ledger_in=(--ledger "$d/ledger-$name-server.jsonl"); ledger_out=(--ledger "$d/ledger-$name-client.jsonl")
+        ledger_in=(--ledger "$LEDGER_DIR/ledger-$name-server.jsonl"); ledger_out=(--ledger "$LEDGER_DIR/ledger-$name-client.jsonl")
     fi
     "$SIGIL" proxy run --workload-api "unix://$d/agent.sock" --spiffe-id "spiffe://$td/ns/bench/sa/server" \
         --inbound "127.0.0.1:$in_port" --app "127.0.0.1:$port_backend" \
@@ -555,10 +564,13 @@ sigil_build="unknown"
 if [ -z "${SIGIL:-}" ]; then
     if [ -x .build/release/sigil ]; then
         SIGIL="$repo/.build/release/sigil"
-        if [ -x .build/debug/sigil ] && [ .build/debug/sigil -nt .build/release/sigil ]; then
-            note "note: .build/debug/sigil is newer than .build/release/sigil; the release build may be stale"
-            note "      (swift build -c release --product sigil)"
-        fi
+        # `sigil proxy run` runs the sigil-proxy binary beside it: both must be current.
+        for bin in sigil sigil-proxy; do
+            if [ -x ".build/debug/$bin" ] && { [ ! -x ".build/release/$bin" ] || [ ".build/debug/$bin" -nt ".build/release/$bin" ]; }; then
+                note "note: .build/debug/$bin is newer than .build/release/$bin; the release build may be stale"
+                note "      (swift build -c release --product sigil && swift build -c release --product sigil-proxy)"
+            fi
+        done
     else
         SIGIL="$repo/.build/debug/sigil"
     fi
@@ -583,6 +595,7 @@ if ((busy_before > 15)); then
 fi
 
 work="$(mktemp -d /tmp/sigil-bench-proxy.XXXXXX)"
+[ -n "$LEDGER_DIR" ] || LEDGER_DIR="$work/sigil"
 chmod 755 "$work"
 mkdir -p "$work/runs"
 : > "$work/runs.tsv"; : > "$work/rss.tsv"
@@ -680,24 +693,25 @@ if [ "${PROFILE:-}" = syscalls ]; then
     exit 0
 fi
 if [ -n "${PROFILE:-}" ]; then
-    [[ " ${systems[*]} " == *" sigil "* ]] || { echo "PROFILE needs the sigil pair: $sigil_skip" >&2; exit 1; }
+    psys="${PROFILE_SYSTEM:-sigil}"  # or sigil-noledger
+    [[ " ${systems[*]} " == *" $psys "* ]] || { echo "PROFILE needs the $psys pair: $sigil_skip" >&2; exit 1; }
     command -v perf >/dev/null || { echo "PROFILE needs perf (apt-get install linux-perf)" >&2; exit 1; }
-    log "perf record: both sigil proxies, ${DURATION}s of ${PROFILE} at 64 connections"
-    perf record -F 499 -g -o "$work/perf.data" -p "${pair_server[sigil]},${pair_client[sigil]}" \
+    log "perf record: both $psys proxies, ${DURATION}s of ${PROFILE} at 64 connections"
+    perf record -F 499 -g -o "$work/perf.data" -p "${pair_server[$psys]},${pair_client[$psys]}" \
         -- sleep "$((DURATION + 1))" 2>"$work/perf.log" &
     perf_pid=$!
     sleep 0.5
     if [ "$PROFILE" = h2 ]; then
-        h2load -t1 -c64 -m1 -D "$DURATION" "${h2url[sigil]}" | grep -E "^(finished|requests)" >&2
+        h2load -t1 -c64 -m1 -D "$DURATION" "${h2url[$psys]}" | grep -E "^(finished|requests)" >&2
     elif [ "$PROFILE" = newconn ]; then
-        wrk -t1 -c16 -d"${DURATION}s" -H "Connection: close" "${url[sigil]}" | grep -E "Requests/sec" >&2
+        wrk -t1 -c16 -d"${DURATION}s" -H "Connection: close" "${url[$psys]}" | grep -E "Requests/sec" >&2
     else
-        wrk -t1 -c64 -d"${DURATION}s" "${url[sigil]}" | grep -E "Requests/sec" >&2
+        wrk -t1 -c64 -d"${DURATION}s" "${url[$psys]}" | grep -E "Requests/sec" >&2
     fi
     wait "$perf_pid" || true
     for side in server client; do
-        pid="${pair_server[sigil]}"; [ "$side" = client ] && pid="${pair_client[sigil]}"
-        echo "## sigil $side proxy (pid $pid): self time, symbols ≥ 0.7 %"
+        pid="${pair_server[$psys]}"; [ "$side" = client ] && pid="${pair_client[$psys]}"
+        echo "## $psys $side proxy (pid $pid): self time, symbols ≥ 0.7 %"
         perf report -i "$work/perf.data" --pid "$pid" --no-children --sort symbol --percent-limit 0.7 --stdio -g none 2>/dev/null \
             | grep -v '^#' | grep -v '^$' | cut -c1-160 | head -45
         echo
@@ -793,6 +807,25 @@ print(f"{len(t)} requests, p50 {t[len(t)//2]} µs, p99 {t[int(len(t)*0.99)]} µs
 done
 fi
 
+if phase ledger && usable sigil "ledger pairs" && usable sigil-noledger "ledger pairs"; then
+log "ledger cost: sigil and sigil-noledger back to back, $LEDGER_PAIRS pairs × ${LEDGER_DURATION}s at 64 connections"
+: > "$work/ledger.tsv"
+for pair in $(seq "$LEDGER_PAIRS"); do
+    order=(sigil sigil-noledger)
+    ((pair % 2 == 0)) && order=(sigil-noledger sigil)
+    line=""
+    for sys in "${order[@]}"; do
+        out="$work/runs/ledger-$sys-$pair.txt"
+        p0="$(cpu_ticks ${proxy_pids[$sys]})"
+        wrk -t1 -c64 -d"${LEDGER_DURATION}s" "${url[$sys]}" > "$out" 2>&1 || true
+        p1="$(cpu_ticks ${proxy_pids[$sys]})" || p1=""
+        printf '%s\t%s\t%s\t%s\n' "$pair" "$sys" "${p1:+$((p1 - p0))}" "$out" >> "$work/ledger.tsv"
+        line+="$(printf '%-14s %9s req/s   ' "$sys" "$(awk '/Requests\/sec/ {print $2}' "$out")")"
+    done
+    note "ledger pair $pair  $line"
+done
+fi
+
 if phase newconn; then
 log "new connections (wrk -c16, Connection: close): one full mTLS handshake between the proxies per request"
 : > "$work/newconn.tsv"
@@ -827,7 +860,7 @@ sleep "$IDLE_WAIT"
 record_all_rss idle-after
 
 ledger_rows=""
-for f in "$work"/sigil/ledger-*.jsonl; do
+for f in "$LEDGER_DIR"/ledger-*.jsonl; do
     [ -f "$f" ] && ledger_rows+="$(basename "$f")=$(wc -l < "$f") "
 done
 
