@@ -44,10 +44,11 @@
 #   client connections held open (bench/hold_conns.py), at the end of the HTTP/1.1 runs, idle again
 #   IDLE_WAIT seconds after everything, and VmHWM (peak).
 # - sigil-noledger: the same pair without --ledger (LEDGER_OFF_PAIR=0 skips it): what the ledger costs.
-#   The ledger phase measures that cost on its own: LEDGER_PAIRS (10) pairs of LEDGER_DURATION (5) s
-#   wrk runs at 64 connections, sigil and sigil-noledger back to back (the order alternating), so
-#   each pair sees the same machine; the cost is the median of the pairs' req/s differences, and the
-#   proxies' CPU per request beside it. LEDGER_DIR puts the spools elsewhere (e.g. /dev/shm).
+#   The ledger phase measures that cost on its own: LEDGER_PAIRS (10) runs of LEDGER_DURATION (5) s,
+#   each with wrk -c64 on sigil and on sigil-noledger at the same time, so both see the same machine
+#   at every moment and the one that needs more CPU per request completes fewer requests; the cost
+#   is the median over runs of 1 − sigil req/s ÷ sigil-noledger req/s, and the proxies' CPU per
+#   request beside it. LEDGER_DIR puts the spools elsewhere (e.g. /dev/shm).
 # - Everything listens on 127.0.0.1 on free ports; every process started here is stopped on exit.
 #
 #   bash bench/proxy.sh                       # defaults (~17 min on 2 vCPUs)
@@ -808,21 +809,26 @@ done
 fi
 
 if phase ledger && usable sigil "ledger pairs" && usable sigil-noledger "ledger pairs"; then
-log "ledger cost: sigil and sigil-noledger back to back, $LEDGER_PAIRS pairs × ${LEDGER_DURATION}s at 64 connections"
+log "ledger cost: sigil and sigil-noledger loaded at the same time, $LEDGER_PAIRS runs × ${LEDGER_DURATION}s at 64 connections each"
 : > "$work/ledger.tsv"
 for pair in $(seq "$LEDGER_PAIRS"); do
-    order=(sigil sigil-noledger)
-    ((pair % 2 == 0)) && order=(sigil-noledger sigil)
+    # Both pairs under load at once share the same machine, second by second: the one that needs
+    # more CPU per request completes fewer requests, and the machine's drift moves both alike.
+    declare -A t0=()
+    for sys in sigil sigil-noledger; do t0[$sys]="$(cpu_ticks ${proxy_pids[$sys]})"; done
+    wrk -t1 -c64 -d"${LEDGER_DURATION}s" "${url[sigil]}" > "$work/runs/ledger-sigil-$pair.txt" 2>&1 &
+    w1=$!
+    wrk -t1 -c64 -d"${LEDGER_DURATION}s" "${url[sigil-noledger]}" > "$work/runs/ledger-sigil-noledger-$pair.txt" 2>&1 &
+    w2=$!
+    wait "$w1" "$w2" || true
     line=""
-    for sys in "${order[@]}"; do
+    for sys in sigil sigil-noledger; do
         out="$work/runs/ledger-$sys-$pair.txt"
-        p0="$(cpu_ticks ${proxy_pids[$sys]})"
-        wrk -t1 -c64 -d"${LEDGER_DURATION}s" "${url[$sys]}" > "$out" 2>&1 || true
         p1="$(cpu_ticks ${proxy_pids[$sys]})" || p1=""
-        printf '%s\t%s\t%s\t%s\n' "$pair" "$sys" "${p1:+$((p1 - p0))}" "$out" >> "$work/ledger.tsv"
+        printf '%s\t%s\t%s\t%s\n' "$pair" "$sys" "${p1:+$((p1 - t0[$sys]))}" "$out" >> "$work/ledger.tsv"
         line+="$(printf '%-14s %9s req/s   ' "$sys" "$(awk '/Requests\/sec/ {print $2}' "$out")")"
     done
-    note "ledger pair $pair  $line"
+    note "ledger run $pair  $line"
 done
 fi
 
