@@ -103,6 +103,18 @@ public struct LedgerRecord: Sendable, Hashable {
     /// Every field that belongs to the row itself (`,"time":…` to `,"detail":…`), in the fixed
     /// order, without `seq` and `prev`: what a writer can serialize before it takes its chain's lock.
     public func appendBody(to out: inout [UInt8]) {
+        Self.appendBody(to: &out, kind: kind, timeMicros: timeMicros, source: source, destination: destination,
+                        peerSerial: peerSerial, sourceIP: sourceIP, port: port, proto: proto, method: method, path: path,
+                        host: host, status: status, decision: decision, policy: policy, rule: rule, mtls: mtls,
+                        bytesIn: bytesIn, bytesOut: bytesOut, durationMicros: durationMicros, detail: detail)
+    }
+
+    /// ``appendBody(to:)`` from the fields themselves, without a record: the proxy serializes a
+    /// request's row straight from what it knows about the request into its loop's batch buffer.
+    public static func appendBody(to out: inout [UInt8], kind: Kind, timeMicros: Int64, source: String?, destination: String?,
+                                  peerSerial: String?, sourceIP: String?, port: Int?, proto: String?, method: String?, path: String?,
+                                  host: String?, status: Int?, decision: String?, policy: String?, rule: Int?, mtls: Bool,
+                                  bytesIn: Int, bytesOut: Int, durationMicros: Int64, detail: String?) {
         func raw(_ text: StaticString) { JSONText.appendRaw(text, to: &out) }
         func string(_ key: StaticString, _ value: String?) {
             raw(key)

@@ -155,7 +155,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
     func channelInactive(context: ChannelHandlerContext) {
         if var active {
             active.facts.status = active.facts.status ?? 499
-            environment.record(active.facts.ledgerRow(peer: peer, detail: active.detail ?? "client closed the connection before the response completed", environment: environment))
+            environment.record(active.facts, peer: peer, detail: active.detail ?? "client closed the connection before the response completed")
             self.active = nil
         }
         if let app {
@@ -370,8 +370,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
         }
         // The row is in the spool file before the response's last bytes are flushed: a client
         // that saw the response complete has its row even if the proxy is killed right after.
-        let row = active.facts.ledgerRow(peer: peer, detail: detail, environment: environment)
-        if environment.recordBeforeFlush(row, on: context.eventLoop, waiter: self) {
+        if environment.recordBeforeFlush(active.facts, peer: peer, detail: detail, on: context.eventLoop, waiter: self) {
             rowPending = true
         } else {
             release(context: context)

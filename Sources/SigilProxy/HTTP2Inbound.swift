@@ -98,7 +98,7 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink, LedgerRo
     func channelInactive(context: ChannelHandlerContext) {
         if !done, var facts {
             facts.status = facts.status ?? 499
-            environment.record(facts.ledgerRow(peer: peer, detail: "stream closed before the response completed", environment: environment))
+            environment.record(facts, peer: peer, detail: "stream closed before the response completed")
             done = true
         }
         if let app {
@@ -265,7 +265,6 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink, LedgerRo
             self.app = nil
             environment.pools.pool(for: context.eventLoop).release(app)
         }
-        let row = facts.ledgerRow(peer: peer, detail: detail, environment: environment)
-        rowPending = environment.recordBeforeFlush(row, on: context.eventLoop, waiter: self)
+        rowPending = environment.recordBeforeFlush(facts, peer: peer, detail: detail, on: context.eventLoop, waiter: self)
     }
 }

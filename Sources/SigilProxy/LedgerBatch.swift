@@ -18,22 +18,30 @@ protocol LedgerRowWaiter: AnyObject {
 final class LedgerBatch: @unchecked Sendable {
     let loop: any EventLoop
     private let spool: LedgerSpool
-    private var bodies: [[UInt8]] = []
+    /// The bodies of the collected rows, back to back; `ends[i]` is where row i ends. Both are
+    /// reused from one iteration to the next, so a busy loop does not allocate for its rows.
+    private var buffer: [UInt8] = []
+    private var ends: [Int] = []
     private var waiters: [any LedgerRowWaiter] = []
+    /// The waiters being released (swapped with `waiters`: a release may add a row).
+    private var releasing: [any LedgerRowWaiter] = []
     private var scheduled = false
 
     init(loop: any EventLoop, spool: LedgerSpool) {
         self.loop = loop
         self.spool = spool
+        buffer.reserveCapacity(16 * 1024)
+        ends.reserveCapacity(32)
+        waiters.reserveCapacity(32)
+        releasing.reserveCapacity(32)
     }
 
-    /// Adds a completed request's row; `waiter` hears when it is in the file.
-    func add(_ row: LedgerRecord, waiter: any LedgerRowWaiter) {
+    /// Adds a completed request's row, serialized by `body` (a ``LedgerRecord`` body) straight
+    /// into the batch's buffer; `waiter` hears when it is in the file.
+    func add(waiter: any LedgerRowWaiter, body: (inout [UInt8]) -> Void) {
         loop.assertInEventLoop()
-        var body: [UInt8] = []
-        body.reserveCapacity(512)
-        row.appendBody(to: &body)
-        bodies.append(body)
+        body(&buffer)
+        ends.append(buffer.count)
         waiters.append(waiter)
         if !scheduled {
             scheduled = true
@@ -41,20 +49,34 @@ final class LedgerBatch: @unchecked Sendable {
         }
     }
 
+    /// Adds a row already built as a record.
+    func add(_ row: LedgerRecord, waiter: any LedgerRowWaiter) {
+        add(waiter: waiter) { row.appendBody(to: &$0) }
+    }
+
     /// Writes every collected row now and releases their responses. Also for a handler that
     /// must flush before the iteration ends (a connection refused after a completed response).
     func writeNow() {
         loop.assertInEventLoop()
         scheduled = false
-        guard !bodies.isEmpty else { return }
-        let bodies = self.bodies
-        let waiters = self.waiters
-        self.bodies = []
-        self.waiters = []
-        spool.append(bodies: bodies)
+        guard !ends.isEmpty else { return }
+        spool.append(bodies: RowBodies(buffer: buffer, ends: ends))
+        buffer.removeAll(keepingCapacity: true)
+        ends.removeAll(keepingCapacity: true)
+        swap(&waiters, &releasing)
         // Even a row the full spool could only hold in memory (or drop: counted and logged)
         // releases its response: the request was admitted before the spool filled.
-        for waiter in waiters { waiter.ledgerRowWritten() }
+        for waiter in releasing { waiter.ledgerRowWritten() }
+        releasing.removeAll(keepingCapacity: true)
+    }
+
+    /// The rows of one batch as slices of its buffer (no copy).
+    struct RowBodies: RandomAccessCollection {
+        let buffer: [UInt8]
+        let ends: [Int]
+        var startIndex: Int { 0 }
+        var endIndex: Int { ends.count }
+        subscript(i: Int) -> ArraySlice<UInt8> { buffer[(i == 0 ? 0 : ends[i - 1])..<ends[i]] }
     }
 }
 

@@ -143,11 +143,12 @@ public final class LedgerSpool: Sendable {
         return append(bodies: CollectionOfOne(body)).outcome
     }
 
-    /// Chains rows (bodies from ``LedgerRecord/appendBody(to:)``, oldest first) and writes them
+    /// Chains rows (bodies as ``LedgerRecord/appendBody(to:)`` writes them, oldest first) and writes them
     /// all with one `write` before returning: the proxy's event loops hand over every row completed
     /// in one loop iteration at once. Returns the last row's outcome and how many were written.
     @discardableResult
-    public func append<Bodies: Collection>(bodies: Bodies) -> (outcome: Outcome, written: Int) where Bodies.Element == [UInt8] {
+    public func append<Bodies: Collection>(bodies: Bodies) -> (outcome: Outcome, written: Int)
+    where Bodies.Element: Collection, Bodies.Element.Element == UInt8 {
         guard !bodies.isEmpty else { return (.written, 0) }
         let writer = self.writer
         let fd = self.fd
@@ -170,7 +171,7 @@ public final class LedgerSpool: Sendable {
                         outcome = .written
                     } else if s.held.count < capacity {
                         s.full = true
-                        s.held.append(body)
+                        s.held.append(Array(body))
                         held += 1
                         outcome = .held
                     } else {
@@ -205,8 +206,8 @@ public final class LedgerSpool: Sendable {
     /// Chains `bodies` as the next rows and writes them with one `write`. On a failed or partial
     /// write, or rows that would take the file past `maxSize`, the file goes back to its last
     /// whole row and the chain state stays as it was. Under the state lock.
-    private static func writeRows<Bodies: Collection>(_ bodies: Bodies, writer: String, fd: Int32, maxSize: Int,
-                                                      into s: inout State) -> Bool where Bodies.Element == [UInt8] {
+    private static func writeRows<Bodies: Collection>(_ bodies: Bodies, writer: String, fd: Int32, maxSize: Int, into s: inout State) -> Bool
+    where Bodies.Element: Collection, Bodies.Element.Element == UInt8 {
         s.line.removeAll(keepingCapacity: true)
         var seq = s.seq
         var prev = s.hash

@@ -39,17 +39,28 @@ final class ProxyEnvironment: Sendable {
         ledger?.append(row)
     }
 
+    /// Writes a request's row into the spool now (a request that ended without a response to hold).
+    func record(_ facts: RequestFacts, peer: PeerInfo, detail: String?) {
+        guard let ledger else { return }
+        var body: [UInt8] = []
+        body.reserveCapacity(512)
+        facts.appendLedgerBody(peer: peer, detail: detail, port: appPort, to: &body)
+        ledger.append(bodies: CollectionOfOne(body))
+    }
+
     /// Records a completed request's row before its response is released. True: the row waits
     /// for the end of this loop iteration (one `write` for all rows completed in it) and the
     /// caller must not flush the response until `waiter.ledgerRowWritten()`. False: nothing
-    /// waits (no ledger, or a loop without a batch: written now); flush at once.
-    func recordBeforeFlush(_ row: LedgerRecord, on loop: any EventLoop, waiter: any LedgerRowWaiter) -> Bool {
-        guard let ledger else { return false }
+    /// waits (no ledger: no row is built; or a loop without a batch: written now); flush at once.
+    func recordBeforeFlush(_ facts: RequestFacts, peer: PeerInfo, detail: String?, on loop: any EventLoop,
+                           waiter: any LedgerRowWaiter) -> Bool {
+        guard ledger != nil else { return false }
         guard let batch = batches?.batch(for: loop) else {
-            ledger.append(row)
+            record(facts, peer: peer, detail: detail)
             return false
         }
-        batch.add(row, waiter: waiter)
+        let port = appPort
+        batch.add(waiter: waiter) { facts.appendLedgerBody(peer: peer, detail: detail, port: port, to: &$0) }
         return true
     }
 
@@ -137,13 +148,15 @@ struct RequestFacts {
         environment.metrics.request(allowed: decision.allowed)
     }
 
-    func ledgerRow(peer: PeerInfo, detail: String? = nil, environment: ProxyEnvironment) -> LedgerRecord {
-        LedgerRecord(kind: .request, timeMicros: startMicros, source: peer.spiffeID, destination: peer.ownID,
-                     peerSerial: peer.serial, sourceIP: peer.sourceIP, port: environment.appPort, proto: proto,
-                     method: method, path: path, host: host, status: status,
-                     decision: decision.allowed ? "allow" : "deny", policy: decision.policy, rule: decision.rule,
-                     mtls: peer.mtls, bytesIn: bytesIn, bytesOut: bytesOut,
-                     durationMicros: (NIODeadline.now() - start).nanoseconds / 1000, detail: detail)
+    /// The request's row body (``LedgerRecord/appendBody(to:)``'s bytes) written straight from
+    /// these facts: the hot path, no record of Strings built first.
+    func appendLedgerBody(peer: PeerInfo, detail: String?, port: Int, to out: inout [UInt8]) {
+        LedgerRecord.appendBody(to: &out, kind: .request, timeMicros: startMicros, source: peer.spiffeID, destination: peer.ownID,
+                                peerSerial: peer.serial, sourceIP: peer.sourceIP, port: port, proto: proto,
+                                method: method, path: path, host: host, status: status,
+                                decision: decision.allowed ? "allow" : "deny", policy: decision.policy, rule: decision.rule,
+                                mtls: peer.mtls, bytesIn: bytesIn, bytesOut: bytesOut,
+                                durationMicros: (NIODeadline.now() - start).nanoseconds / 1000, detail: detail)
     }
 }
 

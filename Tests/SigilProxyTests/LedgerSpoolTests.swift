@@ -167,6 +167,19 @@ struct LedgerSpoolTests {
         let seen = try later.wait()
         #expect(seen == Array(repeating: [5], count: 5))  // each released once, with all five rows in the file
         #expect(try checkChain(path, from: 1, prev: String(repeating: "0", count: 64)).count == 5)
+        // The next iteration reuses the batch's buffer: its rows are whole and follow in order,
+        // and a waiter released in it hears of its own rows only.
+        let second = try loop.submit { () -> EventLoopFuture<[[Int]]> in
+            let batch = batches.batch(for: loop)!
+            let watchers = (0..<3).map { _ in FileWatcher(path: path) }
+            for (i, watcher) in watchers.enumerated() {
+                batch.add(waiter: watcher) { self.row("/second/\(i)").appendBody(to: &$0) }
+            }
+            return loop.submit { watchers.map(\.linesSeen) }
+        }.wait().wait()
+        #expect(second == Array(repeating: [8], count: 3))
+        let rows = try checkChain(path, from: 1, prev: String(repeating: "0", count: 64))
+        #expect(rows.map { $0["path"] as? String } == (0..<5).map { "/\($0)" } + (0..<3).map { "/second/\($0)" })
     }
 
     @Test("at its size limit the spool is full: rows are held, then dropped, and the file never passes the limit")
