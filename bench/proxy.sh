@@ -48,7 +48,11 @@
 #   each with wrk -c64 on sigil and on sigil-noledger at the same time, so both see the same machine
 #   at every moment and the one that needs more CPU per request completes fewer requests; the cost
 #   is the median over runs of 1 − sigil req/s ÷ sigil-noledger req/s, and the proxies' CPU per
-#   request beside it. LEDGER_DIR puts the spools elsewhere (e.g. /dev/shm).
+#   request beside it. LEDGER_DIR puts the spools elsewhere (e.g. /dev/shm). LEDGER_AA=1 starts the
+#   "sigil" pair without the ledger too: an A/A run that shows the phase's own bias (should be ~0).
+#   LEDGER_PIN=1 pins each pair's proxies to a CPU of their own (swapped every run); wrk and the
+#   backend still float, so the proxies are not always CPU-bound and the req/s cost reads lower
+#   than the CPU-per-request ratio (the unpinned run is the stricter figure).
 # - Everything listens on 127.0.0.1 on free ports; every process started here is stopped on exit.
 #
 #   bash bench/proxy.sh                       # defaults (~17 min on 2 vCPUs)
@@ -464,7 +468,7 @@ spec:
         principals: ["bench.local/ns/bench/sa/client"]
 EOF
 
-    start_sigil_pair sigil "$port_sigil_in" "$port_sigil_in2" "$port_sigil_out" "$sigil_ledger" || return 1
+    start_sigil_pair sigil "$port_sigil_in" "$port_sigil_in2" "$port_sigil_out" "$((sigil_ledger && ! ${LEDGER_AA:-0}))" || return 1
     sigil_server_pid="${pair_server[sigil]}"; sigil_client_pid="${pair_client[sigil]}"
 }
 
@@ -675,18 +679,19 @@ for sys in "${systems[@]}"; do wrk -t1 -c64 -d"${WARMUP}s" "${url[$sys]}" >/dev/
 # system calls per request by kind (strace slows the proxies; the counts are what matter).
 if [ "${PROFILE:-}" = syscalls ]; then
     command -v strace >/dev/null || { echo "PROFILE=syscalls needs strace (apt-get install strace)" >&2; exit 1; }
+    psys="${PROFILE_SYSTEM:-sigil}"  # or sigil-noledger
     tracers=()
     for side in server client; do
-        pid="${pair_server[sigil]}"; [ "$side" = client ] && pid="${pair_client[sigil]}"
+        pid="${pair_server[$psys]}"; [ "$side" = client ] && pid="${pair_client[$psys]}"
         strace -c -f -qq -p "$pid" -o "$work/strace-$side.txt" &
         tracers+=($!)
     done
     sleep 1
-    requests="$(wrk -t1 -c64 -d5s "${url[sigil]}" | awk '/requests in/ {print $1}')"
+    requests="$(wrk -t1 -c64 -d5s "${url[$psys]}" | awk '/requests in/ {print $1}')"
     kill -INT "${tracers[@]}" 2>/dev/null || true
     wait "${tracers[@]}" 2>/dev/null || true
     for side in server client; do
-        echo "## sigil $side proxy: system calls per request ($requests requests)"
+        echo "## $psys $side proxy: system calls per request ($requests requests)"
         awk -v n="$requests" '$NF ~ /^[a-z_0-9]+$/ && $4 ~ /^[0-9]+$/ && $NF != "total" {printf "%-16s %6.2f\n", $NF, $4 / n}' \
             "$work/strace-$side.txt" | sort -k2 -nr | head -12
         echo
@@ -809,12 +814,21 @@ done
 fi
 
 if phase ledger && usable sigil "ledger pairs" && usable sigil-noledger "ledger pairs"; then
-log "ledger cost: sigil and sigil-noledger loaded at the same time, $LEDGER_PAIRS runs × ${LEDGER_DURATION}s at 64 connections each"
+ledger_pin=0
+if [ "${LEDGER_PIN:-0}" = 1 ] && [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then ledger_pin=1; fi
+log "ledger cost: sigil and sigil-noledger loaded at the same time, $LEDGER_PAIRS runs × ${LEDGER_DURATION}s at 64 connections each$( ((ledger_pin)) && echo ", each pair's proxies pinned to a CPU of their own (swapped every run)")"
 : > "$work/ledger.tsv"
 for pair in $(seq "$LEDGER_PAIRS"); do
     # Both pairs under load at once share the same machine, second by second: the one that needs
     # more CPU per request completes fewer requests, and the machine's drift moves both alike.
     declare -A t0=()
+    if ((ledger_pin)); then
+        # Each pair's two proxies on a CPU of their own (swapped every run): neither pair's load
+        # changes how the scheduler slices the other's, so the req/s ratio is the CPU-per-request ratio.
+        mine=$((pair % 2))
+        for p in ${proxy_pids[sigil]}; do taskset -a -p -c "$mine" "$p" >/dev/null; done
+        for p in ${proxy_pids[sigil-noledger]}; do taskset -a -p -c "$((1 - mine))" "$p" >/dev/null; done
+    fi
     for sys in sigil sigil-noledger; do t0[$sys]="$(cpu_ticks ${proxy_pids[$sys]})"; done
     wrk -t1 -c64 -d"${LEDGER_DURATION}s" "${url[sigil]}" > "$work/runs/ledger-sigil-$pair.txt" 2>&1 &
     w1=$!

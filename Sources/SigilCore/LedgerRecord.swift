@@ -102,51 +102,54 @@ public struct LedgerRecord: Sendable, Hashable {
 
     /// Every field that belongs to the row itself (`,"time":…` to `,"detail":…`), in the fixed
     /// order, without `seq` and `prev`: what a writer can serialize before it takes its chain's lock.
+    /// The proxy writes the same bytes part by part (``appendBodyStart(to:kind:timeMicros:)``,
+    /// ``appendBodyParties(to:source:destination:peerSerial:sourceIP:port:)`` once per connection,
+    /// ``appendBodyRest(to:proto:method:path:host:status:decision:policy:rule:mtls:bytesIn:bytesOut:durationMicros:detail:)``).
     public func appendBody(to out: inout [UInt8]) {
-        Self.appendBody(to: &out, kind: kind, timeMicros: timeMicros, source: source, destination: destination,
-                        peerSerial: peerSerial, sourceIP: sourceIP, port: port, proto: proto, method: method, path: path,
-                        host: host, status: status, decision: decision, policy: policy, rule: rule, mtls: mtls,
-                        bytesIn: bytesIn, bytesOut: bytesOut, durationMicros: durationMicros, detail: detail)
+        Self.appendBodyStart(to: &out, kind: kind, timeMicros: timeMicros)
+        Self.appendBodyParties(to: &out, source: source, destination: destination, peerSerial: peerSerial, sourceIP: sourceIP, port: port)
+        Self.appendBodyRest(to: &out, proto: proto, method: method, path: path, host: host, status: status, decision: decision,
+                            policy: policy, rule: rule, mtls: mtls, bytesIn: bytesIn, bytesOut: bytesOut,
+                            durationMicros: durationMicros, detail: detail)
     }
 
-    /// ``appendBody(to:)`` from the fields themselves, without a record: the proxy serializes a
-    /// request's row straight from what it knows about the request into its loop's batch buffer.
-    public static func appendBody(to out: inout [UInt8], kind: Kind, timeMicros: Int64, source: String?, destination: String?,
-                                  peerSerial: String?, sourceIP: String?, port: Int?, proto: String?, method: String?, path: String?,
-                                  host: String?, status: Int?, decision: String?, policy: String?, rule: Int?, mtls: Bool,
-                                  bytesIn: Int, bytesOut: Int, durationMicros: Int64, detail: String?) {
-        func raw(_ text: StaticString) { JSONText.appendRaw(text, to: &out) }
-        func string(_ key: StaticString, _ value: String?) {
-            raw(key)
-            if let value { JSONText.appendString(value, to: &out) } else { raw("null") }
-        }
-        func number(_ key: StaticString, _ value: Int?) {
-            raw(key)
-            if let value { JSONText.appendDecimal(Int64(value), to: &out) } else { raw("null") }
-        }
-        raw(",\"time\":\"")
+    /// The body's first part: `,"time":…,"kind":…`.
+    public static func appendBodyStart(to out: inout [UInt8], kind: Kind, timeMicros: Int64) {
+        JSONText.appendRaw(",\"time\":\"", to: &out)
         RFC3339.append(micros: timeMicros, to: &out)
         out.append(0x22)
-        string(",\"kind\":", kind.rawValue)
-        string(",\"source\":", source)
-        string(",\"destination\":", destination)
-        string(",\"peer_serial\":", peerSerial)
-        string(",\"source_ip\":", sourceIP)
-        number(",\"port\":", port)
-        string(",\"protocol\":", proto)
-        string(",\"method\":", method)
-        string(",\"path\":", path)
-        string(",\"host\":", host)
-        number(",\"status\":", status)
-        string(",\"decision\":", decision)
-        string(",\"policy\":", policy)
-        number(",\"rule\":", rule)
-        raw(mtls ? ",\"mtls\":true" : ",\"mtls\":false")
-        number(",\"bytes_in\":", bytesIn)
-        number(",\"bytes_out\":", bytesOut)
-        raw(",\"duration_us\":")
+        JSONText.appendField(",\"kind\":", kind.rawValue, to: &out)
+    }
+
+    /// The body's second part, who called whom: `,"source":…` to `,"port":…`. The same for every
+    /// request of one connection: a proxy serializes it once per connection.
+    public static func appendBodyParties(to out: inout [UInt8], source: String?, destination: String?, peerSerial: String?,
+                                         sourceIP: String?, port: Int?) {
+        JSONText.appendField(",\"source\":", source, to: &out)
+        JSONText.appendField(",\"destination\":", destination, to: &out)
+        JSONText.appendField(",\"peer_serial\":", peerSerial, to: &out)
+        JSONText.appendField(",\"source_ip\":", sourceIP, to: &out)
+        JSONText.appendField(",\"port\":", port, to: &out)
+    }
+
+    /// The body's last part: `,"protocol":…` to `,"detail":…`.
+    public static func appendBodyRest(to out: inout [UInt8], proto: String?, method: String?, path: String?, host: String?,
+                                      status: Int?, decision: String?, policy: String?, rule: Int?, mtls: Bool,
+                                      bytesIn: Int, bytesOut: Int, durationMicros: Int64, detail: String?) {
+        JSONText.appendField(",\"protocol\":", proto, to: &out)
+        JSONText.appendField(",\"method\":", method, to: &out)
+        JSONText.appendField(",\"path\":", path, to: &out)
+        JSONText.appendField(",\"host\":", host, to: &out)
+        JSONText.appendField(",\"status\":", status, to: &out)
+        JSONText.appendField(",\"decision\":", decision, to: &out)
+        JSONText.appendField(",\"policy\":", policy, to: &out)
+        JSONText.appendField(",\"rule\":", rule, to: &out)
+        JSONText.appendRaw(mtls ? ",\"mtls\":true" : ",\"mtls\":false", to: &out)
+        JSONText.appendField(",\"bytes_in\":", bytesIn, to: &out)
+        JSONText.appendField(",\"bytes_out\":", bytesOut, to: &out)
+        JSONText.appendRaw(",\"duration_us\":", to: &out)
         JSONText.appendDecimal(durationMicros, to: &out)
-        string(",\"detail\":", detail)
+        JSONText.appendField(",\"detail\":", detail, to: &out)
     }
 }
 
@@ -220,6 +223,18 @@ public enum JSONText {
     @inline(__always)
     public static func appendRaw(_ text: StaticString, to out: inout [UInt8]) {
         text.withUTF8Buffer { out.append(contentsOf: $0) }
+    }
+
+    /// `key` then the value as a JSON string, or `null`.
+    public static func appendField(_ key: StaticString, _ value: String?, to out: inout [UInt8]) {
+        appendRaw(key, to: &out)
+        if let value { appendString(value, to: &out) } else { appendRaw("null", to: &out) }
+    }
+
+    /// `key` then the value in decimal, or `null`.
+    public static func appendField(_ key: StaticString, _ value: Int?, to out: inout [UInt8]) {
+        appendRaw(key, to: &out)
+        if let value { appendDecimal(Int64(value), to: &out) } else { appendRaw("null", to: &out) }
     }
 
     /// A signed integer in decimal, without building a String.

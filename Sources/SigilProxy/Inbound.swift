@@ -176,6 +176,8 @@ enum ApplicationPipeline {
 
     static func configure(_ channel: any Channel, after handler: any ChannelHandler, peer: PeerInfo, alpn: String?,
                           firstBytes: ByteBuffer?, environment: ProxyEnvironment) throws {
+        var peer = peer
+        peer.prepareLedger(environment)
         let pipeline = channel.pipeline.syncOperations
         if environment.tcpMode {
             try pipeline.addHandler(TCPInbound.handler(peer: peer, environment: environment, channel: channel), position: .after(handler))

@@ -94,6 +94,21 @@ struct PeerInfo: Sendable {
     /// The `x-forwarded-client-cert` value for the app (mTLS peers only).
     var xfcc: String?
     var sni: String?
+    /// The ledger row's who-called-whom fields for this connection, serialized once
+    /// (``LedgerRecord/appendBodyParties(to:source:destination:peerSerial:sourceIP:port:)``);
+    /// empty: not prepared (no ledger).
+    var ledgerParties: [UInt8] = []
+
+    func appendLedgerParties(port: Int, to out: inout [UInt8]) {
+        LedgerRecord.appendBodyParties(to: &out, source: spiffeID, destination: ownID, peerSerial: serial, sourceIP: sourceIP, port: port)
+    }
+
+    /// Serializes ``ledgerParties`` when the proxy keeps a ledger.
+    mutating func prepareLedger(_ environment: ProxyEnvironment) {
+        guard environment.ledger != nil else { return }
+        ledgerParties.removeAll()
+        appendLedgerParties(port: environment.appPort, to: &ledgerParties)
+    }
 
     static func plaintext(channel: any Channel, ownID: String?) -> PeerInfo {
         PeerInfo(spiffeID: nil, principal: nil, serial: nil, sourceIP: channel.remoteAddress?.ipAddress,
@@ -149,14 +164,19 @@ struct RequestFacts {
     }
 
     /// The request's row body (``LedgerRecord/appendBody(to:)``'s bytes) written straight from
-    /// these facts: the hot path, no record of Strings built first.
+    /// these facts: the hot path, no record of Strings built first, and the connection's part
+    /// (who called whom) copied from ``PeerInfo/ledgerParties`` when it was serialized already.
     func appendLedgerBody(peer: PeerInfo, detail: String?, port: Int, to out: inout [UInt8]) {
-        LedgerRecord.appendBody(to: &out, kind: .request, timeMicros: startMicros, source: peer.spiffeID, destination: peer.ownID,
-                                peerSerial: peer.serial, sourceIP: peer.sourceIP, port: port, proto: proto,
-                                method: method, path: path, host: host, status: status,
-                                decision: decision.allowed ? "allow" : "deny", policy: decision.policy, rule: decision.rule,
-                                mtls: peer.mtls, bytesIn: bytesIn, bytesOut: bytesOut,
-                                durationMicros: (NIODeadline.now() - start).nanoseconds / 1000, detail: detail)
+        LedgerRecord.appendBodyStart(to: &out, kind: .request, timeMicros: startMicros)
+        if peer.ledgerParties.isEmpty {
+            peer.appendLedgerParties(port: port, to: &out)
+        } else {
+            out.append(contentsOf: peer.ledgerParties)
+        }
+        LedgerRecord.appendBodyRest(to: &out, proto: proto, method: method, path: path, host: host, status: status,
+                                    decision: decision.allowed ? "allow" : "deny", policy: decision.policy, rule: decision.rule,
+                                    mtls: peer.mtls, bytesIn: bytesIn, bytesOut: bytesOut,
+                                    durationMicros: (NIODeadline.now() - start).nanoseconds / 1000, detail: detail)
     }
 }
 

@@ -155,7 +155,7 @@ def test_every_completed_call_is_stored_once_after_server_kills(shipped):
     # proxy sent; no completed call may be missing.
     assert by_status[200] >= completed[200] and by_status[403] >= completed[403], (by_status, completed)
     assert by_status[200] + by_status[403] <= want + failed, (by_status, completed, failed)
-    assert all(r["source"] == WEB and r["mtls"] for r in inbound)
+    assert all(r["source"] == WEB and r["mtls"] and r["peer_serial"] and r["source_ip"] == "127.0.0.1" for r in inbound)
     assert {r["decision"] for r in inbound if r["status"] == 403} == {"deny"}
     # all four proxies' chains arrived (a caller's outbound writes its own rows), and the server's own
     assert len({r["writer"] for r in rows}) >= 5

@@ -115,6 +115,28 @@ struct LedgerSpoolTests {
         }
     }
 
+    @Test("a request row written part by part, the connection's part serialized once, is the record's body byte for byte")
+    func rowParts() {
+        let peer = PeerInfo(spiffeID: "spiffe://td/ns/a/sa/\"quoted\"\\x", principal: nil, serial: "0a1b", sourceIP: "127.0.0.1",
+                            destinationIP: nil, mtls: true, ownID: "spiffe://td/ns/b/sa/api", xfcc: nil, sni: nil)
+        var parties: [UInt8] = []
+        peer.appendLedgerParties(port: 8080, to: &parties)
+        let record = LedgerRecord(kind: .request, timeMicros: 1_700_000_000_123_456, source: peer.spiffeID, destination: peer.ownID,
+                                  peerSerial: "0a1b", sourceIP: "127.0.0.1", port: 8080, proto: "h2", method: "GET", path: "/a\tb",
+                                  host: nil, status: 200, decision: "allow", policy: "ns/p", rule: 0, mtls: true,
+                                  bytesIn: 3, bytesOut: 4, durationMicros: 5, detail: nil)
+        var expected: [UInt8] = []
+        record.appendBody(to: &expected)
+        var parts: [UInt8] = []
+        LedgerRecord.appendBodyStart(to: &parts, kind: .request, timeMicros: record.timeMicros)
+        parts.append(contentsOf: parties)
+        LedgerRecord.appendBodyRest(to: &parts, proto: "h2", method: "GET", path: "/a\tb", host: nil, status: 200, decision: "allow",
+                                    policy: "ns/p", rule: 0, mtls: true, bytesIn: 3, bytesOut: 4, durationMicros: 5, detail: nil)
+        #expect(parts == expected)
+        let text = String(decoding: expected, as: UTF8.self)
+        #expect(text.contains(#""source":"spiffe://td/ns/a/sa/\"quoted\"\\x","destination":"spiffe://td/ns/b/sa/api","peer_serial":"0a1b","source_ip":"127.0.0.1","port":8080,"protocol":"h2""#))
+    }
+
     @Test("a batch of rows is chained in order and written at once; at the size limit the rest is held")
     func batchAppend() throws {
         let path = tempFile()
