@@ -1,6 +1,7 @@
 // sigil-bench: measurements that are not tests. Run through bench/sign.sh (release build).
 //
 //   sigil-bench sign [--count N] [--batch B] [--seconds S]
+//   sigil-bench ledger-row [--count N]      (LedgerRow.swift: one ledger row's cost, step by step)
 //
 // Prints, on one core: the limit (one ECDSA P-256 verify + one sign with swift-crypto, per second)
 // and the end-to-end CA rate from CSRs (parse + verify CSR + build and sign the SVID + store the
@@ -192,7 +193,9 @@ case "fanout":
     try await runFanout()
 case "agent-sign":
     try await runAgentSign()
+case "ledger-row":
+    try runLedgerRow()
 default:
-    FileHandle.standardError.write(Data("usage: sigil-bench sign [--count N] [--batch B] [--seconds S]\n".utf8))
+    FileHandle.standardError.write(Data("usage: sigil-bench sign|phases|fanout|agent-sign|ledger-row [--count N] [--batch B] [--seconds S]\n".utf8))
     exit(2)
 }

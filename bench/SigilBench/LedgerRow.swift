@@ -1,0 +1,79 @@
+// sigil-bench ledger-row [--count N]: what one proxied request's ledger row costs on one core,
+// step by step, in the order the proxy pays it (docs/benchmarks.md, the ledger's cost):
+//   body      the row's fields as JSON (the connection's part serialized once, as the proxy does)
+//   chain     seq, prev, SHA-256 over the line and its hex (what the spool does under its lock);
+//             sha256 alone beside it
+//   write/N   one write(2) of N chained rows to an O_APPEND file on the work directory's disk, per row
+import Crypto
+import Foundation
+import SigilCore
+
+func runLedgerRow() throws {
+    let count = argument("--count", 200_000)
+    let source = "spiffe://bench.local/ns/bench/sa/client"
+    let destination = "spiffe://bench.local/ns/bench/sa/server"
+    var parties: [UInt8] = []
+    LedgerRecord.appendBodyParties(to: &parties, source: source, destination: destination,
+                                   peerSerial: "5f0c2a9be1d3477f8a6b0c1d2e3f4a5b6c7d8e9f", sourceIP: "127.0.0.1", port: 8080)
+    var body: [UInt8] = []
+    body.reserveCapacity(1024)
+    let start = Int64(Date().timeIntervalSince1970 * 1_000_000)
+    func serialize(_ i: Int) {
+        body.removeAll(keepingCapacity: true)
+        LedgerRecord.appendBodyStart(to: &body, kind: .request, timeMicros: start + Int64(i))
+        body.append(contentsOf: parties)
+        LedgerRecord.appendBodyRest(to: &body, proto: "http/1.1", method: "GET", path: "/", host: "127.0.0.1:8080", status: 200,
+                                    decision: "allow", policy: "bench/allow-client", rule: 0, mtls: true,
+                                    bytesIn: 0, bytesOut: 612, durationMicros: Int64(180 + i % 50), detail: nil)
+    }
+    let bodyTime = seconds { for i in 0..<count { serialize(i) } }
+
+    var line: [UInt8] = []
+    line.reserveCapacity(2048)
+    var prev = Array(String(repeating: "0", count: 64).utf8)
+    var next: [UInt8] = []
+    next.reserveCapacity(64)
+    func chain(_ seq: UInt64) {
+        let from = line.count
+        LedgerRecord.appendHead(to: &line, writer: destination, seq: seq)
+        line.append(contentsOf: body)
+        LedgerRecord.appendTail(to: &line, prev: prev)
+        let digest = SHA256.hash(data: line[from...])
+        next.removeAll(keepingCapacity: true)
+        digest.withUnsafeBytes { JSONText.appendHex($0, to: &next) }
+        JSONText.appendRaw(",\"hash\":\"", to: &line)
+        line.append(contentsOf: next)
+        JSONText.appendRaw("\"}\n", to: &line)
+        swap(&prev, &next)
+    }
+    serialize(0)
+    let chainTime = seconds { for i in 0..<count { line.removeAll(keepingCapacity: true); chain(UInt64(i + 1)) } }
+    let rowBytes = line.count
+    let hashOnly = seconds {
+        for _ in 0..<count { _ = SHA256.hash(data: line) }
+    }
+
+    let path = FileManager.default.currentDirectoryPath + "/.sigil-bench-ledger-\(getpid()).jsonl"
+    let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_TRUNC, 0o600)
+    guard fd >= 0 else { fatalError("cannot open \(path)") }
+    defer { close(fd); unlink(path) }
+    var writes: [(Int, Double)] = []
+    for batch in [1, 4, 16] {
+        line.removeAll(keepingCapacity: true)
+        for i in 0..<batch { chain(UInt64(i + 1)) }
+        let rounds = count / batch
+        let t = seconds {
+            for _ in 0..<rounds {
+                _ = line.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            }
+        }
+        _ = ftruncate(fd, 0)
+        writes.append((batch, t / Double(rounds * batch)))
+    }
+    func ns(_ s: Double) -> String { String(format: "%.0f", s * 1e9) }
+    print("ledger_row_bytes \(rowBytes)")
+    print("body_ns \(ns(bodyTime / Double(count)))")
+    print("chain_ns \(ns(chainTime / Double(count)))")
+    print("sha256_of_row_ns \(ns(hashOnly / Double(count)))")
+    for (batch, perRow) in writes { print("write_batch\(batch)_ns_per_row \(ns(perRow))") }
+}
