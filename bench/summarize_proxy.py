@@ -294,7 +294,12 @@ if costs:
     paired = {"pairs": len(costs), "cost_median": med(costs), "cost_min": min(costs), "cost_max": max(costs),
               "cpu_per_req_ratio_median": med(cpu),
               "sigil_rps_median": med([p["sigil"]["rps"] for p in ledger_pairs.values() if "sigil" in p]),
-              "noledger_rps_median": med([p["sigil-noledger"]["rps"] for p in ledger_pairs.values() if "sigil-noledger" in p])}
+              "noledger_rps_median": med([p["sigil-noledger"]["rps"] for p in ledger_pairs.values() if "sigil-noledger" in p]),
+              # the proxies' CPU per request under this load (both proxies of a pair), in µs
+              "sigil_cpu_us_per_req_median": med([p["sigil"]["proxy_cpu_us_per_req"] for p in ledger_pairs.values()
+                                                  if p.get("sigil", {}).get("proxy_cpu_us_per_req") is not None]),
+              "noledger_cpu_us_per_req_median": med([p["sigil-noledger"]["proxy_cpu_us_per_req"] for p in ledger_pairs.values()
+                                                     if p.get("sigil-noledger", {}).get("proxy_cpu_us_per_req") is not None])}
     goal("ledger cost in req/s (sigil vs sigil-noledger loaded together, HTTP/1.1, 64 conns each)", paired["cost_median"], "< 5 %",
          lambda v: v < 0.05,
          lambda v: f"{v * 100:.1f} % (median of {len(costs)} runs, range {paired['cost_min'] * 100:.1f}…{paired['cost_max'] * 100:.1f} %; "
@@ -340,7 +345,9 @@ for k, v in ledger_cost.items():
 if paired:
     print(f"ledger cost, {paired['pairs']} runs of both pairs loaded together at 64 conns each: median {paired['cost_median'] * 100:+.1f} % req/s "
           f"(range {paired['cost_min'] * 100:+.1f}…{paired['cost_max'] * 100:+.1f} %; sigil {paired['sigil_rps_median']:,.0f} vs "
-          f"{paired['noledger_rps_median']:,.0f} req/s), proxy CPU per request ×{paired['cpu_per_req_ratio_median']:.2f}")
+          f"{paired['noledger_rps_median']:,.0f} req/s), proxy CPU per request ×{paired['cpu_per_req_ratio_median']:.2f}"
+          + (f" ({paired['sigil_cpu_us_per_req_median']:.0f} vs {paired['noledger_cpu_us_per_req_median']:.0f} µs for both proxies)"
+             if paired["sigil_cpu_us_per_req_median"] and paired["noledger_cpu_us_per_req_median"] else ""))
 
 if rate:
     print()
