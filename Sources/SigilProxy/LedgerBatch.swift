@@ -23,7 +23,7 @@ final class LedgerBatch: @unchecked Sendable {
     private var buffer: [UInt8] = []
     private var ends: [Int] = []
     private var waiters: [any LedgerRowWaiter] = []
-    /// The waiters being released (swapped with `waiters`: a release may add a row).
+    /// An empty array with capacity, swapped in for `waiters` when a batch is released.
     private var releasing: [any LedgerRowWaiter] = []
     private var scheduled = false
 
@@ -63,11 +63,17 @@ final class LedgerBatch: @unchecked Sendable {
         spool.append(bodies: RowBodies(buffer: buffer, ends: ends))
         buffer.removeAll(keepingCapacity: true)
         ends.removeAll(keepingCapacity: true)
-        swap(&waiters, &releasing)
+        // This batch's waiters move to a local array and `waiters` takes the empty spare, so a
+        // release that completes another request (or writes the batch again) starts a new batch
+        // and never sees these waiters twice.
+        var released: [any LedgerRowWaiter] = []
+        swap(&released, &releasing)
+        swap(&released, &waiters)
         // Even a row the full spool could only hold in memory (or drop: counted and logged)
         // releases its response: the request was admitted before the spool filled.
-        for waiter in releasing { waiter.ledgerRowWritten() }
-        releasing.removeAll(keepingCapacity: true)
+        for waiter in released { waiter.ledgerRowWritten() }
+        released.removeAll(keepingCapacity: true)
+        releasing = released
     }
 
     /// The rows of one batch as slices of its buffer (no copy).

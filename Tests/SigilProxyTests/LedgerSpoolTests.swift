@@ -204,6 +204,52 @@ struct LedgerSpoolTests {
         #expect(rows.map { $0["path"] as? String } == (0..<5).map { "/\($0)" } + (0..<3).map { "/second/\($0)" })
     }
 
+    /// Runs `onRelease` (once) when its row is written: a response whose release completes another request.
+    final class ChainedWatcher: LedgerRowWaiter, @unchecked Sendable {
+        let watcher: FileWatcher
+        var onRelease: (() -> Void)?
+        init(path: String, onRelease: (() -> Void)?) {
+            watcher = FileWatcher(path: path)
+            self.onRelease = onRelease
+        }
+        func ledgerRowWritten() {
+            watcher.ledgerRowWritten()
+            let next = onRelease
+            onRelease = nil
+            next?()
+        }
+    }
+
+    @Test("a release that adds a row and writes the batch again releases every waiter once, each after its row")
+    func reentrantRelease() throws {
+        let path = tempFile()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let spool = try LedgerSpool(path: path, writer: "w", logger: Logger(label: "test"))
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let loop = group.next()
+        let batches = LedgerBatches(group: group, spool: spool)
+        let seen = try loop.submit { () -> EventLoopFuture<[[Int]]> in
+            let batch = batches.batch(for: loop)!
+            let nested = ChainedWatcher(path: path, onRelease: nil)
+            let first = ChainedWatcher(path: path) {
+                batch.add(self.row("/b"), waiter: nested)
+                batch.writeNow()
+            }
+            let third = ChainedWatcher(path: path, onRelease: nil)
+            batch.add(self.row("/a"), waiter: first)
+            batch.add(self.row("/c"), waiter: third)
+            // A later batch: a waiter left behind in the batch would be released again with it.
+            let later = ChainedWatcher(path: path, onRelease: nil)
+            return loop.submit { batch.add(self.row("/d"), waiter: later) }
+                .flatMap { loop.submit { [first, nested, third, later].map(\.watcher.linesSeen) } }
+        }.wait().wait()
+        // Each waiter released once: /a's after /a and /c went out together (2 rows), /b's after
+        // /b (3), and /c's, released after /a's nested write, with all three in the file.
+        #expect(seen == [[2], [3], [3], [4]])
+        #expect(try checkChain(path, from: 1, prev: String(repeating: "0", count: 64)).map { $0["path"] as? String } == ["/a", "/c", "/b", "/d"])
+    }
+
     @Test("at its size limit the spool is full: rows are held, then dropped, and the file never passes the limit")
     func fullAtLimit() throws {
         let path = tempFile()
