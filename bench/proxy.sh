@@ -468,7 +468,7 @@ spec:
         principals: ["bench.local/ns/bench/sa/client"]
 EOF
 
-    start_sigil_pair sigil "$port_sigil_in" "$port_sigil_in2" "$port_sigil_out" "$((sigil_ledger && ! ${LEDGER_AA:-0}))" || return 1
+    start_sigil_pair sigil "$port_sigil_in" "$port_sigil_in2" "$port_sigil_out" "$(if [ "${LEDGER_AA:-0}" = 1 ]; then echo 0; else echo "$sigil_ledger"; fi)" || return 1
     sigil_server_pid="${pair_server[sigil]}"; sigil_client_pid="${pair_client[sigil]}"
 }
 
@@ -680,6 +680,7 @@ for sys in "${systems[@]}"; do wrk -t1 -c64 -d"${WARMUP}s" "${url[$sys]}" >/dev/
 if [ "${PROFILE:-}" = syscalls ]; then
     command -v strace >/dev/null || { echo "PROFILE=syscalls needs strace (apt-get install strace)" >&2; exit 1; }
     psys="${PROFILE_SYSTEM:-sigil}"  # or sigil-noledger
+    [ -n "${pair_server[$psys]:-}" ] || { echo "PROFILE=syscalls needs the $psys pair, which did not start: $sigil_skip" >&2; exit 1; }
     tracers=()
     for side in server client; do
         pid="${pair_server[$psys]}"; [ "$side" = client ] && pid="${pair_client[$psys]}"
@@ -844,6 +845,9 @@ for pair in $(seq "$LEDGER_PAIRS"); do
     done
     note "ledger run $pair  $line"
 done
+if ((ledger_pin)); then  # the later phases run unpinned
+    for p in ${proxy_pids[sigil]} ${proxy_pids[sigil-noledger]}; do taskset -a -p -c "0-$(($(nproc) - 1))" "$p" >/dev/null || true; done
+fi
 fi
 
 if phase newconn; then
@@ -894,7 +898,7 @@ export BENCH_WORK="$work" BENCH_JSON="$RESULT_JSON" BENCH_DURATION="$DURATION" B
     BENCH_NGINX_VERSION="$("$NGINX" -v 2>&1 | sed 's/.*nginx\///')" \
     BENCH_WRK_VERSION="$(wrk -v 2>&1 | head -1 | awk '{print $2}')" \
     BENCH_OPENSSL="$(openssl version)" BENCH_CLK_TCK="$(getconf CLK_TCK)" \
-    BENCH_ACCESS_LOG="$NGINX_ACCESS_LOG" BENCH_LEDGER_ROWS="$ledger_rows" \
+    BENCH_ACCESS_LOG="$NGINX_ACCESS_LOG" BENCH_LEDGER_ROWS="$ledger_rows" BENCH_LEDGER_AA="${LEDGER_AA:-0}" \
     BENCH_LOAD_BEFORE="$load_before" BENCH_BUSY_BEFORE="$busy_before" BENCH_LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)" \
     BENCH_COMMIT="$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$repo" diff --quiet HEAD -- Sources 2>/dev/null || echo -dirty)"
 BENCH_RATE_DURATION="$RATE_DURATION" BENCH_H2_ROUNDS="$H2_ROUNDS" BENCH_OPEN_CONNS="$OPEN_CONNS" BENCH_PLOT="$PLOT" \

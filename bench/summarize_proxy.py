@@ -303,7 +303,9 @@ if costs:
     goal("ledger cost in req/s (sigil vs sigil-noledger loaded together, HTTP/1.1, 64 conns each)", paired["cost_median"], "< 5 %",
          lambda v: v < 0.05,
          lambda v: f"{v * 100:.1f} % (median of {len(costs)} runs, range {paired['cost_min'] * 100:.1f}…{paired['cost_max'] * 100:.1f} %; "
-                   f"proxy CPU per request ×{paired['cpu_per_req_ratio_median']:.2f})")
+                   + ("proxy CPU per request ×–)" if paired["cpu_per_req_ratio_median"] is None
+                      else f"proxy CPU per request ×{paired['cpu_per_req_ratio_median']:.2f})")
+                   + (" [A/A run: LEDGER_AA=1, neither pair had a ledger]" if env.get("BENCH_LEDGER_AA") == "1" else ""))
 elif "h1/c64" in ledger_cost:
     goal("ledger cost in req/s (sigil vs sigil-noledger, HTTP/1.1, 64 conns)", ledger_cost["h1/c64"], "< 5 %",
          lambda v: v < 0.05, lambda v: f"{v * 100:.1f} %")
@@ -345,9 +347,10 @@ for k, v in ledger_cost.items():
 if paired:
     print(f"ledger cost, {paired['pairs']} runs of both pairs loaded together at 64 conns each: median {paired['cost_median'] * 100:+.1f} % req/s "
           f"(range {paired['cost_min'] * 100:+.1f}…{paired['cost_max'] * 100:+.1f} %; sigil {paired['sigil_rps_median']:,.0f} vs "
-          f"{paired['noledger_rps_median']:,.0f} req/s), proxy CPU per request ×{paired['cpu_per_req_ratio_median']:.2f}"
+          f"{paired['noledger_rps_median']:,.0f} req/s), proxy CPU per request ×{num(paired['cpu_per_req_ratio_median'], '{:.2f}')}"
           + (f" ({paired['sigil_cpu_us_per_req_median']:.0f} vs {paired['noledger_cpu_us_per_req_median']:.0f} µs for both proxies)"
-             if paired["sigil_cpu_us_per_req_median"] and paired["noledger_cpu_us_per_req_median"] else ""))
+             if paired["sigil_cpu_us_per_req_median"] and paired["noledger_cpu_us_per_req_median"] else "")
+          + (" [A/A run: LEDGER_AA=1, neither pair had a ledger]" if env.get("BENCH_LEDGER_AA") == "1" else ""))
 
 if rate:
     print()

@@ -176,13 +176,13 @@ enum ApplicationPipeline {
 
     static func configure(_ channel: any Channel, after handler: any ChannelHandler, peer: PeerInfo, alpn: String?,
                           firstBytes: ByteBuffer?, environment: ProxyEnvironment) throws {
-        var peer = peer
-        peer.prepareLedger(environment)
         let pipeline = channel.pipeline.syncOperations
         if environment.tcpMode {
             try pipeline.addHandler(TCPInbound.handler(peer: peer, environment: environment, channel: channel), position: .after(handler))
             return
         }
+        var peer = peer  // HTTP rows: the connection's part of every row, serialized once
+        peer.prepareLedger(environment)
         let priorKnowledgeH2 = firstBytes.map { $0.readableBytesView.starts(with: h2Preface.prefix($0.readableBytes)) && $0.readableBytes >= 3 } ?? false
         if alpn == "h2" || priorKnowledgeH2 {
             let sendablePeer = peer

@@ -96,7 +96,8 @@ struct PeerInfo: Sendable {
     var sni: String?
     /// The ledger row's who-called-whom fields for this connection, serialized once
     /// (``LedgerRecord/appendBodyParties(to:source:destination:peerSerial:sourceIP:port:)``);
-    /// empty: not prepared (no ledger).
+    /// empty: not prepared (no ledger). Prepared last, when the fields above are final: it is not
+    /// kept in step with later changes to them.
     var ledgerParties: [UInt8] = []
 
     func appendLedgerParties(port: Int, to out: inout [UInt8]) {
@@ -128,6 +129,17 @@ struct RequestFacts {
     var status: Int?
     var bytesIn = 0
     var bytesOut = 0
+
+    /// Facts whose decision is already made (no authorization runs, nothing is counted): tests.
+    init(method: String, path: String, host: String?, proto: String, startMicros: Int64, decision: AuthorizationDecision) {
+        self.method = method
+        self.path = path
+        self.host = host
+        self.proto = proto
+        start = .now()
+        self.startMicros = startMicros
+        self.decision = decision
+    }
 
     /// Authorizes `head` from `peer` under the current enforcement state.
     init(head: HTTPRequestHead, peer: PeerInfo, environment: ProxyEnvironment, proto: String) {

@@ -133,8 +133,30 @@ struct LedgerSpoolTests {
         LedgerRecord.appendBodyRest(to: &parts, proto: "h2", method: "GET", path: "/a\tb", host: nil, status: 200, decision: "allow",
                                     policy: "ns/p", rule: 0, mtls: true, bytesIn: 3, bytesOut: 4, durationMicros: 5, detail: nil)
         #expect(parts == expected)
-        let text = String(decoding: expected, as: UTF8.self)
-        #expect(text.contains(#""source":"spiffe://td/ns/a/sa/\"quoted\"\\x","destination":"spiffe://td/ns/b/sa/api","peer_serial":"0a1b","source_ip":"127.0.0.1","port":8080,"protocol":"h2""#))
+        // The format itself, field by field (what spools, the server and `sigil audit verify` read).
+        let golden = #","time":"2023-11-14T22:13:20.123456Z","kind":"request","source":"spiffe://td/ns/a/sa/\"quoted\"\\x","# +
+            #""destination":"spiffe://td/ns/b/sa/api","peer_serial":"0a1b","source_ip":"127.0.0.1","port":8080,"protocol":"h2","# +
+            #""method":"GET","path":"/a\tb","host":null,"status":200,"decision":"allow","policy":"ns/p","rule":0,"# +
+            #""mtls":true,"bytes_in":3,"bytes_out":4,"duration_us":5,"detail":null"#
+        #expect(String(decoding: expected, as: UTF8.self) == golden)
+        // The proxy's own path, from a request's facts, with the connection's part prepared or not
+        // (its duration is its own: compared apart).
+        var facts = RequestFacts(method: "GET", path: "/a\tb", host: nil, proto: "h2", startMicros: record.timeMicros,
+                                 decision: AuthorizationDecision(allowed: true, policy: "ns/p", rule: 0))
+        facts.status = 200
+        facts.bytesIn = 3
+        facts.bytesOut = 4
+        var unprepared: [UInt8] = []
+        facts.appendLedgerBody(peer: peer, detail: nil, port: 8080, to: &unprepared)
+        var prepared = peer
+        prepared.ledgerParties = parties
+        var fromPrepared: [UInt8] = []
+        facts.appendLedgerBody(peer: prepared, detail: nil, port: 8080, to: &fromPrepared)
+        func fixedDuration(_ bytes: [UInt8]) -> String {
+            String(decoding: bytes, as: UTF8.self).replacing(/"duration_us":\d+/, with: #""duration_us":5"#)
+        }
+        #expect(fixedDuration(unprepared) == golden)
+        #expect(fixedDuration(fromPrepared) == golden)
     }
 
     @Test("a batch of rows is chained in order and written at once; at the size limit the rest is held")

@@ -2,7 +2,7 @@
 // step by step, in the order the proxy pays it (docs/benchmarks.md, the ledger's cost):
 //   body      the row's fields as JSON (the connection's part serialized once, as the proxy does)
 //   chain     seq, prev, SHA-256 over the line and its hex (what the spool does under its lock);
-//             sha256 alone beside it
+//             sha256 alone beside it (over the same bytes the chain hashes)
 //   write/N   one write(2) of N chained rows to an O_APPEND file on the work directory's disk, per row
 import Crypto
 import Foundation
@@ -49,14 +49,16 @@ func runLedgerRow() throws {
     serialize(0)
     let chainTime = seconds { for i in 0..<count { line.removeAll(keepingCapacity: true); chain(UInt64(i + 1)) } }
     let rowBytes = line.count
+    let hashed = line.count - 76  // what the chain hashes: the line before `,"hash":"…"}` and the newline
     let hashOnly = seconds {
-        for _ in 0..<count { _ = SHA256.hash(data: line) }
+        for _ in 0..<count { _ = SHA256.hash(data: line[..<hashed]) }
     }
 
     let path = FileManager.default.currentDirectoryPath + "/.sigil-bench-ledger-\(getpid()).jsonl"
     let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_TRUNC, 0o600)
-    guard fd >= 0 else { fatalError("cannot open \(path)") }
-    defer { close(fd); unlink(path) }
+    guard fd >= 0 else { fatalError("cannot open \(path): \(String(cString: strerror(errno)))") }
+    unlink(path)  // nothing left behind, even if the run is interrupted
+    defer { close(fd) }
     var writes: [(Int, Double)] = []
     for batch in [1, 4, 16] {
         line.removeAll(keepingCapacity: true)
@@ -64,7 +66,9 @@ func runLedgerRow() throws {
         let rounds = count / batch
         let t = seconds {
             for _ in 0..<rounds {
-                _ = line.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+                let n = line.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+                // A short or failed write (a full disk) would make the figure meaningless.
+                guard n == line.count else { fatalError("write returned \(n) of \(line.count) bytes: \(String(cString: strerror(errno)))") }
             }
         }
         _ = ftruncate(fd, 0)
