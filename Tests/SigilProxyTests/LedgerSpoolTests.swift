@@ -189,41 +189,46 @@ struct LedgerSpoolTests {
         }
     }
 
-    @Test("rows completed in one event-loop iteration go out in one write, before any waiter is released")
-    func loopBatch() throws {
+    /// A spool in a temporary file and one event loop with its ledger batch, for `body`.
+    func withLoopBatch(_ body: (String, any EventLoop, LedgerBatches) throws -> Void) throws {
         let path = tempFile()
         defer { try? FileManager.default.removeItem(atPath: path) }
         let spool = try LedgerSpool(path: path, writer: "w", logger: Logger(label: "test"))
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         defer { try? group.syncShutdownGracefully() }
-        let loop = group.next()
-        let batches = LedgerBatches(group: group, spool: spool)
-        let (before, releasedEarly, later) = try loop.submit { () -> (String?, Bool, EventLoopFuture<[[Int]]>) in
-            let batch = batches.batch(for: loop)!
-            let watchers = (0..<5).map { _ in FileWatcher(path: path) }
-            for (i, watcher) in watchers.enumerated() { batch.add(self.row("/\(i)"), waiter: watcher) }
-            // Nothing is written, and no waiter released, until the iteration's task runs.
-            let before = try? String(contentsOfFile: path, encoding: .utf8)
-            return (before, !watchers.allSatisfy { $0.linesSeen.isEmpty }, loop.submit { watchers.map(\.linesSeen) })
-        }.wait()
-        #expect(before == "")
-        #expect(!releasedEarly)
-        let seen = try later.wait()
-        #expect(seen == Array(repeating: [5], count: 5))  // each released once, with all five rows in the file
-        #expect(try checkChain(path, from: 1, prev: String(repeating: "0", count: 64)).count == 5)
-        // The next iteration reuses the batch's buffer: its rows are whole and follow in order,
-        // and a waiter released in it hears of its own rows only.
-        let second = try loop.submit { () -> EventLoopFuture<[[Int]]> in
-            let batch = batches.batch(for: loop)!
-            let watchers = (0..<3).map { _ in FileWatcher(path: path) }
-            for (i, watcher) in watchers.enumerated() {
-                batch.add(waiter: watcher) { self.row("/second/\(i)").appendBody(to: &$0) }
-            }
-            return loop.submit { watchers.map(\.linesSeen) }
-        }.wait().wait()
-        #expect(second == Array(repeating: [8], count: 3))
-        let rows = try checkChain(path, from: 1, prev: String(repeating: "0", count: 64))
-        #expect(rows.map { $0["path"] as? String } == (0..<5).map { "/\($0)" } + (0..<3).map { "/second/\($0)" })
+        try body(path, group.next(), LedgerBatches(group: group, spool: spool))
+    }
+
+    @Test("rows completed in one event-loop iteration go out in one write, before any waiter is released")
+    func loopBatch() throws {
+        try withLoopBatch { path, loop, batches in
+            let (before, releasedEarly, later) = try loop.submit { () -> (String?, Bool, EventLoopFuture<[[Int]]>) in
+                let batch = batches.batch(for: loop)!
+                let watchers = (0..<5).map { _ in FileWatcher(path: path) }
+                for (i, watcher) in watchers.enumerated() { batch.add(self.row("/\(i)"), waiter: watcher) }
+                // Nothing is written, and no waiter released, until the iteration's task runs.
+                let before = try? String(contentsOfFile: path, encoding: .utf8)
+                return (before, !watchers.allSatisfy { $0.linesSeen.isEmpty }, loop.submit { watchers.map(\.linesSeen) })
+            }.wait()
+            #expect(before == "")
+            #expect(!releasedEarly)
+            let seen = try later.wait()
+            #expect(seen == Array(repeating: [5], count: 5))  // each released once, with all five rows in the file
+            #expect(try checkChain(path, from: 1, prev: String(repeating: "0", count: 64)).count == 5)
+            // The next iteration reuses the batch's buffer: its rows are whole and follow in order,
+            // and a waiter released in it hears of its own rows only.
+            let second = try loop.submit { () -> EventLoopFuture<[[Int]]> in
+                let batch = batches.batch(for: loop)!
+                let watchers = (0..<3).map { _ in FileWatcher(path: path) }
+                for (i, watcher) in watchers.enumerated() {
+                    batch.add(waiter: watcher) { self.row("/second/\(i)").appendBody(to: &$0) }
+                }
+                return loop.submit { watchers.map(\.linesSeen) }
+            }.wait().wait()
+            #expect(second == Array(repeating: [8], count: 3))
+            let rows = try checkChain(path, from: 1, prev: String(repeating: "0", count: 64))
+            #expect(rows.map { $0["path"] as? String } == (0..<5).map { "/\($0)" } + (0..<3).map { "/second/\($0)" })
+        }
     }
 
     /// Runs `onRelease` (once) when its row is written: a response whose release completes another request.
@@ -244,32 +249,27 @@ struct LedgerSpoolTests {
 
     @Test("a release that adds a row and writes the batch again releases every waiter once, each after its row")
     func reentrantRelease() throws {
-        let path = tempFile()
-        defer { try? FileManager.default.removeItem(atPath: path) }
-        let spool = try LedgerSpool(path: path, writer: "w", logger: Logger(label: "test"))
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        defer { try? group.syncShutdownGracefully() }
-        let loop = group.next()
-        let batches = LedgerBatches(group: group, spool: spool)
-        let seen = try loop.submit { () -> EventLoopFuture<[[Int]]> in
-            let batch = batches.batch(for: loop)!
-            let nested = ChainedWatcher(path: path, onRelease: nil)
-            let first = ChainedWatcher(path: path) {
-                batch.add(self.row("/b"), waiter: nested)
-                batch.writeNow()
-            }
-            let third = ChainedWatcher(path: path, onRelease: nil)
-            batch.add(self.row("/a"), waiter: first)
-            batch.add(self.row("/c"), waiter: third)
-            // A later batch: a waiter left behind in the batch would be released again with it.
-            let later = ChainedWatcher(path: path, onRelease: nil)
-            return loop.submit { batch.add(self.row("/d"), waiter: later) }
-                .flatMap { loop.submit { [first, nested, third, later].map(\.watcher.linesSeen) } }
-        }.wait().wait()
-        // Each waiter released once: /a's after /a and /c went out together (2 rows), /b's after
-        // /b (3), and /c's, released after /a's nested write, with all three in the file.
-        #expect(seen == [[2], [3], [3], [4]])
-        #expect(try checkChain(path, from: 1, prev: String(repeating: "0", count: 64)).map { $0["path"] as? String } == ["/a", "/c", "/b", "/d"])
+        try withLoopBatch { path, loop, batches in
+            let seen = try loop.submit { () -> EventLoopFuture<[[Int]]> in
+                let batch = batches.batch(for: loop)!
+                let nested = ChainedWatcher(path: path, onRelease: nil)
+                let first = ChainedWatcher(path: path) {
+                    batch.add(self.row("/b"), waiter: nested)
+                    batch.writeNow()
+                }
+                let third = ChainedWatcher(path: path, onRelease: nil)
+                batch.add(self.row("/a"), waiter: first)
+                batch.add(self.row("/c"), waiter: third)
+                // A later batch: a waiter left behind in the batch would be released again with it.
+                let later = ChainedWatcher(path: path, onRelease: nil)
+                return loop.submit { batch.add(self.row("/d"), waiter: later) }
+                    .flatMap { loop.submit { [first, nested, third, later].map(\.watcher.linesSeen) } }
+            }.wait().wait()
+            // Each waiter released once: /a's after /a and /c went out together (2 rows), /b's after
+            // /b (3), and /c's, released after /a's nested write, with all three in the file.
+            #expect(seen == [[2], [3], [3], [4]])
+            #expect(try checkChain(path, from: 1, prev: String(repeating: "0", count: 64)).map { $0["path"] as? String } == ["/a", "/c", "/b", "/d"])
+        }
     }
 
     @Test("at its size limit the spool is full: rows are held, then dropped, and the file never passes the limit")
