@@ -50,6 +50,8 @@
 #   is the median over runs of 1 − sigil req/s ÷ sigil-noledger req/s, and the proxies' CPU per
 #   request beside it. LEDGER_DIR puts the spools elsewhere (e.g. /dev/shm). LEDGER_AA=1 starts the
 #   "sigil" pair without the ledger too: an A/A run that shows the phase's own bias (should be ~0).
+#   After the runs, `sigil-bench ledger-row` (beside $SIGIL) prints one row's cost on a quiet core,
+#   step by step: the floor beside the pairs' figure.
 #   LEDGER_PIN=1 pins each pair's proxies to a CPU of their own (swapped every run); wrk and the
 #   backend still float, so the proxies are not always CPU-bound and the req/s cost reads lower
 #   than the CPU-per-request ratio (the unpinned run is the stricter figure).
@@ -848,6 +850,12 @@ done
 if ((ledger_pin)); then  # the later phases run unpinned
     for p in ${proxy_pids[sigil]} ${proxy_pids[sigil-noledger]}; do taskset -a -p -c "0-$(($(nproc) - 1))" "$p" >/dev/null || true; done
 fi
+# What one row costs on its own (no load now): the floor beside the pairs' figure.
+bench_bin="$(dirname "$SIGIL")/sigil-bench"
+if [ -x "$bench_bin" ]; then
+    (cd "$LEDGER_DIR" && "$bench_bin" ledger-row --count 100000) > "$work/ledger-row.txt" 2>&1 \
+        && ledger_row="$(tr '\n' ' ' < "$work/ledger-row.txt")" && note "one ledger row on a quiet core: $ledger_row"
+fi
 fi
 
 if phase newconn; then
@@ -898,7 +906,7 @@ export BENCH_WORK="$work" BENCH_JSON="$RESULT_JSON" BENCH_DURATION="$DURATION" B
     BENCH_NGINX_VERSION="$("$NGINX" -v 2>&1 | sed 's/.*nginx\///')" \
     BENCH_WRK_VERSION="$(wrk -v 2>&1 | head -1 | awk '{print $2}')" \
     BENCH_OPENSSL="$(openssl version)" BENCH_CLK_TCK="$(getconf CLK_TCK)" \
-    BENCH_ACCESS_LOG="$NGINX_ACCESS_LOG" BENCH_LEDGER_ROWS="$ledger_rows" BENCH_LEDGER_AA="${LEDGER_AA:-0}" \
+    BENCH_ACCESS_LOG="$NGINX_ACCESS_LOG" BENCH_LEDGER_ROWS="$ledger_rows" BENCH_LEDGER_AA="${LEDGER_AA:-0}" BENCH_LEDGER_ROW="${ledger_row:-}" \
     BENCH_LOAD_BEFORE="$load_before" BENCH_BUSY_BEFORE="$busy_before" BENCH_LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)" \
     BENCH_COMMIT="$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$repo" diff --quiet HEAD -- Sources 2>/dev/null || echo -dirty)"
 BENCH_RATE_DURATION="$RATE_DURATION" BENCH_H2_ROUNDS="$H2_ROUNDS" BENCH_OPEN_CONNS="$OPEN_CONNS" BENCH_PLOT="$PLOT" \

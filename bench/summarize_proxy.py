@@ -417,6 +417,15 @@ for k, x in list(summary.items()) + [(f"newconn/{s}", x) for s, x in newconn_sum
         print(f"⚠ {k}: {x['errors']} failed requests, non-2xx responses or socket errors (see the JSON)")
 if env["BENCH_LEDGER_ROWS"].strip():
     print(f"\nledger rows written: {env['BENCH_LEDGER_ROWS'].strip()}")
+# `sigil-bench ledger-row` after the ledger phase: "key value" pairs, ns per row on a quiet core.
+ledger_row = {}
+for k, v in zip(*[iter(env.get("BENCH_LEDGER_ROW", "").split())] * 2):
+    try:
+        ledger_row[k] = int(v)
+    except ValueError:
+        pass
+if ledger_row:
+    print("one ledger row on a quiet core (sigil-bench ledger-row): " + ", ".join(f"{k} {v:,}" for k, v in ledger_row.items()))
 
 # ---- plot -----------------------------------------------------------------------------------------
 plot = env.get("BENCH_PLOT")
@@ -447,7 +456,7 @@ doc = {
     "versions": {"nginx": env["BENCH_NGINX_VERSION"], "wrk": env["BENCH_WRK_VERSION"], "openssl": env["BENCH_OPENSSL"]},
     "sigil": {"binary": env["BENCH_SIGIL"], "build": env["BENCH_SIGIL_BUILD"],
               "binary_mtime": env["BENCH_SIGIL_MTIME"] or None, "skipped": env["BENCH_SIGIL_SKIP"] or None,
-              "ledger_rows": env["BENCH_LEDGER_ROWS"].strip() or None},
+              "ledger_rows": env["BENCH_LEDGER_ROWS"].strip() or None, "ledger_row_ns": ledger_row or None},
     "method": "medians over interleaved rounds; added pN = median of per-round (system pN - direct pN); proxy CPU = "
               "utime+stime of both proxies' processes during the run / requests; fixed-rate percentiles from "
               "h2load --log-file; vCPU per 1k req/s = CPU-s x 1000 / requests, per proxy side",
