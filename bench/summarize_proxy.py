@@ -60,6 +60,10 @@ def med(xs):
     return statistics.median(xs) if xs else None
 
 
+def num(x, fmt="{:,.0f}"):
+    return "–" if x is None else fmt.format(x)
+
+
 def ratio(a, b):
     return a / b if a is not None and b not in (None, 0) else None
 
@@ -280,6 +284,7 @@ goal("full mTLS handshakes per core-second (busier side)", min(hs) if hs and Non
      lambda v: v >= 2500, lambda v: f"{v:,.0f}")
 # The ledger phase: sigil and sigil-noledger loaded at the same time, so both see the same machine.
 ledger_pairs = {}
+aa_note = " [A/A run: LEDGER_AA=1, neither pair had a ledger]" if env.get("BENCH_LEDGER_AA") == "1" else ""
 for pair, system, pt, path in tsv("ledger.tsv"):
     r = parse_wrk(open(path).read())
     req = max(r["requests"], 1)
@@ -303,9 +308,7 @@ if costs:
     goal("ledger cost in req/s (sigil vs sigil-noledger loaded together, HTTP/1.1, 64 conns each)", paired["cost_median"], "< 5 %",
          lambda v: v < 0.05,
          lambda v: f"{v * 100:.1f} % (median of {len(costs)} runs, range {paired['cost_min'] * 100:.1f}…{paired['cost_max'] * 100:.1f} %; "
-                   + ("proxy CPU per request ×–)" if paired["cpu_per_req_ratio_median"] is None
-                      else f"proxy CPU per request ×{paired['cpu_per_req_ratio_median']:.2f})")
-                   + (" [A/A run: LEDGER_AA=1, neither pair had a ledger]" if env.get("BENCH_LEDGER_AA") == "1" else ""))
+                   f"proxy CPU per request ×{num(paired['cpu_per_req_ratio_median'], '{:.2f}')}){aa_note}")
 elif "h1/c64" in ledger_cost:
     goal("ledger cost in req/s (sigil vs sigil-noledger, HTTP/1.1, 64 conns)", ledger_cost["h1/c64"], "< 5 %",
          lambda v: v < 0.05, lambda v: f"{v * 100:.1f} %")
@@ -318,10 +321,6 @@ def lat(us):
     if abs(us) < 1000:
         return f"{us:.0f} µs"
     return f"{us / 1000:.2f} ms"
-
-
-def num(x, fmt="{:,.0f}"):
-    return "–" if x is None else fmt.format(x)
 
 
 print()
@@ -350,7 +349,7 @@ if paired:
           f"{paired['noledger_rps_median']:,.0f} req/s), proxy CPU per request ×{num(paired['cpu_per_req_ratio_median'], '{:.2f}')}"
           + (f" ({paired['sigil_cpu_us_per_req_median']:.0f} vs {paired['noledger_cpu_us_per_req_median']:.0f} µs for both proxies)"
              if paired["sigil_cpu_us_per_req_median"] and paired["noledger_cpu_us_per_req_median"] else "")
-          + (" [A/A run: LEDGER_AA=1, neither pair had a ledger]" if env.get("BENCH_LEDGER_AA") == "1" else ""))
+          + aa_note)
 
 if rate:
     print()

@@ -39,16 +39,28 @@ public enum LedgerChain {
     public static func seal(_ record: LedgerRecord, writer: String, seq: UInt64, prev: [UInt8]) -> (line: [UInt8], hash: [UInt8]) {
         var line: [UInt8] = []
         line.reserveCapacity(512)
-        LedgerRecord.appendHead(to: &line, writer: writer, seq: seq)
-        record.appendBody(to: &line)
-        LedgerRecord.appendTail(to: &line, prev: prev)
         var hash: [UInt8] = []
         hash.reserveCapacity(64)
-        SHA256.hash(data: line).withUnsafeBytes { JSONText.appendHex($0, to: &hash) }
+        appendSealed(writer: writer, seq: seq, prev: prev, to: &line, hash: &hash) { record.appendBody(to: &$0) }
+        return (line, hash)
+    }
+
+    /// Appends row `seq` of `writer` to `line` (no newline): its head, the body `body` writes
+    /// (``LedgerRecord/appendBody(to:)``'s bytes), `prev`, and its `hash` over exactly those bytes.
+    /// `hash` is set to that hash (64 lowercase hex digits), the next row's `prev`. What every
+    /// ledger writer seals with: the server's chain and the proxy's spool.
+    public static func appendSealed(writer: String, seq: UInt64, prev: [UInt8], to line: inout [UInt8], hash: inout [UInt8],
+                                    body: (inout [UInt8]) -> Void) {
+        let start = line.count
+        LedgerRecord.appendHead(to: &line, writer: writer, seq: seq)
+        body(&line)
+        LedgerRecord.appendTail(to: &line, prev: prev)
+        hash.removeAll(keepingCapacity: true)
+        SHA256.hash(data: line[start...]).withUnsafeBytes { JSONText.appendHex($0, to: &hash) }
         line.append(contentsOf: hashKey)
         line.append(contentsOf: hash)
-        line.append(contentsOf: [0x22, 0x7D])
-        return (line, hash)
+        line.append(0x22)
+        line.append(0x7D)
     }
 
     /// Checks one row against its own hash and against the row before it (`previousHash`, or

@@ -49,11 +49,6 @@ final class LedgerBatch: @unchecked Sendable {
         }
     }
 
-    /// Adds a row already built as a record.
-    func add(_ row: LedgerRecord, waiter: any LedgerRowWaiter) {
-        add(waiter: waiter) { row.appendBody(to: &$0) }
-    }
-
     /// Writes every collected row now and releases their responses. Also for a handler that
     /// must flush before the iteration ends (a connection refused after a completed response).
     func writeNow() {

@@ -6,7 +6,6 @@ import Darwin
 #if canImport(CoreFoundation)
 import CoreFoundation  // the release build resolves Glibc struct members through it
 #endif
-import Crypto
 import Foundation
 public import Logging
 import NIOConcurrencyHelpers
@@ -15,11 +14,13 @@ import Synchronization
 
 /// The proxy's ledger spool: a JSON-lines file, one hash-chained row per request.
 ///
-/// A row is in the file when ``append(_:)`` returns: its body is serialized on the caller's thread
-/// (no lock), then under one lock it gets its seq and prev, its hash, and one `write` on the
+/// A row is in the file when ``append(_:)`` (or ``append(bodies:)``) returns: its body is
+/// serialized on the caller's thread (no lock), then under one lock it gets its seq and prev, its
+/// hash (``LedgerChain/appendSealed(writer:seq:prev:to:hash:body:)``), and one `write` on the
 /// O_APPEND descriptor, so the file's order is the chain's order and a proxy killed with SIGKILL
 /// right after a response loses no row of it (the page cache has it; the kernel writes it out).
-/// The cost is one `write` syscall per row on the request path. Durability against power loss is
+/// The proxy's event loops hand over all rows completed in one loop iteration at once
+/// (``LedgerBatch``): one `write` per iteration, not per row. Durability against power loss is
 /// batched: a background thread runs `fdatasync` at most every `syncInterval` (and at shutdown).
 ///
 /// The spool is bounded: a row that would take the file past `maxSize`, or whose `write` fails
@@ -134,7 +135,8 @@ public final class LedgerSpool: Sendable {
 
     /// Chains a row and writes it to the file (one `write`) before returning. The row's own
     /// fields are serialized before the lock is taken; under it go the seq, the prev hash, one
-    /// SHA-256 over the row (~0.5 µs), a copy into a reused buffer and the `write`.
+    /// SHA-256 over the row (~0.7–0.9 µs here: `sigil-bench ledger-row`), a copy into a reused
+    /// buffer and the `write`.
     @discardableResult
     public func append(_ row: LedgerRecord) -> Outcome {
         var body: [UInt8] = []
@@ -212,17 +214,9 @@ public final class LedgerSpool: Sendable {
         var seq = s.seq
         var prev = s.hash
         for body in bodies {
-            let start = s.line.count
             seq += 1
-            LedgerRecord.appendHead(to: &s.line, writer: writer, seq: seq)
-            s.line.append(contentsOf: body)
-            LedgerRecord.appendTail(to: &s.line, prev: prev)
-            let digest = SHA256.hash(data: s.line[start...])
-            s.nextHash.removeAll(keepingCapacity: true)
-            digest.withUnsafeBytes { JSONText.appendHex($0, to: &s.nextHash) }
-            JSONText.appendRaw(",\"hash\":\"", to: &s.line)
-            s.line.append(contentsOf: s.nextHash)
-            JSONText.appendRaw("\"}\n", to: &s.line)
+            LedgerChain.appendSealed(writer: writer, seq: seq, prev: prev, to: &s.line, hash: &s.nextHash) { $0.append(contentsOf: body) }
+            s.line.append(0x0A)
             swap(&prev, &s.nextHash)
         }
         guard s.size + s.line.count <= maxSize else {

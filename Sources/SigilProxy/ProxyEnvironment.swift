@@ -107,7 +107,7 @@ struct PeerInfo: Sendable {
     /// Serializes ``ledgerParties`` when the proxy keeps a ledger.
     mutating func prepareLedger(_ environment: ProxyEnvironment) {
         guard environment.ledger != nil else { return }
-        ledgerParties.removeAll()
+        ledgerParties.removeAll()  // prepared once; a second call does not append twice
         appendLedgerParties(port: environment.appPort, to: &ledgerParties)
     }
 
@@ -130,13 +130,14 @@ struct RequestFacts {
     var bytesIn = 0
     var bytesOut = 0
 
-    /// Facts whose decision is already made (no authorization runs, nothing is counted): tests.
-    init(method: String, path: String, host: String?, proto: String, startMicros: Int64, decision: AuthorizationDecision) {
+    /// Facts whose decision is already made (no authorization runs, nothing is counted).
+    init(method: String, path: String, host: String?, proto: String, start: NIODeadline = .now(), startMicros: Int64,
+         decision: AuthorizationDecision) {
         self.method = method
         self.path = path
         self.host = host
         self.proto = proto
-        start = .now()
+        self.start = start
         self.startMicros = startMicros
         self.decision = decision
     }
@@ -151,13 +152,10 @@ struct RequestFacts {
     /// (called only for the headers a policy rule reads).
     init(method: String, path: String, host: String?, values: (String) -> [String], peer: PeerInfo,
          environment: ProxyEnvironment, proto: String) {
-        self.method = method
-        self.path = path
-        self.host = host
-        self.proto = proto
-        start = .now()
-        startMicros = ProxyClock.nowMicros()
+        let start = NIODeadline.now()
+        let startMicros = ProxyClock.nowMicros()
         let state = environment.policy.current
+        let decision: AuthorizationDecision
         if state.allowsEverything {
             decision = state.decide(AuthorizationRequest())
         } else {
@@ -172,6 +170,7 @@ struct RequestFacts {
                 headers: headers, sni: peer.sni)
             decision = state.decide(request)
         }
+        self.init(method: method, path: path, host: host, proto: proto, start: start, startMicros: startMicros, decision: decision)
         environment.metrics.request(allowed: decision.allowed)
     }
 

@@ -427,3 +427,10 @@ struct LedgerSpoolTests {
         #expect(RFC3339.format(micros: micros) == text)
     }
 }
+
+extension LedgerBatch {
+    /// Adds a row built as a record (the proxy serializes its rows straight into the batch).
+    func add(_ row: LedgerRecord, waiter: any LedgerRowWaiter) {
+        add(waiter: waiter) { row.appendBody(to: &$0) }
+    }
+}

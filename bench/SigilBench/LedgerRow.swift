@@ -33,17 +33,9 @@ func runLedgerRow() throws {
     var prev = Array(String(repeating: "0", count: 64).utf8)
     var next: [UInt8] = []
     next.reserveCapacity(64)
-    func chain(_ seq: UInt64) {
-        let from = line.count
-        LedgerRecord.appendHead(to: &line, writer: destination, seq: seq)
-        line.append(contentsOf: body)
-        LedgerRecord.appendTail(to: &line, prev: prev)
-        let digest = SHA256.hash(data: line[from...])
-        next.removeAll(keepingCapacity: true)
-        digest.withUnsafeBytes { JSONText.appendHex($0, to: &next) }
-        JSONText.appendRaw(",\"hash\":\"", to: &line)
-        line.append(contentsOf: next)
-        JSONText.appendRaw("\"}\n", to: &line)
+    func chain(_ seq: UInt64) {  // as the spool chains a row
+        LedgerChain.appendSealed(writer: destination, seq: seq, prev: prev, to: &line, hash: &next) { $0.append(contentsOf: body) }
+        line.append(0x0A)
         swap(&prev, &next)
     }
     serialize(0)
