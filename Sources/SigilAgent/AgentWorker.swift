@@ -73,7 +73,8 @@ final class AgentWorker: Service, Sendable {
                     }
                 }
                 backoff = .milliseconds(250)
-            } catch let error as RPCError where error.code == .permissionDenied || error.code == .unauthenticated {
+            } catch let error as RPCError where error.code == .permissionDenied {
+                // Evicted or unknown: final.
                 let message = "the server refused this agent: \(error.message)"
                 logger.error("\(message)")
                 failureBox.withLock { $0 = AgentError(message) }
@@ -86,7 +87,13 @@ final class AgentWorker: Service, Sendable {
                     failureBox.withLock { $0 = AgentError(message) }
                     return
                 }
-                logger.warning("server unreachable; serving workloads from cache", metadata: ["error": "\(error)"])
+                if let rpc = error as? RPCError, rpc.code == .unauthenticated {
+                    // The connection presented an SVID the server no longer accepts (a stale one
+                    // from before a renewal); the next connection carries the current one.
+                    logger.warning("the server did not accept the certificate this connection presented; retrying", metadata: ["error": "\(rpc.message)"])
+                } else {
+                    logger.warning("server unreachable; serving workloads from cache", metadata: ["error": "\(error)"])
+                }
                 try? await Task.sleep(for: backoff)
                 backoff = min(backoff * 2, .seconds(5))
             }
@@ -235,8 +242,9 @@ final class AgentWorker: Service, Sendable {
                 try? cache.saveIdentity(renewed)
                 logger.info("agent SVID renewed", metadata: ["agent_id": "\(current.agentID)", "serial": "\(leaf.serialHex)"])
             } catch {
+                // Soon: a short-lived agent SVID leaves little time between half its life and its end.
                 logger.warning("agent SVID renewal failed; retrying", metadata: ["error": "\(error)"])
-                try? await Task.sleep(for: .seconds(2))
+                try? await Task.sleep(for: .milliseconds(500))
             }
         }
     }

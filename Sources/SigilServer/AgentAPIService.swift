@@ -230,7 +230,15 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
             throw RPCError(code: .permissionDenied, message: "agent \(agentID) is \(agent == nil ? "unknown" : "evicted"); attest again with a new join token")
         }
         guard live else {
-            throw RPCError(code: .permissionDenied, message: "the certificate presented by \(agentID) was not issued by this server or has expired")
+            // An SVID of this incarnation that merely expired (a connection opened before the agent
+            // renewed): unauthenticated, which the agent retries on a new connection carrying its
+            // current SVID. Anything else (unknown, or from before a re-attestation) is final.
+            let expiredOnly = (try? await core.store.isLiveCertificate(serial: leaf.serialHex, spiffeID: agentID,
+                                                                      issuedSince: agent.attestedAt, now: .distantPast)) ?? false
+            if expiredOnly {
+                throw RPCError(code: .unauthenticated, message: "the certificate presented by \(agentID) has expired; connect again with the current agent SVID")
+            }
+            throw RPCError(code: .permissionDenied, message: "the certificate presented by \(agentID) was not issued by this server to this incarnation of the agent")
         }
         return agentID
     }

@@ -238,8 +238,13 @@ def test_workloads_keep_fresh_svids_past_the_agents_own_svid_lifetime(sigil_bin)
         sock = c.socket("node-1")
         wait_for(lambda: grpc_fetch(sock), 30, "first SVID")
         time.sleep(45)
+        agent = c.agents["node-1"]
         for _ in range(3):
-            r = grpc_fetch(sock)
+            try:
+                r = grpc_fetch(sock)
+            except grpc.RpcError as e:  # show why: the agent's and the server's own words
+                raise AssertionError(f"fetch failed: {e}\n--- agent ---\n{agent.output()[-4000:]}\n"
+                                     f"--- server ---\n{c.server.output()[-3000:]}") from e
             leaf = first_cert(r.svids[0].x509_svid)
             assert leaf.not_valid_after_utc.timestamp() > time.time(), "served an expired SVID while the server was up"
             time.sleep(2)
