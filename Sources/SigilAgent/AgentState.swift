@@ -224,9 +224,18 @@ actor AgentState: WorkloadIdentitySource {
     }
 
     /// Sends every open stream its new snapshot, if it changed.
+    /// Callers with the same selectors (one workload's many streams) share one snapshot, made once:
+    /// its arrays are then the same buffers, so comparing and handing them on copies nothing.
     private func publish() {
+        var made: [Set<String>: WorkloadX509Snapshot] = [:]
         for (id, (selectors, continuation)) in x509Subscribers {
-            let snapshot = makeSnapshot(for: selectors)
+            let snapshot: WorkloadX509Snapshot
+            if let known = made[selectors] {
+                snapshot = known
+            } else {
+                snapshot = makeSnapshot(for: selectors)
+                made[selectors] = snapshot
+            }
             if lastSent[id] != snapshot {
                 lastSent[id] = snapshot
                 continuation.yield(snapshot)

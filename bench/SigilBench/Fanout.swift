@@ -16,17 +16,37 @@ func option(_ name: String) -> String? {
     return nil
 }
 
+/// The leaf's serial, read straight from the DER (Certificate → tbsCertificate → optional [0]
+/// version → serialNumber): the bench client stays light, or its own certificate parsing is what the
+/// fan-out measures.
 func leafSerial(_ chain: Data) -> String {
-    // The leaf is the first DER certificate of the concatenated chain: cut it out by its length.
-    let bytes = Array(chain)
-    guard bytes.count > 4, bytes[0] == 0x30 else { return "?" }
-    var end = 2 + Int(bytes[1])
-    if bytes[1] & 0x80 != 0 {
-        let n = Int(bytes[1] & 0x7f)
-        end = 2 + n + bytes[2..<(2 + n)].reduce(0) { $0 << 8 | Int($1) }
+    let bytes = [UInt8](chain)
+    var i = 0
+    /// Reads a tag and a definite length at `i`; leaves `i` at the contents.
+    func header() -> (tag: UInt8, length: Int)? {
+        guard i + 2 <= bytes.count else { return nil }
+        let tag = bytes[i]
+        var length = Int(bytes[i + 1])
+        i += 2
+        if length & 0x80 != 0 {
+            let n = length & 0x7f
+            guard n >= 1, n <= 4, i + n <= bytes.count else { return nil }
+            length = bytes[i..<(i + n)].reduce(0) { $0 << 8 | Int($1) }
+            i += n
+        }
+        return (tag, length)
     }
-    guard end <= bytes.count, let cert = try? Certificate(derEncoded: Array(bytes[..<end])) else { return "?" }
-    return cert.serialHex
+    guard let cert = header(), cert.tag == 0x30, let tbs = header(), tbs.tag == 0x30, var field = header() else { return "?" }
+    if field.tag == 0xA0 {
+        i += field.length
+        guard let next = header() else { return "?" }
+        field = next
+    }
+    guard field.tag == 0x02, i + field.length <= bytes.count else { return "?" }
+    let digits = Array("0123456789abcdef".utf8)
+    var hex: [UInt8] = []
+    for byte in bytes[i..<(i + field.length)] { hex.append(digits[Int(byte >> 4)]); hex.append(digits[Int(byte & 15)]) }
+    return String(decoding: hex, as: UTF8.self)
 }
 
 /// Opens `streams` FetchX509SVID streams (over `connections` connections), waits for the SVID to
@@ -53,7 +73,10 @@ func runFanout() async throws {
                             inner.addTask {
                                 try await api.fetchX509SVID(SPIFFEX509SVIDRequest(), metadata: ["workload.spiffe.io": "true"]) { response in
                                     var first: String?
-                                    for try await message in response.messages {
+                                    var rotated = false
+                                    // The stream stays open after the rotation (as a workload's does):
+                                    // closing 1,000 streams inside the fan-out would be measured with it.
+                                    for try await message in response.messages where !rotated {
                                         let serial = watchBundle ? "bundle-\(message.svids[0].bundle.count)-\(message.svids[0].bundle.hashValue)"
                                                                  : leafSerial(message.svids[0].x509Svid)
                                         if first == nil {
@@ -63,7 +86,7 @@ func runFanout() async throws {
                                         } else if serial != first {
                                             let t = Date().timeIntervalSince(start)
                                             arrivals.withLock { $0[serial, default: []].append(t) }
-                                            return
+                                            rotated = true
                                         }
                                     }
                                 }

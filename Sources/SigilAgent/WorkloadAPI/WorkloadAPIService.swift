@@ -19,6 +19,9 @@ struct WorkloadAPIService: SPIFFESpiffeWorkloadAPI.ServiceProtocol {
     let source: any WorkloadIdentitySource
     let logger: Logger
     let shutdown: ShutdownSignal
+    /// The last X.509 response built, for the snapshot it was built from: a rotation hands one
+    /// shared snapshot to every stream of a workload, and they all send the same message.
+    private let lastResponse = LastX509Response()
 
     init(source: any WorkloadIdentitySource, logger: Logger, shutdown: ShutdownSignal) {
         self.source = source
@@ -39,7 +42,7 @@ struct WorkloadAPIService: SPIFFESpiffeWorkloadAPI.ServiceProtocol {
                 var previous: WorkloadX509Snapshot?
                 for await snapshot in snapshots where snapshot != previous {
                     try Self.requireIdentity(snapshot, log: log)
-                    try await writer.write(Self.x509SVIDResponse(snapshot))
+                    try await writer.write(response(for: snapshot))
                     previous = snapshot
                     log.debug(
                         "Sent X509-SVIDs",
@@ -240,6 +243,15 @@ struct WorkloadAPIService: SPIFFESpiffeWorkloadAPI.ServiceProtocol {
         throw RPCError(code: .unavailable, message: "the Sigil agent stopped serving identities; reconnect")
     }
 
+    /// The response for `snapshot`, built once for all the streams that share it (comparing a shared
+    /// snapshot with itself is a buffer-identity check, not a byte compare).
+    private func response(for snapshot: WorkloadX509Snapshot) -> SPIFFEX509SVIDResponse {
+        if let last = lastResponse.value.withLock({ $0 }), last.snapshot == snapshot { return last.response }
+        let built = Self.x509SVIDResponse(snapshot)
+        lastResponse.value.withLock { $0 = (snapshot, built) }
+        return built
+    }
+
     static func x509SVIDResponse(_ snapshot: WorkloadX509Snapshot) -> SPIFFEX509SVIDResponse {
         let bundle = Data(snapshot.bundle.rootsDER)
         var seenHints = Set<String>()
@@ -338,4 +350,9 @@ final class ShutdownSignal: Sendable {
             }
         }
     }
+}
+
+/// One remembered X.509 response and the snapshot it was built from (see `response(for:)`).
+final class LastX509Response: Sendable {
+    let value = Mutex<(snapshot: WorkloadX509Snapshot, response: SPIFFEX509SVIDResponse)?>(nil)
 }

@@ -1,0 +1,58 @@
+import Testing
+import Foundation
+import SigilCore
+@testable import SigilAgent
+
+@Suite("Agent state fan-out", .timeLimit(.minutes(1)))
+struct AgentStateTests {
+    static func entry(_ id: String, uid: Int) -> AgentEntry {
+        AgentEntry(id: id, spiffeID: "spiffe://example.org/ns/default/sa/\(id)", selectors: ["unix:uid:\(uid)"],
+                   ttlSeconds: 3600, dnsNames: [], revision: 1)
+    }
+
+    static func held(_ entry: AgentEntry, key: UInt8) -> HeldSVID {
+        HeldSVID(entryID: entry.id, spiffeID: entry.spiffeID, chainDER: [[0x30, key]], keyPKCS8DER: [key],
+                 serial: "\(key)", notBefore: Date(), notAfter: Date().addingTimeInterval(3600),
+                 renewAt: Date().addingTimeInterval(1800), entryRevision: 1)
+    }
+
+    /// The next snapshot on `stream` that holds an SVID keyed `key` (bounded: earlier ones are skipped).
+    static func next(_ iterator: inout AsyncStream<WorkloadX509Snapshot>.Iterator, key: UInt8) async -> WorkloadX509Snapshot? {
+        for _ in 0..<10 {
+            guard let snapshot = await iterator.next() else { return nil }
+            if snapshot.svids.contains(where: { $0.keyPKCS8DER == [key] }) { return snapshot }
+        }
+        return nil
+    }
+
+    @Test("Streams of one workload share a snapshot; another workload's streams never see its keys")
+    func fanOutKeepsWorkloadsApart() async throws {
+        let state = AgentState(trustDomain: try TrustDomain("example.org"))
+        let web = Self.entry("web", uid: 1001), db = Self.entry("db", uid: 1002)
+        await state.apply(entries: [web, db], bundleRoots: [[0x30, 0x00]], bundleSequence: 1, jwtKeysJSON: Array(#"{"keys":[]}"#.utf8))
+        var web1 = state.x509Snapshots(selectors: ["unix:uid:1001"]).makeAsyncIterator()
+        var web2 = state.x509Snapshots(selectors: ["unix:uid:1001"]).makeAsyncIterator()
+        var dbStream = state.x509Snapshots(selectors: ["unix:uid:1002"]).makeAsyncIterator()
+        while await state.openStreams < 3 { try await Task.sleep(for: .milliseconds(5)) }
+
+        await state.store(Self.held(web, key: 0xA1))
+        await state.store(Self.held(db, key: 0xB1))
+        let first1 = try #require(await Self.next(&web1, key: 0xA1))
+        let first2 = try #require(await Self.next(&web2, key: 0xA1))
+        let firstDB = try #require(await Self.next(&dbStream, key: 0xB1))
+        #expect(first1 == first2)
+        #expect(first1.svids.map(\.spiffeID) == [web.spiffeID])
+        #expect(firstDB.svids.map(\.spiffeID) == [db.spiffeID])
+        #expect(firstDB.svids.map(\.keyPKCS8DER) == [[0xB1]])
+
+        // A rotation of web's SVID reaches both web streams; db's next snapshot is its own rotation.
+        await state.store(Self.held(web, key: 0xA2))
+        await state.store(Self.held(db, key: 0xB2))
+        let rotated1 = try #require(await Self.next(&web1, key: 0xA2))
+        let rotated2 = try #require(await Self.next(&web2, key: 0xA2))
+        let rotatedDB = try #require(await dbStream.next())
+        #expect(rotated1 == rotated2)
+        #expect(rotated1.svids.map(\.keyPKCS8DER) == [[0xA2]])
+        #expect(rotatedDB.svids.map(\.keyPKCS8DER) == [[0xB2]], "db's stream got another workload's snapshot")
+    }
+}
