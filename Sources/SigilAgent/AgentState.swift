@@ -53,6 +53,7 @@ actor AgentState: WorkloadIdentitySource {
 
     init(trustDomain: TrustDomain) {
         self.trustDomain = trustDomain
+        currentBundle = WorkloadBundle(trustDomain: trustDomain.name, rootsDER: [], jwtKeysJSON: jwtKeysJSON)
         (changes, changesContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
     }
 
@@ -61,9 +62,11 @@ actor AgentState: WorkloadIdentitySource {
     func restore(from cache: AgentCache.Snapshot) {
         entries = Dictionary(uniqueKeysWithValues: cache.entries.map { ($0.id, $0) })
         svids = Dictionary(uniqueKeysWithValues: cache.svids.map { ($0.entryID, $0) })
+        servedSVIDs = [:]
         bundleRoots = cache.bundleRoots
         bundleSequence = cache.bundleSequence
         jwtKeysJSON = cache.jwtKeysJSON
+        refreshServedBundle()
         publish()
     }
 
@@ -72,9 +75,11 @@ actor AgentState: WorkloadIdentitySource {
         entries = Dictionary(uniqueKeysWithValues: newEntries.map { ($0.id, $0) })
         // SVIDs of deleted entries are dropped at once: the workload loses that identity.
         svids = svids.filter { entries[$0.key] != nil }
+        servedSVIDs = servedSVIDs.filter { svids[$0.key] != nil }
         bundleRoots = roots
         bundleSequence = sequence
         jwtKeysJSON = jwt
+        refreshServedBundle()
         changesContinuation.yield()
         publish()
         if bundleChanged { publishBundle() }
@@ -208,8 +213,15 @@ actor AgentState: WorkloadIdentitySource {
         if bundleSubscribers.removeValue(forKey: id) == nil { endedEarly.insert(id) }
     }
 
-    private var currentBundle: WorkloadBundle {
-        WorkloadBundle(trustDomain: trustDomain.name, rootsDER: bundleRoots.flatMap { $0 }, jwtKeysJSON: jwtKeysJSON)
+    /// What the Workload API sends, kept from one snapshot to the next while unchanged: snapshots then
+    /// share their byte buffers, and comparing two of them is an identity check, not a byte compare.
+    private var currentBundle: WorkloadBundle
+    private var servedSVIDs: [String: (serial: String, svid: WorkloadX509SVID)] = [:]
+
+    private func refreshServedBundle() {
+        let rootsDER = bundleRoots.flatMap { $0 }
+        guard rootsDER != currentBundle.rootsDER || jwtKeysJSON != currentBundle.jwtKeysJSON else { return }
+        currentBundle = WorkloadBundle(trustDomain: trustDomain.name, rootsDER: rootsDER, jwtKeysJSON: jwtKeysJSON)
     }
 
     func makeSnapshot(for selectors: Set<String>) -> WorkloadX509Snapshot {
@@ -218,7 +230,10 @@ actor AgentState: WorkloadIdentitySource {
         let held = matching.compactMap { entry -> WorkloadX509SVID? in
             // Never hand out an expired SVID.
             guard let svid = svids[entry.id], svid.notAfter > now else { return nil }
-            return WorkloadX509SVID(spiffeID: svid.spiffeID, chainDER: svid.chainDER.flatMap { $0 }, keyPKCS8DER: svid.keyPKCS8DER)
+            if let served = servedSVIDs[entry.id], served.serial == svid.serial, served.svid.spiffeID == svid.spiffeID { return served.svid }
+            let view = WorkloadX509SVID(spiffeID: svid.spiffeID, chainDER: svid.chainDER.flatMap { $0 }, keyPKCS8DER: svid.keyPKCS8DER)
+            servedSVIDs[entry.id] = (svid.serial, view)
+            return view
         }
         return WorkloadX509Snapshot(svids: held, bundle: currentBundle)
     }
