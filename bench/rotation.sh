@@ -4,10 +4,13 @@
 #      when the agent rotates the SVID, how long until every stream has the new one;
 #   2. entry change -> workload: time from `sigil entry create` returning to the workload's first
 #      successful fetch of the new identity;
-#   3. a CA root rotation's new bundle reaching every stream: 1,000 streams open, `sigil ca rotate
-#      --root` on the server's data directory; from the command's return to the last stream holding
-#      the bundle with both roots, and the spread between the first and last stream.
+#   3. a CA root rotation's new bundle reaching every stream: 1,000 streams open (one identity each:
+#      the entries of step 2 are deleted first), `sigil ca rotate --root` on the server's data
+#      directory; from the command's return to the last stream holding the bundle with the new
+#      root, and the spread between the first and last stream.
 # (SVIDs signed per second through the agent API moved to bench/ca.sh.)
+# Fan-outs 1 and 3 run ROUNDS times (default 3; the machine's noise is ±15–25 %): the goals are
+# judged on the median, the table shows every round.
 #
 #   bash bench/rotation.sh      (or bash bench/run.sh rotation)
 # Prints a markdown table; writes bench/results/rotation-<UTC date>.json (figures + goals).
@@ -28,21 +31,34 @@ export SIGIL_ADMIN_SOCKET="$work/admin.sock"
 "$S" ca init --trust-domain bench.sigil --data-dir "$work/ca" >/dev/null
 "$S" server run --data-dir "$work/ca" --listen "127.0.0.1:$port" --log-level warning 2>"$work/server.log" &
 for _ in $(seq 100); do [ -S "$SIGIL_ADMIN_SOCKET" ] && break; sleep 0.1; done
-"$S" entry create --spiffe-id spiffe://bench.sigil/ns/bench/sa/fanout --parent node-1 --selector "unix:uid:$(id -u)" --ttl 20s >/dev/null
+fanout_entry="$("$S" entry create --spiffe-id spiffe://bench.sigil/ns/bench/sa/fanout --parent node-1 --selector "unix:uid:$(id -u)" --ttl 20s --json \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')"
 "$S" agent run --server "127.0.0.1:$port" --join-token "$("$S" token create --agent-id node-1)" --trust-bundle "$work/ca/bundle.pem" \
     --socket "$work/agent.sock" --data-dir "$work/agent" --log-level warning 2>"$work/agent.log" &
 for _ in $(seq 100); do "$S" svid fetch --socket "$work/agent.sock" >/dev/null 2>&1 && break; sleep 0.1; done
 
-echo "==> 1. rotation fan-out to 1000 streams" >&2
-fan="$("$B" fanout --socket "$work/agent.sock" --streams 1000 --connections 50 --timeout 60)"
-echo "$fan" >&2
+ROUNDS="${ROUNDS:-3}"
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "ROUNDS must be a positive integer (got '$ROUNDS')" >&2; exit 2; }
+get() { echo "$1" | awk -v k="$2" '$1 == k {print $2}'; }
+# median and range of numbers on stdin: "median (min … max)"
+stats() { python3 -c "import sys, statistics as s; v=[float(x) for x in sys.stdin.read().split()]; print('%.1f (%.1f … %.1f)' % (s.median(v), min(v), max(v)) if v else 'none')"; }
+
+echo "==> 1. rotation fan-out to 1000 streams ($ROUNDS rounds, one per SVID rotation)" >&2
+spreads=() rotated_all=() p50s=() p99s=()
+for r in $(seq "$ROUNDS"); do
+    fan="$("$B" fanout --socket "$work/agent.sock" --streams 1000 --connections 50 --timeout 60)"
+    echo "$fan" >&2
+    spreads+=("$(get "$fan" fanout_spread_ms)"); rotated_all+=("$(get "$fan" fanout_streams_rotated)")
+    p50s+=("$(get "$fan" fanout_p50_ms)"); p99s+=("$(get "$fan" fanout_p99_ms)")
+done
 
 echo "==> 2. entry change -> workload" >&2
-changes=()
+changes=() change_ids=()
 for i in 1 2 3 4 5; do
     id="spiffe://bench.sigil/ns/bench/sa/change$i"
     t0=$(date +%s%N)
-    "$S" entry create --spiffe-id "$id" --parent node-1 --selector "unix:uid:$(id -u)" --selector "unix:gid:$(id -g)" --ttl 1h >/dev/null
+    created="$("$S" entry create --spiffe-id "$id" --parent node-1 --selector "unix:uid:$(id -u)" --selector "unix:gid:$(id -g)" --ttl 1h --json)"
+    change_ids+=("$(echo "$created" | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')")
     t1=$(date +%s%N)
     got=0
     for _ in $(seq 3000); do   # bounded: 3000 one-shot fetches (~30 s and more) and it counts as missed
@@ -52,40 +68,60 @@ for i in 1 2 3 4 5; do
     if ((got)); then changes+=("$(( (t2 - t1) / 1000000 ))"); else changes+=(99999); fi
 done
 echo "entry_change_ms ${changes[*]}" >&2
+# Back to one identity per stream, as in the SVID fan-out: the entries above match the bench client
+# too, and would make every bundle fan-out message six SVIDs (each with its own bundle copy). The one
+# kept has a 1 h TTL, so no SVID rotation (every ~10 s for the 20 s entry) lands inside a bundle round.
+for id in "$fanout_entry" "${change_ids[@]:1}"; do "$S" entry delete "$id" >/dev/null; done
+for _ in $(seq 100); do
+    [ "$("$S" svid fetch --socket "$work/agent.sock" --json 2>/dev/null | grep -c '"spiffe_id"')" = 1 ] && break; sleep 0.1
+done
 
-echo "==> 3. CA root rotation: new bundle to 1000 streams" >&2
-"$B" fanout --socket "$work/agent.sock" --streams 1000 --connections 50 --timeout 60 --watch bundle >"$work/bundle-fan.txt" 2>"$work/bundle-fan.err" &
-fanpid=$!
-for _ in $(seq 600); do grep -q fanout_ready "$work/bundle-fan.err" 2>/dev/null && break; sleep 0.1; done
-"$S" ca rotate --root --data-dir "$work/ca" >/dev/null
-t_rotate=$(date +%s.%N)
-wait "$fanpid" || true
-bfan="$(cat "$work/bundle-fan.txt")"
-echo "$bfan" >&2
-bundle_e2e_ms="$(python3 -c "import sys; print('%.0f' % ((float(sys.argv[1]) - float(sys.argv[2])) * 1000))"     "$(echo "$bfan" | awk '$1 == "fanout_last_unix" {print $2}')" "$t_rotate" 2>/dev/null || echo 99999)"
+echo "==> 3. CA root rotation: new bundle to 1000 streams ($ROUNDS rounds, one root rotation each)" >&2
+bspreads=() brotated_all=() be2e=()
+for r in $(seq "$ROUNDS"); do
+    rm -f "$work/bundle-fan.err"
+    "$B" fanout --socket "$work/agent.sock" --streams 1000 --connections 50 --timeout 60 --watch bundle >"$work/bundle-fan.txt" 2>"$work/bundle-fan.err" &
+    fanpid=$!
+    for _ in $(seq 600); do grep -q fanout_ready "$work/bundle-fan.err" 2>/dev/null && break; sleep 0.1; done
+    "$S" ca rotate --root --data-dir "$work/ca" >/dev/null
+    t_rotate=$(date +%s.%N)
+    wait "$fanpid" || true
+    # The next round's rotation needs this one activated (the agent confirmed the bundle).
+    for _ in $(seq 300); do
+        "$S" ca status --data-dir "$work/ca" --json | python3 -c 'import json, sys
+sys.exit(0 if all(a["state"] in ("active", "old") for a in json.load(sys.stdin)["authorities"]) else 1)' && break
+        sleep 0.1
+    done
+    bfan="$(cat "$work/bundle-fan.txt")"
+    echo "$bfan" >&2
+    bspreads+=("$(get "$bfan" fanout_spread_ms)"); brotated_all+=("$(get "$bfan" fanout_streams_rotated)")
+    be2e+=("$(python3 -c "import sys; print('%.0f' % ((float(sys.argv[1]) - float(sys.argv[2])) * 1000))" \
+        "$(get "$bfan" fanout_last_unix)" "$t_rotate" 2>/dev/null || echo 99999)")
+done
 
-get() { echo "$1" | awk -v k="$2" '$1 == k {print $2}'; }
+spread="$(printf '%s\n' "${spreads[@]}" | stats)"
+bspread="$(printf '%s\n' "${bspreads[@]}" | stats)"
+median() { echo "$1" | awk '{print $1}'; }
 echo
-echo "| measure (one run, loopback, release builds) | value |"
-echo "|---|---:|"
-echo "| streams open / rotated | $(get "$fan" fanout_streams_ready) / $(get "$fan" fanout_streams_rotated) |"
-echo "| rotation reaches all 1,000 streams: last − first arrival | $(get "$fan" fanout_spread_ms) ms |"
-echo "| … p50 / p99 arrival after the first | $(get "$fan" fanout_p50_ms) / $(get "$fan" fanout_p99_ms) ms |"
-echo "| entry created → workload fetches it (5 tries) | ${changes[*]} ms |"
-echo "| CA root rotation: streams with the new bundle | $(get "$bfan" fanout_streams_rotated) / 1000 |"
-echo "| … \`sigil ca rotate --root\` returns → last stream has it | ${bundle_e2e_ms} ms |"
-echo "| … first → last stream (the fan-out itself) | $(get "$bfan" fanout_spread_ms) ms |"
-spread="$(get "$fan" fanout_spread_ms)"
+echo "| measure (loopback, release builds; $ROUNDS rounds) | median (range) | each round |"
+echo "|---|---:|---:|"
+echo "| streams rotated, per round | | ${rotated_all[*]} |"
+echo "| rotation reaches all 1,000 streams: last − first arrival | $spread ms | ${spreads[*]} ms |"
+echo "| … p50 / p99 arrival after the first | $(printf '%s\n' "${p50s[@]}" | stats) / $(printf '%s\n' "${p99s[@]}" | stats) ms | |"
+echo "| entry created → workload fetches it (5 tries) | $(printf '%s\n' "${changes[@]}" | stats) ms | ${changes[*]} ms |"
+echo "| CA root rotation: streams with the new bundle, per round | | ${brotated_all[*]} |"
+echo "| … \`sigil ca rotate --root\` returns → last stream has it | $(printf '%s\n' "${be2e[@]}" | stats) ms | ${be2e[*]} ms |"
+echo "| … first → last stream (the fan-out itself) | $bspread ms | ${bspreads[*]} ms |"
 worst_change="$(printf '%s\n' "${changes[@]}" | sort -n | tail -1)"
-rotated="$(get "$fan" fanout_streams_rotated)"
+rotated="$(printf '%s\n' "${rotated_all[@]}" | sort -n | head -1)"   # the fewest in any round
+brot="$(printf '%s\n' "${brotated_all[@]}" | sort -n | head -1)"
 met() { python3 -c "import sys; print('yes' if $1 else 'NO')"; }
 {
-    printf 'rotation reaches 1,000 streams (last − first arrival)\t%s ms (%s rotated)\t< 100 ms\t%s\n' "$spread" "$rotated" \
-        "$(met "${rotated:-0} == 1000 and ${spread:-1e9} < 100")"
+    printf 'rotation reaches 1,000 streams (last − first arrival; median of %s rounds)\t%s ms (≥ %s rotated each round)\t< 100 ms\t%s\n' \
+        "$ROUNDS" "$spread" "$rotated" "$(met "${rotated:-0} == 1000 and $(median "$spread" | sed 's/none/1e9/') < 100")"
     printf 'entry change reaches the workload (worst of 5)\t%s ms\t≤ 1000 ms\t%s\n' "$worst_change" "$(met "${worst_change:-1e9} <= 1000")"
-    bspread="$(get "$bfan" fanout_spread_ms)"; brot="$(get "$bfan" fanout_streams_rotated)"
-    printf "CA rotation's new bundle reaches every stream (first → last)\t%s ms (%s streams; %s ms from the command)\t< 100 ms\t%s\n" \
-        "$bspread" "$brot" "$bundle_e2e_ms" "$(met "${brot:-0} == 1000 and ${bspread:-1e9} < 100")"
+    printf "CA rotation's new bundle reaches every stream (first → last; median of %s rounds)\t%s ms (≥ %s streams each round; %s ms from the command)\t< 100 ms\t%s\n" \
+        "$ROUNDS" "$bspread" "$brot" "$(printf '%s\n' "${be2e[@]}" | stats)" "$(met "${brot:-0} == 1000 and $(median "$bspread" | sed 's/none/1e9/') < 100")"
 } > "$work/goals.tsv"
 echo
 echo "| goal | measured | target | met |"
