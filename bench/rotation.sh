@@ -72,9 +72,12 @@ echo "entry_change_ms ${changes[*]}" >&2
 # too, and would make every bundle fan-out message six SVIDs (each with its own bundle copy). The one
 # kept has a 1 h TTL, so no SVID rotation (every ~10 s for the 20 s entry) lands inside a bundle round.
 for id in "$fanout_entry" "${change_ids[@]:1}"; do "$S" entry delete "$id" >/dev/null; done
+one_identity=0
 for _ in $(seq 100); do
-    [ "$("$S" svid fetch --socket "$work/agent.sock" --json 2>/dev/null | grep -c '"spiffe_id"')" = 1 ] && break; sleep 0.1
+    if [ "$("$S" svid fetch --socket "$work/agent.sock" --json 2>/dev/null | grep -c '"spiffe_id"')" = 1 ]; then one_identity=1; break; fi
+    sleep 0.1
 done
+((one_identity)) || { echo "the agent still serves more than one identity 10 s after the entries were deleted" >&2; exit 1; }
 
 echo "==> 3. CA root rotation: new bundle to 1000 streams ($ROUNDS rounds, one root rotation each)" >&2
 bspreads=() brotated_all=() be2e=()
@@ -87,11 +90,16 @@ for r in $(seq "$ROUNDS"); do
     t_rotate=$(date +%s.%N)
     wait "$fanpid" || true
     # The next round's rotation needs this one activated (the agent confirmed the bundle).
+    activated=0
     for _ in $(seq 300); do
-        "$S" ca status --data-dir "$work/ca" --json | python3 -c 'import json, sys
-sys.exit(0 if all(a["state"] in ("active", "old") for a in json.load(sys.stdin)["authorities"]) else 1)' && break
+        if "$S" ca status --data-dir "$work/ca" --json | python3 -c 'import json, sys
+d = json.load(sys.stdin)
+sys.exit(0 if not d.get("unconfirmed_agents") and all(a["state"] != "prepared" for a in d["authorities"]) else 1)'; then
+            activated=1; break
+        fi
         sleep 0.1
     done
+    ((activated)) || { echo "root rotation $r was not activated within 30 s (see sigil ca status)" >&2; exit 1; }
     bfan="$(cat "$work/bundle-fan.txt")"
     echo "$bfan" >&2
     bspreads+=("$(get "$bfan" fanout_spread_ms)"); brotated_all+=("$(get "$bfan" fanout_streams_rotated)")

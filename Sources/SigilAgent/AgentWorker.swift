@@ -32,6 +32,8 @@ final class AgentWorker: Service, Sendable {
     private let refused = LockedBox<[String: (revision: Int64, until: Date)]>([:])
 
     static let batchSize = 100
+    /// The agent's own SVID renewal: first retry after a failure (doubling to 5 s).
+    static let firstRenewalRetry: Duration = .milliseconds(500)
 
     init(client: SigilAgentAPI.Client<HTTP2ClientTransport.Posix>, state: AgentState, cache: AgentCache, reloader: SVIDCertificateReloader,
          bundleBox: LockedBox<TrustBundle>, identity: LockedBox<AgentCache.AgentIdentity>, trustDomain: TrustDomain, renewFraction: Double, logger: Logger) {
@@ -213,6 +215,7 @@ final class AgentWorker: Service, Sendable {
     // MARK: the agent's own SVID
 
     func agentRenewalLoop() async {
+        var retry = Self.firstRenewalRetry
         while !Task.isCancelled {
             let current = identity.withLock { $0 }
             let leaf = current.chainDER.first.flatMap { try? Certificate(derEncoded: $0) }
@@ -241,10 +244,14 @@ final class AgentWorker: Service, Sendable {
                 identity.withLock { $0 = renewed }
                 try? cache.saveIdentity(renewed)
                 logger.info("agent SVID renewed", metadata: ["agent_id": "\(current.agentID)", "serial": "\(leaf.serialHex)"])
+                retry = Self.firstRenewalRetry
             } catch {
-                // Soon: a short-lived agent SVID leaves little time between half its life and its end.
-                logger.warning("agent SVID renewal failed; retrying", metadata: ["error": "\(error)"])
-                try? await Task.sleep(for: .milliseconds(500))
+                // Soon at first (a short-lived agent SVID leaves little time between half its life
+                // and its end), then backing off with jitter so a fleet does not retry in step.
+                let wait = retry * Double.random(in: 0.8...1.2)
+                logger.warning("agent SVID renewal failed; retrying", metadata: ["error": "\(error)", "retry_in": "\(wait)"])
+                try? await Task.sleep(for: wait)
+                retry = min(retry * 2, .seconds(5))
             }
         }
     }

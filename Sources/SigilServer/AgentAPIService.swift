@@ -233,8 +233,13 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
             // An SVID of this incarnation that merely expired (a connection opened before the agent
             // renewed): unauthenticated, which the agent retries on a new connection carrying its
             // current SVID. Anything else (unknown, or from before a re-attestation) is final.
-            let expiredOnly = (try? await core.store.isLiveCertificate(serial: leaf.serialHex, spiffeID: agentID,
-                                                                      issuedSince: agent.attestedAt, now: .distantPast)) ?? false
+            let expiredOnly: Bool
+            do {
+                expiredOnly = try await core.store.isLiveCertificate(serial: leaf.serialHex, spiffeID: agentID,
+                                                                     issuedSince: agent.attestedAt, now: .distantPast)
+            } catch {
+                throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+            }
             if expiredOnly {
                 throw RPCError(code: .unauthenticated, message: "the certificate presented by \(agentID) has expired; connect again with the current agent SVID")
             }

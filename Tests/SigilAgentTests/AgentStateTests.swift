@@ -10,10 +10,10 @@ struct AgentStateTests {
                    ttlSeconds: 3600, dnsNames: [], revision: 1)
     }
 
-    static func held(_ entry: AgentEntry, key: UInt8) -> HeldSVID {
+    static func held(_ entry: AgentEntry, key: UInt8, life: TimeInterval = 3600) -> HeldSVID {
         HeldSVID(entryID: entry.id, spiffeID: entry.spiffeID, chainDER: [[0x30, key]], keyPKCS8DER: [key],
-                 serial: "\(key)", notBefore: Date(), notAfter: Date().addingTimeInterval(3600),
-                 renewAt: Date().addingTimeInterval(1800), entryRevision: 1)
+                 serial: "\(key)", notBefore: Date(), notAfter: Date().addingTimeInterval(life),
+                 renewAt: Date().addingTimeInterval(life / 2), entryRevision: 1)
     }
 
     /// The next snapshot on `stream` that holds an SVID keyed `key` (bounded: earlier ones are skipped).
@@ -41,6 +41,10 @@ struct AgentStateTests {
         let first2 = try #require(await Self.next(&web2, key: 0xA1))
         let firstDB = try #require(await Self.next(&dbStream, key: 0xB1))
         #expect(first1 == first2)
+        // Shared, not just equal: the same bytes in memory (what makes the per-stream checks cheap).
+        let base1 = first1.svids[0].chainDER.withUnsafeBufferPointer { $0.baseAddress }
+        let base2 = first2.svids[0].chainDER.withUnsafeBufferPointer { $0.baseAddress }
+        #expect(base1 == base2)
         #expect(first1.svids.map(\.spiffeID) == [web.spiffeID])
         #expect(firstDB.svids.map(\.spiffeID) == [db.spiffeID])
         #expect(firstDB.svids.map(\.keyPKCS8DER) == [[0xB1]])
@@ -54,5 +58,22 @@ struct AgentStateTests {
         #expect(rotated1 == rotated2)
         #expect(rotated1.svids.map(\.keyPKCS8DER) == [[0xA2]])
         #expect(rotatedDB.svids.map(\.keyPKCS8DER) == [[0xB2]], "db's stream got another workload's snapshot")
+    }
+
+    @Test("An SVID kept for serving is never served after it expires")
+    func expiredSVIDLeavesTheSnapshot() async throws {
+        let state = AgentState(trustDomain: try TrustDomain("example.org"))
+        let short = Self.entry("short", uid: 1001), long = Self.entry("long", uid: 1001)
+        await state.apply(entries: [short, long], bundleRoots: [[0x30, 0x00]], bundleSequence: 1, jwtKeysJSON: Array(#"{"keys":[]}"#.utf8))
+        var stream = state.x509Snapshots(selectors: ["unix:uid:1001"]).makeAsyncIterator()
+        while await state.openStreams < 1 { try await Task.sleep(for: .milliseconds(5)) }
+        await state.store(Self.held(short, key: 0xC1, life: 1.5))
+        await state.store(Self.held(long, key: 0xD1))
+        let both = try #require(await Self.next(&stream, key: 0xD1))
+        #expect(Set(both.svids.map(\.keyPKCS8DER)) == [[0xC1], [0xD1]])
+        try await Task.sleep(for: .milliseconds(1700))
+        await state.store(Self.held(long, key: 0xD2))   // a publish after the short one expired
+        let after = try #require(await Self.next(&stream, key: 0xD2))
+        #expect(after.svids.map(\.keyPKCS8DER) == [[0xD2]], "an expired SVID was served")
     }
 }
