@@ -55,7 +55,7 @@ func runLedgerRow() throws {
     for batch in [1, 4, 16] {
         line.removeAll(keepingCapacity: true)
         for i in 0..<batch { chain(UInt64(i + 1)) }
-        let rounds = count / batch
+        let rounds = max(1, count / batch)
         let t = seconds {
             for _ in 0..<rounds {
                 let n = line.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }

@@ -14,10 +14,16 @@ import SigilCore
 import SigilCA
 import SigilStore
 
+/// A positive whole-number option; a value that is missing, not a number or not positive ends the
+/// run with a message (figures from a silently substituted default would mislead).
 func argument(_ name: String, _ fallback: Int) -> Int {
     let args = CommandLine.arguments
-    if let i = args.firstIndex(of: name), i + 1 < args.count, let v = Int(args[i + 1]) { return v }
-    return fallback
+    guard let i = args.firstIndex(of: name) else { return fallback }
+    guard i + 1 < args.count, let value = Int(args[i + 1]), value > 0 else {
+        FileHandle.standardError.write(Data("sigil-bench: \(name) needs a positive whole number (got '\(i + 1 < args.count ? args[i + 1] : "")')\n".utf8))
+        exit(2)
+    }
+    return value
 }
 
 func seconds(_ body: () throws -> Void) rethrows -> Double {
