@@ -25,15 +25,21 @@ struct AgentStateTests {
         return nil
     }
 
+    /// A state holding `entries`, with one open stream per selector set in `streams` (registered).
+    static func state(entries: [AgentEntry], streams: [Set<String>]) async throws
+        -> (AgentState, [AsyncStream<WorkloadX509Snapshot>.Iterator]) {
+        let state = AgentState(trustDomain: try TrustDomain("example.org"))
+        await state.apply(entries: entries, bundleRoots: [[0x30, 0x00]], bundleSequence: 1, jwtKeysJSON: Array(#"{"keys":[]}"#.utf8))
+        let iterators = streams.map { state.x509Snapshots(selectors: $0).makeAsyncIterator() }
+        while await state.openStreams < streams.count { try await Task.sleep(for: .milliseconds(5)) }
+        return (state, iterators)
+    }
+
     @Test("Streams of one workload share a snapshot; another workload's streams never see its keys")
     func fanOutKeepsWorkloadsApart() async throws {
-        let state = AgentState(trustDomain: try TrustDomain("example.org"))
         let web = Self.entry("web", uid: 1001), db = Self.entry("db", uid: 1002)
-        await state.apply(entries: [web, db], bundleRoots: [[0x30, 0x00]], bundleSequence: 1, jwtKeysJSON: Array(#"{"keys":[]}"#.utf8))
-        var web1 = state.x509Snapshots(selectors: ["unix:uid:1001"]).makeAsyncIterator()
-        var web2 = state.x509Snapshots(selectors: ["unix:uid:1001"]).makeAsyncIterator()
-        var dbStream = state.x509Snapshots(selectors: ["unix:uid:1002"]).makeAsyncIterator()
-        while await state.openStreams < 3 { try await Task.sleep(for: .milliseconds(5)) }
+        let (state, streams) = try await Self.state(entries: [web, db], streams: [["unix:uid:1001"], ["unix:uid:1001"], ["unix:uid:1002"]])
+        var web1 = streams[0], web2 = streams[1], dbStream = streams[2]
 
         await state.store(Self.held(web, key: 0xA1))
         await state.store(Self.held(db, key: 0xB1))
@@ -62,11 +68,9 @@ struct AgentStateTests {
 
     @Test("An SVID kept for serving is never served after it expires")
     func expiredSVIDLeavesTheSnapshot() async throws {
-        let state = AgentState(trustDomain: try TrustDomain("example.org"))
         let short = Self.entry("short", uid: 1001), long = Self.entry("long", uid: 1001)
-        await state.apply(entries: [short, long], bundleRoots: [[0x30, 0x00]], bundleSequence: 1, jwtKeysJSON: Array(#"{"keys":[]}"#.utf8))
-        var stream = state.x509Snapshots(selectors: ["unix:uid:1001"]).makeAsyncIterator()
-        while await state.openStreams < 1 { try await Task.sleep(for: .milliseconds(5)) }
+        let (state, streams) = try await Self.state(entries: [short, long], streams: [["unix:uid:1001"]])
+        var stream = streams[0]
         await state.store(Self.held(short, key: 0xC1, life: 1.5))
         await state.store(Self.held(long, key: 0xD1))
         let both = try #require(await Self.next(&stream, key: 0xD1))
