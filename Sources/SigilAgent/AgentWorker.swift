@@ -231,7 +231,10 @@ final class AgentWorker: Service, Sendable {
                 let key = P256.Signing.PrivateKey()
                 var request = SigilRenewAgentRequest()
                 request.csr = Data(try KeyMaterial.csr(key: key))
-                let response = try await client.renewAgent(request)
+                // A deadline: a call stuck on a dying connection must not outlast the SVID it renews.
+                var options = CallOptions.defaults
+                options.timeout = .seconds(5)
+                let response = try await client.renewAgent(request, options: options)
                 let chain = response.svidChain.map { Array($0) }
                 guard let first = chain.first, let leaf = try? Certificate(derEncoded: first) else {
                     logger.warning("the server's renewal answer holds no agent SVID; retrying")
