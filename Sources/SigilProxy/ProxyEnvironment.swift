@@ -177,6 +177,8 @@ struct RequestFacts {
     /// The request's row body (``LedgerRecord/appendBody(to:)``'s bytes) written straight from
     /// these facts: the hot path, no record of Strings built first, and the connection's part
     /// (who called whom) copied from ``PeerInfo/ledgerParties`` when it was serialized already.
+    /// `port` is used only when it was not: the prepared part holds the environment's `appPort`,
+    /// the only port any caller passes.
     func appendLedgerBody(peer: PeerInfo, detail: String?, port: Int, to out: inout [UInt8]) {
         LedgerRecord.appendBodyStart(to: &out, kind: .request, timeMicros: startMicros)
         if peer.ledgerParties.isEmpty {
