@@ -65,6 +65,8 @@
 #   PROFILE=h1 IDLE_WAIT=1 bash bench/proxy.sh       # no benchmark: perf profile of the sigil pair (or h2, newconn;
 #                                                    # PROFILE_SYSTEM=sigil-noledger: the pair without the ledger)
 #   PROFILE=syscalls IDLE_WAIT=1 bash bench/proxy.sh # no benchmark: system calls per request (strace -c)
+#   PROFILE=ledger IDLE_WAIT=1 bash bench/proxy.sh   # no benchmark: both inbound proxies (ledger on and off) under
+#                                                    # one perf record while both pairs are loaded; extra samples per request by symbol
 #
 # Prints a markdown table; writes bench/results/proxy-<UTC date>.json (raw runs + summary).
 set -euo pipefail
@@ -699,6 +701,73 @@ if [ "${PROFILE:-}" = syscalls ]; then
             "$work/strace-$side.txt" | sort -k2 -nr | head -12
         echo
     done
+    exit 0
+fi
+# PROFILE=ledger: both pairs loaded together as in the ledger phase (wrk -c64 each, DURATION
+# seconds) under one `perf record` of the two inbound proxies; then, symbol by symbol, samples per
+# 1,000 requests of each, and the difference: where the ledger pair's extra CPU per request goes.
+if [ "${PROFILE:-}" = ledger ]; then
+    [[ " ${systems[*]} " == *" sigil-noledger "* ]] || { echo "PROFILE=ledger needs both sigil pairs: $sigil_skip" >&2; exit 1; }
+    command -v perf >/dev/null || { echo "PROFILE needs perf (apt-get install linux-perf)" >&2; exit 1; }
+    log "perf record: the inbound proxies of sigil and sigil-noledger, both loaded for ${DURATION}s at 64 connections"
+    perf record -F 999 -g -o "$work/perf.data" -p "${pair_server[sigil]},${pair_server[sigil-noledger]}" \
+        -- sleep "$((DURATION + 1))" 2>"$work/perf.log" &
+    perf_pid=$!
+    sleep 0.5
+    wrk -t1 -c64 -d"${DURATION}s" "${url[sigil]}" > "$work/profile-sigil.txt" 2>&1 &
+    w1=$!
+    wrk -t1 -c64 -d"${DURATION}s" "${url[sigil-noledger]}" > "$work/profile-sigil-noledger.txt" 2>&1 &
+    w2=$!
+    wait "$w1" "$w2" "$perf_pid" || true
+    # perf report's --pid filter matches thread ids: split the samples by process from perf script.
+    perf script -i "$work/perf.data" -F pid,tid,ip,sym 2>"$work/perf-script.log" > "$work/perf.script" || cat "$work/perf-script.log" >&2
+    python3 - "$work" "${pair_server[sigil]}" "${pair_server[sigil-noledger]}" <<'PY'
+import collections, re, sys
+work, pids = sys.argv[1], {sys.argv[2]: "sigil", sys.argv[3]: "sigil-noledger"}
+def requests(name):
+    m = re.search(r"(\d+) requests in", open(f"{work}/profile-{name}.txt").read())
+    return int(m.group(1)) if m else 0
+leaf = {n: collections.Counter() for n in pids.values()}
+inclusive = {n: collections.Counter() for n in pids.values()}
+total = collections.Counter()
+name, frames = None, []
+def done():
+    if name and frames:
+        total[name] += 1
+        leaf[name][frames[0]] += 1
+        for f in set(frames):
+            inclusive[name][f] += 1
+for line in open(f"{work}/perf.script", errors="replace"):
+    if line.strip() and not line.startswith("\t"):  # " PID/TID" heads a sample; its frames follow, tab-indented
+        done()
+        name, frames = pids.get(line.split("/")[0].strip()), []
+    elif line.strip():
+        parts = line.split(None, 1)
+        frames.append(parts[1].strip()[:110] if len(parts) > 1 else "?")
+done()
+if not total:
+    seen = collections.Counter(l.split("/")[0].strip() for l in open(f"{work}/perf.script", errors="replace") if l.strip() and not l.startswith("\t"))
+    print(f"no samples of the inbound proxies (pids {', '.join(pids)}); perf script saw pids: {dict(seen)}")
+r = {n: requests(n) for n in pids.values()}
+per = lambda n, c: c * 1000 / max(1, r[n])
+a, b = "sigil", "sigil-noledger"
+print(f"requests: {a} {r[a]}, {b} {r[b]}")
+print(f"inbound proxy samples per 1,000 requests: {a} {per(a, total[a]):.1f}, {b} {per(b, total[b]):.1f} "
+      f"(×{per(a, total[a]) / max(1e-9, per(b, total[b])):.3f})")
+def table(title, counters, top):
+    print(title)
+    keys = set(counters[a]) | set(counters[b])
+    diff = sorted(keys, key=lambda k: per(a, counters[a][k]) - per(b, counters[b][k]), reverse=True)
+    for k in diff[:top] + ["..."] + diff[-6:]:
+        if k == "...":
+            print("  ...")
+            continue
+        x, y = per(a, counters[a][k]), per(b, counters[b][k])
+        print(f"  {x - y:+8.2f}  {x:8.2f} {y:8.2f}  {k}")
+table("self samples per 1,000 requests by symbol (sigil − sigil-noledger, sigil, sigil-noledger):", leaf, 25)
+table("inclusive samples per 1,000 requests, the ledger's own functions and their callers:",
+      {n: collections.Counter({k: v for k, v in inclusive[n].items() if re.search(r"Ledger|ledger|writeNow|sha256", k)}) for n in pids.values()}, 15)
+PY
     exit 0
 fi
 if [ -n "${PROFILE:-}" ]; then

@@ -2,10 +2,15 @@ import Crypto
 
 /// The hash chain of one ledger writer, checked from the bytes of its rows.
 ///
-/// A row is one JSON object on one line: `{"writer":…,"seq":N,…,"prev":"<hex>","hash":"<hex>"}`.
+/// A row is one JSON object on one line: `{"writer":…,"source":…,…,"seq":N,"prev":"<hex>","hash":"<hex>"}`.
 /// `hash` is the SHA-256 of every byte before `,"hash":` and `prev` is the previous row's `hash`
 /// (64 zeros for a writer's first row), so editing any byte of a row breaks its own hash and
-/// deleting or reordering rows breaks the next row's `prev`.
+/// deleting or reordering rows breaks the next row's `prev`. Checking reads bytes only, so rows
+/// whose fields come in another order (older spools had `seq` second) check the same way.
+///
+/// `seq` and `prev`, the only fields that depend on the rows before, come last: a writer hashes
+/// the rest of a row (``PartialHash``) before it takes its chain's lock, and under the lock hashes
+/// only those last ~90 bytes (``seal(_:seq:prev:to:hash:)``).
 public enum LedgerChain {
     /// The `prev` of a writer's first row.
     public static let genesis = String(repeating: "0", count: 64)
@@ -15,6 +20,25 @@ public enum LedgerChain {
     public struct Problem: Error, CustomStringConvertible, Sendable, Equatable {
         public let description: String
         public init(_ description: String) { self.description = description }
+    }
+
+    /// The SHA-256 state over a row's leading bytes (its head and body, before `seq`): computed
+    /// where the row is serialized, finished when it is sealed. A copy continues independently,
+    /// so a connection's who-called-whom prefix is hashed once and continued per request.
+    public struct PartialHash: Sendable {
+        private var sha = SHA256()
+
+        public init() {}
+
+        public mutating func update(_ bytes: ArraySlice<UInt8>) {
+            bytes.withUnsafeBytes { sha.update(bufferPointer: $0) }
+        }
+
+        /// The hash of everything absorbed, as 64 lowercase hex digits, replacing `hex`.
+        fileprivate func finish(into hex: inout [UInt8]) {
+            hex.removeAll(keepingCapacity: true)
+            sha.finalize().withUnsafeBytes { JSONText.appendHex($0, to: &hex) }
+        }
     }
 
     /// The hash a row states and the hash of its bytes; throws when the row has no well-formed
@@ -46,17 +70,36 @@ public enum LedgerChain {
     }
 
     /// Appends row `seq` of `writer` to `line` (no newline): its head, the body `body` writes
-    /// (``LedgerRecord/appendBody(to:)``'s bytes), `prev`, and its `hash` over exactly those bytes.
-    /// `hash` is set to that hash (64 lowercase hex digits), the next row's `prev`. What every
-    /// ledger writer seals with: the server's chain and the proxy's spool.
+    /// (``LedgerRecord/appendBody(to:)``'s bytes), `seq`, `prev`, and its `hash` over exactly those
+    /// bytes. `hash` is set to that hash (64 lowercase hex digits), the next row's `prev`. What
+    /// every ledger writer seals with, in one step (the server's chain) or in two
+    /// (``appendUnsealed(writer:to:body:)`` then ``seal(_:seq:prev:to:hash:)``: the proxy's spool).
     public static func appendSealed(writer: String, seq: UInt64, prev: [UInt8], to line: inout [UInt8], hash: inout [UInt8],
                                     body: (inout [UInt8]) -> Void) {
+        let partial = appendUnsealed(writer: writer, to: &line, body: body)
+        seal(partial, seq: seq, prev: prev, to: &line, hash: &hash)
+    }
+
+    /// Appends the first part of a row of `writer` to `line`: its head and the body `body` writes;
+    /// returns the hash state over exactly those bytes, for ``seal(_:seq:prev:to:hash:)``.
+    public static func appendUnsealed(writer: String, to line: inout [UInt8], body: (inout [UInt8]) -> Void) -> PartialHash {
         let start = line.count
-        LedgerRecord.appendHead(to: &line, writer: writer, seq: seq)
+        LedgerRecord.appendHead(to: &line, writer: writer)
         body(&line)
-        LedgerRecord.appendTail(to: &line, prev: prev)
-        hash.removeAll(keepingCapacity: true)
-        SHA256.hash(data: line[start...]).withUnsafeBytes { JSONText.appendHex($0, to: &hash) }
+        var partial = PartialHash()
+        partial.update(line[start...])
+        return partial
+    }
+
+    /// Ends a row whose first part (``appendUnsealed(writer:to:body:)``'s bytes, hashed into
+    /// `partial`) is already at the end of `line`: appends `,"seq":N,"prev":"<hex>"` and the
+    /// row's `hash` field, and sets `hash` to it. Only these last bytes are hashed here.
+    public static func seal(_ partial: PartialHash, seq: UInt64, prev: [UInt8], to line: inout [UInt8], hash: inout [UInt8]) {
+        var partial = partial
+        let start = line.count
+        LedgerRecord.appendTail(to: &line, seq: seq, prev: prev)
+        partial.update(line[start...])
+        partial.finish(into: &hash)
         line.append(contentsOf: hashKey)
         line.append(contentsOf: hash)
         line.append(0x22)

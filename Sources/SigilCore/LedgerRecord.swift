@@ -78,42 +78,47 @@ public struct LedgerRecord: Sendable, Hashable {
     }
 
     /// ``json(writer:seq:prev:)`` appended to a byte buffer: head, body and tail, the same bytes
-    /// the spool writes (it serializes the body before taking its chain's lock).
+    /// the spool writes.
     public func appendJSON(to out: inout [UInt8], writer: String, seq: UInt64, prev: String) {
-        Self.appendHead(to: &out, writer: writer, seq: seq)
+        Self.appendHead(to: &out, writer: writer)
         appendBody(to: &out)
-        Self.appendTail(to: &out, prev: Array(prev.utf8))
+        Self.appendTail(to: &out, seq: seq, prev: Array(prev.utf8))
     }
 
-    /// The row's first fields: `{"writer":…,"seq":N`.
-    public static func appendHead(to out: inout [UInt8], writer: String, seq: UInt64) {
+    /// The row's first field: `{"writer":…`.
+    public static func appendHead(to out: inout [UInt8], writer: String) {
         JSONText.appendRaw("{\"writer\":", to: &out)
         JSONText.appendString(writer, to: &out)
-        JSONText.appendRaw(",\"seq\":", to: &out)
-        JSONText.appendDecimal(seq, to: &out)
     }
 
-    /// The row's last field: `,"prev":"<hex>"` (the object stays open for the writer's `hash`).
-    public static func appendTail(to out: inout [UInt8], prev: [UInt8]) {
+    /// The row's last fields, the only ones that depend on the rows before it:
+    /// `,"seq":N,"prev":"<hex>"` (the object stays open for the writer's `hash`). They come last
+    /// so that everything before them can be hashed before the writer takes its chain's lock
+    /// (``LedgerChain``).
+    public static func appendTail(to out: inout [UInt8], seq: UInt64, prev: [UInt8]) {
+        JSONText.appendRaw(",\"seq\":", to: &out)
+        JSONText.appendDecimal(seq, to: &out)
         JSONText.appendRaw(",\"prev\":\"", to: &out)
         out.append(contentsOf: prev)
         out.append(0x22)
     }
 
-    /// Every field that belongs to the row itself (`,"time":…` to `,"detail":…`), in the fixed
-    /// order, without `seq` and `prev`: what a writer can serialize before it takes its chain's lock.
-    /// The proxy writes the same bytes part by part (``appendBodyStart(to:kind:timeMicros:)``,
-    /// ``appendBodyParties(to:source:destination:peerSerial:sourceIP:port:)`` once per connection,
+    /// Every field that belongs to the row itself (`,"source":…` to `,"detail":…`), in the fixed
+    /// order, without `writer`, `seq` and `prev`: what a writer serializes before it takes its
+    /// chain's lock. Who called whom comes first, the same for every request of one connection: a
+    /// proxy serializes that part once per connection and hashes it once
+    /// (``appendBodyParties(to:source:destination:peerSerial:sourceIP:port:)``), then the rest per
+    /// request (``appendBodyStart(to:kind:timeMicros:)``,
     /// ``appendBodyRest(to:proto:method:path:host:status:decision:policy:rule:mtls:bytesIn:bytesOut:durationMicros:detail:)``).
     public func appendBody(to out: inout [UInt8]) {
-        Self.appendBodyStart(to: &out, kind: kind, timeMicros: timeMicros)
         Self.appendBodyParties(to: &out, source: source, destination: destination, peerSerial: peerSerial, sourceIP: sourceIP, port: port)
+        Self.appendBodyStart(to: &out, kind: kind, timeMicros: timeMicros)
         Self.appendBodyRest(to: &out, proto: proto, method: method, path: path, host: host, status: status, decision: decision,
                             policy: policy, rule: rule, mtls: mtls, bytesIn: bytesIn, bytesOut: bytesOut,
                             durationMicros: durationMicros, detail: detail)
     }
 
-    /// The body's first part: `,"time":…,"kind":…`.
+    /// The body's second part: `,"time":…,"kind":…`.
     public static func appendBodyStart(to out: inout [UInt8], kind: Kind, timeMicros: Int64) {
         JSONText.appendRaw(",\"time\":\"", to: &out)
         RFC3339.append(micros: timeMicros, to: &out)
@@ -121,7 +126,7 @@ public struct LedgerRecord: Sendable, Hashable {
         JSONText.appendField(",\"kind\":", kind.rawValue, to: &out)
     }
 
-    /// The body's second part, who called whom: `,"source":…` to `,"port":…`. The same for every
+    /// The body's first part, who called whom: `,"source":…` to `,"port":…`. The same for every
     /// request of one connection: a proxy serializes it once per connection.
     public static func appendBodyParties(to out: inout [UInt8], source: String?, destination: String?, peerSerial: String?,
                                          sourceIP: String?, port: Int?) {
@@ -268,12 +273,15 @@ public enum JSONText {
         if contiguous != true { Array(bytes).withUnsafeBytes { appendHex($0, to: &out) } }
     }
 
-    /// The same for raw bytes (a digest's `withUnsafeBytes`): one reservation, no generic dispatch.
+    /// The same for raw bytes (a digest's `withUnsafeBytes`): written into scratch space, then
+    /// appended at once (no per-byte append, no generic dispatch).
     public static func appendHex(_ bytes: UnsafeRawBufferPointer, to out: inout [UInt8]) {
-        out.reserveCapacity(out.count + 2 * bytes.count)
-        for b in bytes {
-            out.append(hexDigit(b >> 4))
-            out.append(hexDigit(b & 0x0F))
+        withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 2 * bytes.count) { hex in
+            for (i, b) in bytes.enumerated() {
+                hex[2 * i] = hexDigit(b >> 4)
+                hex[2 * i + 1] = hexDigit(b & 0x0F)
+            }
+            out.append(contentsOf: hex)
         }
     }
 
@@ -309,8 +317,34 @@ public enum RFC3339 {
         let day = doy - (153 * mp + 2) / 5 + 1
         let month = mp < 10 ? mp + 3 : mp - 9
         let year = yoe + era * 400 + (month <= 2 ? 1 : 0)
+        guard (0...9999).contains(year) else {  // not a ledger's time, but never a crash
+            appendSlowly(year: Int(year), month: Int(month), day: Int(day), secondOfDay: secondOfDay, fraction: fraction, to: &out)
+            return
+        }
+        // The common case: 27 fixed-width bytes written into scratch space and appended at once.
+        withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 27) { text in
+            func put(_ v: Int, at start: Int, width: Int) {
+                var v = v
+                for i in stride(from: start + width - 1, through: start, by: -1) {
+                    text[i] = 0x30 + UInt8(v % 10)
+                    v /= 10
+                }
+            }
+            put(Int(year), at: 0, width: 4); text[4] = 0x2D
+            put(Int(month), at: 5, width: 2); text[7] = 0x2D
+            put(Int(day), at: 8, width: 2); text[10] = 0x54
+            put(secondOfDay / 3600, at: 11, width: 2); text[13] = 0x3A
+            put(secondOfDay / 60 % 60, at: 14, width: 2); text[16] = 0x3A
+            put(secondOfDay % 60, at: 17, width: 2); text[19] = 0x2E
+            put(fraction, at: 20, width: 6); text[26] = 0x5A
+            out.append(contentsOf: text)
+        }
+    }
+
+    /// The same for a year outside 0...9999, digit by digit.
+    private static func appendSlowly(year: Int, month: Int, day: Int, secondOfDay: Int, fraction: Int, to out: inout [UInt8]) {
         func pad(_ v: Int, _ width: Int) {
-            guard v >= 0 else {  // years before 0: not a ledger's, but never a crash
+            guard v >= 0 else {
                 out.append(0x2D)
                 pad(-v, width)
                 return
@@ -323,9 +357,9 @@ public enum RFC3339 {
                 divisor /= 10
             }
         }
-        pad(Int(year), 4); out.append(0x2D)
-        pad(Int(month), 2); out.append(0x2D)
-        pad(Int(day), 2); out.append(0x54)
+        pad(year, 4); out.append(0x2D)
+        pad(month, 2); out.append(0x2D)
+        pad(day, 2); out.append(0x54)
         pad(secondOfDay / 3600, 2); out.append(0x3A)
         pad(secondOfDay / 60 % 60, 2); out.append(0x3A)
         pad(secondOfDay % 60, 2); out.append(0x2E)

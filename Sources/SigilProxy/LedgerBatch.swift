@@ -18,10 +18,12 @@ protocol LedgerRowWaiter: AnyObject {
 final class LedgerBatch: @unchecked Sendable {
     let loop: any EventLoop
     private let spool: LedgerSpool
-    /// The bodies of the collected rows, back to back; `ends[i]` is where row i ends. Both are
-    /// reused from one iteration to the next, so a busy loop does not allocate for its rows.
+    /// The collected rows (head and body, not yet chained), back to back; `ends[i]` is where row i
+    /// ends and `partials[i]` is the hash state over its bytes. The arrays are reused from one
+    /// iteration to the next, so a busy loop does not allocate for its rows' bytes.
     private var buffer: [UInt8] = []
     private var ends: [Int] = []
+    private var partials: [LedgerChain.PartialHash] = []
     private var waiters: [any LedgerRowWaiter] = []
     /// An empty array with capacity, swapped in for `waiters` when a batch is released.
     private var releasing: [any LedgerRowWaiter] = []
@@ -32,15 +34,21 @@ final class LedgerBatch: @unchecked Sendable {
         self.spool = spool
         buffer.reserveCapacity(16 * 1024)
         ends.reserveCapacity(32)
+        partials.reserveCapacity(32)
         waiters.reserveCapacity(32)
         releasing.reserveCapacity(32)
     }
 
-    /// Adds a completed request's row, serialized by `body` (a ``LedgerRecord`` body) straight
-    /// into the batch's buffer; `waiter` hears when it is in the file.
-    func add(waiter: any LedgerRowWaiter, body: (inout [UInt8]) -> Void) {
+    /// The writer whose rows this batch collects (the head of every row).
+    var writer: String { spool.writer }
+
+    /// Adds a completed request's row, serialized by `row` straight into the batch's buffer: the
+    /// row's head and body (``LedgerChain/appendUnsealed(writer:to:body:)``'s bytes for
+    /// ``writer``), returning the hash state over exactly the bytes it appended. `waiter` hears
+    /// when the row is in the file.
+    func add(waiter: any LedgerRowWaiter, row: (inout [UInt8]) -> LedgerChain.PartialHash) {
         loop.assertInEventLoop()
-        body(&buffer)
+        partials.append(row(&buffer))
         ends.append(buffer.count)
         waiters.append(waiter)
         if !scheduled {
@@ -55,9 +63,10 @@ final class LedgerBatch: @unchecked Sendable {
         loop.assertInEventLoop()
         scheduled = false
         guard !ends.isEmpty else { return }
-        spool.append(bodies: RowBodies(buffer: buffer, ends: ends))
+        spool.append(unsealed: Rows(buffer: buffer, ends: ends, partials: partials))
         buffer.removeAll(keepingCapacity: true)
         ends.removeAll(keepingCapacity: true)
+        partials.removeAll(keepingCapacity: true)
         // This batch's waiters move to a local array and `waiters` takes the empty spare, so a
         // release that completes another request (or writes the batch again) starts a new batch
         // and never sees these waiters twice.
@@ -72,12 +81,15 @@ final class LedgerBatch: @unchecked Sendable {
     }
 
     /// The rows of one batch as slices of its buffer (no copy).
-    struct RowBodies: RandomAccessCollection {
+    struct Rows: RandomAccessCollection {
         let buffer: [UInt8]
         let ends: [Int]
+        let partials: [LedgerChain.PartialHash]
         var startIndex: Int { 0 }
         var endIndex: Int { ends.count }
-        subscript(i: Int) -> ArraySlice<UInt8> { buffer[(i == 0 ? 0 : ends[i - 1])..<ends[i]] }
+        subscript(i: Int) -> LedgerSpool.UnsealedRow {
+            LedgerSpool.UnsealedRow(bytes: buffer[(i == 0 ? 0 : ends[i - 1])..<ends[i]], partial: partials[i])
+        }
     }
 }
 

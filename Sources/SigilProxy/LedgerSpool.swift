@@ -14,10 +14,11 @@ import Synchronization
 
 /// The proxy's ledger spool: a JSON-lines file, one hash-chained row per request.
 ///
-/// A row is in the file when ``append(_:)`` (or ``append(bodies:)``) returns: its body is
-/// serialized on the caller's thread (no lock), then under one lock it gets its seq and prev, its
-/// hash (``LedgerChain/appendSealed(writer:seq:prev:to:hash:body:)``), and one `write` on the
-/// O_APPEND descriptor, so the file's order is the chain's order and a proxy killed with SIGKILL
+/// A row is in the file when ``append(_:)`` (or ``append(bodies:)``, ``append(unsealed:)``)
+/// returns: its head and body are serialized and hashed on the caller's thread, without the lock
+/// (``LedgerChain/appendUnsealed(writer:to:body:)``), then under one lock it gets its seq and prev,
+/// the end of its hash (``LedgerChain/seal(_:seq:prev:to:hash:)``: ~90 bytes), and one `write` on
+/// the O_APPEND descriptor, so the file's order is the chain's order and a proxy killed with SIGKILL
 /// right after a response loses no row of it (the page cache has it; the kernel writes it out).
 /// The proxy's event loops hand over all rows completed in one loop iteration at once
 /// (``LedgerBatch``): one `write` per iteration, not per row. Durability against power loss is
@@ -56,8 +57,8 @@ public final class LedgerSpool: Sendable {
         var size: Int
         /// Rows written by this process.
         var written: UInt64 = 0
-        /// Row bodies (not yet chained) waiting for space, oldest first.
-        var held: [[UInt8]] = []
+        /// Rows (not yet chained) waiting for space, oldest first.
+        var held: [UnsealedRow] = []
         var dropped = 0
         var droppedSinceLog = 0
         var full = false
@@ -89,6 +90,18 @@ public final class LedgerSpool: Sendable {
 
     public struct SpoolError: Error, CustomStringConvertible {
         public let description: String
+    }
+
+    /// A row ready to be chained: its head and body (``LedgerChain/appendUnsealed(writer:to:body:)``'s
+    /// bytes, for this spool's writer) and the hash state over exactly those bytes.
+    public struct UnsealedRow: Sendable {
+        public var bytes: ArraySlice<UInt8>
+        public var partial: LedgerChain.PartialHash
+
+        public init(bytes: ArraySlice<UInt8>, partial: LedgerChain.PartialHash) {
+            self.bytes = bytes
+            self.partial = partial
+        }
     }
 
     public init(path: String, writer: String, capacity: Int = 10_000, maxSize: Int = LedgerSpool.defaultMaxSize,
@@ -134,25 +147,36 @@ public final class LedgerSpool: Sendable {
     public var isFull: Bool { fullFlag.load(ordering: .relaxed) }
 
     /// Chains a row and writes it to the file (one `write`) before returning. The row's own
-    /// fields are serialized before the lock is taken; under it go the seq, the prev hash, one
-    /// SHA-256 over the row (~0.7–0.9 µs here: `sigil-bench ledger-row`), a copy into a reused
-    /// buffer and the `write`.
+    /// fields are serialized and hashed before the lock is taken; under it go the seq, the prev
+    /// hash, the end of the SHA-256 (the last ~90 bytes), a copy into a reused buffer and the `write`.
     @discardableResult
     public func append(_ row: LedgerRecord) -> Outcome {
-        var body: [UInt8] = []
-        body.reserveCapacity(512)
-        row.appendBody(to: &body)
-        return append(bodies: CollectionOfOne(body)).outcome
+        append(unsealed: CollectionOfOne(unsealed { row.appendBody(to: &$0) })).outcome
     }
 
     /// Chains rows (bodies as ``LedgerRecord/appendBody(to:)`` writes them, oldest first) and writes them
-    /// all with one `write` before returning: the proxy's event loops hand over every row completed
-    /// in one loop iteration at once. Returns the last row's outcome and how many were written.
+    /// all with one `write` before returning. Returns the last row's outcome and how many were written.
     @discardableResult
     public func append<Bodies: Collection>(bodies: Bodies) -> (outcome: Outcome, written: Int)
     where Bodies.Element: Collection, Bodies.Element.Element == UInt8 {
-        guard !bodies.isEmpty else { return (.written, 0) }
-        let writer = self.writer
+        append(unsealed: bodies.map { body in unsealed { $0.append(contentsOf: body) } })
+    }
+
+    /// A row of this spool's writer with the body `body` writes, serialized and hashed (no lock).
+    func unsealed(body: (inout [UInt8]) -> Void) -> UnsealedRow {
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(640)
+        let partial = LedgerChain.appendUnsealed(writer: writer, to: &bytes, body: body)
+        return UnsealedRow(bytes: bytes[...], partial: partial)
+    }
+
+    /// Chains rows already serialized and hashed for this spool's writer, oldest first, and writes
+    /// them all with one `write` before returning: the proxy's event loops hand over every row
+    /// completed in one loop iteration at once (``LedgerBatch``). Returns the last row's outcome
+    /// and how many were written.
+    @discardableResult
+    public func append<Rows: Collection>(unsealed rows: Rows) -> (outcome: Outcome, written: Int) where Rows.Element == UnsealedRow {
+        guard !rows.isEmpty else { return (.written, 0) }
         let fd = self.fd
         let maxSize = self.maxSize
         let capacity = self.capacity
@@ -164,16 +188,17 @@ public final class LedgerSpool: Sendable {
             // chain order). The whole batch in one write when it fits; row by row when not.
             var written = 0, held = 0, dropped = 0
             var outcome = Outcome.written
-            if s.held.isEmpty, Self.writeRows(bodies, writer: writer, fd: fd, maxSize: maxSize, into: &s) {
-                written = bodies.count
+            if s.held.isEmpty, Self.writeRows(rows, fd: fd, maxSize: maxSize, into: &s) {
+                written = rows.count
             } else {
-                for body in bodies {
-                    if s.held.isEmpty, Self.writeRows(CollectionOfOne(body), writer: writer, fd: fd, maxSize: maxSize, into: &s) {
+                for row in rows {
+                    if s.held.isEmpty, Self.writeRows(CollectionOfOne(row), fd: fd, maxSize: maxSize, into: &s) {
                         written += 1
                         outcome = .written
                     } else if s.held.count < capacity {
                         s.full = true
-                        s.held.append(Array(body))
+                        // Its own copy: the row may be a slice of a batch's reused buffer.
+                        s.held.append(UnsealedRow(bytes: Array(row.bytes)[...], partial: row.partial))
                         held += 1
                         outcome = .held
                     } else {
@@ -205,17 +230,18 @@ public final class LedgerSpool: Sendable {
                      metadata: ["spool": "\(path)", "reason": "\(reason)", "max_size": "\(maxSize)"])
     }
 
-    /// Chains `bodies` as the next rows and writes them with one `write`. On a failed or partial
+    /// Chains `rows` as the next rows and writes them with one `write`. On a failed or partial
     /// write, or rows that would take the file past `maxSize`, the file goes back to its last
     /// whole row and the chain state stays as it was. Under the state lock.
-    private static func writeRows<Bodies: Collection>(_ bodies: Bodies, writer: String, fd: Int32, maxSize: Int, into s: inout State) -> Bool
-    where Bodies.Element: Collection, Bodies.Element.Element == UInt8 {
+    private static func writeRows<Rows: Collection>(_ rows: Rows, fd: Int32, maxSize: Int, into s: inout State) -> Bool
+    where Rows.Element == UnsealedRow {
         s.line.removeAll(keepingCapacity: true)
         var seq = s.seq
         var prev = s.hash
-        for body in bodies {
+        for row in rows {
             seq += 1
-            LedgerChain.appendSealed(writer: writer, seq: seq, prev: prev, to: &s.line, hash: &s.nextHash) { $0.append(contentsOf: body) }
+            s.line.append(contentsOf: row.bytes)
+            LedgerChain.seal(row.partial, seq: seq, prev: prev, to: &s.line, hash: &s.nextHash)
             s.line.append(0x0A)
             swap(&prev, &s.nextHash)
         }
@@ -244,7 +270,7 @@ public final class LedgerSpool: Sendable {
         s.seq = seq
         s.hash = prev
         s.size += s.line.count
-        s.written += UInt64(bodies.count)
+        s.written += UInt64(rows.count)
         s.unsynced = true
         return true
     }
@@ -289,14 +315,13 @@ public final class LedgerSpool: Sendable {
 
     /// Writes the held rows, in order, while they fit; clears FULL when none is left.
     private func retryHeld() -> Int {
-        let writer = self.writer
         let fd = self.fd
         let maxSize = self.maxSize
         let fullSize = self.fullSize
         let (written, recovered, held, dropped, reason) = state.withLockedValue { s -> (Int, Bool, Int, Int, String) in
             guard s.full else { return (0, false, 0, 0, "") }
             var n = 0
-            while n < s.held.count, Self.writeRows(CollectionOfOne(s.held[n]), writer: writer, fd: fd, maxSize: maxSize, into: &s) { n += 1 }
+            while n < s.held.count, Self.writeRows(CollectionOfOne(s.held[n]), fd: fd, maxSize: maxSize, into: &s) { n += 1 }
             if n > 0 { s.held.removeFirst(n) }
             let dropped = s.droppedSinceLog
             s.droppedSinceLog = 0
@@ -328,7 +353,6 @@ public final class LedgerSpool: Sendable {
     /// chained `spool_rotated` row (seq + 1, prev = the hash of row `seq`). Held rows follow it.
     /// Returns the rotated row's seq, or nil when nothing was done.
     public func rotate(shippedThrough seq: UInt64, minimumSize: Int) -> UInt64? {
-        let writer = self.writer
         let fd = self.fd
         let maxSize = self.maxSize
         let path = self.path
@@ -341,11 +365,9 @@ public final class LedgerSpool: Sendable {
             }
             let row = LedgerRecord(kind: .spoolRotated, timeMicros: ProxyClock.nowMicros(),
                                    detail: "rows 1..\(seq) were shipped to the server; the spool starts over here")
-            var body: [UInt8] = []
-            row.appendBody(to: &body)
             var fresh = s
             fresh.size = 0
-            guard Self.writeRows(CollectionOfOne(body), writer: writer, fd: newFD, maxSize: Int.max, into: &fresh), fdatasync(newFD) == 0 else {
+            guard Self.writeRows(CollectionOfOne(unsealed { row.appendBody(to: &$0) }), fd: newFD, maxSize: Int.max, into: &fresh), fdatasync(newFD) == 0 else {
                 let error = String(cString: strerror(errno))
                 close(newFD)
                 unlink(temporary)
@@ -367,7 +389,7 @@ public final class LedgerSpool: Sendable {
             s.written += 1
             // Held rows (a full spool) go in after the rotated row.
             var n = 0
-            while n < s.held.count, Self.writeRows(CollectionOfOne(s.held[n]), writer: writer, fd: fd, maxSize: maxSize, into: &s) { n += 1 }
+            while n < s.held.count, Self.writeRows(CollectionOfOne(s.held[n]), fd: fd, maxSize: maxSize, into: &s) { n += 1 }
             if n > 0 { s.held.removeFirst(n) }
             return .success(fresh.seq)
         }

@@ -42,10 +42,10 @@ final class ProxyEnvironment: Sendable {
     /// Writes a request's row into the spool now (a request that ended without a response to hold).
     func record(_ facts: RequestFacts, peer: PeerInfo, detail: String?) {
         guard let ledger else { return }
-        var body: [UInt8] = []
-        body.reserveCapacity(512)
-        facts.appendLedgerBody(peer: peer, detail: detail, port: appPort, to: &body)
-        ledger.append(bodies: CollectionOfOne(body))
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(640)
+        let partial = facts.appendLedgerRow(peer: peer, writer: ledger.writer, detail: detail, port: appPort, to: &bytes)
+        ledger.append(unsealed: CollectionOfOne(LedgerSpool.UnsealedRow(bytes: bytes[...], partial: partial)))
     }
 
     /// Records a completed request's row before its response is released. True: the row waits
@@ -60,7 +60,8 @@ final class ProxyEnvironment: Sendable {
             return false
         }
         let port = appPort
-        batch.add(waiter: waiter) { facts.appendLedgerBody(peer: peer, detail: detail, port: port, to: &$0) }
+        let writer = batch.writer
+        batch.add(waiter: waiter) { facts.appendLedgerRow(peer: peer, writer: writer, detail: detail, port: port, to: &$0) }
         return true
     }
 
@@ -94,21 +95,28 @@ struct PeerInfo: Sendable {
     /// The `x-forwarded-client-cert` value for the app (mTLS peers only).
     var xfcc: String?
     var sni: String?
-    /// The ledger row's who-called-whom fields for this connection, serialized once
-    /// (``LedgerRecord/appendBodyParties(to:source:destination:peerSerial:sourceIP:port:)``);
-    /// empty: not prepared (no ledger). Prepared last, when the fields above are final: it is not
-    /// kept in step with later changes to them.
-    var ledgerParties: [UInt8] = []
+    /// The first part of this connection's ledger rows, serialized and hashed once: the row's
+    /// head (`{"writer":…`) and its who-called-whom fields
+    /// (``LedgerRecord/appendBodyParties(to:source:destination:peerSerial:sourceIP:port:)``), with
+    /// the SHA-256 state over them, which each request's row continues. Empty: not prepared (no
+    /// ledger). Prepared last, when the fields above are final: it is not kept in step with later
+    /// changes to them.
+    var ledgerPrefix: [UInt8] = []
+    var ledgerPrefixHash = LedgerChain.PartialHash()
 
     func appendLedgerParties(port: Int, to out: inout [UInt8]) {
         LedgerRecord.appendBodyParties(to: &out, source: spiffeID, destination: ownID, peerSerial: serial, sourceIP: sourceIP, port: port)
     }
 
-    /// Serializes ``ledgerParties`` when the proxy keeps a ledger.
+    /// Serializes and hashes ``ledgerPrefix`` when the proxy keeps a ledger.
     mutating func prepareLedger(_ environment: ProxyEnvironment) {
-        guard environment.ledger != nil else { return }
-        ledgerParties.removeAll()  // prepared once; a second call does not append twice
-        appendLedgerParties(port: environment.appPort, to: &ledgerParties)
+        guard let ledger = environment.ledger else { return }
+        var prefix: [UInt8] = []
+        let parties = self
+        ledgerPrefixHash = LedgerChain.appendUnsealed(writer: ledger.writer, to: &prefix) {
+            parties.appendLedgerParties(port: environment.appPort, to: &$0)
+        }
+        ledgerPrefix = prefix  // prepared once; a second call replaces it
     }
 
     static func plaintext(channel: any Channel, ownID: String?) -> PeerInfo {
@@ -174,22 +182,28 @@ struct RequestFacts {
         environment.metrics.request(allowed: decision.allowed)
     }
 
-    /// The request's row body (``LedgerRecord/appendBody(to:)``'s bytes) written straight from
-    /// these facts: the hot path, no record of Strings built first, and the connection's part
-    /// (who called whom) copied from ``PeerInfo/ledgerParties`` when it was serialized already.
-    /// `port` is used only when it was not: the prepared part holds the environment's `appPort`,
-    /// the only port any caller passes.
-    func appendLedgerBody(peer: PeerInfo, detail: String?, port: Int, to out: inout [UInt8]) {
-        LedgerRecord.appendBodyStart(to: &out, kind: .request, timeMicros: startMicros)
-        if peer.ledgerParties.isEmpty {
-            peer.appendLedgerParties(port: port, to: &out)
+    /// The request's row up to its seq (``LedgerChain/appendUnsealed(writer:to:body:)``'s bytes for
+    /// `writer`) written straight from these facts, and the hash state over them: the hot path, no
+    /// record of Strings built first. The connection's part (head, who called whom) is copied from
+    /// ``PeerInfo/ledgerPrefix`` and its hash continued when it was prepared; `writer` and `port`
+    /// are used only when it was not (the prepared part holds the spool's writer and the
+    /// environment's `appPort`, what every caller passes).
+    func appendLedgerRow(peer: PeerInfo, writer: String, detail: String?, port: Int, to out: inout [UInt8]) -> LedgerChain.PartialHash {
+        var partial: LedgerChain.PartialHash
+        if peer.ledgerPrefix.isEmpty {
+            partial = LedgerChain.appendUnsealed(writer: writer, to: &out) { peer.appendLedgerParties(port: port, to: &$0) }
         } else {
-            out.append(contentsOf: peer.ledgerParties)
+            out.append(contentsOf: peer.ledgerPrefix)
+            partial = peer.ledgerPrefixHash
         }
+        let rest = out.count
+        LedgerRecord.appendBodyStart(to: &out, kind: .request, timeMicros: startMicros)
         LedgerRecord.appendBodyRest(to: &out, proto: proto, method: method, path: path, host: host, status: status,
                                     decision: decision.allowed ? "allow" : "deny", policy: decision.policy, rule: decision.rule,
                                     mtls: peer.mtls, bytesIn: bytesIn, bytesOut: bytesOut,
                                     durationMicros: (NIODeadline.now() - start).nanoseconds / 1000, detail: detail)
+        partial.update(out[rest...])
+        return partial
     }
 }
 

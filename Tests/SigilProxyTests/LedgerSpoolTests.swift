@@ -116,7 +116,7 @@ struct LedgerSpoolTests {
     }
 
     @Test("a request row written part by part, the connection's part serialized once, is the record's body byte for byte")
-    func rowParts() {
+    func rowParts() throws {
         let peer = PeerInfo(spiffeID: "spiffe://td/ns/a/sa/\"quoted\"\\x", principal: nil, serial: "0a1b", sourceIP: "127.0.0.1",
                             destinationIP: nil, mtls: true, ownID: "spiffe://td/ns/b/sa/api", xfcc: nil, sni: nil)
         var parties: [UInt8] = []
@@ -128,14 +128,15 @@ struct LedgerSpoolTests {
         var expected: [UInt8] = []
         record.appendBody(to: &expected)
         var parts: [UInt8] = []
-        LedgerRecord.appendBodyStart(to: &parts, kind: .request, timeMicros: record.timeMicros)
         parts.append(contentsOf: parties)
+        LedgerRecord.appendBodyStart(to: &parts, kind: .request, timeMicros: record.timeMicros)
         LedgerRecord.appendBodyRest(to: &parts, proto: "h2", method: "GET", path: "/a\tb", host: nil, status: 200, decision: "allow",
                                     policy: "ns/p", rule: 0, mtls: true, bytesIn: 3, bytesOut: 4, durationMicros: 5, detail: nil)
         #expect(parts == expected)
         // The format itself, field by field (what spools, the server and `sigil audit verify` read).
-        let golden = #","time":"2023-11-14T22:13:20.123456Z","kind":"request","source":"spiffe://td/ns/a/sa/\"quoted\"\\x","# +
-            #""destination":"spiffe://td/ns/b/sa/api","peer_serial":"0a1b","source_ip":"127.0.0.1","port":8080,"protocol":"h2","# +
+        let golden = #","source":"spiffe://td/ns/a/sa/\"quoted\"\\x","# +
+            #""destination":"spiffe://td/ns/b/sa/api","peer_serial":"0a1b","source_ip":"127.0.0.1","port":8080,"# +
+            #""time":"2023-11-14T22:13:20.123456Z","kind":"request","protocol":"h2","# +
             #""method":"GET","path":"/a\tb","host":null,"status":200,"decision":"allow","policy":"ns/p","rule":0,"# +
             #""mtls":true,"bytes_in":3,"bytes_out":4,"duration_us":5,"detail":null"#
         #expect(String(decoding: expected, as: UTF8.self) == golden)
@@ -147,16 +148,27 @@ struct LedgerSpoolTests {
         facts.bytesIn = 3
         facts.bytesOut = 4
         var unprepared: [UInt8] = []
-        facts.appendLedgerBody(peer: peer, detail: nil, port: 8080, to: &unprepared)
+        let unpreparedHash = facts.appendLedgerRow(peer: peer, writer: "w", detail: nil, port: 8080, to: &unprepared)
         var prepared = peer
-        prepared.ledgerParties = parties
+        var prefix: [UInt8] = []
+        prepared.ledgerPrefixHash = LedgerChain.appendUnsealed(writer: "w", to: &prefix) { $0.append(contentsOf: parties) }
+        prepared.ledgerPrefix = prefix
         var fromPrepared: [UInt8] = []
-        facts.appendLedgerBody(peer: prepared, detail: nil, port: 8080, to: &fromPrepared)
+        let preparedHash = facts.appendLedgerRow(peer: prepared, writer: "w", detail: nil, port: 8080, to: &fromPrepared)
         func fixedDuration(_ bytes: [UInt8]) -> String {
             String(decoding: bytes, as: UTF8.self).replacing(/"duration_us":\d+/, with: #""duration_us":5"#)
         }
-        #expect(fixedDuration(unprepared) == golden)
-        #expect(fixedDuration(fromPrepared) == golden)
+        #expect(fixedDuration(unprepared) == #"{"writer":"w""# + golden)
+        #expect(fixedDuration(fromPrepared) == #"{"writer":"w""# + golden)
+        // Either way the hash carried with the bytes is the hash of those bytes: sealed, each row
+        // checks (the prepared one continues the connection's hash from its prefix).
+        for (bytes, partial) in [(unprepared, unpreparedHash), (fromPrepared, preparedHash)] {
+            var line = bytes
+            var hash: [UInt8] = []
+            LedgerChain.seal(partial, seq: 1, prev: Array(LedgerChain.genesis.utf8), to: &line, hash: &hash)
+            let (stated, computed) = try LedgerChain.hashes(of: line)
+            #expect(stated == computed && stated == String(decoding: hash, as: UTF8.self))
+        }
     }
 
     @Test("a batch of rows is chained in order and written at once; at the size limit the rest is held")
@@ -221,7 +233,8 @@ struct LedgerSpoolTests {
                 let batch = batches.batch(for: loop)!
                 let watchers = (0..<3).map { _ in FileWatcher(path: path) }
                 for (i, watcher) in watchers.enumerated() {
-                    batch.add(waiter: watcher) { self.row("/second/\(i)").appendBody(to: &$0) }
+                    let row = self.row("/second/\(i)")
+                    batch.add(waiter: watcher) { LedgerChain.appendUnsealed(writer: batch.writer, to: &$0) { row.appendBody(to: &$0) } }
                 }
                 return loop.submit { watchers.map(\.linesSeen) }
             }.wait().wait()
@@ -422,6 +435,10 @@ struct LedgerSpoolTests {
         (Int64(0), "1970-01-01T00:00:00.000000Z"),
         (Int64(951_782_400_000_001), "2000-02-29T00:00:00.000001Z"),
         (Int64(4_102_444_799_999_999), "2099-12-31T23:59:59.999999Z"),
+        (Int64(253_402_300_799_999_999), "9999-12-31T23:59:59.999999Z"),
+        // Outside the fixed-width years, digit by digit (never a ledger's time, never a crash).
+        (Int64(253_402_300_800_000_000), "10000-01-01T00:00:00.000000Z"),
+        (Int64(-62_167_219_200_000_001), "-0001-12-31T23:59:59.999999Z"),
     ])
     func rfc3339(micros: Int64, text: String) {
         #expect(RFC3339.format(micros: micros) == text)
@@ -431,6 +448,7 @@ struct LedgerSpoolTests {
 extension LedgerBatch {
     /// Adds a row built as a record (the proxy serializes its rows straight into the batch).
     func add(_ row: LedgerRecord, waiter: any LedgerRowWaiter) {
-        add(waiter: waiter) { row.appendBody(to: &$0) }
+        let writer = self.writer
+        add(waiter: waiter) { LedgerChain.appendUnsealed(writer: writer, to: &$0) { row.appendBody(to: &$0) } }
     }
 }

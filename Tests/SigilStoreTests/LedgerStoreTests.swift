@@ -113,6 +113,23 @@ struct LedgerStoreTests {
         #expect(throws: LedgerChain.Problem.self) { _ = try LedgerRow.parse(line: Array(#"{"writer":"w","seq":1}"#.utf8)) }
     }
 
+    @Test func rowsInTheEarlierFieldOrderIngestAndVerifyBesideTheCurrentOne() async throws {
+        // Spools written before `seq` and `prev` moved to the end have `seq` second. Checking
+        // reads bytes, not field order, so a chain that crosses the upgrade stays intact.
+        let old = #"{"writer":"w","seq":1,"time":"2026-12-01T10:00:00.000000Z","kind":"request","source":null,"# +
+            #""destination":"spiffe://example.org/ns/shop/sa/api","peer_serial":null,"source_ip":"127.0.0.1","port":8080,"# +
+            #""protocol":"http/1.1","method":"GET","path":"/","host":null,"status":200,"decision":"allow","policy":null,"# +
+            #""rule":null,"mtls":false,"bytes_in":0,"bytes_out":2,"duration_us":7,"detail":null,"prev":"\#(LedgerChain.genesis)""#
+        let oldHash = try LedgerChain.hashes(of: Array((old + #","hash":"\#(LedgerChain.genesis)"}"#).utf8)).computed
+        let first = try LedgerRow.parse(line: Array((old + #","hash":"\#(oldHash)"}"#).utf8))
+        let second = try Self.chain("w", count: 1, from: 2, prev: oldHash)[0]
+        #expect(String(decoding: second.line, as: UTF8.self).contains(#""detail":null,"seq":2,"prev":"\#(oldHash)","hash":"#))
+        let store = try SQLiteDatastore(inMemory: ())
+        let result = try await store.ingestLedger(writer: "w", uploader: "u", rows: [first, second], at: Date())
+        #expect(result == LedgerIngestResult(accepted: 2, duplicates: 0, nextSeq: 3))
+        #expect(try await store.verifyLedger().intact)
+    }
+
     @Test func rfc3339RoundTrips() {
         for micros: Int64 in [0, 1, 999_999, 1_764_000_000_123_456, 951_782_400_000_000 /* 2000-02-29 */, -1] {
             #expect(RFC3339.micros(from: RFC3339.format(micros: micros)) == micros, "\(micros)")

@@ -1,8 +1,10 @@
 // sigil-bench ledger-row [--count N]: what one proxied request's ledger row costs on one core,
 // step by step, in the order the proxy pays it (docs/benchmarks.md, the ledger's cost):
-//   body      the row's fields as JSON (the connection's part serialized once, as the proxy does)
-//   chain     seq, prev, SHA-256 over the line and its hex (what the spool does under its lock);
-//             sha256 alone beside it (over the same bytes the chain hashes)
+//   body      the row up to its seq as JSON, and its SHA-256 continued from the connection's part
+//             (serialized and hashed once per connection, as the proxy does): on the event loop
+//   chain     seq, prev, the end of the SHA-256 and its hex, the copy into the write buffer (what
+//             the spool does under its lock); sha256 beside it: one SHA-256 over all the bytes
+//             the chain covers, as if nothing had been hashed before the lock
 //   write/N   one write(2) of N chained rows to an O_APPEND file on the work directory's disk, per row
 import Crypto
 import Foundation
@@ -12,19 +14,25 @@ func runLedgerRow() throws {
     let count = argument("--count", 200_000)
     let source = "spiffe://bench.local/ns/bench/sa/client"
     let destination = "spiffe://bench.local/ns/bench/sa/server"
-    var parties: [UInt8] = []
-    LedgerRecord.appendBodyParties(to: &parties, source: source, destination: destination,
-                                   peerSerial: "5f0c2a9be1d3477f8a6b0c1d2e3f4a5b6c7d8e9f", sourceIP: "127.0.0.1", port: 8080)
+    var prefix: [UInt8] = []
+    let prefixHash = LedgerChain.appendUnsealed(writer: destination, to: &prefix) {
+        LedgerRecord.appendBodyParties(to: &$0, source: source, destination: destination,
+                                       peerSerial: "5f0c2a9be1d3477f8a6b0c1d2e3f4a5b6c7d8e9f", sourceIP: "127.0.0.1", port: 8080)
+    }
     var body: [UInt8] = []
     body.reserveCapacity(1024)
+    var partial = prefixHash
     let start = Int64(Date().timeIntervalSince1970 * 1_000_000)
     func serialize(_ i: Int) {
         body.removeAll(keepingCapacity: true)
+        body.append(contentsOf: prefix)
+        partial = prefixHash
+        let rest = body.count
         LedgerRecord.appendBodyStart(to: &body, kind: .request, timeMicros: start + Int64(i))
-        body.append(contentsOf: parties)
         LedgerRecord.appendBodyRest(to: &body, proto: "http/1.1", method: "GET", path: "/", host: "127.0.0.1:8080", status: 200,
                                     decision: "allow", policy: "bench/allow-client", rule: 0, mtls: true,
                                     bytesIn: 0, bytesOut: 612, durationMicros: Int64(180 + i % 50), detail: nil)
+        partial.update(body[rest...])
     }
     let bodyTime = seconds { for i in 0..<count { serialize(i) } }
 
@@ -34,7 +42,8 @@ func runLedgerRow() throws {
     var next: [UInt8] = []
     next.reserveCapacity(64)
     func chain(_ seq: UInt64) {  // as the spool chains a row
-        LedgerChain.appendSealed(writer: destination, seq: seq, prev: prev, to: &line, hash: &next) { $0.append(contentsOf: body) }
+        line.append(contentsOf: body)
+        LedgerChain.seal(partial, seq: seq, prev: prev, to: &line, hash: &next)
         line.append(0x0A)
         swap(&prev, &next)
     }
