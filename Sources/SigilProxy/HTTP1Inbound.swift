@@ -37,7 +37,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
     }
 
     private let environment: ProxyEnvironment
-    private var peer: PeerInfo
+    private let peer: PeerInfo
     private var context: ChannelHandlerContext?
     private var active: Active?
     private var app: AppConnection?
@@ -171,26 +171,22 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
         switch part {
         case .head(let head):
             begin(head)
+        // `active!.…` mutates the request's state in place: a copy out and back would retain and
+        // release every reference it holds, on every part of every request.
         case .body(let body, let payload):
-            guard var active = self.active else { return }
-            active.facts.bytesIn += payload
-            if active.discardBody || !active.facts.decision.allowed {
-                self.active = active
-                return
-            }
+            guard active != nil else { return }
+            active!.facts.bytesIn += payload
+            if active!.discardBody || !active!.facts.decision.allowed { return }
             if let app {
-                self.active = active
                 app.channel.write(body, promise: nil)
             } else {
-                active.pending.append(body)
-                self.active = active
+                active!.pending.append(body)
             }
         case .end:
-            guard var active = self.active else { return }
-            active.requestEnded = true
-            if active.facts.decision.allowed, !active.discardBody, let app { app.channel.flush() }
-            self.active = active
-            if active.responseEnded { finish() }
+            guard active != nil else { return }
+            active!.requestEnded = true
+            if active!.facts.decision.allowed, !active!.discardBody, let app { app.channel.flush() }
+            if active!.responseEnded { finish() }
         case .malformed(let error):
             refuse(error)
         }
@@ -301,10 +297,9 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
     // MARK: AppResponseSink
 
     func appBytes(_ buffer: ByteBuffer) {
-        guard let context, var active else { return }
-        active.facts.bytesOut += buffer.readableBytes
-        active.sentDownstream = true
-        self.active = active
+        guard let context, active != nil else { return }
+        active!.facts.bytesOut += buffer.readableBytes
+        active!.sentDownstream = true
         context.write(wrapOutboundOut(buffer), promise: nil)
     }
 
@@ -316,15 +311,14 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
     func appBody(_ buffer: ByteBuffer) {}
 
     func appEnd() {
-        guard var active else { return }
-        active.responseEnded = true
-        if !active.requestEnded {
+        guard active != nil else { return }
+        active!.responseEnded = true
+        if !active!.requestEnded {
             // The app answered before the whole request body arrived: the connection cannot be reused.
             app?.handler.reusable = false
-            active.discardBody = true
+            active!.discardBody = true
         }
-        self.active = active
-        if active.requestEnded { finish() }
+        if active!.requestEnded { finish() }
     }
 
     func appReadComplete() {
@@ -357,8 +351,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
     // MARK: completion
 
     private func finish(detail: String? = nil) {
-        guard let context, let active else { return }
-        self.active = nil
+        guard let context, let active = self.active.take() else { return }
         // The app connection goes back to the pool now: its read-complete won't reach us.
         if let app {
             self.app = nil
