@@ -703,6 +703,16 @@ if [ "${PROFILE:-}" = syscalls ]; then
     done
     exit 0
 fi
+# start_perf RATE PID[,PID] FILE: `perf record` (call graphs) of those processes for DURATION + 1 s
+# into $work/FILE, in the background (its pid appended to perf_pids). One file per process when
+# each is reported alone: perf report's --pid/--tid filters keep or drop whole merged entries, so
+# they do not split one recording by process.
+perf_pids=()
+start_perf() {
+    perf record -F "$1" -g -o "$work/$3" -p "$2" -- sleep "$((DURATION + 1))" 2>"$work/$3.log" &
+    perf_pids+=($!)
+    sleep 0.5
+}
 # PROFILE=ledger: both pairs loaded together as in the ledger phase (wrk -c64 each, DURATION
 # seconds) under one `perf record` of the two inbound proxies; then, symbol by symbol, samples per
 # 1,000 requests of each, and the difference: where the ledger pair's extra CPU per request goes.
@@ -710,16 +720,13 @@ if [ "${PROFILE:-}" = ledger ]; then
     [[ " ${systems[*]} " == *" sigil-noledger "* ]] || { echo "PROFILE=ledger needs both sigil pairs: $sigil_skip" >&2; exit 1; }
     command -v perf >/dev/null || { echo "PROFILE needs perf (apt-get install linux-perf)" >&2; exit 1; }
     log "perf record: the inbound proxies of sigil and sigil-noledger, both loaded for ${DURATION}s at 64 connections"
-    perf record -F 999 -g -o "$work/perf.data" -p "${pair_server[sigil]},${pair_server[sigil-noledger]}" \
-        -- sleep "$((DURATION + 1))" 2>"$work/perf.log" &
-    perf_pid=$!
-    sleep 0.5
+    start_perf 999 "${pair_server[sigil]},${pair_server[sigil-noledger]}" perf.data
     wrk -t1 -c64 -d"${DURATION}s" "${url[sigil]}" > "$work/profile-sigil.txt" 2>&1 &
     w1=$!
     wrk -t1 -c64 -d"${DURATION}s" "${url[sigil-noledger]}" > "$work/profile-sigil-noledger.txt" 2>&1 &
     w2=$!
-    wait "$w1" "$w2" "$perf_pid" || true
-    # perf report's --pid filter matches thread ids: split the samples by process from perf script.
+    wait "$w1" "$w2" "${perf_pids[@]}" || true
+    # One recording of both: split the samples by process from perf script.
     perf script -i "$work/perf.data" -F pid,tid,ip,sym 2>"$work/perf-script.log" > "$work/perf.script" || cat "$work/perf-script.log" >&2
     python3 - "$work" "${pair_server[sigil]}" "${pair_server[sigil-noledger]}" <<'PY'
 import collections, re, sys
@@ -775,10 +782,8 @@ if [ -n "${PROFILE:-}" ]; then
     [[ " ${systems[*]} " == *" $psys "* ]] || { echo "PROFILE needs the $psys pair: $sigil_skip" >&2; exit 1; }
     command -v perf >/dev/null || { echo "PROFILE needs perf (apt-get install linux-perf)" >&2; exit 1; }
     log "perf record: both $psys proxies, ${DURATION}s of ${PROFILE} at 64 connections"
-    perf record -F 499 -g -o "$work/perf.data" -p "${pair_server[$psys]},${pair_client[$psys]}" \
-        -- sleep "$((DURATION + 1))" 2>"$work/perf.log" &
-    perf_pid=$!
-    sleep 0.5
+    start_perf 499 "${pair_server[$psys]}" perf-server.data
+    start_perf 499 "${pair_client[$psys]}" perf-client.data
     if [ "$PROFILE" = h2 ]; then
         h2load -t1 -c64 -m1 -D "$DURATION" "${h2url[$psys]}" | grep -E "^(finished|requests)" >&2
     elif [ "$PROFILE" = newconn ]; then
@@ -786,11 +791,11 @@ if [ -n "${PROFILE:-}" ]; then
     else
         wrk -t1 -c64 -d"${DURATION}s" "${url[$psys]}" | grep -E "Requests/sec" >&2
     fi
-    wait "$perf_pid" || true
+    wait "${perf_pids[@]}" || true
     for side in server client; do
         pid="${pair_server[$psys]}"; [ "$side" = client ] && pid="${pair_client[$psys]}"
         echo "## $psys $side proxy (pid $pid): self time, symbols ≥ 0.7 %"
-        perf report -i "$work/perf.data" --pid "$pid" --no-children --sort symbol --percent-limit 0.7 --stdio -g none 2>/dev/null \
+        perf report -i "$work/perf-$side.data" --no-children --sort symbol --percent-limit 0.7 --stdio -g none 2>/dev/null \
             | grep -v '^#' | grep -v '^$' | cut -c1-160 | head -45
         echo
     done
