@@ -303,8 +303,10 @@ public enum RFC3339 {
 
     /// `YYYY-MM-DDTHH:MM:SS.ffffffZ` appended as ASCII (the ledger's hot path: no String).
     public static func append(micros: Int64, to out: inout [UInt8]) {
-        let seconds = micros >= 0 ? micros / 1_000_000 : (micros - 999_999) / 1_000_000
-        let fraction = Int(micros - seconds * 1_000_000)
+        // Floor division that cannot overflow (Int64.min included).
+        let seconds = micros >= 0 ? micros / 1_000_000 : -((-(micros + 1)) / 1_000_000) - 1
+        let remainder = Int(micros % 1_000_000)
+        let fraction = remainder < 0 ? remainder + 1_000_000 : remainder
         let days = seconds >= 0 ? seconds / 86_400 : (seconds - 86_399) / 86_400
         let secondOfDay = Int(seconds - days * 86_400)
         // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).

@@ -186,7 +186,10 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
             guard active != nil else { return }
             active!.requestEnded = true
             if active!.facts.decision.allowed, !active!.discardBody, let app { app.channel.flush() }
-            if active!.responseEnded { finish() }
+            // The flush can call back into this handler before it returns (a failed write closes
+            // the app connection at once: appEnd, appFailed or the client's close may finish or
+            // drop the request), so the state is read again, not assumed.
+            if active?.responseEnded == true { finish() }
         case .malformed(let error):
             refuse(error)
         }

@@ -284,15 +284,25 @@ public final class LedgerShipper: Sendable {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return nil }
         defer { close(fd) }
-        var bytes = [UInt8](repeating: 0, count: 4096)
-        let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, off_t(offset)) }
-        guard n > 0 else { return nil }
         if offset > 0 {
             // A cursor points at the start of a row: the byte before it ends the previous row.
             var before: UInt8 = 0
             guard pread(fd, &before, 1, off_t(offset - 1)) == 1, before == 0x0A else { return nil }
         }
-        return seq(in: bytes[0..<n].prefix { $0 != 0x0A })
+        // The whole row, up to its newline (`seq` is near its end; a row with a long path or
+        // detail can be tens of KiB), read in chunks; at most 1 MiB.
+        var line: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 16 * 1024)
+        while line.count < 1 << 20 {
+            let n = chunk.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, off_t(offset + line.count)) }
+            guard n > 0 else { break }
+            if let end = chunk[0..<n].firstIndex(of: 0x0A) {
+                line.append(contentsOf: chunk[0..<end])
+                return seq(in: line)
+            }
+            line.append(contentsOf: chunk[0..<n])
+        }
+        return line.isEmpty ? nil : seq(in: line)
     }
 
     static func fileSize(_ path: String) -> Int {

@@ -443,6 +443,30 @@ struct LedgerSpoolTests {
     func rfc3339(micros: Int64, text: String) {
         #expect(RFC3339.format(micros: micros) == text)
     }
+
+    @Test("a shipper's cursor check finds the seq of a row longer than one read (seq is near the row's end)")
+    func seqOfLongRow() throws {
+        let path = tempFile()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let spool = try LedgerSpool(path: path, writer: "w", logger: Logger(label: "test"))
+        #expect(spool.append(row("/short")) == .written)
+        let offset = LedgerShipper.fileSize(path)
+        #expect(spool.append(row("/" + String(repeating: "x", count: 40_000))) == .written)
+        #expect(spool.append(row("/after")) == .written)
+        #expect(LedgerShipper.seqOfLine(at: 0, in: path) == 1)
+        #expect(LedgerShipper.seqOfLine(at: offset, in: path) == 2)
+        #expect(LedgerShipper.seqOfLine(at: offset + 1, in: path) == nil)  // not the start of a row
+    }
+
+    @Test("RFC 3339 formatting at the ends of Int64 neither traps nor loses the shape")
+    func rfc3339Extremes() {
+        for micros in [Int64.min, Int64.min + 1, Int64.max] {
+            let text = RFC3339.format(micros: micros)
+            #expect(text.hasSuffix("Z") && text.contains("T"), "\(micros): \(text)")
+        }
+        #expect(RFC3339.format(micros: -1_000_000) == "1969-12-31T23:59:59.000000Z")
+        #expect(RFC3339.format(micros: -1_000_001) == "1969-12-31T23:59:58.999999Z")
+    }
 }
 
 extension LedgerBatch {
