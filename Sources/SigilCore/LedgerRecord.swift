@@ -319,12 +319,9 @@ public enum RFC3339 {
         let day = doy - (153 * mp + 2) / 5 + 1
         let month = mp < 10 ? mp + 3 : mp - 9
         let year = yoe + era * 400 + (month <= 2 ? 1 : 0)
-        guard (0...9999).contains(year) else {  // not a ledger's time, but never a crash
-            appendSlowly(year: Int(year), month: Int(month), day: Int(day), secondOfDay: secondOfDay, fraction: fraction, to: &out)
-            return
-        }
-        // The common case: 27 fixed-width bytes written into scratch space and appended at once.
-        withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 27) { text in
+        appendYear(Int(year), to: &out)
+        // The rest, 23 fixed-width bytes, written into scratch space and appended at once.
+        withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 23) { text in
             func put(_ v: Int, at start: Int, width: Int) {
                 var v = v
                 for i in stride(from: start + width - 1, through: start, by: -1) {
@@ -332,39 +329,29 @@ public enum RFC3339 {
                     v /= 10
                 }
             }
-            put(Int(year), at: 0, width: 4); text[4] = 0x2D
-            put(Int(month), at: 5, width: 2); text[7] = 0x2D
-            put(Int(day), at: 8, width: 2); text[10] = 0x54
-            put(secondOfDay / 3600, at: 11, width: 2); text[13] = 0x3A
-            put(secondOfDay / 60 % 60, at: 14, width: 2); text[16] = 0x3A
-            put(secondOfDay % 60, at: 17, width: 2); text[19] = 0x2E
-            put(fraction, at: 20, width: 6); text[26] = 0x5A
+            text[0] = 0x2D; put(Int(month), at: 1, width: 2)
+            text[3] = 0x2D; put(Int(day), at: 4, width: 2)
+            text[6] = 0x54; put(secondOfDay / 3600, at: 7, width: 2)
+            text[9] = 0x3A; put(secondOfDay / 60 % 60, at: 10, width: 2)
+            text[12] = 0x3A; put(secondOfDay % 60, at: 13, width: 2)
+            text[15] = 0x2E; put(fraction, at: 16, width: 6)
+            text[22] = 0x5A
             out.append(contentsOf: text)
         }
     }
 
-    /// The same for a year outside 0...9999, digit by digit.
-    private static func appendSlowly(year: Int, month: Int, day: Int, secondOfDay: Int, fraction: Int, to out: inout [UInt8]) {
-        func pad(_ v: Int, _ width: Int) {
-            guard v >= 0 else {
-                out.append(0x2D)
-                pad(-v, width)
-                return
-            }
-            var divisor = 1
-            for _ in 1..<width { divisor *= 10 }
-            if v >= divisor * 10 { JSONText.appendDecimal(UInt64(v), to: &out); return }
-            while divisor > 0 {
-                out.append(0x30 + UInt8(v / divisor % 10))
-                divisor /= 10
-            }
+    /// Four digits for 0...9999; outside it (never a ledger's time, never a crash) a sign and at
+    /// least four digits.
+    private static func appendYear(_ year: Int, to out: inout [UInt8]) {
+        if year < 0 { out.append(0x2D) }
+        let magnitude = year.magnitude
+        if magnitude > 9999 {
+            JSONText.appendDecimal(UInt64(magnitude), to: &out)
+            return
         }
-        pad(year, 4); out.append(0x2D)
-        pad(month, 2); out.append(0x2D)
-        pad(day, 2); out.append(0x54)
-        pad(secondOfDay / 3600, 2); out.append(0x3A)
-        pad(secondOfDay / 60 % 60, 2); out.append(0x3A)
-        pad(secondOfDay % 60, 2); out.append(0x2E)
-        pad(fraction, 6); out.append(0x5A)
+        out.append(0x30 + UInt8(magnitude / 1000))
+        out.append(0x30 + UInt8(magnitude / 100 % 10))
+        out.append(0x30 + UInt8(magnitude / 10 % 10))
+        out.append(0x30 + UInt8(magnitude % 10))
     }
 }
