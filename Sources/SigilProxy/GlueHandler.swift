@@ -85,18 +85,28 @@ final class GlueHandler: ChannelDuplexHandler {
         context?.flush()
     }
 
+    /// Shuts down this side's output once everything already written to it has gone out. A
+    /// half-close right away would lose that tail when this side's input is closed already (the
+    /// other direction ended first): a channel whose input and output are both closed closes
+    /// fully, and a full close drops writes still queued behind back-pressure.
     private func partnerWriteEOF() {
-        context?.close(mode: .output, promise: nil)
+        afterQueuedWrites { $0.close(mode: .output, promise: nil) }
     }
 
     /// Closes this side once everything already written to it has gone out: a close right away
     /// would drop writes still queued behind back-pressure (the end of an answer the partner
     /// sent just before it closed).
     private func partnerClose() {
+        afterQueuedWrites { $0.close(promise: nil) }
+    }
+
+    /// Runs `action` once every write queued on this side so far is out (or has failed): an empty
+    /// write is flushed behind them, and writes complete in order (through TLS too).
+    private func afterQueuedWrites(_ action: @escaping (ChannelHandlerContext) -> Void) {
         guard let context else { return }
         let empty = context.channel.allocator.buffer(capacity: 0)
         context.writeAndFlush(wrapOutboundOut(empty)).assumeIsolated().whenComplete { _ in
-            context.close(promise: nil)
+            action(context)
         }
     }
 

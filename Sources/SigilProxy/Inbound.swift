@@ -98,15 +98,25 @@ final class EOFHolder: ChannelInboundHandler, RemovableChannelHandler {
         context.fireUserInboundEventTriggered(event)
     }
 
-    /// Called (on the channel's event loop) when the handshake has completed.
+    /// Called (on the channel's event loop) when the handshake has completed. The held FIN goes on
+    /// one loop turn later: the handshake-completed event comes while the TLS handler is still in
+    /// the middle of the bytes that arrived with the handshake (application data and, from a peer
+    /// that half-closed, its close_notify), which it decodes right after the event. A FIN passed on
+    /// before that looks to it like a truncated session (an unclean shutdown error, which closes the
+    /// connection and loses the answer); after it, it is the expected end of a closed input.
     func handshakeDone() {
         done = true
         guard let context else { return }
-        if held {
-            held = false
-            context.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        guard held else {
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+            return
         }
-        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        held = false
+        context.eventLoop.assumeIsolated().execute {
+            guard let context = self.context else { return }
+            context.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        }
     }
 }
 
