@@ -32,7 +32,21 @@ enum ProcessMemory {
     /// Returns the number of bytes of mappings advised.
     @discardableResult
     static func release() -> Int {
-        guard let file = fopen("/proc/self/smaps", "r") else { return 0 }
+        guard let text = smaps() else { return 0 }
+        var advised = 0
+        for mapping in droppable(smaps: text) + cleanConstantPages(smaps: text) {
+            if madvise(UnsafeMutableRawPointer(bitPattern: mapping.start), Int(mapping.end - mapping.start), MADV_DONTNEED) == 0 {
+                advised += Int(mapping.end - mapping.start)
+            }
+        }
+        trimHeap()
+        return advised
+    }
+
+    /// `/proc/self/smaps`, or nil if it cannot be read.
+    static func smaps() -> [UInt8]? {
+        guard let file = fopen("/proc/self/smaps", "r") else { return nil }
+        defer { fclose(file) }
         var text: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 65_536)
         while true {
@@ -40,15 +54,168 @@ enum ProcessMemory {
             if n <= 0 { break }
             text.append(contentsOf: chunk[0..<n])
         }
-        fclose(file)
-        var advised = 0
-        for mapping in droppable(smaps: text) {
-            if madvise(UnsafeMutableRawPointer(bitPattern: mapping.start), Int(mapping.end - mapping.start), MADV_DONTNEED) == 0 {
-                advised += Int(mapping.end - mapping.start)
+        return text
+    }
+
+    // MARK: constant data in the executable's writable segment
+
+    /// The pages of the executable's writable constant data that are still the file's own.
+    ///
+    /// A static Swift executable links ICU's data (~34 MB, `icudt*_dat`), BoringSSL's tables and
+    /// the standard library's Unicode tables into a `.rodata` that one input marked writable, so it
+    /// sits in the read-write segment beside `.data` and `.bss`, and the whole mapping has
+    /// anonymous pages: the mapping-level rule above never drops it, and the ~3 MB that start-up
+    /// read stay resident. This looks at that section's whole pages only (a page shared with
+    /// `.data` is never touched) and, page by page in `/proc/self/pagemap`, keeps every page that
+    /// is not present or not file-backed (a private copy made by a write), so what is dropped is
+    /// byte-for-byte the file's and faults back in on use. Nothing writes constant data, so no
+    /// page turns into a private copy between the check and the drop. Empty when anything cannot
+    /// be read.
+    static func cleanConstantPages(smaps: [UInt8]) -> [Mapping] {
+        guard let exe = ownExecutable(),
+              let sections = writableConstantSections(exe.parts),
+              let base = loadBase(smaps: smaps, path: exe.path, firstLoadAddress: sections.firstLoadAddress) else { return [] }
+        let page = UInt(sysconf(Int32(_SC_PAGESIZE)))
+        guard page > 0 else { return [] }
+        let fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return [] }
+        defer { close(fd) }
+        var result: [Mapping] = []
+        for section in sections.ranges {
+            // Whole pages inside the section only.
+            let start = (base + section.start + page - 1) / page * page
+            let end = (base + section.end) / page * page
+            guard end > start else { continue }
+            let count = Int((end - start) / page)
+            var entries = [UInt64](repeating: 0, count: count)
+            let wanted = count * 8
+            let n = entries.withUnsafeMutableBytes { pread(fd, $0.baseAddress, wanted, off_t(start / page * 8)) }
+            guard n == wanted else { continue }
+            result += fileBackedRuns(pagemap: entries, start: start, pageSize: page)
+        }
+        return result
+    }
+
+    /// Runs of pages that are present and file-backed (`/proc/self/pagemap` bits 63 and 61), for
+    /// entries of consecutive pages from `start`.
+    static func fileBackedRuns(pagemap entries: [UInt64], start: UInt, pageSize: UInt) -> [Mapping] {
+        var runs: [Mapping] = []
+        var runStart: UInt?
+        for (i, entry) in entries.enumerated() {
+            let address = start + UInt(i) * pageSize
+            let clean = entry & (1 << 63) != 0 && entry & (1 << 61) != 0
+            if clean, runStart == nil { runStart = address }
+            if !clean, let s = runStart {
+                runs.append(Mapping(start: s, end: address))
+                runStart = nil
             }
         }
-        trimHeap()
-        return advised
+        if let s = runStart { runs.append(Mapping(start: s, end: start + UInt(entries.count) * pageSize)) }
+        return runs
+    }
+
+    /// The parts of an ELF64 little-endian file that say where its sections are.
+    struct ELFParts {
+        /// The file header (64 bytes).
+        var header: [UInt8]
+        /// The program headers (`e_phnum` entries of `e_phentsize` bytes).
+        var programs: [UInt8]
+        /// The section headers (`e_shnum` entries of `e_shentsize` bytes).
+        var sections: [UInt8]
+        /// The section-name string table.
+        var names: [UInt8]
+
+        static func u16(_ b: [UInt8], _ at: Int) -> Int? { at >= 0 && at + 2 <= b.count ? Int(b[at]) | Int(b[at + 1]) << 8 : nil }
+        static func u32(_ b: [UInt8], _ at: Int) -> UInt64? {
+            guard at >= 0, at + 4 <= b.count else { return nil }
+            return (0..<4).reduce(UInt64(0)) { $0 | UInt64(b[at + $1]) << (8 * UInt64($1)) }
+        }
+        static func u64(_ b: [UInt8], _ at: Int) -> UInt64? {
+            guard at >= 0, at + 8 <= b.count else { return nil }
+            return (0..<8).reduce(UInt64(0)) { $0 | UInt64(b[at + $1]) << (8 * UInt64($1)) }
+        }
+
+        /// Where the header puts the program headers, the section headers and the name table's
+        /// section header: (offset, size) pairs; nil for anything but an ELF64 little-endian file.
+        static func layout(header: [UInt8]) -> (programs: (Int, Int), sections: (Int, Int), namesHeader: Int)? {
+            guard header.count >= 64, header[0] == 0x7F, header[1] == 0x45, header[2] == 0x4C, header[3] == 0x46,
+                  header[4] == 2 /* 64-bit */, header[5] == 1 /* little-endian */,
+                  let phoff = u64(header, 32), let shoff = u64(header, 40), let phentsize = u16(header, 54),
+                  let phnum = u16(header, 56), let shentsize = u16(header, 58), let shnum = u16(header, 60),
+                  let shstrndx = u16(header, 62), phentsize >= 56, shentsize >= 64, shstrndx < shnum,
+                  phoff < 1 << 40, shoff < 1 << 40 else { return nil }
+            return ((Int(phoff), phentsize * phnum), (Int(shoff), shentsize * shnum), shstrndx * shentsize)
+        }
+    }
+
+    /// The writable `.rodata` sections of an executable (link-time addresses, `start..<end`) and
+    /// its first loadable segment's address; nil if the parts do not hold what they should.
+    static func writableConstantSections(_ elf: ELFParts) -> (ranges: [Mapping], firstLoadAddress: UInt)? {
+        guard let header = ELFParts.u16(elf.header, 54), let shentsize = ELFParts.u16(elf.header, 58),
+              header >= 56, shentsize >= 64 else { return nil }
+        var firstLoad: UInt?
+        var at = 0
+        while at + header <= elf.programs.count {
+            if ELFParts.u32(elf.programs, at) == 1 /* PT_LOAD */, let vaddr = ELFParts.u64(elf.programs, at + 16) {
+                firstLoad = UInt(vaddr)
+                break
+            }
+            at += header
+        }
+        guard let firstLoad else { return nil }
+        let rodata = Array(".rodata".utf8)
+        var ranges: [Mapping] = []
+        at = 0
+        while at + shentsize <= elf.sections.count {
+            defer { at += shentsize }
+            guard let name = ELFParts.u32(elf.sections, at), let type = ELFParts.u32(elf.sections, at + 4),
+                  let flags = ELFParts.u64(elf.sections, at + 8), let addr = ELFParts.u64(elf.sections, at + 16),
+                  let size = ELFParts.u64(elf.sections, at + 32) else { continue }
+            // PROGBITS, SHF_WRITE and SHF_ALLOC, named exactly `.rodata`.
+            guard type == 1, flags & 0x3 == 0x3, size > 0, addr < 1 << 62, size < 1 << 40 else { continue }
+            let from = Int(name)
+            guard name < UInt64(elf.names.count), from + rodata.count < elf.names.count,
+                  Array(elf.names[from..<(from + rodata.count)]) == rodata, elf.names[from + rodata.count] == 0 else { continue }
+            ranges.append(Mapping(start: UInt(addr), end: UInt(addr + size)))
+        }
+        return (ranges, firstLoad)
+    }
+
+    /// Where the executable is loaded: the start of its mapping at file offset 0, less its first
+    /// loadable segment's link-time address (zero for a position-independent executable).
+    static func loadBase(smaps: [UInt8], path: String, firstLoadAddress: UInt) -> UInt? {
+        let wanted = Array(path.utf8)
+        for line in smaps.split(separator: 0x0A) {
+            let fields = line.split(separator: 0x20, omittingEmptySubsequences: true)
+            guard fields.count == 6, fields[2].allSatisfy({ $0 == 0x30 }), Array(fields[5]) == wanted,
+                  let dash = fields[0].firstIndex(of: 0x2D),
+                  let start = UInt(String(decoding: fields[0][..<dash], as: UTF8.self), radix: 16) else { continue }
+            return start >= firstLoadAddress ? start - firstLoadAddress : nil
+        }
+        return nil
+    }
+
+    /// This process's executable: its path (as the maps show it) and the parts of it that say
+    /// where its sections are.
+    private static func ownExecutable() -> (path: String, parts: ELFParts)? {
+        var link = [UInt8](repeating: 0, count: 4096)
+        let length = link.withUnsafeMutableBytes { readlink("/proc/self/exe", $0.baseAddress!.assumingMemoryBound(to: CChar.self), $0.count) }
+        guard length > 0, length < link.count else { return nil }
+        let fd = open("/proc/self/exe", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        func read(_ range: (offset: Int, size: Int)) -> [UInt8]? {
+            guard range.size >= 0, range.size < 1 << 24 else { return nil }
+            var bytes = [UInt8](repeating: 0, count: range.size)
+            let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, range.size, off_t(range.offset)) }
+            return n == range.size ? bytes : nil
+        }
+        guard let header = read((0, 64)), let layout = ELFParts.layout(header: header),
+              let programs = read(layout.programs), let sections = read(layout.sections),
+              let namesOffset = ELFParts.u64(sections, layout.namesHeader + 24),
+              let namesSize = ELFParts.u64(sections, layout.namesHeader + 32), namesOffset < 1 << 40,
+              let names = read((Int(namesOffset), Int(min(namesSize, 1 << 24)))) else { return nil }
+        return (String(decoding: link[0..<length], as: UTF8.self), ELFParts(header: header, programs: programs, sections: sections, names: names))
     }
 
     /// One malloc arena for the whole process (glibc's `mallopt(M_ARENA_MAX, 1)`), unless the

@@ -70,4 +70,90 @@ struct ProcessMemoryTests {
         #expect(IdleTrimmer.residentBytes() > big.count)
         #expect(big.last == 1)
     }
+
+    // MARK: constant data in the writable segment
+
+    /// Little-endian bytes of `value`, `size` wide.
+    static func le(_ value: UInt64, _ size: Int) -> [UInt8] { (0..<size).map { UInt8(truncatingIfNeeded: value >> (8 * UInt64($0))) } }
+
+    /// A section header: name offset, type, flags, address, size (the rest zero).
+    static func section(name: UInt64, type: UInt64, flags: UInt64, addr: UInt64, size: UInt64) -> [UInt8] {
+        le(name, 4) + le(type, 4) + le(flags, 8) + le(addr, 8) + le(0, 8) + le(size, 8) + [UInt8](repeating: 0, count: 24)
+    }
+
+    static func elf(sections: [[UInt8]], names: String, firstLoad: UInt64 = 0) -> ProcessMemory.ELFParts {
+        var header = [UInt8](repeating: 0, count: 64)
+        header.replaceSubrange(0..<6, with: [0x7F, 0x45, 0x4C, 0x46, 2, 1])
+        header.replaceSubrange(32..<40, with: le(64, 8))  // phoff
+        header.replaceSubrange(40..<48, with: le(4096, 8))  // shoff
+        header.replaceSubrange(54..<56, with: le(56, 2))
+        header.replaceSubrange(56..<58, with: le(2, 2))
+        header.replaceSubrange(58..<60, with: le(64, 2))
+        header.replaceSubrange(60..<62, with: le(UInt64(sections.count), 2))
+        header.replaceSubrange(62..<64, with: le(0, 2))
+        // A PT_PHDR (6) first, then the first PT_LOAD (1) at `firstLoad`.
+        let programs = le(6, 4) + [UInt8](repeating: 0, count: 52) + le(1, 4) + le(0, 4) + le(0, 8) + le(firstLoad, 8) + [UInt8](repeating: 0, count: 32)
+        return .init(header: header, programs: programs, sections: sections.flatMap { $0 }, names: Array(names.utf8))
+    }
+
+    @Test("a writable .rodata is found by its exact name and flags; read-only or other sections are not")
+    func writableRodata() throws {
+        // names: \0.shstrtab\0.rodata\0.rodata.str\0.data\0
+        let names = "\0.shstrtab\0.rodata\0.rodata.str\0.data\0"
+        let parts = Self.elf(sections: [
+            Self.section(name: 1, type: 3, flags: 0, addr: 0, size: 40),  // .shstrtab (index 0 here: e_shstrndx)
+            Self.section(name: 11, type: 1, flags: 0x3, addr: 0x2d7f000, size: 0x24f1e8c),  // .rodata, WA
+            Self.section(name: 19, type: 1, flags: 0x3, addr: 0x5300000, size: 0x1000),  // .rodata.str: another name
+            Self.section(name: 31, type: 1, flags: 0x3, addr: 0x5270ec0, size: 0x6b990),  // .data
+            Self.section(name: 11, type: 1, flags: 0x2, addr: 0x1000, size: 0x2000),  // a read-only .rodata: mapping-level rule
+            Self.section(name: 11, type: 8, flags: 0x3, addr: 0x9000, size: 0x2000),  // NOBITS
+        ], names: names, firstLoad: 0x400000)
+        let found = try #require(ProcessMemory.writableConstantSections(parts))
+        #expect(found.ranges == [.init(start: 0x2d7f000, end: 0x2d7f000 + 0x24f1e8c)])
+        #expect(found.firstLoadAddress == 0x400000)
+        var broken = parts
+        broken.header[4] = 1  // 32-bit
+        #expect(ProcessMemory.ELFParts.layout(header: broken.header) == nil)
+        broken = parts
+        broken.names = Array(names.utf8.prefix(12))  // name table cut short: nothing matches, nothing traps
+        #expect(try #require(ProcessMemory.writableConstantSections(broken)).ranges.isEmpty)
+    }
+
+    @Test("only present, file-backed pages are dropped; private copies and absent pages are kept")
+    func fileBackedRuns() {
+        let present: UInt64 = 1 << 63, file: UInt64 = 1 << 61
+        let entries: [UInt64] = [present | file, present | file, present /* a private copy */, 0 /* absent */,
+                                 present | file, file /* swapped-out shape: not present */, present | file]
+        let runs = ProcessMemory.fileBackedRuns(pagemap: entries, start: 0x10000, pageSize: 0x1000)
+        #expect(runs == [.init(start: 0x10000, end: 0x12000), .init(start: 0x14000, end: 0x15000), .init(start: 0x16000, end: 0x17000)])
+        #expect(ProcessMemory.fileBackedRuns(pagemap: [present, 0], start: 0, pageSize: 0x1000).isEmpty)
+    }
+
+    @Test("the load base comes from the executable's mapping at offset 0")
+    func loadBase() {
+        let maps = """
+            55d0a0000000-55d0a0400000 r--p 00000000 08:01 1234 /usr/local/bin/sigil-proxy
+            Anonymous:             0 kB
+            55d0a1600000-55d0a1700000 rw-p 01600000 08:01 1234 /usr/local/bin/sigil-proxy
+            7f00b0000000-7f00b0020000 r--p 00000000 08:01 99 /usr/lib/x86_64-linux-gnu/libc.so.6
+            """
+        #expect(ProcessMemory.loadBase(smaps: Array(maps.utf8), path: "/usr/local/bin/sigil-proxy", firstLoadAddress: 0) == 0x55d0_a000_0000)
+        #expect(ProcessMemory.loadBase(smaps: Array(maps.utf8), path: "/usr/lib/x86_64-linux-gnu/libc.so.6", firstLoadAddress: 0x1000) == 0x7f00_afff_f000)
+        #expect(ProcessMemory.loadBase(smaps: Array(maps.utf8), path: "/bin/other", firstLoadAddress: 0) == nil)
+    }
+
+    @Test("on this process the writable-constant pass finds read pages of .rodata and drops them")
+    func constantPagesOnSelf() throws {
+        // Swift executables (this test binary too) carry a writable .rodata; start-up has read
+        // some of it. Dropping those pages must leave fewer present, and the process running.
+        func clean() throws -> Int {
+            let runs = ProcessMemory.cleanConstantPages(smaps: try #require(ProcessMemory.smaps()))
+            for run in runs { #expect(run.end > run.start && run.start % 4096 == 0 && run.end % 4096 == 0) }
+            return runs.reduce(0) { $0 + Int($1.end - $1.start) }
+        }
+        let before = try clean()
+        #expect(before > 0)
+        #expect(ProcessMemory.release() >= before)
+        #expect(try clean() < before)
+    }
 }
