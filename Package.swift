@@ -266,7 +266,8 @@ let package = Package(
         .testTarget(
             name: "SigilProxyTests",
             dependencies: ["SigilProxy", "SigilCore", logging, crypto, .product(name: "NIOCore", package: "swift-nio"),
-                           .product(name: "NIOPosix", package: "swift-nio")],
+                           .product(name: "NIOPosix", package: "swift-nio"),
+                           .product(name: "NIOHTTP1", package: "swift-nio")],
             swiftSettings: swiftSettings
         ),
         .testTarget(

@@ -214,7 +214,10 @@ enum RequestHeadWriter {
         buffer.writeString(head.method.rawValue)
         buffer.writeStaticString(" ")
         buffer.writeString(head.uri)
-        buffer.writeStaticString(head.version.minor == 0 ? " HTTP/1.0\r\n" : " HTTP/1.1\r\n")
+        // HTTP/1.0 stays 1.0 (no keep-alive, no chunked body unless asked); everything else, an
+        // HTTP/2 stream included, goes to the app as HTTP/1.1 (its 2.0 has minor 0 too).
+        let http10 = head.version.major == 1 && head.version.minor == 0
+        buffer.writeStaticString(http10 ? " HTTP/1.0\r\n" : " HTTP/1.1\r\n")
         for (name, value) in head.headers {
             if name.utf8.count == 23, name.lowercased() == "x-forwarded-client-cert" { continue }
             buffer.writeString(name)

@@ -277,7 +277,7 @@ class HTTPEchoApp:
 
             def answer(self):
                 body = self.read_body()
-                seen = {"path": self.path, "method": self.command,
+                seen = {"path": self.path, "method": self.command, "version": self.request_version,
                         "xfcc": self.headers.get_all("x-forwarded-client-cert") or [],
                         "chunked": "chunked" in (self.headers.get("Transfer-Encoding") or "").lower(),
                         "body_len": len(body), "body_sha256": hashlib.sha256(body).hexdigest()}

@@ -539,6 +539,8 @@ def test_http2_via_alpn_with_bodies(mesh, tmp_path):
     reply = curl1("--http2", *web.curl, "-H", f"x-forwarded-client-cert: By={API};URI={OTHER}", f"{base}{path}")
     assert reply.code == 200 and reply.version == "2", reply
     assert reply.json()["xfcc"] == [f"By={API};Hash={web.der_sha256};URI={WEB}"]
+    # an h2 stream reaches the app as HTTP/1.1 (keep-alive, chunked bodies), never as HTTP/1.0
+    assert reply.json()["version"] == "HTTP/1.1", reply.json()
     assert request_row(mesh.api_ledger, path)["protocol"] == "h2"
 
     payload = base64.b64encode(os.urandom(150_000)).decode()
@@ -553,6 +555,7 @@ def test_http2_via_alpn_with_bodies(mesh, tmp_path):
     reply = curl1("--http2", *web.curl, "-X", "POST", "-T", "-", f"{base}{tag('h2-stream')}", input=payload)
     assert reply.code == 200 and reply.version == "2"
     assert (reply.json()["body_len"], reply.json()["body_sha256"]) == (len(payload), digest)
+    assert reply.json()["chunked"] and reply.json()["version"] == "HTTP/1.1"
     # a denied h2 stream gets Istio's 403 too
     denied = curl1("--http2", *web.curl, f"{base}/admin/h2")
     assert denied.code == 403 and denied.version == "2" and denied.body == RBAC_DENIED

@@ -1,5 +1,6 @@
 import Testing
 import NIOCore
+import NIOHTTP1
 @testable import SigilProxy
 
 /// The request framer decides where each client request ends: the inbound forwards bodies as the
@@ -157,5 +158,32 @@ struct RequestFramerTests {
 extension Array {
     func chunked(_ size: Int) -> [ArraySlice<Element>] {
         stride(from: 0, to: count, by: size).map { self[$0..<Swift.min($0 + size, count)] }
+    }
+}
+
+/// The head an HTTP/2 stream (or an HTTP/1.x request) is forwarded to the app with.
+struct RequestHeadWriterTests {
+    func written(_ version: HTTPVersion, forceChunked: Bool = false) -> String {
+        var head = HTTPRequestHead(version: version, method: .POST, uri: "/upload")
+        head.headers.add(name: "host", value: "api")
+        head.headers.add(name: "x-forwarded-client-cert", value: "By=forged")
+        var buffer = ByteBuffer()
+        RequestHeadWriter.write(head, xfcc: "By=spiffe://td/ns/a/sa/b", forceChunked: forceChunked, into: &buffer)
+        return String(buffer: buffer)
+    }
+
+    @Test("an HTTP/2 stream goes to the app as HTTP/1.1 (its version 2.0 has minor 0, like 1.0)")
+    func http2IsSentAsHTTP11() {
+        let text = written(.http2, forceChunked: true)
+        #expect(text.hasPrefix("POST /upload HTTP/1.1\r\n"))
+        #expect(text.contains("transfer-encoding: chunked\r\n"))
+        #expect(!text.contains("By=forged"))
+        #expect(text.hasSuffix("x-forwarded-client-cert: By=spiffe://td/ns/a/sa/b\r\n\r\n"))
+    }
+
+    @Test("HTTP/1.0 stays 1.0 and 1.1 stays 1.1")
+    func http1Versions() {
+        #expect(written(.http1_0).hasPrefix("POST /upload HTTP/1.0\r\n"))
+        #expect(written(.http1_1).hasPrefix("POST /upload HTTP/1.1\r\n"))
     }
 }
