@@ -10,6 +10,41 @@ import SigilCore
 import SigilTLS
 import X509
 
+/// Closes an inbound connection whose set-up has not finished in time: no first byte, or a TLS
+/// handshake (with the check of the peer's certificate) still running. Without it a peer could
+/// hold a socket open for ever by sending nothing, or half a ClientHello and a FIN (which
+/// ``EOFHolder`` keeps back until the handshake ends). Removed by ``ApplicationPipeline`` once the
+/// connection is set up; a closed connection cancels it too. At the deadline it raises
+/// ``SetupTimedOut`` down the pipeline (the TLS path records the refusal) and closes.
+final class SetupDeadline: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = NIOAny
+    private let timeout: TimeAmount
+    private var task: Scheduled<Void>?
+
+    init(timeout: TimeAmount) { self.timeout = timeout }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        let timeout = self.timeout
+        task = context.eventLoop.assumeIsolated().scheduleTask(in: timeout) {
+            context.fireErrorCaught(SetupTimedOut(timeout: timeout))
+            context.close(promise: nil)
+        }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        task?.cancel()
+        task = nil
+    }
+}
+
+/// The error ``SetupDeadline`` raises.
+struct SetupTimedOut: Error, CustomStringConvertible {
+    let timeout: TimeAmount
+    var description: String {
+        "connection set-up (first byte, TLS handshake) not finished within \(timeout.nanoseconds / 1_000_000_000)s (--handshake-timeout)"
+    }
+}
+
 /// The first handler of every inbound connection: looks at the first byte to tell TLS (0x16, a
 /// handshake record) from plaintext, applies the PeerAuthentication mode in force (STRICT refuses
 /// plaintext; PERMISSIVE takes both on one port; DISABLE takes plaintext only), and builds the
@@ -165,7 +200,7 @@ final class TLSPeerHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        refuse(context: context, reason: "TLS handshake failed: \(error)")
+        refuse(context: context, reason: error is SetupTimedOut ? "\(error)" : "TLS handshake failed: \(error)")
     }
 
     private func refuse(context: ChannelHandlerContext, reason: String) {
@@ -187,6 +222,9 @@ enum ApplicationPipeline {
     static func configure(_ channel: any Channel, after handler: any ChannelHandler, peer: PeerInfo, alpn: String?,
                           firstBytes: ByteBuffer?, environment: ProxyEnvironment) throws {
         let pipeline = channel.pipeline.syncOperations
+        if let deadline = try? pipeline.handler(type: SetupDeadline.self) {
+            pipeline.removeHandler(deadline, promise: nil)
+        }
         if environment.tcpMode {
             try pipeline.addHandler(TCPInbound.handler(peer: peer, environment: environment, channel: channel), position: .after(handler))
             return

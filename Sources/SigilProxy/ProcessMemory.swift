@@ -34,7 +34,7 @@ enum ProcessMemory {
     static func release() -> Int {
         guard let text = smaps() else { return 0 }
         var advised = 0
-        for mapping in droppable(smaps: text) + cleanConstantPages(smaps: text) {
+        for mapping in droppable(smaps: text) + cleanConstantPages() {
             if madvise(UnsafeMutableRawPointer(bitPattern: mapping.start), Int(mapping.end - mapping.start), MADV_DONTNEED) == 0 {
                 advised += Int(mapping.end - mapping.start)
             }
@@ -62,36 +62,39 @@ enum ProcessMemory {
     /// The pages of the executable's writable constant data that are still the file's own.
     ///
     /// A static Swift executable links ICU's data (~34 MB, `icudt*_dat`), BoringSSL's tables and
-    /// the standard library's Unicode tables into a `.rodata` that one input marked writable, so it
-    /// sits in the read-write segment beside `.data` and `.bss`, and the whole mapping has
-    /// anonymous pages: the mapping-level rule above never drops it, and the ~3 MB that start-up
-    /// read stay resident. This looks at that section's whole pages only (a page shared with
-    /// `.data` is never touched) and, page by page in `/proc/self/pagemap`, keeps every page that
-    /// is not present or not file-backed (a private copy made by a write), so what is dropped is
-    /// byte-for-byte the file's and faults back in on use. Nothing writes constant data, so no
-    /// page turns into a private copy between the check and the drop. Empty when anything cannot
-    /// be read.
-    static func cleanConstantPages(smaps: [UInt8]) -> [Mapping] {
-        guard let exe = ownExecutable(),
-              let sections = writableConstantSections(exe.parts),
-              let base = loadBase(smaps: smaps, path: exe.path, firstLoadAddress: sections.firstLoadAddress) else { return [] }
-        let page = UInt(sysconf(Int32(_SC_PAGESIZE)))
-        guard page > 0 else { return [] }
+    /// the standard library's Unicode tables into `.rodata`; some of the Swift compiler's constant
+    /// metadata inputs to that section are marked writable (they carry link-time relocations), so
+    /// the linker makes the whole output section writable and puts it in the read-write segment
+    /// beside `.data` and `.bss` (the executable has no dynamic relocation into it: nothing writes
+    /// it at run time). That mapping then has anonymous pages, the mapping-level rule above never
+    /// drops it, and the ~3 MB that start-up read stay resident. This looks at that section's whole
+    /// pages only (a page shared with `.data` is never touched) and, page by page in
+    /// `/proc/self/pagemap`, keeps every page that is not present or not file-backed (a private
+    /// copy made by a write), so what is dropped is byte-for-byte the file's and faults back in on
+    /// use. Empty when anything cannot be read.
+    static func cleanConstantPages() -> [Mapping] {
+        guard let exe = ownExecutable(), let ranges = writableConstantSections(exe),
+              let auxiliary = libcFunction("getauxval", as: (@convention(c) (UInt) -> UInt).self),
+              let base = loadBase(exe, runtimeProgramHeaders: auxiliary(3 /* AT_PHDR */)) else { return [] }
+        let pageSize = sysconf(Int32(_SC_PAGESIZE))
+        guard pageSize > 0 else { return [] }
+        let page = UInt(pageSize)
         let fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return [] }
         defer { close(fd) }
         var result: [Mapping] = []
-        for section in sections.ranges {
+        for section in ranges {
             // Whole pages inside the section only.
-            let start = (base + section.start + page - 1) / page * page
+            // (Addresses are user-space ones, below 2^47, and a section is at most 1 GiB: no overflow.)
+            let first = (base + section.start + page - 1) / page * page
             let end = (base + section.end) / page * page
-            guard end > start else { continue }
-            let count = Int((end - start) / page)
+            guard end > first else { continue }
+            let count = Int((end - first) / page)
             var entries = [UInt64](repeating: 0, count: count)
             let wanted = count * 8
-            let n = entries.withUnsafeMutableBytes { pread(fd, $0.baseAddress, wanted, off_t(start / page * 8)) }
+            let n = entries.withUnsafeMutableBytes { pread(fd, $0.baseAddress, wanted, off_t(first / page * 8)) }
             guard n == wanted else { continue }
-            result += fileBackedRuns(pagemap: entries, start: start, pageSize: page)
+            result += fileBackedRuns(pagemap: entries, start: first, pageSize: page)
         }
         return result
     }
@@ -148,59 +151,54 @@ enum ProcessMemory {
         }
     }
 
-    /// The writable `.rodata` sections of an executable (link-time addresses, `start..<end`) and
-    /// its first loadable segment's address; nil if the parts do not hold what they should.
-    static func writableConstantSections(_ elf: ELFParts) -> (ranges: [Mapping], firstLoadAddress: UInt)? {
-        guard let header = ELFParts.u16(elf.header, 54), let shentsize = ELFParts.u16(elf.header, 58),
-              header >= 56, shentsize >= 64 else { return nil }
-        var firstLoad: UInt?
-        var at = 0
-        while at + header <= elf.programs.count {
-            if ELFParts.u32(elf.programs, at) == 1 /* PT_LOAD */, let vaddr = ELFParts.u64(elf.programs, at + 16) {
-                firstLoad = UInt(vaddr)
-                break
-            }
-            at += header
-        }
-        guard let firstLoad else { return nil }
+    /// The largest section this looks at (1 GiB): its pagemap entries are read in one go.
+    static let largestSection: UInt64 = 1 << 30
+
+    /// The writable `.rodata` sections of an executable (link-time addresses, `start..<end`); nil if
+    /// the parts do not hold what they should.
+    static func writableConstantSections(_ elf: ELFParts) -> [Mapping]? {
+        guard let shentsize = ELFParts.u16(elf.header, 58), shentsize >= 64 else { return nil }
         let rodata = Array(".rodata".utf8)
         var ranges: [Mapping] = []
-        at = 0
+        var at = 0
         while at + shentsize <= elf.sections.count {
             defer { at += shentsize }
             guard let name = ELFParts.u32(elf.sections, at), let type = ELFParts.u32(elf.sections, at + 4),
                   let flags = ELFParts.u64(elf.sections, at + 8), let addr = ELFParts.u64(elf.sections, at + 16),
                   let size = ELFParts.u64(elf.sections, at + 32) else { continue }
             // PROGBITS, SHF_WRITE and SHF_ALLOC, named exactly `.rodata`.
-            guard type == 1, flags & 0x3 == 0x3, size > 0, addr < 1 << 62, size < 1 << 40 else { continue }
+            guard type == 1, flags & 0x3 == 0x3, size > 0, addr < 1 << 62, size <= largestSection else { continue }
             let from = Int(name)
             guard name < UInt64(elf.names.count), from + rodata.count < elf.names.count,
                   Array(elf.names[from..<(from + rodata.count)]) == rodata, elf.names[from + rodata.count] == 0 else { continue }
             ranges.append(Mapping(start: UInt(addr), end: UInt(addr + size)))
         }
-        return (ranges, firstLoad)
+        return ranges
     }
 
-    /// Where the executable is loaded: the start of its mapping at file offset 0, less its first
-    /// loadable segment's link-time address (zero for a position-independent executable).
-    static func loadBase(smaps: [UInt8], path: String, firstLoadAddress: UInt) -> UInt? {
-        let wanted = Array(path.utf8)
-        for line in smaps.split(separator: 0x0A) {
-            let fields = line.split(separator: 0x20, omittingEmptySubsequences: true)
-            guard fields.count == 6, fields[2].allSatisfy({ $0 == 0x30 }), Array(fields[5]) == wanted,
-                  let dash = fields[0].firstIndex(of: 0x2D),
-                  let start = UInt(String(decoding: fields[0][..<dash], as: UTF8.self), radix: 16) else { continue }
-            return start >= firstLoadAddress ? start - firstLoadAddress : nil
+    /// Where the executable is loaded: the run-time address of its program headers (the kernel's
+    /// `AT_PHDR`) less their link-time address (the `PT_PHDR` segment's, or else where the first
+    /// loadable segment that starts at file offset 0 puts them). Zero for a fixed-address
+    /// executable; nil if the headers say neither or the addresses do not fit.
+    static func loadBase(_ elf: ELFParts, runtimeProgramHeaders: UInt) -> UInt? {
+        guard runtimeProgramHeaders != 0, let entry = ELFParts.u16(elf.header, 54), entry >= 56,
+              let phoff = ELFParts.u64(elf.header, 32) else { return nil }
+        var linked: UInt64?
+        var firstLoadAtZero: UInt64?
+        var at = 0
+        while at + entry <= elf.programs.count {
+            defer { at += entry }
+            guard let type = ELFParts.u32(elf.programs, at), let offset = ELFParts.u64(elf.programs, at + 8),
+                  let vaddr = ELFParts.u64(elf.programs, at + 16) else { continue }
+            if type == 6 /* PT_PHDR */ { linked = vaddr }
+            if type == 1 /* PT_LOAD */, offset == 0, firstLoadAtZero == nil { firstLoadAtZero = vaddr &+ phoff }
         }
-        return nil
+        guard let address = linked ?? firstLoadAtZero, address <= UInt64(runtimeProgramHeaders) else { return nil }
+        return runtimeProgramHeaders - UInt(address)
     }
 
-    /// This process's executable: its path (as the maps show it) and the parts of it that say
-    /// where its sections are.
-    private static func ownExecutable() -> (path: String, parts: ELFParts)? {
-        var link = [UInt8](repeating: 0, count: 4096)
-        let length = link.withUnsafeMutableBytes { readlink("/proc/self/exe", $0.baseAddress!.assumingMemoryBound(to: CChar.self), $0.count) }
-        guard length > 0, length < link.count else { return nil }
+    /// The parts of this process's executable that say where its sections are.
+    static func ownExecutable() -> ELFParts? {
         let fd = open("/proc/self/exe", O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return nil }
         defer { close(fd) }
@@ -213,9 +211,9 @@ enum ProcessMemory {
         guard let header = read((0, 64)), let layout = ELFParts.layout(header: header),
               let programs = read(layout.programs), let sections = read(layout.sections),
               let namesOffset = ELFParts.u64(sections, layout.namesHeader + 24),
-              let namesSize = ELFParts.u64(sections, layout.namesHeader + 32), namesOffset < 1 << 40,
-              let names = read((Int(namesOffset), Int(min(namesSize, 1 << 24)))) else { return nil }
-        return (String(decoding: link[0..<length], as: UTF8.self), ELFParts(header: header, programs: programs, sections: sections, names: names))
+              let namesSize = ELFParts.u64(sections, layout.namesHeader + 32), namesOffset < 1 << 40, namesSize < 1 << 24,
+              let names = read((Int(namesOffset), Int(namesSize))) else { return nil }
+        return ELFParts(header: header, programs: programs, sections: sections, names: names)
     }
 
     /// One malloc arena for the whole process (glibc's `mallopt(M_ARENA_MAX, 1)`), unless the
@@ -225,17 +223,18 @@ enum ProcessMemory {
     /// small allocations off the arena lock.
     static func useOneArena() {
         guard getenv("MALLOC_ARENA_MAX") == nil else { return }
-        _ = mallocFunction("mallopt", as: (@convention(c) (Int32, Int32) -> Int32).self)?(-8 /* M_ARENA_MAX */, 1)
+        _ = libcFunction("mallopt", as: (@convention(c) (Int32, Int32) -> Int32).self)?(-8 /* M_ARENA_MAX */, 1)
     }
 
     /// glibc's `malloc_trim(0)`.
     static func trimHeap() {
-        _ = mallocFunction("malloc_trim", as: (@convention(c) (Int) -> Int32).self)?(0)
+        _ = libcFunction("malloc_trim", as: (@convention(c) (Int) -> Int32).self)?(0)
     }
 
-    /// A `<malloc.h>` function looked up at run time: Swift's Glibc module does not export that
-    /// header, and other C libraries have no such calls (then nil: nothing is done).
-    private static func mallocFunction<F>(_ name: String, as type: F.Type) -> F? {
+    /// A C library function looked up at run time: Swift's Glibc module does not export
+    /// `<malloc.h>` or `<sys/auxv.h>`, and other C libraries may have no such calls (then nil:
+    /// nothing is done).
+    private static func libcFunction<F>(_ name: String, as type: F.Type) -> F? {
         dlsym(UnsafeMutableRawPointer(bitPattern: 0), name).map { unsafeBitCast($0, to: type) }
     }
 

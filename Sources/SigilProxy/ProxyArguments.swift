@@ -15,7 +15,7 @@ public enum ProxyArguments {
     public static let flags: Set<String> = [
         "config", "workload-api", "inbound", "app", "namespace", "labels", "policies", "mtls", "spiffe-id",
         "outbound", "upstream", "upstream-id", "protocol", "ledger", "ledger-sync-ms", "ledger-server",
-        "ledger-max-size", "ledger-segment-size", "metrics", "kill-switch", "root-namespace", "threads", "log-level",
+        "ledger-max-size", "ledger-segment-size", "metrics", "kill-switch", "root-namespace", "threads", "handshake-timeout", "log-level",
     ]
 
     /// Parsed settings plus the log level (handled by the caller's logging bootstrap).
@@ -101,6 +101,12 @@ public enum ProxyArguments {
             }
             ledgerSync = n
         }
+        var handshakeTimeout = ProxyConfig.defaultHandshakeTimeout
+        if let text = get("handshake-timeout") {
+            let limit = "--handshake-timeout '\(text)' must be a duration from 1s to 1h, e.g. 10s"
+            do { handshakeTimeout = try DurationText.parse(text) } catch { throw UsageError("\(limit): \(error.message)") }
+            guard handshakeTimeout >= .seconds(1), handshakeTimeout <= .seconds(3600) else { throw UsageError(limit) }
+        }
         let ledgerServer = get("ledger-server")
         if let ledgerServer {
             guard get("ledger") != nil else { throw UsageError("--ledger-server ships the rows of --ledger: give the spool file too") }
@@ -127,6 +133,7 @@ public enum ProxyArguments {
             upstreamID: upstreamID, ledgerPath: get("ledger"), ledgerSyncMillis: ledgerSync, killSwitchPath: get("kill-switch"), tcpMode: proto == "tcp",
             threads: threads)
         config.ledgerServer = ledgerServer
+        config.handshakeTimeout = handshakeTimeout
         config.ledgerMaxSize = ledgerMaxSize
         config.ledgerSegmentSize = ledgerSegmentSize
         config.metricsHost = metrics?.0

@@ -48,6 +48,10 @@ public struct ProxyConfig: Sendable {
     public var killSwitchPath: String
     public var tcpMode: Bool
     public var threads: Int
+    /// `--handshake-timeout`: an inbound connection that has not finished its TLS handshake (or,
+    /// plaintext, sent its first byte) by then is closed.
+    public var handshakeTimeout: Duration = ProxyConfig.defaultHandshakeTimeout
+    public static let defaultHandshakeTimeout: Duration = .seconds(10)
 
     public init(workloadAPISocket: String, inboundHost: String, inboundPort: Int, appHost: String, appPort: Int,
                 namespace: String, labels: [String: String], policiesPath: String,
@@ -234,6 +238,7 @@ struct ProxyService: Service {
 
     private func bindInbound() async throws -> any Channel {
         let environment = self.environment
+        let setupTimeout = TimeAmount.nanoseconds(Int64(config.handshakeTimeout.components.seconds) * 1_000_000_000)
         do {
             return try await ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: 1024)
@@ -242,7 +247,7 @@ struct ProxyService: Service {
                 .childChannelOption(.allowRemoteHalfClosure, value: config.tcpMode)  // TCP mode: a FIN is passed on as a FIN
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(InboundSniffer(environment: environment))
+                        try channel.pipeline.syncOperations.addHandlers(SetupDeadline(timeout: setupTimeout), InboundSniffer(environment: environment))
                     }
                 }
                 .bind(host: config.inboundHost, port: config.inboundPort).get()

@@ -884,6 +884,41 @@ def test_tcp_mode_app_half_close_first_keeps_the_clients_upload(mesh):
         app.close()
 
 
+def test_a_connection_that_never_finishes_its_handshake_is_closed(mesh):
+    """--handshake-timeout: a peer that sends nothing, or half a ClientHello, or half a ClientHello and
+    then a FIN (which a TCP-mode proxy holds back while a handshake runs) must not keep its socket for
+    ever; each unfinished handshake is recorded as refused, and the proxy still serves a proper client."""
+    port = free_port()
+    ledger = mesh.dir / "slow.jsonl"
+    allow_all = mesh.dir / "no-policies"  # an empty directory: no policy, allow all
+    allow_all.mkdir(exist_ok=True)
+    try:
+        mesh.proxy("slow", API, port, mesh.app.address, "app=api", "--mtls", "STRICT", "--protocol", "tcp",
+                   "--handshake-timeout", "1s", ledger=ledger, policies=allow_all)
+        hello_start = bytes([0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xFC, 0x03, 0x03]) + os.urandom(32)
+        for send, fin in ((b"", False), (hello_start, False), (hello_start, True)):
+            with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+                s.sendall(send)
+                if fin:
+                    s.shutdown(socket.SHUT_WR)
+                try:
+                    got = s.recv(4096)
+                except ConnectionResetError:
+                    got = b""
+                except TimeoutError:
+                    pytest.fail(f"the proxy kept a connection that sent {len(send)} bytes (FIN: {fin}) open for 15 s")
+                assert got == b"", f"unexpected answer {got!r}"
+        timed_out = lambda: [r for r in ledger_rows(ledger)  # noqa: E731
+                             if r["kind"] == "connection" and "--handshake-timeout" in (r["detail"] or "")]
+        rows = wait_for(lambda: len(timed_out()) >= 2 and timed_out(), 10, "the two timed-out handshakes' rows")
+        assert len(rows) == 2 and all(r["decision"] == "deny" and r["source"] is None for r in rows), rows
+        ident = mesh.mint_ident("after-slow", [WEB])
+        reply = curl1(*ident.curl, f"https://127.0.0.1:{port}{tag('after-slow')}")
+        assert reply.code == 200, reply
+    finally:
+        mesh.c.stop_proxy("slow")
+
+
 # --------------------------------------------------------------------------- 7. PERMISSIVE
 
 def test_permissive_takes_plaintext_and_mtls_on_one_port(mesh):

@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 @testable import SigilProxy
 
@@ -81,19 +82,22 @@ struct ProcessMemoryTests {
         le(name, 4) + le(type, 4) + le(flags, 8) + le(addr, 8) + le(0, 8) + le(size, 8) + [UInt8](repeating: 0, count: 24)
     }
 
-    static func elf(sections: [[UInt8]], names: String, firstLoad: UInt64 = 0) -> ProcessMemory.ELFParts {
+    /// A program header: type, file offset, address (the rest zero).
+    static func program(type: UInt64, offset: UInt64, vaddr: UInt64) -> [UInt8] {
+        le(type, 4) + le(0, 4) + le(offset, 8) + le(vaddr, 8) + [UInt8](repeating: 0, count: 32)
+    }
+
+    static func elf(sections: [[UInt8]] = [], names: String = "", programs: [[UInt8]] = []) -> ProcessMemory.ELFParts {
         var header = [UInt8](repeating: 0, count: 64)
         header.replaceSubrange(0..<6, with: [0x7F, 0x45, 0x4C, 0x46, 2, 1])
         header.replaceSubrange(32..<40, with: le(64, 8))  // phoff
         header.replaceSubrange(40..<48, with: le(4096, 8))  // shoff
         header.replaceSubrange(54..<56, with: le(56, 2))
-        header.replaceSubrange(56..<58, with: le(2, 2))
+        header.replaceSubrange(56..<58, with: le(UInt64(programs.count), 2))
         header.replaceSubrange(58..<60, with: le(64, 2))
         header.replaceSubrange(60..<62, with: le(UInt64(sections.count), 2))
         header.replaceSubrange(62..<64, with: le(0, 2))
-        // A PT_PHDR (6) first, then the first PT_LOAD (1) at `firstLoad`.
-        let programs = le(6, 4) + [UInt8](repeating: 0, count: 52) + le(1, 4) + le(0, 4) + le(0, 8) + le(firstLoad, 8) + [UInt8](repeating: 0, count: 32)
-        return .init(header: header, programs: programs, sections: sections.flatMap { $0 }, names: Array(names.utf8))
+        return .init(header: header, programs: programs.flatMap { $0 }, sections: sections.flatMap { $0 }, names: Array(names.utf8))
     }
 
     @Test("a writable .rodata is found by its exact name and flags; read-only or other sections are not")
@@ -107,16 +111,16 @@ struct ProcessMemoryTests {
             Self.section(name: 31, type: 1, flags: 0x3, addr: 0x5270ec0, size: 0x6b990),  // .data
             Self.section(name: 11, type: 1, flags: 0x2, addr: 0x1000, size: 0x2000),  // a read-only .rodata: mapping-level rule
             Self.section(name: 11, type: 8, flags: 0x3, addr: 0x9000, size: 0x2000),  // NOBITS
-        ], names: names, firstLoad: 0x400000)
+            Self.section(name: 11, type: 1, flags: 0x3, addr: 0x9000_0000, size: (1 << 30) + 1),  // larger than 1 GiB
+        ], names: names)
         let found = try #require(ProcessMemory.writableConstantSections(parts))
-        #expect(found.ranges == [.init(start: 0x2d7f000, end: 0x2d7f000 + 0x24f1e8c)])
-        #expect(found.firstLoadAddress == 0x400000)
+        #expect(found == [.init(start: 0x2d7f000, end: 0x2d7f000 + 0x24f1e8c)])
         var broken = parts
         broken.header[4] = 1  // 32-bit
         #expect(ProcessMemory.ELFParts.layout(header: broken.header) == nil)
         broken = parts
         broken.names = Array(names.utf8.prefix(12))  // name table cut short: nothing matches, nothing traps
-        #expect(try #require(ProcessMemory.writableConstantSections(broken)).ranges.isEmpty)
+        #expect(try #require(ProcessMemory.writableConstantSections(broken)).isEmpty)
     }
 
     @Test("only present, file-backed pages are dropped; private copies and absent pages are kept")
@@ -129,26 +133,39 @@ struct ProcessMemoryTests {
         #expect(ProcessMemory.fileBackedRuns(pagemap: [present, 0], start: 0, pageSize: 0x1000).isEmpty)
     }
 
-    @Test("the load base comes from the executable's mapping at offset 0")
+    @Test("the load base is where the kernel put the program headers less where the link put them")
     func loadBase() {
-        let maps = """
-            55d0a0000000-55d0a0400000 r--p 00000000 08:01 1234 /usr/local/bin/sigil-proxy
-            Anonymous:             0 kB
-            55d0a1600000-55d0a1700000 rw-p 01600000 08:01 1234 /usr/local/bin/sigil-proxy
-            7f00b0000000-7f00b0020000 r--p 00000000 08:01 99 /usr/lib/x86_64-linux-gnu/libc.so.6
-            """
-        #expect(ProcessMemory.loadBase(smaps: Array(maps.utf8), path: "/usr/local/bin/sigil-proxy", firstLoadAddress: 0) == 0x55d0_a000_0000)
-        #expect(ProcessMemory.loadBase(smaps: Array(maps.utf8), path: "/usr/lib/x86_64-linux-gnu/libc.so.6", firstLoadAddress: 0x1000) == 0x7f00_afff_f000)
-        #expect(ProcessMemory.loadBase(smaps: Array(maps.utf8), path: "/bin/other", firstLoadAddress: 0) == nil)
+        // A position-independent executable: PT_PHDR at 0x40, loaded at 0x55d0a0000000.
+        let pie = Self.elf(programs: [Self.program(type: 6, offset: 0x40, vaddr: 0x40), Self.program(type: 1, offset: 0, vaddr: 0)])
+        #expect(ProcessMemory.loadBase(pie, runtimeProgramHeaders: 0x55d0_a000_0040) == 0x55d0_a000_0000)
+        // A fixed-address one without PT_PHDR: the headers sit at phoff (64) in the segment at offset 0.
+        let fixed = Self.elf(programs: [Self.program(type: 1, offset: 0x1000, vaddr: 0x401000), Self.program(type: 1, offset: 0, vaddr: 0x400000)])
+        #expect(ProcessMemory.loadBase(fixed, runtimeProgramHeaders: 0x400040) == 0)
+        // Headers that say neither, a run-time address below the link-time one, or no AT_PHDR: nil.
+        #expect(ProcessMemory.loadBase(Self.elf(programs: [Self.program(type: 1, offset: 0x1000, vaddr: 0x401000)]), runtimeProgramHeaders: 0x400040) == nil)
+        #expect(ProcessMemory.loadBase(fixed, runtimeProgramHeaders: 0x1000) == nil)
+        #expect(ProcessMemory.loadBase(pie, runtimeProgramHeaders: 0) == nil)
     }
 
     @Test("on this process the writable-constant pass finds read pages of .rodata and drops them")
     func constantPagesOnSelf() throws {
         // Swift executables (this test binary too) carry a writable .rodata; start-up has read
         // some of it. Dropping those pages must leave fewer present, and the process running.
+        // Where the section is, found another way: the executable's mapping at file offset 0 in
+        // /proc/self/maps (a position-independent executable links its first segment at 0).
+        let parts = try #require(ProcessMemory.ownExecutable())
+        let sections = try #require(ProcessMemory.writableConstantSections(parts))
+        let maps = String(decoding: try #require(FileManager.default.contents(atPath: "/proc/self/maps")), as: UTF8.self)
+        let exe = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
+        let line = try #require(maps.split(separator: "\n").first { $0.hasSuffix(" " + exe) && $0.split(separator: " ")[2] == "00000000" })
+        let base = try #require(UInt(line.prefix { $0 != "-" }, radix: 16))
+        let inside = sections.map { ProcessMemory.Mapping(start: base + $0.start, end: base + $0.end) }
         func clean() throws -> Int {
-            let runs = ProcessMemory.cleanConstantPages(smaps: try #require(ProcessMemory.smaps()))
-            for run in runs { #expect(run.end > run.start && run.start % 4096 == 0 && run.end % 4096 == 0) }
+            let runs = ProcessMemory.cleanConstantPages()
+            for run in runs {
+                #expect(run.end > run.start && run.start % 4096 == 0 && run.end % 4096 == 0)
+                #expect(inside.contains { $0.start <= run.start && run.end <= $0.end }, "run \(run) outside .rodata \(inside)")
+            }
             return runs.reduce(0) { $0 + Int($1.end - $1.start) }
         }
         let before = try clean()

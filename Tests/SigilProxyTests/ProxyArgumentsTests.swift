@@ -44,6 +44,13 @@ struct ProxyArgumentsTests {
         #expect(try parse([]).metricsHost == nil)
     }
 
+    @Test("the handshake timeout defaults to 10s and takes a duration from 1s to 1h")
+    func handshakeTimeout() throws {
+        #expect(try parse([]).handshakeTimeout == .seconds(10))
+        #expect(try parse(["--handshake-timeout", "2s"]).handshakeTimeout == .seconds(2))
+        #expect(try parse(["--handshake-timeout=1m30s"]).handshakeTimeout == .seconds(90))
+    }
+
     @Test("bad values are refused with the flag's name", arguments: [
         (["--ledger-max-size", "1 GiB and more"], "--ledger-max-size"),
         (["--ledger-max-size", "1GiBs"], "--ledger-max-size"),
@@ -58,6 +65,9 @@ struct ProxyArgumentsTests {
         (["--ledger-sync-ms", "1s"], "--ledger-sync-ms"),
         (["--ledger-sync-ms", "60001"], "--ledger-sync-ms"),
         (["--threads", "0"], "--threads"),
+        (["--handshake-timeout", "0s"], "--handshake-timeout"),
+        (["--handshake-timeout", "2h"], "--handshake-timeout"),
+        (["--handshake-timeout", "10"], "--handshake-timeout"),
         (["--mtls", "LOOSE"], "--mtls"),
         (["--protocol", "udp"], "--protocol"),
         (["--outbound", "127.0.0.1:15001"], "--outbound"),
