@@ -48,7 +48,8 @@
 #   each with wrk -c64 on sigil and on sigil-noledger at the same time, so both see the same machine
 #   at every moment and the one that needs more CPU per request completes fewer requests; the cost
 #   is the median over runs of 1 − sigil req/s ÷ sigil-noledger req/s, and the proxies' CPU per
-#   request beside it. LEDGER_DIR puts the spools elsewhere (e.g. /dev/shm). LEDGER_AA=1 starts the
+#   request beside it. LEDGER_DIR puts the spools elsewhere (e.g. /dev/shm);
+#   LEDGER_MAX_SIZE (16GiB) is their --ledger-max-size (a full spool answers 503: such runs are left out). LEDGER_AA=1 starts the
 #   "sigil" pair without the ledger too: an A/A run that shows the phase's own bias (should be ~0).
 #   After the runs, `sigil-bench ledger-row` (beside $SIGIL) prints one row's cost on a quiet core,
 #   step by step: the floor beside the pairs' figure.
@@ -84,6 +85,9 @@ LEDGER_PAIRS="${LEDGER_PAIRS:-10}"
 LEDGER_DURATION="${LEDGER_DURATION:-5}"
 # Where the sigil pair's ledger spools go (default: the work directory, on the root disk).
 LEDGER_DIR="${LEDGER_DIR:-}"
+# The spools' bound (--ledger-max-size): a full run writes ~1.2 GB of rows with no server to ship
+# them to, and a full spool fails closed (503), which would be measured instead of the ledger.
+LEDGER_MAX_SIZE="${LEDGER_MAX_SIZE:-16GiB}"
 OPEN_CONNS="${OPEN_CONNS:-1000}"
 LEDGER_OFF_PAIR="${LEDGER_OFF_PAIR:-1}"
 PLOT="${PLOT:-$repo/docs/bench-latency.png}"
@@ -484,7 +488,8 @@ start_sigil_pair() {
     local name="$1" in_port="$2" in2_port="$3" out_port="$4" with_ledger="$5"
     local d="$work/sigil" td=bench.local ledger_in=() ledger_out=()
     if ((with_ledger)); then
-        ledger_in=(--ledger "$LEDGER_DIR/ledger-$name-server.jsonl"); ledger_out=(--ledger "$LEDGER_DIR/ledger-$name-client.jsonl")
+        ledger_in=(--ledger "$LEDGER_DIR/ledger-$name-server.jsonl" --ledger-max-size "$LEDGER_MAX_SIZE")
+        ledger_out=(--ledger "$LEDGER_DIR/ledger-$name-client.jsonl" --ledger-max-size "$LEDGER_MAX_SIZE")
     fi
     "$SIGIL" proxy run --workload-api "unix://$d/agent.sock" --spiffe-id "spiffe://$td/ns/bench/sa/server" \
         --inbound "127.0.0.1:$in_port" --app "127.0.0.1:$port_backend" \
@@ -918,6 +923,8 @@ for pair in $(seq "$LEDGER_PAIRS"); do
         p1="$(cpu_ticks ${proxy_pids[$sys]})" || p1=""
         printf '%s\t%s\t%s\t%s\n' "$pair" "$sys" "${p1:+$((p1 - t0[$sys]))}" "$out" >> "$work/ledger.tsv"
         line+="$(printf '%-14s %9s req/s   ' "$sys" "$(awk '/Requests\/sec/ {print $2}' "$out")")"
+        bad="$(awk '/Non-2xx/ {print $5}' "$out")"
+        [ -n "$bad" ] && line+="($bad non-2xx!)   "
     done
     note "ledger run $pair  $line"
 done

@@ -52,12 +52,15 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
     private var rowPending = false
     /// The connection closes once the waiting response is flushed (nothing more is served on it).
     private var closing = false
+    /// A plaintext connection is set up at its first whole request head (``SetupDeadline``).
+    private var awaitingFirstHead: Bool
 
     static let maxQueuedParts = 256
 
     init(environment: ProxyEnvironment, peer: PeerInfo) {
         self.environment = environment
         self.peer = peer
+        awaitingFirstHead = !peer.mtls
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -71,7 +74,12 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
         do {
             try framer.feed(unwrapInboundIn(data)) { event in
                 switch event {
-                case .head(let head): queue.append(.head(head))
+                case .head(let head):
+                    if awaitingFirstHead {
+                        awaitingFirstHead = false
+                        SetupDeadline.remove(from: context.pipeline.syncOperations)
+                    }
+                    queue.append(.head(head))
                 case .body(let bytes, let payload): queue.append(.body(bytes, payload: payload))
                 case .end: queue.append(.end)
                 }

@@ -10,12 +10,15 @@ import SigilCore
 import SigilTLS
 import X509
 
-/// Closes an inbound connection whose set-up has not finished in time: no first byte, or a TLS
-/// handshake (with the check of the peer's certificate) still running. Without it a peer could
-/// hold a socket open for ever by sending nothing, or half a ClientHello and a FIN (which
-/// ``EOFHolder`` keeps back until the handshake ends). Removed by ``ApplicationPipeline`` once the
-/// connection is set up; a closed connection cancels it too. At the deadline it raises
-/// ``SetupTimedOut`` down the pipeline (the TLS path records the refusal) and closes.
+/// Closes an inbound connection whose set-up has not finished in time: a TLS handshake (with the
+/// check of the peer's certificate) still running, or a plaintext HTTP connection (PERMISSIVE,
+/// DISABLE) that has not sent its first whole request head or HTTP/2 stream. Without it a peer
+/// could hold a socket for ever by sending nothing, one byte, or half a ClientHello and a FIN
+/// (which ``EOFHolder`` keeps back until the handshake ends). Removed once the connection is set
+/// up: by ``ApplicationPipeline`` after a handshake (and for plaintext TCP mode, whose first byte
+/// is the connection's data), by the HTTP/1.1 handler at the first request head, by the HTTP/2
+/// stream initializer at the first stream. A closed connection cancels it too. At the deadline it
+/// raises ``SetupTimedOut`` down the pipeline (the TLS path records the refusal) and closes.
 final class SetupDeadline: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = NIOAny
     private let timeout: TimeAmount
@@ -35,13 +38,20 @@ final class SetupDeadline: ChannelInboundHandler, RemovableChannelHandler {
         task?.cancel()
         task = nil
     }
+
+    /// Takes the deadline out of `pipeline`, if it is there (call on the channel's event loop).
+    static func remove(from pipeline: ChannelPipeline.SynchronousOperations) {
+        if let deadline = try? pipeline.handler(type: SetupDeadline.self) {
+            pipeline.removeHandler(deadline, promise: nil)
+        }
+    }
 }
 
 /// The error ``SetupDeadline`` raises.
 struct SetupTimedOut: Error, CustomStringConvertible {
     let timeout: TimeAmount
     var description: String {
-        "connection set-up (first byte, TLS handshake) not finished within \(timeout.nanoseconds / 1_000_000_000)s (--handshake-timeout)"
+        "connection set-up (TLS handshake, or a plaintext connection's first request) not finished within \(timeout.nanoseconds / 1_000_000_000)s (--handshake-timeout)"
     }
 }
 
@@ -222,9 +232,8 @@ enum ApplicationPipeline {
     static func configure(_ channel: any Channel, after handler: any ChannelHandler, peer: PeerInfo, alpn: String?,
                           firstBytes: ByteBuffer?, environment: ProxyEnvironment) throws {
         let pipeline = channel.pipeline.syncOperations
-        if let deadline = try? pipeline.handler(type: SetupDeadline.self) {
-            pipeline.removeHandler(deadline, promise: nil)
-        }
+        // Set up: an mTLS peer, or plaintext TCP. A plaintext HTTP peer is set up at its first request.
+        if peer.mtls || environment.tcpMode { SetupDeadline.remove(from: pipeline) }
         if environment.tcpMode {
             try pipeline.addHandler(TCPInbound.handler(peer: peer, environment: environment, channel: channel), position: .after(handler))
             return
@@ -239,6 +248,7 @@ enum ApplicationPipeline {
                 position: .last
             ) { stream in
                 stream.eventLoop.makeCompletedFuture {
+                    if !sendablePeer.mtls, let connection = stream.parent { SetupDeadline.remove(from: connection.pipeline.syncOperations) }
                     try stream.pipeline.syncOperations.addHandlers([
                         HTTP2FramePayloadToHTTP1ServerCodec(),
                         HTTP2StreamHandler(environment: environment, peer: sendablePeer),

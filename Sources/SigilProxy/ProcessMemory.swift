@@ -72,6 +72,10 @@ enum ProcessMemory {
     /// `/proc/self/pagemap`, keeps every page that is not present or not file-backed (a private
     /// copy made by a write), so what is dropped is byte-for-byte the file's and faults back in on
     /// use. Empty when anything cannot be read.
+    ///
+    /// This relies on nothing writing that section after start-up (it holds constants; the
+    /// executable has no dynamic relocation into it): a first write by another thread between the
+    /// pagemap read and the `madvise` would make a private copy that the `madvise` then discards.
     static func cleanConstantPages() -> [Mapping] {
         guard let exe = ownExecutable(), let ranges = writableConstantSections(exe),
               let auxiliary = libcFunction("getauxval", as: (@convention(c) (UInt) -> UInt).self),
@@ -128,15 +132,14 @@ enum ProcessMemory {
         /// The section-name string table.
         var names: [UInt8]
 
-        static func u16(_ b: [UInt8], _ at: Int) -> Int? { at >= 0 && at + 2 <= b.count ? Int(b[at]) | Int(b[at + 1]) << 8 : nil }
-        static func u32(_ b: [UInt8], _ at: Int) -> UInt64? {
-            guard at >= 0, at + 4 <= b.count else { return nil }
-            return (0..<4).reduce(UInt64(0)) { $0 | UInt64(b[at + $1]) << (8 * UInt64($1)) }
+        /// The little-endian unsigned integer of `width` bytes at `at`; nil past the end.
+        static func uint(_ b: [UInt8], _ at: Int, width: Int) -> UInt64? {
+            guard at >= 0, at + width <= b.count else { return nil }
+            return (0..<width).reduce(UInt64(0)) { $0 | UInt64(b[at + $1]) << (8 * UInt64($1)) }
         }
-        static func u64(_ b: [UInt8], _ at: Int) -> UInt64? {
-            guard at >= 0, at + 8 <= b.count else { return nil }
-            return (0..<8).reduce(UInt64(0)) { $0 | UInt64(b[at + $1]) << (8 * UInt64($1)) }
-        }
+        static func u16(_ b: [UInt8], _ at: Int) -> Int? { uint(b, at, width: 2).map(Int.init) }
+        static func u32(_ b: [UInt8], _ at: Int) -> UInt64? { uint(b, at, width: 4) }
+        static func u64(_ b: [UInt8], _ at: Int) -> UInt64? { uint(b, at, width: 8) }
 
         /// Where the header puts the program headers, the section headers and the name table's
         /// section header: (offset, size) pairs; nil for anything but an ELF64 little-endian file.

@@ -238,7 +238,8 @@ struct ProxyService: Service {
 
     private func bindInbound() async throws -> any Channel {
         let environment = self.environment
-        let setupTimeout = TimeAmount.nanoseconds(Int64(config.handshakeTimeout.components.seconds) * 1_000_000_000)
+        // At least 100 ms, whatever a caller of the library put in the config (the flag takes 1s to 1h).
+        let setupTimeout = max(TimeAmount(config.handshakeTimeout), .milliseconds(100))
         do {
             return try await ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: 1024)

@@ -912,11 +912,46 @@ def test_a_connection_that_never_finishes_its_handshake_is_closed(mesh):
                              if r["kind"] == "connection" and "--handshake-timeout" in (r["detail"] or "")]
         rows = wait_for(lambda: len(timed_out()) >= 2 and timed_out(), 10, "the two timed-out handshakes' rows")
         assert len(rows) == 2 and all(r["decision"] == "deny" and r["source"] is None for r in rows), rows
+        denials = [r for r in ledger_rows(ledger) if r["kind"] == "connection" and r["decision"] == "deny"]
+        assert len(denials) == 2, f"each unfinished handshake is recorded once: {denials}"
         ident = mesh.mint_ident("after-slow", [WEB])
         reply = curl1(*ident.curl, f"https://127.0.0.1:{port}{tag('after-slow')}")
         assert reply.code == 200, reply
     finally:
         mesh.c.stop_proxy("slow")
+
+
+def test_a_plaintext_connection_must_send_its_first_request_in_time(mesh):
+    """Where plaintext is allowed (PERMISSIVE), the set-up ends at the first whole request: a peer that
+    sends nothing, one byte, half a request head or only the HTTP/2 preface is closed at
+    --handshake-timeout; a keep-alive connection idle after its first request is not."""
+    port = free_port()
+    allow_all = mesh.dir / "no-policies"
+    allow_all.mkdir(exist_ok=True)
+    try:
+        mesh.proxy("slow-plain", API, port, mesh.app.address, "app=api", "--mtls", "PERMISSIVE",
+                   "--handshake-timeout", "1s", policies=allow_all)
+        for send in (b"", b"G", b"GET /half HTTP/1.1\r\nHost: api\r\n", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"):
+            with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+                s.sendall(send)
+                try:
+                    got = s.recv(4096)
+                    while got and send.startswith(b"PRI"):  # the proxy's own SETTINGS, then the close
+                        got = s.recv(4096)
+                except ConnectionResetError:
+                    got = b""
+                except TimeoutError:
+                    pytest.fail(f"the proxy kept a plaintext connection that sent {send!r} open for 15 s")
+                assert got == b"", f"unexpected answer to {send!r}: {got!r}"
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+            request = b"GET /first HTTP/1.1\r\nHost: api\r\n\r\n"
+            s.sendall(request)
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            time.sleep(2.5)  # longer than the 1 s set-up deadline: the connection is set up already
+            s.sendall(request.replace(b"first", b"second"))
+            assert s.recv(4096).startswith(b"HTTP/1.1 200"), "the idle keep-alive connection was closed"
+    finally:
+        mesh.c.stop_proxy("slow-plain")
 
 
 # --------------------------------------------------------------------------- 7. PERMISSIVE
