@@ -344,7 +344,11 @@ class TCPEchoServer:
             except (socket.timeout, OSError):
                 continue
             self.connections += 1
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket):
+        """One accepted connection, on its own thread (subclasses answer differently)."""
+        self._echo(conn)
 
     @staticmethod
     def _echo(conn: socket.socket):

@@ -801,7 +801,7 @@ def test_tcp_mode_half_close_still_gets_the_whole_answer(mesh, tcp):
         assert got == payload
 
 
-class SlowReaderApp:
+class SlowReaderApp(TCPEchoServer):
     """A TCP app that answers first: on accept it sends `hello` and shuts down its write side, then,
     after a pause (so what the client sends meanwhile queues up in the proxies), reads until EOF and
     keeps the SHA-256 and length of everything it received."""
@@ -809,22 +809,7 @@ class SlowReaderApp:
     def __init__(self, pause: float):
         self.pause = pause
         self.received: list[tuple[int, str]] = []
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.sock.settimeout(0.2)
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self.running = True
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self):
-        while self.running:
-            try:
-                conn, _ = self.sock.accept()
-            except (socket.timeout, OSError):
-                continue
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__()
 
     def _serve(self, conn: socket.socket):
         conn.settimeout(30)
@@ -841,11 +826,6 @@ class SlowReaderApp:
             except OSError:
                 pass
             self.received.append((n, digest.hexdigest()))
-
-    def close(self):
-        self.running = False
-        self.thread.join(2)
-        self.sock.close()
 
 
 def test_tcp_mode_app_half_close_first_keeps_the_clients_upload(mesh):
@@ -884,6 +864,24 @@ def test_tcp_mode_app_half_close_first_keeps_the_clients_upload(mesh):
         app.close()
 
 
+def expect_closed(port: int, send: bytes, fin: bool = False):
+    """Connects, sends `send` (then a FIN if asked) and reads until the proxy closes the connection,
+    failing if it answers with anything but its own HTTP/2 SETTINGS or keeps the socket 15 s."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+        s.sendall(send)
+        if fin:
+            s.shutdown(socket.SHUT_WR)
+        try:
+            got = s.recv(4096)
+            while got and send.startswith(b"PRI"):  # the proxy's own SETTINGS, then the close
+                got = s.recv(4096)
+        except ConnectionResetError:
+            got = b""
+        except TimeoutError:
+            pytest.fail(f"the proxy kept a connection that sent {send!r} (FIN: {fin}) open for 15 s")
+        assert got == b"", f"unexpected answer to {send!r}: {got!r}"
+
+
 def test_a_connection_that_never_finishes_its_handshake_is_closed(mesh):
     """--handshake-timeout: a peer that sends nothing, or half a ClientHello, or half a ClientHello and
     then a FIN (which a TCP-mode proxy holds back while a handshake runs) must not keep its socket for
@@ -897,17 +895,7 @@ def test_a_connection_that_never_finishes_its_handshake_is_closed(mesh):
                    "--handshake-timeout", "1s", ledger=ledger, policies=allow_all)
         hello_start = bytes([0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xFC, 0x03, 0x03]) + os.urandom(32)
         for send, fin in ((b"", False), (hello_start, False), (hello_start, True)):
-            with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
-                s.sendall(send)
-                if fin:
-                    s.shutdown(socket.SHUT_WR)
-                try:
-                    got = s.recv(4096)
-                except ConnectionResetError:
-                    got = b""
-                except TimeoutError:
-                    pytest.fail(f"the proxy kept a connection that sent {len(send)} bytes (FIN: {fin}) open for 15 s")
-                assert got == b"", f"unexpected answer {got!r}"
+            expect_closed(port, send, fin)
         timed_out = lambda: [r for r in ledger_rows(ledger)  # noqa: E731
                              if r["kind"] == "connection" and "--handshake-timeout" in (r["detail"] or "")]
         rows = wait_for(lambda: len(timed_out()) >= 2 and timed_out(), 10, "the two timed-out handshakes' rows")
@@ -932,17 +920,7 @@ def test_a_plaintext_connection_must_send_its_first_request_in_time(mesh):
         mesh.proxy("slow-plain", API, port, mesh.app.address, "app=api", "--mtls", "PERMISSIVE",
                    "--handshake-timeout", "1s", policies=allow_all)
         for send in (b"", b"G", b"GET /half HTTP/1.1\r\nHost: api\r\n", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"):
-            with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
-                s.sendall(send)
-                try:
-                    got = s.recv(4096)
-                    while got and send.startswith(b"PRI"):  # the proxy's own SETTINGS, then the close
-                        got = s.recv(4096)
-                except ConnectionResetError:
-                    got = b""
-                except TimeoutError:
-                    pytest.fail(f"the proxy kept a plaintext connection that sent {send!r} open for 15 s")
-                assert got == b"", f"unexpected answer to {send!r}: {got!r}"
+            expect_closed(port, send)
         with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
             request = b"GET /first HTTP/1.1\r\nHost: api\r\n\r\n"
             s.sendall(request)
