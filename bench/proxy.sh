@@ -48,9 +48,10 @@
 #   each with wrk -c64 on sigil and on sigil-noledger at the same time, so both see the same machine
 #   at every moment and the one that needs more CPU per request completes fewer requests; the cost
 #   is the median over runs of 1 − sigil req/s ÷ sigil-noledger req/s, and the proxies' CPU per
-#   request beside it. LEDGER_DIR puts the spools elsewhere (e.g. /dev/shm);
-#   LEDGER_MAX_SIZE (16GiB) is their --ledger-max-size (a full spool answers 503: such runs are left out). LEDGER_AA=1 starts the
-#   "sigil" pair without the ledger too: an A/A run that shows the phase's own bias (should be ~0).
+#   request beside it. LEDGER_DIR puts the spools elsewhere (e.g. /dev/shm); LEDGER_MAX_SIZE
+#   (16GiB) is their --ledger-max-size (a full spool answers 503: such runs are left out of the
+#   cost). LEDGER_AA=1 starts the "sigil" pair without the ledger too: an A/A run that shows the
+#   phase's own bias (should be ~0).
 #   After the runs, `sigil-bench ledger-row` (beside $SIGIL) prints one row's cost on a quiet core,
 #   step by step: the floor beside the pairs' figure.
 #   LEDGER_PIN=1 pins each pair's proxies to a CPU of their own (swapped every run); wrk and the

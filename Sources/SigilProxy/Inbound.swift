@@ -51,7 +51,9 @@ final class SetupDeadline: ChannelInboundHandler, RemovableChannelHandler {
 struct SetupTimedOut: Error, CustomStringConvertible {
     let timeout: TimeAmount
     var description: String {
-        "connection set-up (TLS handshake, or a plaintext connection's first request) not finished within \(timeout.nanoseconds / 1_000_000_000)s (--handshake-timeout)"
+        let ms = timeout.nanoseconds / 1_000_000
+        let limit = ms % 1000 == 0 ? "\(ms / 1000)s" : "\(ms) ms"
+        return "connection set-up (TLS handshake, or a plaintext connection's first request) not finished within \(limit) (--handshake-timeout)"
     }
 }
 

@@ -77,9 +77,7 @@ enum ProcessMemory {
     /// executable has no dynamic relocation into it): a first write by another thread between the
     /// pagemap read and the `madvise` would make a private copy that the `madvise` then discards.
     static func cleanConstantPages() -> [Mapping] {
-        guard let exe = ownExecutable(), let ranges = writableConstantSections(exe),
-              let auxiliary = libcFunction("getauxval", as: (@convention(c) (UInt) -> UInt).self),
-              let base = loadBase(exe, runtimeProgramHeaders: auxiliary(3 /* AT_PHDR */)) else { return [] }
+        guard let ranges = loadedConstantSections, !ranges.isEmpty else { return [] }
         let pageSize = sysconf(Int32(_SC_PAGESIZE))
         guard pageSize > 0 else { return [] }
         let page = UInt(pageSize)
@@ -90,8 +88,8 @@ enum ProcessMemory {
         for section in ranges {
             // Whole pages inside the section only.
             // (Addresses are user-space ones, below 2^47, and a section is at most 1 GiB: no overflow.)
-            let first = (base + section.start + page - 1) / page * page
-            let end = (base + section.end) / page * page
+            let first = (section.start + page - 1) / page * page
+            let end = section.end / page * page
             guard end > first else { continue }
             let count = Int((end - first) / page)
             var entries = [UInt64](repeating: 0, count: count)
@@ -153,6 +151,15 @@ enum ProcessMemory {
             return ((Int(phoff), phentsize * phnum), (Int(shoff), shentsize * shnum), shstrndx * shentsize)
         }
     }
+
+    /// The writable `.rodata` sections at their run-time addresses, read from the executable once
+    /// (its headers and load address do not change while it runs); nil if they cannot be read.
+    private static let loadedConstantSections: [Mapping]? = {
+        guard let exe = ownExecutable(), let ranges = writableConstantSections(exe),
+              let auxiliary = libcFunction("getauxval", as: (@convention(c) (UInt) -> UInt).self),
+              let base = loadBase(exe, runtimeProgramHeaders: auxiliary(3 /* AT_PHDR */)) else { return nil }
+        return ranges.map { Mapping(start: base + $0.start, end: base + $0.end) }
+    }()
 
     /// The largest section this looks at (1 GiB): its pagemap entries are read in one go.
     static let largestSection: UInt64 = 1 << 30

@@ -49,7 +49,7 @@ public struct ProxyConfig: Sendable {
     public var tcpMode: Bool
     public var threads: Int
     /// `--handshake-timeout`: an inbound connection that has not finished its TLS handshake (or,
-    /// plaintext, sent its first byte) by then is closed.
+    /// plaintext HTTP, sent its first whole request) by then is closed.
     public var handshakeTimeout: Duration = ProxyConfig.defaultHandshakeTimeout
     public static let defaultHandshakeTimeout: Duration = .seconds(10)
 

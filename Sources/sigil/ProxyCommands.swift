@@ -70,7 +70,7 @@ struct ProxyRun: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Kill switch file (default <policies>/sigil-kill-switch).", valueName: "file")) var killSwitch: String?
     @Option(name: .long, help: ArgumentHelp("Istio's root namespace (mesh-wide policies).", valueName: "ns")) var rootNamespace: String?
     @Option(name: .long, help: ArgumentHelp("Event loop threads (default: one per core).", valueName: "n")) var threads: Int?
-    @Option(name: .long, help: ArgumentHelp("Close an inbound connection whose TLS handshake (or first plaintext byte) takes longer (default 10s).", valueName: "duration")) var handshakeTimeout: String?
+    @Option(name: .long, help: ArgumentHelp("Close an inbound connection whose TLS handshake (or first plaintext request) takes longer (default 10s).", valueName: "duration")) var handshakeTimeout: String?
     @Option(name: .long, help: ArgumentHelp("trace, debug, info, notice, warning, error.", valueName: "level")) var logLevel: String?
 
     /// The flags as given, for the one parser (`ProxyArguments`) that the lean `sigil-proxy` shares.
