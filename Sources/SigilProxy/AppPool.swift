@@ -15,12 +15,21 @@ protocol AppResponseSink: AnyObject {
     func appReadComplete()
     /// The connection failed before the response completed.
     func appFailed(receivedAnything: Bool)
+    /// The app connection's writability changed: while it cannot take more, the sink stops
+    /// reading the request body from its client (back-pressure towards the client).
+    func appWritabilityChanged(_ writable: Bool)
 }
 
 /// The app side of the proxy: reads responses off a pooled loopback connection and hands them to
 /// the current sink, using ``HTTP1ResponseFramer`` to know where each one ends.
-final class AppResponseHandler: ChannelInboundHandler {
+///
+/// Back-pressure: while the sink's client cannot take more (``holdReads(_:)``), the app is not
+/// read, so a slow client leaves the rest of a large response in the kernel's socket buffers and
+/// the app blocks, instead of the proxy holding it in memory; the app connection's writability goes
+/// to the sink (``AppResponseSink/appWritabilityChanged(_:)``) for the other direction.
+final class AppResponseHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
 
     private var framer = HTTP1ResponseFramer()
     weak var sink: (any AppResponseSink)?
@@ -29,12 +38,48 @@ final class AppResponseHandler: ChannelInboundHandler {
     var reusable = true
     /// Called when the connection closes (the pool drops it).
     var onClose: (() -> Void)?
+    private var context: ChannelHandlerContext?
+    private var readsHeld = false
+    private var readWanted = false
 
-    func begin(sink: any AppResponseSink, toHEAD: Bool, decodes: Bool) {
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    /// `hold`: the response's reader cannot take more, stop reading the app; false: read again.
+    func holdReads(_ hold: Bool) {
+        guard hold != readsHeld else { return }
+        readsHeld = hold
+        if !hold, readWanted {
+            readWanted = false
+            context?.read()
+        }
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if readsHeld {
+            readWanted = true
+        } else {
+            context.read()
+        }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        sink?.appWritabilityChanged(context.channel.isWritable)
+        context.fireChannelWritabilityChanged()
+    }
+
+    /// Starts a request's response: `holdReads` is the state of its reader (not writable: held).
+    func begin(sink: any AppResponseSink, toHEAD: Bool, decodes: Bool, holdReads hold: Bool) {
         self.sink = sink
         framer.decodes = decodes
         framer.expectResponse(toHEAD: toHEAD)
         receivedBytes = 0
+        holdReads(hold)
     }
 
     var isIdle: Bool { !framer.isBusy }
@@ -85,6 +130,7 @@ final class AppResponseHandler: ChannelInboundHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         reusable = false
+        readsHeld = false
         var ended = false
         let complete = framer.connectionClosed { event in
             if case .end = event { ended = true }
@@ -179,6 +225,7 @@ final class AppPool: @unchecked Sendable {
     func release(_ connection: AppConnection) {
         eventLoop.preconditionInEventLoop()
         connection.handler.sink = nil
+        connection.handler.holdReads(false)  // an idle connection is read: the app's close is seen
         guard connection.handler.reusable, connection.handler.isIdle, connection.channel.isActive, idle.count < maxIdle else {
             connection.channel.close(promise: nil)
             return

@@ -8,6 +8,9 @@ import SigilCore
 /// `x-forwarded-client-cert`), and relays the app's response as the bytes it sent. One request is
 /// in flight at a time; pipelined requests wait their turn, so responses keep their order. Denied
 /// requests get Istio's `403 RBAC: access denied`; malformed ones 400 and the connection closes.
+/// Back-pressure both ways: the client is not read while the app connection cannot take more of a
+/// request body (or while one waits for its app connection), and the app is not read while the
+/// client cannot take more of a response, so neither side can make the proxy buffer the other.
 final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRowWaiter {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
@@ -30,6 +33,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
         var responseEnded = false
         /// Body bytes that arrived before the app connection was ready (raw, framing included).
         var pending: [ByteBuffer] = []
+        var pendingBytes = 0
         var retried = false
         var sentDownstream = false
         var discardBody = false
@@ -45,7 +49,10 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
     private var queue = CircularBuffer<Part>()
     private var malformed = false
     private var closeAfterResponse = false
+    /// The client is not read while too many parts are queued (`readPaused`) or while the app
+    /// connection cannot take more of the request body (`appBlocked`); `wantsRead`: a read waits.
     private var readPaused = false
+    private var appBlocked = false
     private var wantsRead = false
     private var draining = false
     /// A completed response's last bytes wait for its ledger row (see ``LedgerBatch``): no flush.
@@ -56,6 +63,8 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
     private var awaitingFirstHead: Bool
 
     static let maxQueuedParts = 256
+    /// Request body bytes held while the app connection is being made, before the client is paused.
+    static let maxPendingBytes = 256 * 1024
 
     init(environment: ProxyEnvironment, peer: PeerInfo) {
         self.environment = environment
@@ -105,11 +114,22 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
         }
         if readPaused, queue.count <= Self.maxQueuedParts / 2 {
             readPaused = false
-            if wantsRead {
-                wantsRead = false
-                context?.read()
-            }
+            readAgainIfWanted()
         }
+    }
+
+    private func readAgainIfWanted() {
+        guard wantsRead, !readPaused, !appBlocked else { return }
+        wantsRead = false
+        context?.read()
+    }
+
+    /// The app connection of the request in flight is gone (done, failed or never made): nothing
+    /// holds the client back on its account.
+    private func appDetached() {
+        guard appBlocked else { return }
+        appBlocked = false
+        readAgainIfWanted()
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -118,7 +138,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
     }
 
     func read(context: ChannelHandlerContext) {
-        if readPaused {
+        if readPaused || appBlocked {
             wantsRead = true
         } else {
             context.read()
@@ -127,6 +147,12 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         context.close(promise: nil)
+    }
+
+    /// The client can (not) take more: the app is read (not) on its behalf.
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        app?.handler.holdReads(!context.channel.isWritable)
+        context.fireChannelWritabilityChanged()
     }
 
     /// A request that cannot be framed safely: answered with its status (when nothing of a
@@ -189,6 +215,8 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
                 app.channel.write(body, promise: nil)
             } else {
                 active!.pending.append(body)
+                active!.pendingBytes += body.readableBytes
+                if active!.pendingBytes > Self.maxPendingBytes { appBlocked = true }
             }
         case .end:
             guard active != nil else { return }
@@ -271,15 +299,19 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
     private func attach(_ connection: AppConnection) {
         guard var active else { return }
         app = connection
-        connection.handler.begin(sink: self, toHEAD: active.head.method == "HEAD", decodes: false)
+        connection.handler.begin(sink: self, toHEAD: active.head.method == "HEAD", decodes: false,
+                                 holdReads: context.map { !$0.channel.isWritable } ?? false)
         var buffer = connection.channel.allocator.buffer(capacity: 0)
         active.head.write(uri: active.uri, host: active.hostOverride, xfcc: peer.xfcc, into: &buffer)
         connection.channel.write(buffer, promise: nil)
         let pending = active.pending
         active.pending = []
+        active.pendingBytes = 0
         self.active = active
         for body in pending { connection.channel.write(body, promise: nil) }
         connection.channel.flush()
+        appBlocked = !connection.channel.isWritable
+        readAgainIfWanted()
     }
 
     /// The app could not be reached or dropped the connection before answering.
@@ -336,10 +368,16 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
         if !rowPending { context?.flush() }
     }
 
+    func appWritabilityChanged(_ writable: Bool) {
+        appBlocked = !writable
+        readAgainIfWanted()
+    }
+
     func appFailed(receivedAnything: Bool) {
         guard let context, var active else { return }
         let failed = app
         app = nil
+        appDetached()
         if let failed { environment.pools.pool(for: context.eventLoop).discard(failed) }
         if !receivedAnything, !active.sentDownstream {
             // A pooled connection the app closed while idle: retry once on a fresh one if nothing
@@ -368,6 +406,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
             self.app = nil
             environment.pools.pool(for: context.eventLoop).release(app)
         }
+        appDetached()
         if closeAfterResponse {
             closing = true
             queue.removeAll()

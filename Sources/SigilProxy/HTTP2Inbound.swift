@@ -6,8 +6,15 @@ import SigilCore
 /// Inbound HTTP/2 (ALPN `h2`): each stream is one request, authorized by its head and forwarded
 /// to the app as HTTP/1.1 over the same pooled connections; the response is decoded (status,
 /// headers, de-chunked body) and sent back as HTTP/2 frames.
-final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink, LedgerRowWaiter {
+///
+/// Back-pressure both ways, through HTTP/2 flow control: while the app connection cannot take more
+/// of the request body (or while the stream waits for one), the stream is not read, so NIOHTTP2
+/// sends the client no WINDOW_UPDATE and the client stops at its stream window; while the stream
+/// cannot send (the client's window is spent or the connection is not writable), the app is not
+/// read.
+final class HTTP2StreamHandler: ChannelDuplexHandler, AppResponseSink, LedgerRowWaiter {
     typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
     typealias OutboundOut = HTTPServerResponsePart
 
     private let environment: ProxyEnvironment
@@ -16,6 +23,10 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink, LedgerRo
     private var head: HTTPRequestHead?
     private var facts: RequestFacts?
     private var pending: [HTTPServerRequestPart] = []
+    private var pendingBytes = 0
+    /// The stream is not read while the app connection cannot take more; `wantsRead`: a read waits.
+    private var appBlocked = false
+    private var wantsRead = false
     private var app: AppConnection?
     private var chunked = false
     private var requestEnded = false
@@ -80,6 +91,8 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink, LedgerRo
                 writeBody(body, to: app)
             } else {
                 pending.append(part)
+                pendingBytes += body.readableBytes
+                if pendingBytes > HTTP1InboundHandler.maxPendingBytes { appBlocked = true }
                 if !connecting { connectApp(context: context, fresh: false) }
             }
         case .end:
@@ -93,6 +106,12 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink, LedgerRo
                 if !connecting { connectApp(context: context, fresh: false) }
             }
         }
+    }
+
+    /// The request body read in this batch goes to the app now (it was only written).
+    func channelReadComplete(context: ChannelHandlerContext) {
+        app?.channel.flush()
+        context.fireChannelReadComplete()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -111,6 +130,28 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink, LedgerRo
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         context.close(promise: nil)
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if appBlocked {
+            wantsRead = true
+        } else {
+            context.read()
+        }
+    }
+
+    /// The stream can (not) send: the app is read (not) on its behalf.
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        app?.handler.holdReads(!context.channel.isWritable)
+        context.fireChannelWritabilityChanged()
+    }
+
+    private func setAppBlocked(_ blocked: Bool) {
+        appBlocked = blocked
+        if !blocked, wantsRead {
+            wantsRead = false
+            context?.read()
+        }
     }
 
     private func deny(context: ChannelHandlerContext) {
@@ -146,7 +187,8 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink, LedgerRo
         connecting = false
         guard let head else { return }
         app = connection
-        connection.handler.begin(sink: self, toHEAD: head.method == .HEAD, decodes: true)
+        connection.handler.begin(sink: self, toHEAD: head.method == .HEAD, decodes: true,
+                                 holdReads: context.map { !$0.channel.isWritable } ?? false)
         let hasLength = head.headers.first(name: "content-length") != nil
         let noBody = requestEnded && !pending.contains { if case .body = $0 { return true } else { return false } }
         chunked = !hasLength && !noBody
@@ -161,7 +203,9 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink, LedgerRo
             }
         }
         pending = []
+        pendingBytes = 0
         connection.channel.flush()
+        setAppBlocked(!connection.channel.isWritable)
     }
 
     private func writeBody(_ body: ByteBuffer, to connection: AppConnection) {
@@ -224,6 +268,10 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink, LedgerRo
         if !rowPending { context?.flush() }
     }
 
+    func appWritabilityChanged(_ writable: Bool) {
+        setAppBlocked(!writable)
+    }
+
     /// Writes END_STREAM; it is flushed once the row is in the spool file. The flush closes the
     /// stream channel (channelInactive) before it returns, so the row and the app connection are
     /// taken care of first (``finish(detail:)``).
@@ -244,6 +292,7 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink, LedgerRo
         guard let context else { return }
         let failed = app
         app = nil
+        setAppBlocked(false)
         if let failed { environment.pools.pool(for: context.eventLoop).discard(failed) }
         if !receivedAnything {
             if failed?.reused == true, !retried, facts?.bytesIn == 0 {
@@ -265,6 +314,7 @@ final class HTTP2StreamHandler: ChannelInboundHandler, AppResponseSink, LedgerRo
             self.app = nil
             environment.pools.pool(for: context.eventLoop).release(app)
         }
+        setAppBlocked(false)  // the rest of the request body, if any, is read and dropped
         rowPending = environment.recordBeforeFlush(facts, peer: peer, detail: detail, on: context.eventLoop, waiter: self)
     }
 }

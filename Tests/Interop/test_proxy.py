@@ -15,8 +15,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
+import subprocess
 import threading
 import time
 import uuid
@@ -29,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cluster import (API_FROM_WEB, TRUST_DOMAIN, Cluster, HTTPEchoApp, TCPEchoServer, ledger_rows, verify_ledger_chain,
+from cluster import (API_FROM_WEB, TRUST_DOMAIN, Cluster, HTTPEchoApp, StreamingApp, TCPEchoServer, ledger_rows, verify_ledger_chain,
                      wait_for)
 from interop_util import free_port, make_csr, openssl, run
 
@@ -932,6 +934,164 @@ def test_a_plaintext_connection_must_send_its_first_request_in_time(mesh):
             assert status == 200 and b'"/second"' in body, body
     finally:
         mesh.c.stop_proxy("slow-plain")
+
+
+def rss_bytes(proc) -> int:
+    for line in Path(f"/proc/{proc.p.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {proc.p.pid}")
+
+
+def wait_until_still(read, what: str, settle: float = 1.0, timeout: float = 30) -> int:
+    """Polls `read()` until it stops changing for `settle` seconds (bounded by `timeout`)."""
+    value, since, deadline = read(), time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = read()
+        if now != value:
+            value, since = now, time.monotonic()
+        elif time.monotonic() - since >= settle:
+            return value
+    raise AssertionError(f"{what} never settled (last {value})")
+
+
+BIG = 256 * 1024 * 1024
+SLACK = 48 * 1024 * 1024  # what a proxy may hold for one slow peer, and then some (it needs ~1 MB)
+
+
+@pytest.mark.parametrize("via", ["plaintext", "mtls"])
+def test_a_slow_reader_holds_the_app_back_instead_of_filling_the_proxy(mesh, via):
+    """Back-pressure: a client that stops reading a large response must stop the proxy reading it
+    from the app (the kernel's socket buffers fill, the app blocks), not make the proxy hold the rest
+    in memory: any caller could otherwise grow a sidecar by the size of whatever it asks for."""
+    app = StreamingApp(BIG)
+    port = free_port()
+    allow_all = mesh.dir / "no-policies"
+    allow_all.mkdir(exist_ok=True)
+    name = f"slow-reader-{via}"
+    try:
+        proc = mesh.proxy(name, API, port, app.address, "app=api", "--mtls", "PERMISSIVE", policies=allow_all)
+        before = rss_bytes(proc)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s = tls_client(mesh.idents["web"], mesh.bundle).wrap_socket(raw) if via == "mtls" else raw
+        with s:
+            s.sendall(b"GET /big HTTP/1.1\r\nHost: api\r\n\r\n")
+            wait_until_still(lambda: app.sent, "the app's progress")
+            held = rss_bytes(proc) - before
+            assert app.sent < BIG, f"the app sent all {BIG} bytes to a client that read none of them"
+            assert held < SLACK, f"the proxy grew by {held} bytes holding a response its client does not read"
+            got, head = 0, b""
+            while b"\r\n\r\n" not in head:
+                head += s.recv(65536)
+            head, rest = head.split(b"\r\n\r\n", 1)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            got = len(rest)
+            while got < BIG:
+                chunk = s.recv(1 << 20)
+                assert chunk, f"the response ended after {got} of {BIG} bytes"
+                got += len(chunk)
+            assert got == BIG
+    finally:
+        mesh.c.stop_proxy(name)
+        app.close()
+
+
+@pytest.mark.parametrize("via", ["plaintext", "mtls"])
+def test_a_slow_app_holds_the_uploader_back_instead_of_filling_the_proxy(mesh, via):
+    """The other direction: an app that does not read a large request body must stop the proxy
+    reading it from the client; once the app reads again, every byte arrives."""
+    app = StreamingApp(5)
+    app.reading.clear()
+    port = free_port()
+    allow_all = mesh.dir / "no-policies"
+    allow_all.mkdir(exist_ok=True)
+    name = f"slow-app-{via}"
+    try:
+        proc = mesh.proxy(name, API, port, app.address, "app=api", "--mtls", "PERMISSIVE", policies=allow_all)
+        before = rss_bytes(proc)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=60)
+        s = tls_client(mesh.idents["web"], mesh.bundle).wrap_socket(raw) if via == "mtls" else raw
+        uploaded = [0]
+        errors: list[BaseException] = []
+
+        def upload():
+            try:
+                s.sendall(b"POST /upload HTTP/1.1\r\nHost: api\r\nContent-Length: %d\r\n\r\n" % BIG)
+                block = bytes(1 << 20)
+                while uploaded[0] < BIG:
+                    s.sendall(block)
+                    uploaded[0] += len(block)
+            except BaseException as e:  # noqa: BLE001 - reported by the test
+                errors.append(e)
+
+        with s:
+            sender = threading.Thread(target=upload, daemon=True)
+            sender.start()
+            wait_until_still(lambda: uploaded[0], "the upload's progress")
+            held = rss_bytes(proc) - before
+            assert uploaded[0] < BIG // 2, f"the client sent {uploaded[0]} of {BIG} bytes to an app that read none"
+            assert held < SLACK, f"the proxy grew by {held} bytes holding a body its app does not read"
+            app.reading.set()
+            sender.join(60)
+            assert not errors and uploaded[0] == BIG, (errors, uploaded[0])
+            [(status, body)] = read_http_responses(s, 1, timeout=60)
+            assert status == 200 and body == bytes(range(5))
+            assert app.received == BIG
+    finally:
+        mesh.c.stop_proxy(name)
+        app.close()
+
+
+def test_http2_back_pressure_both_ways(mesh, tmp_path):
+    """Over HTTP/2 (h2c here; the stream machinery is the same under TLS): a stopped client's
+    download stops the app, and an app that does not read stops the client's upload (through the
+    stream's flow-control window), with nothing lost either way."""
+    app = StreamingApp(BIG)
+    port = free_port()
+    allow_all = mesh.dir / "no-policies"
+    allow_all.mkdir(exist_ok=True)
+    exe = shutil.which("curl")
+    try:
+        proc = mesh.proxy("slow-h2", API, port, app.address, "app=api", "--mtls", "PERMISSIVE", policies=allow_all)
+        before = rss_bytes(proc)
+        # download: curl is stopped (SIGSTOP) once the response started, then resumed
+        out = tmp_path / "download"
+        client = subprocess.Popen([exe, "-sS", "--http2-prior-knowledge", "--max-time", "120", "-o", str(out),
+                                   "-w", "%{http_code} %{http_version} %{size_download}",
+                                   f"http://127.0.0.1:{port}/big"], stdout=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: app.sent > 0, 15, "the download to start")
+            client.send_signal(signal.SIGSTOP)
+            wait_until_still(lambda: app.sent, "the app's progress")
+            held = rss_bytes(proc) - before
+            assert app.sent < BIG // 2, f"the app sent {app.sent} of {BIG} bytes to a stopped HTTP/2 client"
+            assert held < SLACK, f"the proxy grew by {held} bytes holding a response its client does not read"
+        finally:
+            client.send_signal(signal.SIGCONT)
+        stdout, _ = client.communicate(timeout=120)
+        assert stdout.split() == ["200", "2", str(BIG)], stdout
+
+        # upload: the app does not read the body until the client has stopped making progress
+        app.size = 5
+        app.reading.clear()
+        body = tmp_path / "upload"
+        with open(body, "wb") as f:
+            f.truncate(BIG)
+        before = rss_bytes(proc)
+        client = subprocess.Popen([exe, "-sS", "--http2-prior-knowledge", "--max-time", "120", "-o", "/dev/null",
+                                   "--data-binary", f"@{body}", "-w", "%{http_code} %{http_version} %{size_upload}",
+                                   f"http://127.0.0.1:{port}/upload"], stdout=subprocess.PIPE, text=True)
+        wait_for(lambda: app.heads == 2, 15, "the upload's request head at the app")
+        still = wait_until_still(lambda: rss_bytes(proc), "the proxy's memory")
+        assert still - before < SLACK, f"the proxy grew by {still - before} bytes holding a body its app does not read"
+        app.reading.set()
+        stdout, _ = client.communicate(timeout=120)
+        assert stdout.split() == ["200", "2", str(BIG)], stdout
+        assert app.received == BIG
+    finally:
+        mesh.c.stop_proxy("slow-h2")
+        app.close()
 
 
 # --------------------------------------------------------------------------- 7. PERMISSIVE
