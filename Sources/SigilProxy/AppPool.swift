@@ -176,6 +176,7 @@ final class AppPool: @unchecked Sendable {
     let target: SocketAddress
     let maxIdle: Int
     private var idle: [AppConnection] = []
+    static let receiveBuffer = 256 * 1024
 
     init(eventLoop: any EventLoop, target: SocketAddress, maxIdle: Int = 256) {
         self.eventLoop = eventLoop
@@ -208,6 +209,10 @@ final class AppPool: @unchecked Sendable {
     func connect() -> EventLoopFuture<AppConnection> {
         ClientBootstrap(group: eventLoop)
             .channelOption(.socketOption(.so_reuseaddr), value: 1)
+            // A fixed receive buffer: when the app closes, NIO reads everything up to the FIN even
+            // while reads are held, so this (not the kernel's autotuned maximum, up to tens of MB)
+            // bounds what a closing app can push past a slow client. Loopback needs no more.
+            .channelOption(.socketOption(.so_rcvbuf), value: AppPool.receiveBuffer)
             .connectTimeout(.seconds(5))
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {

@@ -47,6 +47,8 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
     private var app: AppConnection?
     private var framer = HTTP1RequestFramer()
     private var queue = CircularBuffer<Part>()
+    /// Body bytes in `queue` (a pipelined request's, behind the response in flight).
+    private var queuedBytes = 0
     private var malformed = false
     private var closeAfterResponse = false
     /// The client is not read while too many parts are queued (`readPaused`) or while the app
@@ -54,6 +56,8 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
     private var readPaused = false
     private var appBlocked = false
     private var wantsRead = false
+    /// The client channel's writability as last reported (the app is not read while it is false).
+    private var clientWritable = true
     private var draining = false
     /// A completed response's last bytes wait for its ledger row (see ``LedgerBatch``): no flush.
     private var rowPending = false
@@ -89,7 +93,9 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
                         SetupDeadline.remove(from: context.pipeline.syncOperations)
                     }
                     queue.append(.head(head))
-                case .body(let bytes, let payload): queue.append(.body(bytes, payload: payload))
+                case .body(let bytes, let payload):
+                    queuedBytes += bytes.readableBytes
+                    queue.append(.body(bytes, payload: payload))
                 case .end: queue.append(.end)
                 }
             }
@@ -97,7 +103,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
             malformed = true
             queue.append(.malformed(error))
         }
-        if queue.count > Self.maxQueuedParts { readPaused = true }
+        if queue.count > Self.maxQueuedParts || queuedBytes > Self.maxPendingBytes { readPaused = true }
         drain()
     }
 
@@ -110,12 +116,18 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
         while let part = queue.first {
             if let active, active.requestEnded { break }
             queue.removeFirst()
+            if case .body(let bytes, _) = part { queuedBytes -= bytes.readableBytes }
             dispatch(part)
         }
-        if readPaused, queue.count <= Self.maxQueuedParts / 2 {
+        if readPaused, queue.count <= Self.maxQueuedParts / 2, queuedBytes <= Self.maxPendingBytes / 2 {
             readPaused = false
             readAgainIfWanted()
         }
+    }
+
+    private func clearQueue() {
+        queue.removeAll()
+        queuedBytes = 0
     }
 
     private func readAgainIfWanted() {
@@ -124,9 +136,9 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
         context?.read()
     }
 
-    /// The app connection of the request in flight is gone (done, failed or never made): nothing
-    /// holds the client back on its account.
-    private func appDetached() {
+    /// The app connection of the request in flight is gone (done, failed or never made) or takes
+    /// no more of the body (it answered early): nothing holds the client back on its account.
+    private func stopHoldingForApp() {
         guard appBlocked else { return }
         appBlocked = false
         readAgainIfWanted()
@@ -151,7 +163,8 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
 
     /// The client can (not) take more: the app is read (not) on its behalf.
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        app?.handler.holdReads(!context.channel.isWritable)
+        clientWritable = context.channel.isWritable
+        app?.handler.holdReads(!clientWritable)
         context.fireChannelWritabilityChanged()
     }
 
@@ -160,7 +173,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
     private func refuse(_ error: HTTP1RequestFramer.FramingError) {
         guard let context else { return }
         if rowPending { environment.writeWaitingRows(on: context.eventLoop) }  // the previous response goes out first
-        queue.removeAll()
+        clearQueue()
         readPaused = true
         if var active {
             // The body of the request in flight was malformed: its app connection cannot be reused.
@@ -257,7 +270,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
     /// (fail closed). 503 and the connection closes (its unread body is not framed further).
     private func refuseForLedger(context: ChannelHandlerContext) {
         if rowPending { environment.writeWaitingRows(on: context.eventLoop) }
-        queue.removeAll()
+        clearQueue()
         malformed = true  // nothing more is read as a request
         readPaused = true
         var buffer = context.channel.allocator.buffer(capacity: 128)
@@ -299,8 +312,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
     private func attach(_ connection: AppConnection) {
         guard var active else { return }
         app = connection
-        connection.handler.begin(sink: self, toHEAD: active.head.method == "HEAD", decodes: false,
-                                 holdReads: context.map { !$0.channel.isWritable } ?? false)
+        connection.handler.begin(sink: self, toHEAD: active.head.method == "HEAD", decodes: false, holdReads: !clientWritable)
         var buffer = connection.channel.allocator.buffer(capacity: 0)
         active.head.write(uri: active.uri, host: active.hostOverride, xfcc: peer.xfcc, into: &buffer)
         connection.channel.write(buffer, promise: nil)
@@ -310,6 +322,8 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
         self.active = active
         for body in pending { connection.channel.write(body, promise: nil) }
         connection.channel.flush()
+        // The flush may have failed the connection at once (appFailed: detached, maybe retried).
+        guard app === connection else { return }
         appBlocked = !connection.channel.isWritable
         readAgainIfWanted()
     }
@@ -360,6 +374,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
             // The app answered before the whole request body arrived: the connection cannot be reused.
             app?.handler.reusable = false
             active!.discardBody = true
+            stopHoldingForApp()  // the rest of the body is read and dropped
         }
         if active!.requestEnded { finish() }
     }
@@ -369,6 +384,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
     }
 
     func appWritabilityChanged(_ writable: Bool) {
+        guard active?.discardBody != true else { return }  // nothing more goes to the app
         appBlocked = !writable
         readAgainIfWanted()
     }
@@ -377,7 +393,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
         guard let context, var active else { return }
         let failed = app
         app = nil
-        appDetached()
+        stopHoldingForApp()
         if let failed { environment.pools.pool(for: context.eventLoop).discard(failed) }
         if !receivedAnything, !active.sentDownstream {
             // A pooled connection the app closed while idle: retry once on a fresh one if nothing
@@ -406,10 +422,10 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
             self.app = nil
             environment.pools.pool(for: context.eventLoop).release(app)
         }
-        appDetached()
+        stopHoldingForApp()
         if closeAfterResponse {
             closing = true
-            queue.removeAll()
+            clearQueue()
         }
         // The row is in the spool file before the response's last bytes are flushed: a client
         // that saw the response complete has its row even if the proxy is killed right after.

@@ -27,6 +27,10 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, AppResponseSink, LedgerRow
     /// The stream is not read while the app connection cannot take more; `wantsRead`: a read waits.
     private var appBlocked = false
     private var wantsRead = false
+    /// The stream's writability as last reported (the app is not read while it is false).
+    private var streamWritable = true
+    /// Request body written to the app since its last flush (flushed at the read batch's end).
+    private var appNeedsFlush = false
     private var app: AppConnection?
     private var chunked = false
     private var requestEnded = false
@@ -100,6 +104,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, AppResponseSink, LedgerRow
             guard facts?.decision.allowed == true, !done else { return }
             if let app {
                 if chunked { writeEnd(to: app) }
+                appNeedsFlush = false
                 app.channel.flush()
             } else {
                 pending.append(part)
@@ -110,7 +115,10 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, AppResponseSink, LedgerRow
 
     /// The request body read in this batch goes to the app now (it was only written).
     func channelReadComplete(context: ChannelHandlerContext) {
-        app?.channel.flush()
+        if appNeedsFlush, let app {
+            appNeedsFlush = false
+            app.channel.flush()
+        }
         context.fireChannelReadComplete()
     }
 
@@ -142,7 +150,8 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, AppResponseSink, LedgerRow
 
     /// The stream can (not) send: the app is read (not) on its behalf.
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        app?.handler.holdReads(!context.channel.isWritable)
+        streamWritable = context.channel.isWritable
+        app?.handler.holdReads(!streamWritable)
         context.fireChannelWritabilityChanged()
     }
 
@@ -187,8 +196,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, AppResponseSink, LedgerRow
         connecting = false
         guard let head else { return }
         app = connection
-        connection.handler.begin(sink: self, toHEAD: head.method == .HEAD, decodes: true,
-                                 holdReads: context.map { !$0.channel.isWritable } ?? false)
+        connection.handler.begin(sink: self, toHEAD: head.method == .HEAD, decodes: true, holdReads: !streamWritable)
         let hasLength = head.headers.first(name: "content-length") != nil
         let noBody = requestEnded && !pending.contains { if case .body = $0 { return true } else { return false } }
         chunked = !hasLength && !noBody
@@ -205,11 +213,15 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, AppResponseSink, LedgerRow
         pending = []
         pendingBytes = 0
         connection.channel.flush()
+        appNeedsFlush = false
+        // The flush may have failed the connection at once (appFailed: detached, maybe retried).
+        guard app === connection else { return }
         setAppBlocked(!connection.channel.isWritable)
     }
 
     private func writeBody(_ body: ByteBuffer, to connection: AppConnection) {
         guard body.readableBytes > 0 else { return }
+        appNeedsFlush = true
         if chunked {
             var buffer = connection.channel.allocator.buffer(capacity: body.readableBytes + 16)
             RequestHeadWriter.writeChunk(body, into: &buffer)
@@ -292,7 +304,6 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, AppResponseSink, LedgerRow
         guard let context else { return }
         let failed = app
         app = nil
-        setAppBlocked(false)
         if let failed { environment.pools.pool(for: context.eventLoop).discard(failed) }
         if !receivedAnything {
             if failed?.reused == true, !retried, facts?.bytesIn == 0 {
@@ -314,7 +325,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, AppResponseSink, LedgerRow
             self.app = nil
             environment.pools.pool(for: context.eventLoop).release(app)
         }
-        setAppBlocked(false)  // the rest of the request body, if any, is read and dropped
         rowPending = environment.recordBeforeFlush(facts, peer: peer, detail: detail, on: context.eventLoop, waiter: self)
+        setAppBlocked(false)  // the rest of the request body, if any, is read (at once: re-entrant) and dropped
     }
 }

@@ -322,8 +322,10 @@ class HTTPEchoApp:
 class StreamingApp:
     """A raw HTTP/1.1 app on 127.0.0.1 that answers every request with `size` bytes of one pattern
     (Content-Length, 64 KiB writes) and reads every request body as it comes (reading stops while
-    `reading` is clear). Counts request heads and the bytes it has sent and received, so a test can tell how far ahead of a
-    slow peer the proxy let the other side get."""
+    `reading` is clear). A request to `/early` is answered after a second with `413` (keep-alive)
+    and its body is never read: the connection just waits until the app is closed. Counts request heads
+    and the bytes it has sent and received, so a test can tell how far ahead of a slow peer the
+    proxy let the other side get."""
 
     def __init__(self, size: int):
         self.size = size
@@ -371,6 +373,11 @@ class StreamingApp:
                     left = int(match.group(1)) - len(data) if match else 0
                     self.received += len(data)
                     data = b""
+                    if head.split(b" ", 2)[1].startswith(b"/early"):
+                        time.sleep(1)  # the body piles up in the proxy's queues towards the app first
+                        conn.sendall(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 5\r\n\r\nlarge")
+                        self.stopped.wait()
+                        return
                     while left > 0:
                         self.reading.wait()
                         chunk = conn.recv(min(65536, left))
