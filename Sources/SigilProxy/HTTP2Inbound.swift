@@ -1,192 +1,304 @@
 import NIOCore
+import NIOHPACK
 import NIOHTTP1
 import NIOHTTP2
 import SigilCore
 
-/// Inbound HTTP/2 (ALPN `h2`): each stream is one request, authorized by its head and forwarded
-/// to the app as HTTP/1.1 over the same pooled connections; the response is decoded (status,
-/// headers, de-chunked body) and sent back as HTTP/2 frames.
+/// Inbound HTTP/2 (ALPN `h2`, or h2c with prior knowledge where plaintext is allowed), handled at
+/// the frame level: one handler per connection after `NIOHTTP2Handler`, each stream an
+/// ``HTTP2InboundStream`` in a table, no child channel per stream (a child channel with its own
+/// pipeline, activation and close was most of the HTTP/2 path's CPU).
 ///
-/// Back-pressure both ways, through HTTP/2 flow control: while the app connection cannot take more
-/// of the request body (or while the stream waits for one), the stream is not read, so NIOHTTP2
-/// sends the client no WINDOW_UPDATE and the client stops at its stream window; while the stream
-/// cannot send (the client's window is spent or the connection is not writable), the app is not
-/// read.
-final class HTTP2StreamHandler: ChannelDuplexHandler, AppResponseSink, LedgerRowWaiter {
-    typealias InboundIn = HTTPServerRequestPart
-    typealias OutboundIn = HTTPServerResponsePart
-    typealias OutboundOut = HTTPServerResponsePart
+/// Each stream is one request, authorized by its head and forwarded to the app as HTTP/1.1 over the
+/// pooled connections; the response is decoded (status, headers, de-chunked body) and sent back as
+/// HEADERS and DATA frames. Flow control, both ways:
+/// - request bodies: a stream's WINDOW_UPDATE is sent only while its app connection takes more (and
+///   while a body waiting for its app connection is under 256 KiB), so a client stops at its stream
+///   window while the app does not read; the connection window is credited on receipt (each stream's
+///   window bounds what it may send);
+/// - responses: NIOHTTP2 holds DATA the client's windows do not admit yet; while a stream has more
+///   than 64 KiB of such DATA, or the connection is not writable, its app connection is not read.
+/// A stream's END_STREAM is written only once its ledger row is in the spool (see ``LedgerBatch``):
+/// a flush for another stream cannot complete a response whose row is not yet in the file.
+final class HTTP2InboundHandler: ChannelDuplexHandler {
+    typealias InboundIn = HTTP2Frame
+    typealias OutboundIn = HTTP2Frame
+    typealias OutboundOut = HTTP2Frame
 
-    private let environment: ProxyEnvironment
-    private let peer: PeerInfo
-    private var context: ChannelHandlerContext?
-    private var head: HTTPRequestHead?
-    private var facts: RequestFacts?
-    private var pending: [HTTPServerRequestPart] = []
-    private var pendingBytes = 0
-    /// The stream is not read while the app connection cannot take more; `wantsRead`: a read waits.
-    private var appBlocked = false
-    private var wantsRead = false
-    /// The stream's writability as last reported (the app is not read while it is false).
-    private var streamWritable = true
-    /// Request body written to the app since its last flush (flushed at the read batch's end).
-    private var appNeedsFlush = false
-    private var app: AppConnection?
-    private var chunked = false
-    private var requestEnded = false
-    private var done = false
-    private var retried = false
-    private var connecting = false
-    /// The response's END_STREAM waits, unflushed, for its ledger row (see ``LedgerBatch``).
-    private var rowPending = false
+    let environment: ProxyEnvironment
+    let peer: PeerInfo
+    private(set) var context: ChannelHandlerContext?
+    private var streams: [HTTP2StreamID: HTTP2InboundStream] = [:]
+    /// The connection's writability as last reported.
+    private(set) var writable = true
+    /// Streams that wrote request body to their app connection in this read batch.
+    private var appFlushes: [HTTP2InboundStream] = []
+    /// Frames (window updates, refusals) were written in this read batch.
+    var needsFlush = false
+    /// A plaintext connection is set up at its first stream (``SetupDeadline``).
+    private var awaitingFirstStream: Bool
 
-    /// Connection-specific headers that HTTP/2 forbids.
-    static let hopByHop: Set<String> = ["connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection"]
+    /// The stream and connection windows this side keeps open (HTTP/2's initial window).
+    static let windowTarget = 65_535
+    /// A stream whose DATA waiting for the client's window exceeds this stops reading its app
+    /// connection, and reads again below half of it.
+    static let outstandingLimit = 64 * 1024
 
     init(environment: ProxyEnvironment, peer: PeerInfo) {
         self.environment = environment
         self.peer = peer
+        awaitingFirstStream = !peer.mtls
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        writable = context.channel.isWritable
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let part = unwrapInboundIn(data)
-        switch part {
-        case .head(var head):
-            guard self.head == nil else { return }
-            guard let target = RequestTarget.normalize(head.uri) else {
-                done = true
-                let headers = HTTPHeaders([("content-length", "0")])
-                context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http2, status: .badRequest, headers: headers))), promise: nil)
-                context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
-                return
-            }
-            if environment.refusesForLedger() {
-                // The ledger spool is full: the request cannot be recorded, so it does not reach
-                // the app (fail closed).
-                done = true
-                var body = context.channel.allocator.buffer(capacity: 17)
-                body.writeStaticString("ledger spool full")
-                let headers = HTTPHeaders([("content-type", "text/plain"), ("content-length", "17")])
-                context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http2, status: .serviceUnavailable, headers: headers))), promise: nil)
-                context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
-                context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
-                return
-            }
-            head.uri = target.uri
-            if let authority = target.authority { head.headers.replaceOrAdd(name: "host", value: authority) }
-            self.head = head
-            let facts = RequestFacts(head: head, peer: peer, environment: environment, proto: "h2")
-            self.facts = facts
-            if !facts.decision.allowed {
-                deny(context: context)
-                return
-            }
-            // The app connection is taken at the first body part or the end of the request, so a
-            // request without a body (END_STREAM on its HEADERS) goes upstream without framing
-            // and one with a body of unknown length as chunked.
-        case .body(let body):
-            facts?.bytesIn += body.readableBytes
-            guard facts?.decision.allowed == true, !done else { return }
-            if let app {
-                writeBody(body, to: app)
+        let frame = unwrapInboundIn(data)
+        switch frame.payload {
+        case .headers(let headers):
+            if let stream = streams[frame.streamID] {
+                stream.trailers(endStream: headers.endStream)  // trailers end the request; not forwarded
             } else {
-                pending.append(part)
-                pendingBytes += body.readableBytes
-                if pendingBytes > HTTP1InboundHandler.maxPendingBytes { appBlocked = true }
-                if !connecting { connectApp(context: context, fresh: false) }
+                if awaitingFirstStream {
+                    awaitingFirstStream = false
+                    SetupDeadline.remove(from: context.pipeline.syncOperations)
+                }
+                let stream = HTTP2InboundStream(id: frame.streamID, connection: self)
+                streams[frame.streamID] = stream
+                stream.begin(headers.headers, endStream: headers.endStream)
             }
-        case .end:
-            requestEnded = true
-            guard facts?.decision.allowed == true, !done else { return }
-            if let app {
-                if chunked { writeEnd(to: app) }
-                appNeedsFlush = false
-                app.channel.flush()
-            } else {
-                pending.append(part)
-                if !connecting { connectApp(context: context, fresh: false) }
-            }
+        case .data(let data):
+            guard let stream = streams[frame.streamID], case .byteBuffer(let buffer) = data.data else { return }
+            stream.body(buffer, endStream: data.endStream)
+        default:
+            break  // RST_STREAM and stream ends arrive as StreamClosedEvent; the rest is the connection's
         }
     }
 
-    /// The request body read in this batch goes to the app now (it was only written).
     func channelReadComplete(context: ChannelHandlerContext) {
-        if appNeedsFlush, let app {
-            appNeedsFlush = false
-            app.channel.flush()
+        if !appFlushes.isEmpty {
+            for stream in appFlushes { stream.flushApp() }
+            appFlushes.removeAll(keepingCapacity: true)
+        }
+        if needsFlush {
+            needsFlush = false
+            context.flush()
         }
         context.fireChannelReadComplete()
     }
 
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? NIOHTTP2WindowUpdatedEvent, let inbound = event.inboundWindowSize {
+            if event.streamID == .rootStream {
+                if inbound <= Self.windowTarget / 2 {
+                    write(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: Self.windowTarget - inbound)))
+                }
+            } else {
+                streams[event.streamID]?.inboundWindowChanged(inbound)
+            }
+        } else if let event = event as? StreamClosedEvent {
+            streams.removeValue(forKey: event.streamID)?.streamClosed()
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        writable = context.channel.isWritable
+        for stream in streams.values { stream.updateAppReads() }
+        context.fireChannelWritabilityChanged()
+    }
+
     func channelInactive(context: ChannelHandlerContext) {
-        if !done, var facts {
-            facts.status = facts.status ?? 499
-            environment.record(facts, peer: peer, detail: "stream closed before the response completed")
-            done = true
-        }
-        if let app {
-            self.app = nil
-            environment.pools.pool(for: context.eventLoop).discard(app)
-        }
-        self.context = nil
+        let open = streams.values
+        streams.removeAll()
+        for stream in open { stream.streamClosed() }
         context.fireChannelInactive()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // A stream error: NIOHTTP2 has reset that stream already (its StreamClosedEvent follows).
+        if error is NIOHTTP2Errors.StreamError { return }
         context.close(promise: nil)
     }
 
-    func read(context: ChannelHandlerContext) {
-        if appBlocked {
-            wantsRead = true
+    // MARK: for the streams
+
+    func write(_ frame: HTTP2Frame, promise: EventLoopPromise<Void>? = nil) {
+        context?.write(wrapOutboundOut(frame), promise: promise)
+        needsFlush = true
+    }
+
+    func flush() {
+        needsFlush = false
+        context?.flush()
+    }
+
+    func needsAppFlush(_ stream: HTTP2InboundStream) {
+        appFlushes.append(stream)
+    }
+}
+
+/// One request on an inbound HTTP/2 connection (see ``HTTP2InboundHandler``). Confined to the
+/// connection's event loop.
+final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
+    let id: HTTP2StreamID
+    private unowned let connection: HTTP2InboundHandler
+    private var environment: ProxyEnvironment { connection.environment }
+    private var head: HTTPRequestHead?
+    private var facts: RequestFacts?
+    private var pending: [ByteBuffer] = []
+    private var pendingBytes = 0
+    private var app: AppConnection?
+    private var chunked = false
+    private var requestEnded = false
+    /// The response is complete (or refused): its row is recorded.
+    private var done = false
+    /// The stream is gone (reset, ended both ways, or the connection closed).
+    private var closed = false
+    private var retried = false
+    private var connecting = false
+    /// The response's END_STREAM waits for its ledger row; `finalBody` goes with it.
+    private var rowPending = false
+    private var finalBody: ByteBuffer?
+    /// Response body decoded in this app read, written at the read's end (or with END_STREAM).
+    private var bodyBuffer: ByteBuffer?
+    /// Request body is not credited (no WINDOW_UPDATE) while the app connection cannot take more.
+    private var appBlocked = false
+    private var inboundWindow = HTTP2InboundHandler.windowTarget
+    /// Response DATA written but not yet sent (the client's windows); the app is not read above the limit.
+    private var outstanding = 0
+    private var appReadsHeld = false
+    private var appNeedsFlush = false
+
+    /// Connection-specific headers that HTTP/2 forbids.
+    static let hopByHop: Set<String> = ["connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection"]
+
+    init(id: HTTP2StreamID, connection: HTTP2InboundHandler) {
+        self.id = id
+        self.connection = connection
+    }
+
+    // MARK: the request
+
+    func begin(_ headers: HPACKHeaders, endStream: Bool) {
+        requestEnded = endStream
+        guard var head = Self.requestHead(headers), let target = RequestTarget.normalize(head.uri) else {
+            refuse(status: 400, body: "")
+            return
+        }
+        if environment.refusesForLedger() {
+            // The ledger spool is full: the request cannot be recorded, so it does not reach the app
+            // (fail closed).
+            refuse(status: 503, body: "ledger spool full")
+            return
+        }
+        head.uri = target.uri
+        if let authority = target.authority { head.headers.replaceOrAdd(name: "host", value: authority) }
+        self.head = head
+        let facts = RequestFacts(head: head, peer: connection.peer, environment: environment, proto: "h2")
+        self.facts = facts
+        if !facts.decision.allowed {
+            self.facts?.status = 403
+            respond(status: 403, body: "RBAC: access denied")
+            return
+        }
+        // The app connection is taken at the first body part or the end of the request, so a
+        // request without a body (END_STREAM on its HEADERS) goes upstream without framing and one
+        // with a body of unknown length as chunked.
+        if endStream { connectApp(fresh: false) }
+    }
+
+    func body(_ buffer: ByteBuffer, endStream: Bool) {
+        facts?.bytesIn += buffer.readableBytes
+        if endStream { requestEnded = true }
+        guard facts?.decision.allowed == true, !done else { return }  // dropped: the window is credited
+        if let app {
+            writeBody(buffer, to: app)
+            if endStream { endBody(to: app) }
         } else {
-            context.read()
+            if buffer.readableBytes > 0 {
+                pending.append(buffer)
+                pendingBytes += buffer.readableBytes
+                if pendingBytes > HTTP1InboundHandler.maxPendingBytes { appBlocked = true }
+            }
+            if !connecting { connectApp(fresh: false) }
         }
     }
 
-    /// The stream can (not) send: the app is read (not) on its behalf.
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
-        streamWritable = context.channel.isWritable
-        app?.handler.holdReads(!streamWritable)
-        context.fireChannelWritabilityChanged()
+    func trailers(endStream: Bool) {
+        guard endStream else { return }
+        requestEnded = true
+        guard facts?.decision.allowed == true, !done else { return }
+        if let app {
+            endBody(to: app)
+        } else if !connecting {
+            connectApp(fresh: false)
+        }
     }
 
+    /// NIOHTTP2's view of the stream's receive window after DATA arrived.
+    func inboundWindowChanged(_ size: Int) {
+        inboundWindow = size
+        credit()
+    }
+
+    /// Opens the stream's window again (WINDOW_UPDATE) once half of it is used, unless the body
+    /// cannot go on to the app now. Returns whether it wrote one (unflushed).
+    @discardableResult
+    private func credit() -> Bool {
+        guard !appBlocked, !requestEnded, !closed, inboundWindow <= HTTP2InboundHandler.windowTarget / 2 else { return false }
+        connection.write(HTTP2Frame(streamID: id, payload: .windowUpdate(windowSizeIncrement: HTTP2InboundHandler.windowTarget - inboundWindow)))
+        inboundWindow = HTTP2InboundHandler.windowTarget
+        return true
+    }
+
+    /// Called from the app connection's events too (outside the client's read batch): a window
+    /// opened here is flushed at once.
     private func setAppBlocked(_ blocked: Bool) {
         appBlocked = blocked
-        if !blocked, wantsRead {
-            wantsRead = false
-            context?.read()
+        if !blocked, credit() { connection.flush() }
+    }
+
+    /// The stream ended (both ways, reset, or the connection closed).
+    func streamClosed() {
+        closed = true
+        if !done, var facts {
+            done = true
+            facts.status = facts.status ?? 499
+            environment.record(facts, peer: connection.peer, detail: "stream closed before the response completed")
         }
+        if let app {
+            self.app = nil
+            environment.pools.pool(for: app.channel.eventLoop).discard(app)
+        }
+        rowPending = false
+        finalBody = nil
+        bodyBuffer = nil
     }
 
-    private func deny(context: ChannelHandlerContext) {
-        var body = context.channel.allocator.buffer(capacity: 19)
-        body.writeStaticString("RBAC: access denied")
-        facts?.status = 403
-        facts?.bytesOut = body.readableBytes
-        let headers = HTTPHeaders([("content-type", "text/plain"), ("content-length", "19")])
-        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http2, status: .forbidden, headers: headers))), promise: nil)
-        context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
-        finish(detail: nil)
-        endStream(context: context)
-    }
+    // MARK: the app connection
 
-    private func connectApp(context: ChannelHandlerContext, fresh: Bool) {
-        let pool = environment.pools.pool(for: context.eventLoop)
+    private func connectApp(fresh: Bool) {
+        guard let loop = connection.context?.eventLoop else { return }
+        let pool = environment.pools.pool(for: loop)
         connecting = true
         pool.acquire(fresh: fresh) { result in
             switch result {
             case .success(let connection):
-                guard self.context != nil, !self.done else {
+                guard !self.closed, !self.done else {
                     pool.release(connection)
                     return
                 }
                 self.attach(connection)
             case .failure(let error):
+                self.connecting = false
                 self.fail(detail: "app unreachable: \(error)")
             }
         }
@@ -196,24 +308,20 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, AppResponseSink, LedgerRow
         connecting = false
         guard let head else { return }
         app = connection
-        connection.handler.begin(sink: self, toHEAD: head.method == .HEAD, decodes: true, holdReads: !streamWritable)
+        updateAppReads(connection)
+        connection.handler.begin(sink: self, toHEAD: head.method == .HEAD, decodes: true, holdReads: appReadsHeld)
         let hasLength = head.headers.first(name: "content-length") != nil
-        let noBody = requestEnded && !pending.contains { if case .body = $0 { return true } else { return false } }
+        let noBody = requestEnded && pending.isEmpty
         chunked = !hasLength && !noBody
         var buffer = connection.channel.allocator.buffer(capacity: 512)
-        RequestHeadWriter.write(head, xfcc: peer.xfcc, forceChunked: chunked, into: &buffer)
+        RequestHeadWriter.write(head, xfcc: self.connection.peer.xfcc, forceChunked: chunked, into: &buffer)
         connection.channel.write(buffer, promise: nil)
-        for part in pending {
-            switch part {
-            case .body(let body): writeBody(body, to: connection)
-            case .end: if chunked { writeEnd(to: connection) }
-            case .head: break
-            }
-        }
+        for body in pending { writeBody(body, to: connection) }
         pending = []
         pendingBytes = 0
-        connection.channel.flush()
+        if requestEnded, chunked { writeEnd(to: connection) }
         appNeedsFlush = false
+        connection.channel.flush()
         // The flush may have failed the connection at once (appFailed: detached, maybe retried).
         guard app === connection else { return }
         setAppBlocked(!connection.channel.isWritable)
@@ -221,13 +329,24 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, AppResponseSink, LedgerRow
 
     private func writeBody(_ body: ByteBuffer, to connection: AppConnection) {
         guard body.readableBytes > 0 else { return }
-        appNeedsFlush = true
         if chunked {
             var buffer = connection.channel.allocator.buffer(capacity: body.readableBytes + 16)
             RequestHeadWriter.writeChunk(body, into: &buffer)
             connection.channel.write(buffer, promise: nil)
         } else {
             connection.channel.write(body, promise: nil)
+        }
+        if !appNeedsFlush {
+            appNeedsFlush = true
+            self.connection.needsAppFlush(self)
+        }
+    }
+
+    private func endBody(to connection: AppConnection) {
+        if chunked { writeEnd(to: connection) }
+        if !appNeedsFlush {
+            appNeedsFlush = true
+            self.connection.needsAppFlush(self)
         }
     }
 
@@ -237,16 +356,19 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, AppResponseSink, LedgerRow
         connection.channel.write(buffer, promise: nil)
     }
 
-    private func fail(detail: String) {
-        guard let context, !done else { return }
-        facts?.status = 502
-        let headers = HTTPHeaders([("content-type", "text/plain"), ("content-length", "15")])
-        var body = context.channel.allocator.buffer(capacity: 15)
-        body.writeStaticString("upstream failed")
-        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http2, status: .badGateway, headers: headers))), promise: nil)
-        context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
-        finish(detail: detail)
-        endStream(context: context)
+    /// The request body written in this read batch goes to the app.
+    func flushApp() {
+        guard appNeedsFlush else { return }
+        appNeedsFlush = false
+        app?.channel.flush()
+    }
+
+    /// Holds the app connection's reads while this stream cannot send more (see the type's notes).
+    func updateAppReads(_ app: AppConnection? = nil) {
+        let held = !connection.writable || outstanding > HTTP2InboundHandler.outstandingLimit
+            || (appReadsHeld && outstanding > HTTP2InboundHandler.outstandingLimit / 2)
+        appReadsHeld = held
+        (app ?? self.app)?.handler.holdReads(held)
     }
 
     // MARK: AppResponseSink
@@ -257,75 +379,178 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, AppResponseSink, LedgerRow
 
     func appHead(status: Int, keepAlive: Bool, headers: [(String, String)]) {
         facts?.status = status
-        var out = HTTPHeaders()
-        out.reserveCapacity(headers.count)
-        for (name, value) in headers where !Self.hopByHop.contains(name.lowercased()) {
-            out.add(name: name.lowercased(), value: value)
+        var out = HPACKHeaders()
+        out.reserveCapacity(headers.count + 1)
+        out.add(name: ":status", value: String(status))
+        for (name, value) in headers {
+            let name = name.lowercased()
+            if !Self.hopByHop.contains(name) { out.add(name: name, value: value) }
         }
-        context?.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http2, status: .init(statusCode: status), headers: out))), promise: nil)
+        connection.write(HTTP2Frame(streamID: id, payload: .headers(.init(headers: out))))
     }
 
     func appBody(_ buffer: ByteBuffer) {
-        context?.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
-    }
-
-    func appEnd() {
-        guard let context else { return }
-        if !requestEnded { app?.handler.reusable = false }
-        finish(detail: nil)
-        endStream(context: context)
-    }
-
-    func appReadComplete() {
-        if !rowPending { context?.flush() }
-    }
-
-    func appWritabilityChanged(_ writable: Bool) {
-        setAppBlocked(!writable)
-    }
-
-    /// Writes END_STREAM; it is flushed once the row is in the spool file. The flush closes the
-    /// stream channel (channelInactive) before it returns, so the row and the app connection are
-    /// taken care of first (``finish(detail:)``).
-    private func endStream(context: ChannelHandlerContext) {
-        if rowPending {
-            context.write(wrapOutboundOut(.end(nil)), promise: nil)
+        guard !closed else { return }
+        if bodyBuffer == nil {
+            bodyBuffer = buffer
         } else {
-            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+            var buffer = buffer
+            bodyBuffer!.writeBuffer(&buffer)
         }
     }
 
-    func ledgerRowWritten() {
-        rowPending = false
-        context?.flush()
+    func appEnd() {
+        if !requestEnded { app?.handler.reusable = false }
+        let body = bodyBuffer
+        bodyBuffer = nil
+        finish(detail: nil, lastBody: body)
+    }
+
+    func appReadComplete() {
+        if let body = bodyBuffer, !closed {
+            bodyBuffer = nil
+            sendData(body)
+        }
+        if !rowPending { connection.flush() }
+    }
+
+    /// A response DATA frame that is not the last: counted until NIOHTTP2 has sent it.
+    private func sendData(_ body: ByteBuffer) {
+        let size = body.readableBytes
+        guard size > 0, let loop = connection.context?.eventLoop else { return }
+        outstanding += size
+        let promise = loop.makePromise(of: Void.self)
+        promise.futureResult.assumeIsolated().whenComplete { _ in
+            self.outstanding -= size
+            if self.appReadsHeld, !self.closed { self.updateAppReads() }
+        }
+        connection.write(HTTP2Frame(streamID: id, payload: .data(.init(data: .byteBuffer(body)))), promise: promise)
+        if outstanding > HTTP2InboundHandler.outstandingLimit { updateAppReads() }
+    }
+
+    func appWritabilityChanged(_ writable: Bool) {
+        guard !done else { return }
+        setAppBlocked(!writable)
     }
 
     func appFailed(receivedAnything: Bool) {
-        guard let context else { return }
+        guard !closed else { return }
         let failed = app
         app = nil
-        if let failed { environment.pools.pool(for: context.eventLoop).discard(failed) }
+        if let failed { environment.pools.pool(for: failed.channel.eventLoop).discard(failed) }
         if !receivedAnything {
             if failed?.reused == true, !retried, facts?.bytesIn == 0 {
                 retried = true
-                connectApp(context: context, fresh: true)
+                connectApp(fresh: true)
                 return
             }
             fail(detail: "the app closed the connection without answering")
         } else {
+            // Part of the response went out: the client must see the truncation.
+            bodyBuffer = nil
             if facts?.status == nil { facts?.status = 502 }
-            context.close(promise: nil)
+            if !done, let facts {
+                done = true
+                environment.record(facts, peer: connection.peer, detail: "the app closed the connection before the response completed")
+            }
+            connection.write(HTTP2Frame(streamID: id, payload: .rstStream(.internalError)))
+            connection.flush()
         }
     }
 
-    private func finish(detail: String?) {
-        guard !done, let facts, let context else { return }
+    func ledgerRowWritten() {
+        guard rowPending else { return }
+        rowPending = false
+        let body = finalBody ?? ByteBuffer()
+        finalBody = nil
+        connection.write(HTTP2Frame(streamID: id, payload: .data(.init(data: .byteBuffer(body), endStream: true))))
+        connection.flush()
+    }
+
+    // MARK: answers of the proxy's own
+
+    private func fail(detail: String) {
+        guard !done, !closed else { return }
+        facts?.status = 502
+        respond(status: 502, body: "upstream failed", detail: detail)
+    }
+
+    /// A request refused before it has facts (400, 503): no row, as on HTTP/1.1.
+    private func refuse(status: Int, body: String) {
+        done = true
+        writeHead(status: status, bodyLength: body.utf8.count)
+        var buffer = ByteBuffer()
+        buffer.writeString(body)
+        connection.write(HTTP2Frame(streamID: id, payload: .data(.init(data: .byteBuffer(buffer), endStream: true))))
+    }
+
+    /// The proxy's own answer (403, 502), recorded, its END_STREAM after the row.
+    private func respond(status: Int, body: String, detail: String? = nil) {
+        writeHead(status: status, bodyLength: body.utf8.count)
+        var buffer = ByteBuffer()
+        buffer.writeString(body)
+        facts?.bytesOut = buffer.readableBytes
+        finish(detail: detail, lastBody: buffer)
+    }
+
+    private func writeHead(status: Int, bodyLength: Int) {
+        let headers = HPACKHeaders([(":status", String(status)), ("content-type", "text/plain"), ("content-length", String(bodyLength))])
+        connection.write(HTTP2Frame(streamID: id, payload: .headers(.init(headers: headers))))
+    }
+
+    /// Records the row, releases the app connection, and ends the stream with `lastBody` once the
+    /// row is in the spool.
+    private func finish(detail: String?, lastBody: ByteBuffer?) {
+        guard !done, !closed, let facts, let loop = connection.context?.eventLoop else { return }
         done = true
         if let app {
             self.app = nil
-            environment.pools.pool(for: context.eventLoop).release(app)
+            environment.pools.pool(for: loop).release(app)
         }
-        rowPending = environment.recordBeforeFlush(facts, peer: peer, detail: detail, on: context.eventLoop, waiter: self)
-        setAppBlocked(false)  // the rest of the request body, if any, is read (at once: re-entrant) and dropped
+        if environment.recordBeforeFlush(facts, peer: connection.peer, detail: detail, on: loop, waiter: self) {
+            rowPending = true
+            finalBody = lastBody
+        } else {
+            connection.write(HTTP2Frame(streamID: id, payload: .data(.init(data: .byteBuffer(lastBody ?? ByteBuffer()), endStream: true))))
+            connection.flush()
+        }
+        setAppBlocked(false)  // the rest of the request body, if any, is dropped and its window credited
+    }
+
+    /// The HTTP/1.1 request head of an HTTP/2 header block (nil without `:method` or `:path`).
+    /// `:authority` becomes `Host`; `cookie` fields are joined with "; " (RFC 9113, 8.2.3).
+    static func requestHead(_ headers: HPACKHeaders) -> HTTPRequestHead? {
+        var method: String?
+        var path: String?
+        var authority: String?
+        var cookies: [String] = []
+        var out = HTTPHeaders()
+        out.reserveCapacity(headers.count)
+        // Pseudo-fields come first (NIOHTTP2 checks), so Host from :authority leads the fields.
+        var hostAdded = false
+        for (name, value, _) in headers {
+            if name.utf8.first == UInt8(ascii: ":") {
+                switch name {
+                case ":method": method = value
+                case ":path": path = value
+                case ":authority": authority = value
+                default: break
+                }
+                continue
+            }
+            if !hostAdded, let authority {
+                hostAdded = true
+                out.add(name: "host", value: authority)
+            }
+            if name == "cookie" {
+                cookies.append(value)
+            } else if authority == nil || name != "host" {
+                out.add(name: name, value: value)
+            }
+        }
+        guard let method, let path else { return nil }
+        if !hostAdded, let authority { out.add(name: "host", value: authority) }
+        if !cookies.isEmpty { out.add(name: "cookie", value: cookies.joined(separator: "; ")) }
+        return HTTPRequestHead(version: .http2, method: HTTPMethod(rawValue: method), uri: path, headers: out)
     }
 }

@@ -244,20 +244,9 @@ enum ApplicationPipeline {
         peer.prepareLedger(environment)
         let priorKnowledgeH2 = firstBytes.map { $0.readableBytesView.starts(with: h2Preface.prefix($0.readableBytes)) && $0.readableBytes >= 3 } ?? false
         if alpn == "h2" || priorKnowledgeH2 {
-            let sendablePeer = peer
-            let multiplexer = try pipeline.configureHTTP2Pipeline(
-                mode: .server, connectionConfiguration: .init(), streamConfiguration: .init(),
-                position: .last
-            ) { stream in
-                stream.eventLoop.makeCompletedFuture {
-                    if !sendablePeer.mtls, let connection = stream.parent { SetupDeadline.remove(from: connection.pipeline.syncOperations) }
-                    try stream.pipeline.syncOperations.addHandlers([
-                        HTTP2FramePayloadToHTTP1ServerCodec(),
-                        HTTP2StreamHandler(environment: environment, peer: sendablePeer),
-                    ])
-                }
-            }
-            _ = multiplexer
+            // Frames, not a child channel per stream: see HTTP2InboundHandler.
+            try pipeline.addHandler(NIOHTTP2Handler(mode: .server), position: .last)
+            try pipeline.addHandler(HTTP2InboundHandler(environment: environment, peer: peer), position: .last)
             return
         }
         try pipeline.addHandler(HTTP1InboundHandler(environment: environment, peer: peer), position: .after(handler))

@@ -1,0 +1,34 @@
+import Testing
+import NIOHPACK
+import NIOHTTP1
+@testable import SigilProxy
+
+/// An HTTP/2 header block becomes the HTTP/1.1 request head the app receives.
+struct HTTP2RequestHeadTests {
+    @Test(":authority becomes Host (replacing a host field), pseudo-fields are not forwarded, order kept")
+    func authorityAndPseudoFields() throws {
+        let block = HPACKHeaders([(":method", "POST"), (":scheme", "https"), (":path", "/a?b=c"), (":authority", "api.shop"),
+                                  ("host", "elsewhere"), ("x-one", "1"), ("x-two", "2")])
+        let head = try #require(HTTP2InboundStream.requestHead(block))
+        #expect(head.method == .POST)
+        #expect(head.uri == "/a?b=c")
+        #expect(head.version == .http2)
+        #expect(head.headers["host"] == ["api.shop"])
+        #expect(head.headers.map(\.name) == ["host", "x-one", "x-two"])
+        #expect(!head.headers.contains { $0.name.hasPrefix(":") })
+    }
+
+    @Test("cookie fields split by HTTP/2 are joined with '; ' into one (RFC 9113, 8.2.3)")
+    func cookiesJoined() throws {
+        let block = HPACKHeaders([(":method", "GET"), (":path", "/"), ("cookie", "a=1"), ("accept", "*/*"), ("cookie", "b=2")])
+        let head = try #require(HTTP2InboundStream.requestHead(block))
+        #expect(head.headers["cookie"] == ["a=1; b=2"])
+        #expect(head.headers["accept"] == ["*/*"])
+    }
+
+    @Test("a block without :method or :path is no request")
+    func missingPseudoFields() {
+        #expect(HTTP2InboundStream.requestHead(HPACKHeaders([(":method", "GET")])) == nil)
+        #expect(HTTP2InboundStream.requestHead(HPACKHeaders([(":path", "/")])) == nil)
+    }
+}
