@@ -563,6 +563,38 @@ def test_http2_via_alpn_with_bodies(mesh, tmp_path):
     assert denied.code == 403 and denied.version == "2" and denied.body == RBAC_DENIED
 
 
+def test_http2_denied_upload_and_aborted_download_are_settled(mesh, tmp_path):
+    """Over HTTP/2: a denied stream with a 4 MiB body is answered 403 and the client is not left
+    waiting for flow-control credit for the body it still sends; a client that goes away in the
+    middle of a large answer is recorded as such (the app connection is dropped, not pooled); and the
+    same proxy then serves the next stream normally."""
+    web = mesh.idents["web"]
+    base = f"https://127.0.0.1:{mesh.api_in}"
+    big = tmp_path / "big-upload"
+    with open(big, "wb") as f:
+        f.truncate(4 * 1024 * 1024)
+    before = mesh.app.count
+    denied = curl1("--http2", *web.curl, "--data-binary", f"@{big}", f"{base}/admin/h2-upload")
+    assert denied.code == 403 and denied.version == "2" and denied.body == RBAC_DENIED, denied
+    assert mesh.app.count == before
+    row = request_row(mesh.api_ledger, "/admin/h2-upload")
+    assert (row["decision"], row["status"]) == ("deny", 403), row
+
+    path = tag("h2-abort") + f"?size={64 * 1024 * 1024}"
+    exe = shutil.which("curl")
+    res = subprocess.run([exe, "-sS", "--http2", *web.curl, "--max-filesize", "1", "--limit-rate", "8M", "-o", "/dev/null",
+                          f"{base}{path}"], capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0, "curl was expected to give up on the large answer"
+    row = wait_row(mesh.api_ledger, lambda r: r["kind"] == "request" and r["path"] == path, "the aborted stream's row", timeout=20)
+    # as Envoy (flag DC) and nginx log it: the status the app gave, and the record that the client left
+    assert row["status"] == 200 and row["protocol"] == "h2" and row["bytes_out"] < 64 * 1024 * 1024, row
+    assert row["detail"] == "stream closed before the response completed", row
+
+    after = tag("h2-after")
+    reply = curl1("--http2", *web.curl, f"{base}{after}")
+    assert reply.code == 200 and reply.version == "2" and reply.json()["path"] == after
+
+
 def test_http2_prior_knowledge_through_the_pair(mesh):
     path = tag("h2-pair")
     reply = curl1("--http2-prior-knowledge", f"http://127.0.0.1:{mesh.web_out}{path}")
