@@ -221,6 +221,13 @@ def tag(prefix: str) -> str:
     return f"/{prefix}/{uuid.uuid4().hex[:10]}"
 
 
+def allow_all_policies(mesh) -> Path:
+    """A policy directory with no policy: every caller is allowed (no ALLOW policy applies)."""
+    path = mesh.dir / "no-policies"
+    path.mkdir(exist_ok=True)
+    return path
+
+
 # --------------------------------------------------------------------------- the mesh
 
 class Mesh:
@@ -948,8 +955,7 @@ def test_a_plaintext_connection_must_send_its_first_request_in_time(mesh):
     sends nothing, one byte, half a request head or only the HTTP/2 preface is closed at
     --handshake-timeout; a keep-alive connection idle after its first request is not."""
     port = free_port()
-    allow_all = mesh.dir / "no-policies"
-    allow_all.mkdir(exist_ok=True)
+    allow_all = allow_all_policies(mesh)
     try:
         mesh.proxy("slow-plain", API, port, mesh.app.address, "app=api", "--mtls", "PERMISSIVE",
                    "--handshake-timeout", "1s", policies=allow_all)
@@ -988,6 +994,28 @@ def wait_until_still(read, what: str, settle: float = 1.5, timeout: float = 30) 
     raise AssertionError(f"{what} never settled (last {value})")
 
 
+class Uploader(threading.Thread):
+    """Sends `POST path` with a body of `size` zero bytes on `sock` (1 MiB writes) from a thread,
+    counting what went out; `error` is what stopped it, if anything."""
+
+    def __init__(self, sock, path: str, size: int):
+        super().__init__(daemon=True)
+        self.sock, self.path, self.size = sock, path, size
+        self.sent = 0
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self):
+        try:
+            self.sock.sendall(b"POST %s HTTP/1.1\r\nHost: api\r\nContent-Length: %d\r\n\r\n" % (self.path.encode(), self.size))
+            block = bytes(1 << 20)
+            while self.sent < self.size:
+                self.sock.sendall(block)
+                self.sent += len(block)
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            self.error = e
+
+
 BIG = 256 * 1024 * 1024
 SLACK = 48 * 1024 * 1024  # what a proxy may hold for one slow peer, and then some (it needs ~1 MB)
 
@@ -999,8 +1027,7 @@ def test_a_slow_reader_holds_the_app_back_instead_of_filling_the_proxy(mesh, via
     in memory: any caller could otherwise grow a sidecar by the size of whatever it asks for."""
     app = StreamingApp(BIG)
     port = free_port()
-    allow_all = mesh.dir / "no-policies"
-    allow_all.mkdir(exist_ok=True)
+    allow_all = allow_all_policies(mesh)
     name = f"slow-reader-{via}"
     try:
         proc = mesh.proxy(name, API, port, app.address, "app=api", "--mtls", "PERMISSIVE", policies=allow_all)
@@ -1036,37 +1063,22 @@ def test_a_slow_app_holds_the_uploader_back_instead_of_filling_the_proxy(mesh, v
     app = StreamingApp(5)
     app.reading.clear()
     port = free_port()
-    allow_all = mesh.dir / "no-policies"
-    allow_all.mkdir(exist_ok=True)
+    allow_all = allow_all_policies(mesh)
     name = f"slow-app-{via}"
     try:
         proc = mesh.proxy(name, API, port, app.address, "app=api", "--mtls", "PERMISSIVE", policies=allow_all)
         before = rss_bytes(proc)
         raw = socket.create_connection(("127.0.0.1", port), timeout=60)
         s = tls_client(mesh.idents["web"], mesh.bundle).wrap_socket(raw) if via == "mtls" else raw
-        uploaded = [0]
-        errors: list[BaseException] = []
-
-        def upload():
-            try:
-                s.sendall(b"POST /upload HTTP/1.1\r\nHost: api\r\nContent-Length: %d\r\n\r\n" % BIG)
-                block = bytes(1 << 20)
-                while uploaded[0] < BIG:
-                    s.sendall(block)
-                    uploaded[0] += len(block)
-            except BaseException as e:  # noqa: BLE001 - reported by the test
-                errors.append(e)
-
         with s:
-            sender = threading.Thread(target=upload, daemon=True)
-            sender.start()
-            wait_until_still(lambda: uploaded[0], "the upload's progress")
+            sender = Uploader(s, "/upload", BIG)
+            wait_until_still(lambda: sender.sent, "the upload's progress")
             held = rss_bytes(proc) - before
-            assert uploaded[0] < BIG // 2, f"the client sent {uploaded[0]} of {BIG} bytes to an app that read none"
+            assert sender.sent < BIG // 2, f"the client sent {sender.sent} of {BIG} bytes to an app that read none"
             assert held < SLACK, f"the proxy grew by {held} bytes holding a body its app does not read"
             app.reading.set()
             sender.join(60)
-            assert not errors and uploaded[0] == BIG, (errors, uploaded[0])
+            assert sender.error is None and sender.sent == BIG, (sender.error, sender.sent)
             [(status, body)] = read_http_responses(s, 1, timeout=60)
             assert status == 200 and body == bytes(range(5))
             assert app.received == BIG
@@ -1081,32 +1093,17 @@ def test_an_app_answering_before_it_reads_the_upload_does_not_stall_the_client(m
     the client back for an app connection that takes no more."""
     app = StreamingApp(5)
     port = free_port()
-    allow_all = mesh.dir / "no-policies"
-    allow_all.mkdir(exist_ok=True)
+    allow_all = allow_all_policies(mesh)
     size = 64 * 1024 * 1024
     ledger = mesh.dir / "early.jsonl"
     try:
         mesh.proxy("early", API, port, app.address, "app=api", "--mtls", "PERMISSIVE", policies=allow_all, ledger=ledger)
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-            uploaded = [0]
-            errors: list[BaseException] = []
-
-            def upload():
-                try:
-                    s.sendall(b"POST /early HTTP/1.1\r\nHost: api\r\nContent-Length: %d\r\n\r\n" % size)
-                    block = bytes(1 << 20)
-                    while uploaded[0] < size:
-                        s.sendall(block)
-                        uploaded[0] += len(block)
-                except BaseException as e:  # noqa: BLE001 - reported by the test
-                    errors.append(e)
-
-            sender = threading.Thread(target=upload, daemon=True)
-            sender.start()
+            sender = Uploader(s, "/early", size)
             [(status, body)] = read_http_responses(s, 1, timeout=30)
             assert status == 413 and body == b"large"
             sender.join(40)
-            assert not errors and uploaded[0] == size, f"the client got {uploaded[0]} of {size} bytes out: {errors}"
+            assert sender.error is None and sender.sent == size, f"the client got {sender.sent} of {size} bytes out: {sender.error}"
         row = request_row(ledger, "/early", timeout=15)
         assert row["status"] == 413 and row["bytes_in"] == size, row
     finally:
@@ -1120,8 +1117,7 @@ def test_http2_back_pressure_both_ways(mesh, tmp_path):
     stream's flow-control window), with nothing lost either way."""
     app = StreamingApp(BIG)
     port = free_port()
-    allow_all = mesh.dir / "no-policies"
-    allow_all.mkdir(exist_ok=True)
+    allow_all = allow_all_policies(mesh)
     exe = shutil.which("curl")
     try:
         proc = mesh.proxy("slow-h2", API, port, app.address, "app=api", "--mtls", "PERMISSIVE", policies=allow_all)
