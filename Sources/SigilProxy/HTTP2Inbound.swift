@@ -28,6 +28,8 @@ final class HTTP2InboundHandler: ChannelDuplexHandler {
     let environment: ProxyEnvironment
     let peer: PeerInfo
     private(set) var context: ChannelHandlerContext?
+    /// This event loop's app connections (set when the handler is added).
+    private(set) var pool: AppPool?
     private var streams: [HTTP2StreamID: HTTP2InboundStream] = [:]
     /// The connection's writability as last reported.
     private(set) var writable = true
@@ -38,7 +40,8 @@ final class HTTP2InboundHandler: ChannelDuplexHandler {
     /// A plaintext connection is set up at its first stream (``SetupDeadline``).
     private var awaitingFirstStream: Bool
 
-    /// The stream and connection windows this side keeps open (HTTP/2's initial window).
+    /// The stream and connection windows this side keeps open: HTTP/2's initial window, which
+    /// `NIOHTTP2Handler(mode: .server)`'s default settings do not change.
     static let windowTarget = 65_535
     /// A stream whose DATA waiting for the client's window exceeds this stops reading its app
     /// connection, and reads again below half of it.
@@ -52,6 +55,7 @@ final class HTTP2InboundHandler: ChannelDuplexHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        pool = environment.pools.pool(for: context.eventLoop)
         writable = context.channel.isWritable
     }
 
@@ -112,6 +116,7 @@ final class HTTP2InboundHandler: ChannelDuplexHandler {
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         writable = context.channel.isWritable
         for stream in streams.values { stream.updateAppReads() }
+        if writable, needsFlush { flush() }  // a window update written while the connection was full
         context.fireChannelWritabilityChanged()
     }
 
@@ -123,8 +128,19 @@ final class HTTP2InboundHandler: ChannelDuplexHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        // A stream error: NIOHTTP2 has reset that stream already (its StreamClosedEvent follows).
-        if error is NIOHTTP2Errors.StreamError { return }
+        if let error = error as? NIOHTTP2Errors.StreamError {
+            // A frame this side wrote was refused for its stream (one HTTP/2 does not allow there):
+            // the stream is reset, once, and its StreamClosedEvent settles it.
+            if let stream = streams[error.streamID], !stream.resetSent {
+                stream.resetSent = true
+                write(HTTP2Frame(streamID: error.streamID, payload: .rstStream(.internalError)))
+                flush()
+            }
+            return
+        }
+        // Errors of the peer's frames: NIOHTTP2 has already reset that stream (a stream error) or
+        // sent GOAWAY (a connection error, after which the peer closes); other streams go on.
+        if error is any NIOHTTP2Error { return }
         context.close(promise: nil)
     }
 
@@ -149,9 +165,14 @@ final class HTTP2InboundHandler: ChannelDuplexHandler {
 /// connection's event loop.
 final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
     let id: HTTP2StreamID
+    /// Every callback that may run after the stream ended checks `closed` first: the connection
+    /// handler outlives every open stream (it closes them in channelInactive).
     private unowned let connection: HTTP2InboundHandler
-    private var environment: ProxyEnvironment { connection.environment }
+    private let environment: ProxyEnvironment
     private var head: HTTPRequestHead?
+    private var isHEAD = false
+    /// This side reset the stream after one of its frames was refused (see errorCaught).
+    var resetSent = false
     private var facts: RequestFacts?
     private var pending: [ByteBuffer] = []
     private var pendingBytes = 0
@@ -177,19 +198,31 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
     private var appReadsHeld = false
     private var appNeedsFlush = false
 
-    /// Connection-specific headers that HTTP/2 forbids.
-    static let hopByHop: Set<String> = ["connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection"]
-
     init(id: HTTP2StreamID, connection: HTTP2InboundHandler) {
         self.id = id
         self.connection = connection
+        self.environment = connection.environment
+    }
+
+    /// Connection-specific response fields HTTP/2 forbids (checked by length first: most fields
+    /// are none of these).
+    static func isHopByHop(_ name: String) -> Bool {
+        switch name.utf8.count {
+        case 7: return name == "upgrade"
+        case 10: return name == "connection" || name == "keep-alive"
+        case 16: return name == "proxy-connection"
+        case 17: return name == "transfer-encoding"
+        default: return false
+        }
     }
 
     // MARK: the request
 
     func begin(_ headers: HPACKHeaders, endStream: Bool) {
         requestEnded = endStream
-        guard var head = Self.requestHead(headers), let target = RequestTarget.normalize(head.uri) else {
+        let parsed = Self.requestHead(headers)
+        isHEAD = parsed?.method == .HEAD
+        guard var head = parsed, let target = RequestTarget.normalize(head.uri) else {
             refuse(status: 400, body: "")
             return
         }
@@ -276,7 +309,7 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
         }
         if let app {
             self.app = nil
-            environment.pools.pool(for: app.channel.eventLoop).discard(app)
+            connection.pool?.discard(app)
         }
         rowPending = false
         finalBody = nil
@@ -286,8 +319,7 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
     // MARK: the app connection
 
     private func connectApp(fresh: Bool) {
-        guard let loop = connection.context?.eventLoop else { return }
-        let pool = environment.pools.pool(for: loop)
+        guard let pool = connection.pool else { return }
         connecting = true
         pool.acquire(fresh: fresh) { result in
             switch result {
@@ -306,13 +338,19 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
 
     private func attach(_ connection: AppConnection) {
         connecting = false
-        guard let head else { return }
+        guard var head else {
+            self.connection.pool?.release(connection)
+            return
+        }
         app = connection
         updateAppReads(connection)
         connection.handler.begin(sink: self, toHEAD: head.method == .HEAD, decodes: true, holdReads: appReadsHeld)
         let hasLength = head.headers.first(name: "content-length") != nil
         let noBody = requestEnded && pending.isEmpty
         chunked = !hasLength && !noBody
+        if noBody, !hasLength, head.method == .POST || head.method == .PUT || head.method == .PATCH {
+            head.headers.add(name: "content-length", value: "0")  // some apps answer 411 without it
+        }
         var buffer = connection.channel.allocator.buffer(capacity: 512)
         RequestHeadWriter.write(head, xfcc: self.connection.peer.xfcc, forceChunked: chunked, into: &buffer)
         connection.channel.write(buffer, promise: nil)
@@ -382,9 +420,15 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
         var out = HPACKHeaders()
         out.reserveCapacity(headers.count + 1)
         out.add(name: ":status", value: String(status))
+        // Fields the app's Connection field names are hop-by-hop too (RFC 9110, 7.6.1).
+        var named: [String] = []
+        for (name, value) in headers where name.utf8.count == 10 && name.lowercased() == "connection" {
+            named += value.split(separator: ",").map { String($0.filter { $0 != " " && $0 != "\t" }).lowercased() }
+        }
         for (name, value) in headers {
             let name = name.lowercased()
-            if !Self.hopByHop.contains(name) { out.add(name: name, value: value) }
+            if Self.isHopByHop(name) || (!named.isEmpty && named.contains(name)) { continue }
+            out.add(name: name, value: value)
         }
         connection.write(HTTP2Frame(streamID: id, payload: .headers(.init(headers: out))))
     }
@@ -437,7 +481,7 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
         guard !closed else { return }
         let failed = app
         app = nil
-        if let failed { environment.pools.pool(for: failed.channel.eventLoop).discard(failed) }
+        if let failed { connection.pool?.discard(failed) }
         if !receivedAnything {
             if failed?.reused == true, !retried, facts?.bytesIn == 0 {
                 retried = true
@@ -480,7 +524,7 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
         done = true
         writeHead(status: status, bodyLength: body.utf8.count)
         var buffer = ByteBuffer()
-        buffer.writeString(body)
+        if !isHEAD { buffer.writeString(body) }  // a HEAD answer has the fields, never a body
         connection.write(HTTP2Frame(streamID: id, payload: .data(.init(data: .byteBuffer(buffer), endStream: true))))
     }
 
@@ -488,7 +532,7 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
     private func respond(status: Int, body: String, detail: String? = nil) {
         writeHead(status: status, bodyLength: body.utf8.count)
         var buffer = ByteBuffer()
-        buffer.writeString(body)
+        if !isHEAD { buffer.writeString(body) }  // a HEAD answer has the fields, never a body
         facts?.bytesOut = buffer.readableBytes
         finish(detail: detail, lastBody: buffer)
     }
@@ -505,7 +549,7 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
         done = true
         if let app {
             self.app = nil
-            environment.pools.pool(for: loop).release(app)
+            connection.pool?.release(app)
         }
         if environment.recordBeforeFlush(facts, peer: connection.peer, detail: detail, on: loop, waiter: self) {
             rowPending = true
@@ -517,7 +561,8 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
         setAppBlocked(false)  // the rest of the request body, if any, is dropped and its window credited
     }
 
-    /// The HTTP/1.1 request head of an HTTP/2 header block (nil without `:method` or `:path`).
+    /// The HTTP/1.1 request head of an HTTP/2 header block (nil without `:method`, `:path`, or
+    /// either `:authority` or `host`).
     /// `:authority` becomes `Host`; `cookie` fields are joined with "; " (RFC 9113, 8.2.3).
     static func requestHead(_ headers: HPACKHeaders) -> HTTPRequestHead? {
         var method: String?
@@ -550,6 +595,7 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
         }
         guard let method, let path else { return nil }
         if !hostAdded, let authority { out.add(name: "host", value: authority) }
+        guard authority != nil || out.contains(name: "host") else { return nil }  // no Host: 400, as on HTTP/1.1
         if !cookies.isEmpty { out.add(name: "cookie", value: cookies.joined(separator: "; ")) }
         return HTTPRequestHead(version: .http2, method: HTTPMethod(rawValue: method), uri: path, headers: out)
     }

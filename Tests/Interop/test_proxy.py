@@ -565,9 +565,11 @@ def test_http2_via_alpn_with_bodies(mesh, tmp_path):
     assert reply.code == 200 and reply.version == "2"
     assert (reply.json()["body_len"], reply.json()["body_sha256"]) == (len(payload), digest)
     assert reply.json()["chunked"] and reply.json()["version"] == "HTTP/1.1"
-    # a denied h2 stream gets Istio's 403 too
+    # a denied h2 stream gets Istio's 403 too; to HEAD, the same answer without its body
     denied = curl1("--http2", *web.curl, f"{base}/admin/h2")
     assert denied.code == 403 and denied.version == "2" and denied.body == RBAC_DENIED
+    head = curl1("--http2", "-I", *web.curl, f"{base}/admin/h2-head")
+    assert head.code == 403 and head.version == "2" and "content-length: 19" in head.body.lower(), head
 
 
 def test_http2_denied_upload_and_aborted_download_are_settled(mesh, tmp_path):

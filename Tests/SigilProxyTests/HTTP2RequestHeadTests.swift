@@ -20,7 +20,8 @@ struct HTTP2RequestHeadTests {
 
     @Test("cookie fields split by HTTP/2 are joined with '; ' into one (RFC 9113, 8.2.3)")
     func cookiesJoined() throws {
-        let block = HPACKHeaders([(":method", "GET"), (":path", "/"), ("cookie", "a=1"), ("accept", "*/*"), ("cookie", "b=2")])
+        let block = HPACKHeaders([(":method", "GET"), (":path", "/"), (":authority", "api"), ("cookie", "a=1"), ("accept", "*/*"),
+                                  ("cookie", "b=2")])
         let head = try #require(HTTP2InboundStream.requestHead(block))
         #expect(head.headers["cookie"] == ["a=1; b=2"])
         #expect(head.headers["accept"] == ["*/*"])
@@ -28,7 +29,26 @@ struct HTTP2RequestHeadTests {
 
     @Test("a block without :method or :path is no request")
     func missingPseudoFields() {
-        #expect(HTTP2InboundStream.requestHead(HPACKHeaders([(":method", "GET")])) == nil)
-        #expect(HTTP2InboundStream.requestHead(HPACKHeaders([(":path", "/")])) == nil)
+        #expect(HTTP2InboundStream.requestHead(HPACKHeaders([(":method", "GET"), (":authority", "api")])) == nil)
+        #expect(HTTP2InboundStream.requestHead(HPACKHeaders([(":path", "/"), (":authority", "api")])) == nil)
+    }
+}
+
+extension HTTP2RequestHeadTests {
+    @Test("a block with neither :authority nor host is no request (400, as on HTTP/1.1); host alone is kept")
+    func hostRequired() throws {
+        #expect(HTTP2InboundStream.requestHead(HPACKHeaders([(":method", "GET"), (":path", "/")])) == nil)
+        let head = try #require(HTTP2InboundStream.requestHead(HPACKHeaders([(":method", "GET"), (":path", "/"), ("host", "api")])))
+        #expect(head.headers["host"] == ["api"])
+    }
+
+    @Test("connection-specific response fields are recognised by name")
+    func hopByHop() {
+        for name in ["connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection"] {
+            #expect(HTTP2InboundStream.isHopByHop(name), "\(name)")
+        }
+        for name in ["content-length", "content-type", "x-upgrade", "connectionx", "te"] {
+            #expect(!HTTP2InboundStream.isHopByHop(name), "\(name)")
+        }
     }
 }
