@@ -9,6 +9,7 @@ and stop it. Every wait is bounded; nothing binds anything but 127.0.0.1."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -1018,6 +1019,26 @@ class Uploader(threading.Thread):
             self.error = e
 
 
+@contextlib.contextmanager
+def open_proxy(mesh, name: str, app, ledger: Path | None = None):
+    """A PERMISSIVE inbound proxy `name` in front of `app` with no policy (every caller allowed),
+    yielding (its process, its port); stops both at the end."""
+    port = free_port()
+    try:
+        proc = mesh.proxy(name, API, port, app.address, "app=api", "--mtls", "PERMISSIVE", policies=allow_all_policies(mesh),
+                          ledger=ledger)
+        yield proc, port
+    finally:
+        mesh.c.stop_proxy(name)
+        app.close()
+
+
+def connect(mesh, port: int, via: str, timeout: float = 30):
+    """A client socket to `port`: plaintext, or mTLS with the web SVID (`via == "mtls"`)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    return tls_client(mesh.idents["web"], mesh.bundle).wrap_socket(raw) if via == "mtls" else raw
+
+
 BIG = 256 * 1024 * 1024
 SLACK = 48 * 1024 * 1024  # what a proxy may hold for one slow peer, and then some (it needs ~1 MB)
 
@@ -1028,15 +1049,9 @@ def test_a_slow_reader_holds_the_app_back_instead_of_filling_the_proxy(mesh, via
     from the app (the kernel's socket buffers fill, the app blocks), not make the proxy hold the rest
     in memory: any caller could otherwise grow a sidecar by the size of whatever it asks for."""
     app = StreamingApp(BIG)
-    port = free_port()
-    allow_all = allow_all_policies(mesh)
-    name = f"slow-reader-{via}"
-    try:
-        proc = mesh.proxy(name, API, port, app.address, "app=api", "--mtls", "PERMISSIVE", policies=allow_all)
+    with open_proxy(mesh, f"slow-reader-{via}", app) as (proc, port):
         before = rss_bytes(proc)
-        raw = socket.create_connection(("127.0.0.1", port), timeout=30)
-        s = tls_client(mesh.idents["web"], mesh.bundle).wrap_socket(raw) if via == "mtls" else raw
-        with s:
+        with connect(mesh, port, via) as s:
             s.sendall(b"GET /big HTTP/1.1\r\nHost: api\r\n\r\n")
             wait_until_still(lambda: app.sent, "the app's progress")
             held = rss_bytes(proc) - before
@@ -1053,9 +1068,6 @@ def test_a_slow_reader_holds_the_app_back_instead_of_filling_the_proxy(mesh, via
                 assert chunk, f"the response ended after {got} of {BIG} bytes"
                 got += len(chunk)
             assert got == BIG
-    finally:
-        mesh.c.stop_proxy(name)
-        app.close()
 
 
 @pytest.mark.parametrize("via", ["plaintext", "mtls"])
@@ -1064,15 +1076,9 @@ def test_a_slow_app_holds_the_uploader_back_instead_of_filling_the_proxy(mesh, v
     reading it from the client; once the app reads again, every byte arrives."""
     app = StreamingApp(5)
     app.reading.clear()
-    port = free_port()
-    allow_all = allow_all_policies(mesh)
-    name = f"slow-app-{via}"
-    try:
-        proc = mesh.proxy(name, API, port, app.address, "app=api", "--mtls", "PERMISSIVE", policies=allow_all)
+    with open_proxy(mesh, f"slow-app-{via}", app) as (proc, port):
         before = rss_bytes(proc)
-        raw = socket.create_connection(("127.0.0.1", port), timeout=60)
-        s = tls_client(mesh.idents["web"], mesh.bundle).wrap_socket(raw) if via == "mtls" else raw
-        with s:
+        with connect(mesh, port, via, timeout=60) as s:
             sender = Uploader(s, "/upload", BIG)
             wait_until_still(lambda: sender.sent, "the upload's progress")
             held = rss_bytes(proc) - before
@@ -1084,23 +1090,16 @@ def test_a_slow_app_holds_the_uploader_back_instead_of_filling_the_proxy(mesh, v
             [(status, body)] = read_http_responses(s, 1, timeout=60)
             assert status == 200 and body == bytes(range(5))
             assert app.received == BIG
-    finally:
-        mesh.c.stop_proxy(name)
-        app.close()
 
 
 def test_an_app_answering_before_it_reads_the_upload_does_not_stall_the_client(mesh):
     """An app that answers (413) before reading a large request body and then reads nothing: the
     proxy must go on reading the client's body and drop it (the answer is already given), not hold
     the client back for an app connection that takes no more."""
-    app = StreamingApp(5)
-    port = free_port()
-    allow_all = allow_all_policies(mesh)
     size = 64 * 1024 * 1024
     ledger = mesh.dir / "early.jsonl"
-    try:
-        mesh.proxy("early", API, port, app.address, "app=api", "--mtls", "PERMISSIVE", policies=allow_all, ledger=ledger)
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+    with open_proxy(mesh, "early", StreamingApp(5), ledger=ledger) as (_, port):
+        with connect(mesh, port, "plaintext") as s:
             sender = Uploader(s, "/early", size)
             [(status, body)] = read_http_responses(s, 1, timeout=30)
             assert status == 413 and body == b"large"
@@ -1108,9 +1107,6 @@ def test_an_app_answering_before_it_reads_the_upload_does_not_stall_the_client(m
             assert sender.error is None and sender.sent == size, f"the client got {sender.sent} of {size} bytes out: {sender.error}"
         row = request_row(ledger, "/early", timeout=15)
         assert row["status"] == 413 and row["bytes_in"] == size, row
-    finally:
-        mesh.c.stop_proxy("early")
-        app.close()
 
 
 def test_http2_back_pressure_both_ways(mesh, tmp_path):
@@ -1118,11 +1114,8 @@ def test_http2_back_pressure_both_ways(mesh, tmp_path):
     download stops the app, and an app that does not read stops the client's upload (through the
     stream's flow-control window), with nothing lost either way."""
     app = StreamingApp(BIG)
-    port = free_port()
-    allow_all = allow_all_policies(mesh)
     exe = shutil.which("curl")
-    try:
-        proc = mesh.proxy("slow-h2", API, port, app.address, "app=api", "--mtls", "PERMISSIVE", policies=allow_all)
+    with open_proxy(mesh, "slow-h2", app) as (proc, port):
         before = rss_bytes(proc)
         # download: curl is stopped (SIGSTOP) once the response started, then resumed
         out = tmp_path / "download"
@@ -1162,9 +1155,6 @@ def test_http2_back_pressure_both_ways(mesh, tmp_path):
         stdout, _ = client.communicate(timeout=120)
         assert stdout.split() == ["200", "2", str(BIG)], stdout
         assert app.received == BIG
-    finally:
-        mesh.c.stop_proxy("slow-h2")
-        app.close()
 
 
 # --------------------------------------------------------------------------- 7. PERMISSIVE
