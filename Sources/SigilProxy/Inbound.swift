@@ -47,6 +47,51 @@ final class SetupDeadline: ChannelInboundHandler, RemovableChannelHandler {
     }
 }
 
+/// Closes an inbound connection on which no data has moved either way for `--idle-timeout`
+/// (default 1 h, as Envoy's idle_timeout): a set-up peer that goes quiet, or a TCP-mode connection
+/// nobody uses, cannot hold a socket for ever. Nothing is counted per byte or per request: when the
+/// timer fires it asks the kernel (TCP_INFO) how long ago the last data segment was received and
+/// sent, and closes the connection or sleeps for the rest of the timeout. A request that waits
+/// longer than that for its app, with no byte either way, is closed too. Confined to the channel's
+/// event loop.
+final class IdleWatch {
+    private let channel: any Channel
+    private let timeoutMillis: Int64
+    private var task: Scheduled<Void>?
+
+    private init(channel: any Channel, timeout: TimeAmount) {
+        self.channel = channel
+        self.timeoutMillis = max(1, timeout.nanoseconds / 1_000_000)
+    }
+
+    /// Watches `channel` until it closes (call on its event loop).
+    static func start(on channel: any Channel, timeout: TimeAmount) {
+        let watch = IdleWatch(channel: channel, timeout: timeout)
+        watch.schedule(in: timeout)
+        channel.closeFuture.assumeIsolated().whenComplete { _ in
+            watch.task?.cancel()
+            watch.task = nil
+        }
+    }
+
+    private func schedule(in delay: TimeAmount) {
+        task = channel.eventLoop.assumeIsolated().scheduleTask(in: delay) { self.check() }
+    }
+
+    private func check() {
+        task = nil
+        guard channel.isActive, let socket = channel as? any SocketOptionProvider else { return }
+        socket.getTCPInfo().assumeIsolated().whenSuccess { info in
+            let idle = Int64(min(info.tcpi_last_data_recv, info.tcpi_last_data_sent))
+            if idle >= self.timeoutMillis {
+                self.channel.close(promise: nil)
+            } else if self.channel.isActive {
+                self.schedule(in: .milliseconds(self.timeoutMillis - idle))
+            }
+        }
+    }
+}
+
 /// The error ``SetupDeadline`` raises.
 struct SetupTimedOut: Error, CustomStringConvertible {
     let timeout: TimeAmount

@@ -15,7 +15,8 @@ public enum ProxyArguments {
     public static let flags: Set<String> = [
         "config", "workload-api", "inbound", "app", "namespace", "labels", "policies", "mtls", "spiffe-id",
         "outbound", "upstream", "upstream-id", "protocol", "ledger", "ledger-sync-ms", "ledger-server",
-        "ledger-max-size", "ledger-segment-size", "metrics", "kill-switch", "root-namespace", "threads", "handshake-timeout", "log-level",
+        "ledger-max-size", "ledger-segment-size", "metrics", "kill-switch", "root-namespace", "threads", "handshake-timeout", "idle-timeout",
+        "log-level",
     ]
 
     /// Parsed settings plus the log level (handled by the caller's logging bootstrap).
@@ -107,6 +108,12 @@ public enum ProxyArguments {
             do { handshakeTimeout = try DurationText.parse(text) } catch { throw UsageError("\(limit): \(error.message)") }
             guard handshakeTimeout >= .seconds(1), handshakeTimeout <= .seconds(3600) else { throw UsageError(limit) }
         }
+        var idleTimeout = ProxyConfig.defaultIdleTimeout
+        if let text = get("idle-timeout") {
+            let limit = "--idle-timeout '\(text)' must be a duration from 1s to 7d, e.g. 1h"
+            do { idleTimeout = try DurationText.parse(text) } catch { throw UsageError("\(limit): \(error.message)") }
+            guard idleTimeout >= .seconds(1), idleTimeout <= .seconds(7 * 86_400) else { throw UsageError(limit) }
+        }
         let ledgerServer = get("ledger-server")
         if let ledgerServer {
             guard get("ledger") != nil else { throw UsageError("--ledger-server ships the rows of --ledger: give the spool file too") }
@@ -134,6 +141,7 @@ public enum ProxyArguments {
             threads: threads)
         config.ledgerServer = ledgerServer
         config.handshakeTimeout = handshakeTimeout
+        config.idleTimeout = idleTimeout
         config.ledgerMaxSize = ledgerMaxSize
         config.ledgerSegmentSize = ledgerSegmentSize
         config.metricsHost = metrics?.0

@@ -52,6 +52,10 @@ public struct ProxyConfig: Sendable {
     /// plaintext HTTP, sent its first whole request) by then is closed.
     public var handshakeTimeout: Duration = ProxyConfig.defaultHandshakeTimeout
     public static let defaultHandshakeTimeout: Duration = .seconds(10)
+    /// `--idle-timeout`: an inbound connection on which no data has moved either way for this long
+    /// is closed (Envoy's idle_timeout, with its default).
+    public var idleTimeout: Duration = ProxyConfig.defaultIdleTimeout
+    public static let defaultIdleTimeout: Duration = .seconds(3600)
 
     public init(workloadAPISocket: String, inboundHost: String, inboundPort: Int, appHost: String, appPort: Int,
                 namespace: String, labels: [String: String], policiesPath: String,
@@ -240,6 +244,7 @@ struct ProxyService: Service {
         let environment = self.environment
         // At least 100 ms, whatever a caller of the library put in the config (the flag takes 1s to 1h).
         let setupTimeout = max(TimeAmount(config.handshakeTimeout), .milliseconds(100))
+        let idleTimeout = max(TimeAmount(config.idleTimeout), .seconds(1))
         do {
             return try await ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: 1024)
@@ -248,6 +253,7 @@ struct ProxyService: Service {
                 .childChannelOption(.allowRemoteHalfClosure, value: config.tcpMode)  // TCP mode: a FIN is passed on as a FIN
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        IdleWatch.start(on: channel, timeout: idleTimeout)
                         try channel.pipeline.syncOperations.addHandlers(SetupDeadline(timeout: setupTimeout), InboundSniffer(environment: environment))
                     }
                 }

@@ -1020,13 +1020,13 @@ class Uploader(threading.Thread):
 
 
 @contextlib.contextmanager
-def open_proxy(mesh, name: str, app, ledger: Path | None = None):
-    """A PERMISSIVE inbound proxy `name` in front of `app` with no policy (every caller allowed),
-    yielding (its process, its port); stops both at the end."""
+def open_proxy(mesh, name: str, app, *extra: str, ledger: Path | None = None):
+    """A PERMISSIVE inbound proxy `name` (with flags `extra`) in front of `app` with no policy
+    (every caller allowed), yielding (its process, its port); stops both at the end."""
     port = free_port()
     try:
-        proc = mesh.proxy(name, API, port, app.address, "app=api", "--mtls", "PERMISSIVE", policies=allow_all_policies(mesh),
-                          ledger=ledger)
+        proc = mesh.proxy(name, API, port, app.address, "app=api", "--mtls", "PERMISSIVE", *extra,
+                          policies=allow_all_policies(mesh), ledger=ledger)
         yield proc, port
     finally:
         mesh.c.stop_proxy(name)
@@ -1155,6 +1155,31 @@ def test_http2_back_pressure_both_ways(mesh, tmp_path):
         stdout, _ = client.communicate(timeout=120)
         assert stdout.split() == ["200", "2", str(BIG)], stdout
         assert app.received == BIG
+
+
+def test_a_connection_idle_past_the_idle_timeout_is_closed_and_a_busy_one_is_not(mesh):
+    """--idle-timeout (Envoy's idle_timeout): an mTLS connection that went quiet after its first
+    request is closed once no byte has moved either way for that long; one that keeps sending
+    requests, each well inside the timeout, stays open through several timeouts."""
+    with open_proxy(mesh, "idle", HTTPEchoApp(), "--idle-timeout", "2s") as (_, port):
+        request = b"GET /idle HTTP/1.1\r\nHost: api\r\n\r\n"
+        with connect(mesh, port, "mtls") as quiet, connect(mesh, port, "mtls") as busy:
+            for s in (quiet, busy):
+                s.sendall(request)
+                [(status, _)] = read_http_responses(s, 1)
+                assert status == 200
+            deadline = time.monotonic() + 7  # over three timeouts
+            while time.monotonic() < deadline:
+                time.sleep(0.5)
+                busy.sendall(request)
+                [(status, _)] = read_http_responses(busy, 1)
+                assert status == 200, "the busy connection was closed"
+            quiet.settimeout(5)
+            try:
+                got = quiet.recv(100)
+            except (ConnectionResetError, ssl.SSLError):
+                got = b""
+            assert got == b"", f"the idle connection was not closed: {got!r}"
 
 
 # --------------------------------------------------------------------------- 7. PERMISSIVE

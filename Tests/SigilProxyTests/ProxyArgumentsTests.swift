@@ -51,6 +51,13 @@ struct ProxyArgumentsTests {
         #expect(try parse(["--handshake-timeout=1m30s"]).handshakeTimeout == .seconds(90))
     }
 
+    @Test("the idle timeout defaults to 1h and takes a duration from 1s to 7d")
+    func idleTimeout() throws {
+        #expect(try parse([]).idleTimeout == .seconds(3600))
+        #expect(try parse(["--idle-timeout", "90s"]).idleTimeout == .seconds(90))
+        #expect(try parse(["--idle-timeout=7d"]).idleTimeout == .seconds(7 * 86_400))
+    }
+
     @Test("bad values are refused with the flag's name", arguments: [
         (["--ledger-max-size", "1 GiB and more"], "--ledger-max-size"),
         (["--ledger-max-size", "1GiBs"], "--ledger-max-size"),
@@ -68,6 +75,9 @@ struct ProxyArgumentsTests {
         (["--handshake-timeout", "0s"], "--handshake-timeout"),
         (["--handshake-timeout", "2h"], "--handshake-timeout"),
         (["--handshake-timeout", "10"], "--handshake-timeout"),
+        (["--idle-timeout", "0s"], "--idle-timeout"),
+        (["--idle-timeout", "8d"], "--idle-timeout"),
+        (["--idle-timeout", "soon"], "--idle-timeout"),
         (["--mtls", "LOOSE"], "--mtls"),
         (["--protocol", "udp"], "--protocol"),
         (["--outbound", "127.0.0.1:15001"], "--outbound"),
