@@ -319,89 +319,6 @@ class HTTPEchoApp:
         self.server.server_close()
 
 
-class StreamingApp:
-    """A raw HTTP/1.1 app on 127.0.0.1 that answers every request with `size` bytes of one pattern
-    (Content-Length, 64 KiB writes) and reads every request body as it comes (reading stops while
-    `reading` is clear). A request to `/early` is answered after a second with `413` (keep-alive)
-    and its body is never read: the connection just waits until the app is closed. Counts request heads
-    and the bytes it has sent and received, so a test can tell how far ahead of a slow peer the
-    proxy let the other side get."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.sent = 0
-        self.received = 0
-        self.heads = 0
-        self.reading = threading.Event()
-        self.reading.set()
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.stopped = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _accept(self):
-        while not self.stopped.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket):
-        conn.settimeout(60)
-        block = bytes(range(256)) * 256
-        with conn:
-            try:
-                data = b""
-                while True:
-                    while b"\r\n\r\n" not in data:
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            return
-                        data += chunk
-                    head, data = data.split(b"\r\n\r\n", 1)
-                    self.heads += 1
-                    match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-                    left = int(match.group(1)) - len(data) if match else 0
-                    self.received += len(data)
-                    data = b""
-                    if head.split(b" ", 2)[1].startswith(b"/early"):
-                        time.sleep(1)  # the body piles up in the proxy's queues towards the app first
-                        conn.sendall(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 5\r\n\r\nlarge")
-                        self.stopped.wait()
-                        return
-                    while left > 0:
-                        self.reading.wait()
-                        chunk = conn.recv(min(65536, left))
-                        if not chunk:
-                            return
-                        self.received += len(chunk)
-                        left -= len(chunk)
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                                 b"Content-Length: %d\r\n\r\n" % self.size)
-                    sent = 0
-                    while sent < self.size:
-                        n = min(len(block), self.size - sent)
-                        conn.sendall(block[:n])
-                        sent += n
-                        self.sent += n
-            except OSError:
-                return
-
-    def close(self):
-        self.stopped.set()
-        self.reading.set()
-        self.sock.close()
-
-
 class TCPEchoServer:
     """A raw TCP echo server on 127.0.0.1; counts the connections it accepted."""
 
@@ -448,3 +365,68 @@ class TCPEchoServer:
         self.running = False
         self.thread.join(2)
         self.sock.close()
+
+
+class StreamingApp(TCPEchoServer):
+    """A raw HTTP/1.1 app on 127.0.0.1 that answers every request with `size` bytes of one pattern
+    (Content-Length, 64 KiB writes) and reads every request body as it comes (reading stops while
+    `reading` is clear). A request to `/early` is answered after a second with `413` (keep-alive)
+    and its body is never read: the connection just waits until the app is closed. Counts request heads
+    and the bytes it has sent and received, so a test can tell how far ahead of a slow peer the
+    proxy let the other side get."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.sent = 0
+        self.received = 0
+        self.heads = 0
+        self.reading = threading.Event()
+        self.reading.set()
+        self.stopped = threading.Event()
+        super().__init__()
+
+    def _serve(self, conn: socket.socket):
+        conn.settimeout(60)
+        block = bytes(range(256)) * 256
+        with conn:
+            try:
+                data = b""
+                while True:
+                    while b"\r\n\r\n" not in data:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            return
+                        data += chunk
+                    head, data = data.split(b"\r\n\r\n", 1)
+                    self.heads += 1
+                    match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                    left = int(match.group(1)) - len(data) if match else 0
+                    self.received += len(data)
+                    data = b""
+                    if head.split(b" ", 2)[1].startswith(b"/early"):
+                        time.sleep(1)  # the body piles up in the proxy's queues towards the app first
+                        conn.sendall(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 5\r\n\r\nlarge")
+                        self.stopped.wait()
+                        return
+                    while left > 0:
+                        self.reading.wait()
+                        chunk = conn.recv(min(65536, left))
+                        if not chunk:
+                            return
+                        self.received += len(chunk)
+                        left -= len(chunk)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                                 b"Content-Length: %d\r\n\r\n" % self.size)
+                    sent = 0
+                    while sent < self.size:
+                        n = min(len(block), self.size - sent)
+                        conn.sendall(block[:n])
+                        sent += n
+                        self.sent += n
+            except OSError:
+                return
+
+    def close(self):
+        self.stopped.set()
+        self.reading.set()
+        super().close()
