@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+#if canImport(CoreFoundation)
+import CoreFoundation  // the release build resolves Glibc struct members (tcp_info) through it
+#endif
 import Crypto
 import NIOCore
 import NIOHTTP1
@@ -48,12 +54,14 @@ final class SetupDeadline: ChannelInboundHandler, RemovableChannelHandler {
 }
 
 /// Closes an inbound connection on which no data has moved either way for `--idle-timeout`
-/// (default 1 h, as Envoy's idle_timeout): a set-up peer that goes quiet, or a TCP-mode connection
-/// nobody uses, cannot hold a socket for ever. Nothing is counted per byte or per request: when the
-/// timer fires it asks the kernel (TCP_INFO) how long ago the last data segment was received and
-/// sent, and closes the connection or sleeps for the rest of the timeout. A request that waits
-/// longer than that for its app, with no byte either way, is closed too. Confined to the channel's
-/// event loop.
+/// (default 1 h, like Envoy's TCP proxy idle_timeout): a set-up peer that goes quiet, or a TCP-mode
+/// connection nobody uses, cannot hold a socket for ever. Nothing is counted per byte or per
+/// request: when the timer fires it asks the kernel (TCP_INFO) how long ago the last data segment
+/// was received and sent, and closes the connection (abruptly, no GOAWAY) or sleeps for the rest
+/// of the timeout. A request that waits that long for its app with no byte either way, and a
+/// transfer stalled that long (the reader's window shut), are closed too. The watch starts at
+/// accept; the flag is at least `--handshake-timeout`, so set-up is bounded by the latter. Linux
+/// only (TCP_INFO); elsewhere it does nothing. Confined to the channel's event loop.
 final class IdleWatch {
     private let channel: any Channel
     private let timeoutMillis: Int64
@@ -80,15 +88,23 @@ final class IdleWatch {
 
     private func check() {
         task = nil
+        #if os(Linux)
         guard channel.isActive, let socket = channel as? any SocketOptionProvider else { return }
-        socket.getTCPInfo().assumeIsolated().whenSuccess { info in
-            let idle = Int64(min(info.tcpi_last_data_recv, info.tcpi_last_data_sent))
-            if idle >= self.timeoutMillis {
-                self.channel.close(promise: nil)
-            } else if self.channel.isActive {
-                self.schedule(in: .milliseconds(self.timeoutMillis - idle))
+        socket.getTCPInfo().assumeIsolated().whenComplete { result in
+            guard self.channel.isActive else { return }
+            switch result {
+            case .success(let info):
+                let idle = Int64(min(info.tcpi_last_data_recv, info.tcpi_last_data_sent))
+                if idle >= self.timeoutMillis {
+                    self.channel.close(promise: nil)
+                } else {
+                    self.schedule(in: .milliseconds(self.timeoutMillis - idle))
+                }
+            case .failure:
+                self.schedule(in: .milliseconds(self.timeoutMillis))  // asked again next time
             }
         }
+        #endif
     }
 }
 

@@ -113,6 +113,9 @@ public enum ProxyArguments {
             let limit = "--idle-timeout '\(text)' must be a duration from 1s to 7d, e.g. 1h"
             do { idleTimeout = try DurationText.parse(text) } catch { throw UsageError("\(limit): \(error.message)") }
             guard idleTimeout >= .seconds(1), idleTimeout <= .seconds(7 * 86_400) else { throw UsageError(limit) }
+            guard idleTimeout >= handshakeTimeout else {
+                throw UsageError("--idle-timeout '\(text)' must not be shorter than --handshake-timeout (\(DurationText.format(handshakeTimeout)))")
+            }
         }
         let ledgerServer = get("ledger-server")
         if let ledgerServer {

@@ -244,7 +244,9 @@ struct ProxyService: Service {
         let environment = self.environment
         // At least 100 ms, whatever a caller of the library put in the config (the flag takes 1s to 1h).
         let setupTimeout = max(TimeAmount(config.handshakeTimeout), .milliseconds(100))
-        let idleTimeout = max(TimeAmount(config.idleTimeout), .seconds(1))
+        // 1s to 7d whatever a library caller put in the config (TCP_INFO's milliseconds are 32-bit),
+        // and never shorter than the set-up deadline (which records its refusals).
+        let idleTimeout = min(max(TimeAmount(config.idleTimeout), .seconds(1), setupTimeout), .hours(7 * 24))
         do {
             return try await ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: 1024)

@@ -1158,28 +1158,39 @@ def test_http2_back_pressure_both_ways(mesh, tmp_path):
 
 
 def test_a_connection_idle_past_the_idle_timeout_is_closed_and_a_busy_one_is_not(mesh):
-    """--idle-timeout (Envoy's idle_timeout): an mTLS connection that went quiet after its first
-    request is closed once no byte has moved either way for that long; one that keeps sending
-    requests, each well inside the timeout, stays open through several timeouts."""
-    with open_proxy(mesh, "idle", HTTPEchoApp(), "--idle-timeout", "2s") as (_, port):
+    """--idle-timeout (like Envoy's TCP proxy idle_timeout): an mTLS connection that went quiet
+    after its first request is closed once no data has moved either way for that long; one that
+    keeps sending requests, each well inside the timeout, stays open through several timeouts."""
+    with open_proxy(mesh, "idle", HTTPEchoApp(), "--idle-timeout", "3s", "--handshake-timeout", "1s") as (_, port):
         request = b"GET /idle HTTP/1.1\r\nHost: api\r\n\r\n"
-        with connect(mesh, port, "mtls") as quiet, connect(mesh, port, "mtls") as busy:
-            for s in (quiet, busy):
-                s.sendall(request)
-                [(status, _)] = read_http_responses(s, 1)
-                assert status == 200
-            deadline = time.monotonic() + 7  # over three timeouts
-            while time.monotonic() < deadline:
-                time.sleep(0.5)
-                busy.sendall(request)
-                [(status, _)] = read_http_responses(busy, 1)
-                assert status == 200, "the busy connection was closed"
+        with connect(mesh, port, "mtls") as quiet:
+            quiet.sendall(request)
+            [(status, _)] = read_http_responses(quiet, 1)
+            assert status == 200
+            with connect(mesh, port, "mtls") as busy:
+                deadline = time.monotonic() + 10  # over three timeouts
+                while time.monotonic() < deadline:
+                    busy.sendall(request)
+                    [(status, _)] = read_http_responses(busy, 1)
+                    assert status == 200, "the busy connection was closed"
+                    time.sleep(0.5)
             quiet.settimeout(5)
             try:
                 got = quiet.recv(100)
             except (ConnectionResetError, ssl.SSLError):
                 got = b""
             assert got == b"", f"the idle connection was not closed: {got!r}"
+
+
+def test_a_one_way_transfer_is_not_idle(mesh, tmp_path):
+    """A long download whose client sends nothing after its request moves data one way only: the
+    connection is not idle (the last data sent is recent), so it is not closed at --idle-timeout."""
+    size = 64 * 1024 * 1024
+    with open_proxy(mesh, "one-way", StreamingApp(size), "--idle-timeout", "3s", "--handshake-timeout", "1s") as (_, port):
+        res = subprocess.run([shutil.which("curl"), "-sS", "--max-time", "60", "--limit-rate", "8M", "-o", str(tmp_path / "down"),
+                              "-w", "%{http_code} %{size_download}", f"http://127.0.0.1:{port}/down"],
+                             capture_output=True, text=True, timeout=90)
+        assert res.stdout.split() == ["200", str(size)], (res.stdout, res.stderr)
 
 
 # --------------------------------------------------------------------------- 7. PERMISSIVE

@@ -51,11 +51,12 @@ struct ProxyArgumentsTests {
         #expect(try parse(["--handshake-timeout=1m30s"]).handshakeTimeout == .seconds(90))
     }
 
-    @Test("the idle timeout defaults to 1h and takes a duration from 1s to 7d")
+    @Test("the idle timeout defaults to 1h and takes a duration from 1s to 7d, not shorter than the handshake timeout")
     func idleTimeout() throws {
         #expect(try parse([]).idleTimeout == .seconds(3600))
         #expect(try parse(["--idle-timeout", "90s"]).idleTimeout == .seconds(90))
         #expect(try parse(["--idle-timeout=7d"]).idleTimeout == .seconds(7 * 86_400))
+        #expect(try parse(["--idle-timeout", "3s", "--handshake-timeout", "1s"]).idleTimeout == .seconds(3))
     }
 
     @Test("bad values are refused with the flag's name", arguments: [
@@ -78,6 +79,7 @@ struct ProxyArgumentsTests {
         (["--idle-timeout", "0s"], "--idle-timeout"),
         (["--idle-timeout", "8d"], "--idle-timeout"),
         (["--idle-timeout", "soon"], "--idle-timeout"),
+        (["--idle-timeout", "5s"], "--handshake-timeout"),  // shorter than the default 10s set-up deadline
         (["--mtls", "LOOSE"], "--mtls"),
         (["--protocol", "udp"], "--protocol"),
         (["--outbound", "127.0.0.1:15001"], "--outbound"),
