@@ -177,6 +177,9 @@ final class AppPool: @unchecked Sendable {
     let maxIdle: Int
     private var idle: [AppConnection] = []
     static let receiveBuffer = 256 * 1024
+    /// Request body bytes an inbound handler holds for one request (waiting for its app connection,
+    /// or queued behind the response in flight) before it stops reading its client.
+    static let maxHeldBody = 256 * 1024
 
     init(eventLoop: any EventLoop, target: SocketAddress, maxIdle: Int = 256) {
         self.eventLoop = eventLoop

@@ -63,17 +63,14 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
     private var rowPending = false
     /// The connection closes once the waiting response is flushed (nothing more is served on it).
     private var closing = false
-    /// A plaintext connection is set up at its first whole request head (``SetupDeadline``).
-    private var awaitingFirstHead: Bool
+    private var setup: FirstRequestSetup
 
     static let maxQueuedParts = 256
-    /// Request body bytes held while the app connection is being made, before the client is paused.
-    static let maxPendingBytes = 256 * 1024
 
     init(environment: ProxyEnvironment, peer: PeerInfo) {
         self.environment = environment
         self.peer = peer
-        awaitingFirstHead = !peer.mtls
+        setup = FirstRequestSetup(peer: peer)
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -88,10 +85,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
             try framer.feed(unwrapInboundIn(data)) { event in
                 switch event {
                 case .head(let head):
-                    if awaitingFirstHead {
-                        awaitingFirstHead = false
-                        SetupDeadline.remove(from: context.pipeline.syncOperations)
-                    }
+                    setup.requestArrived(context)
                     queue.append(.head(head))
                 case .body(let bytes, let payload):
                     queuedBytes += bytes.readableBytes
@@ -103,7 +97,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
             malformed = true
             queue.append(.malformed(error))
         }
-        if queue.count > Self.maxQueuedParts || queuedBytes > Self.maxPendingBytes { readPaused = true }
+        if queue.count > Self.maxQueuedParts || queuedBytes > AppPool.maxHeldBody { readPaused = true }
         drain()
     }
 
@@ -119,7 +113,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
             if case .body(let bytes, _) = part { queuedBytes -= bytes.readableBytes }
             dispatch(part)
         }
-        if readPaused, queue.count <= Self.maxQueuedParts / 2, queuedBytes <= Self.maxPendingBytes / 2 {
+        if readPaused, queue.count <= Self.maxQueuedParts / 2, queuedBytes <= AppPool.maxHeldBody / 2 {
             readPaused = false
             readAgainIfWanted()
         }
@@ -229,7 +223,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
             } else {
                 active!.pending.append(body)
                 active!.pendingBytes += body.readableBytes
-                if active!.pendingBytes > Self.maxPendingBytes { appBlocked = true }
+                if active!.pendingBytes > AppPool.maxHeldBody { appBlocked = true }
             }
         case .end:
             guard active != nil else { return }

@@ -37,8 +37,7 @@ final class HTTP2InboundHandler: ChannelDuplexHandler {
     private var appFlushes: [HTTP2InboundStream] = []
     /// Frames (window updates, refusals) were written in this read batch.
     var needsFlush = false
-    /// A plaintext connection is set up at its first stream (``SetupDeadline``).
-    private var awaitingFirstStream: Bool
+    private var setup: FirstRequestSetup
 
     /// The stream and connection windows this side keeps open: HTTP/2's initial window, which
     /// `NIOHTTP2Handler(mode: .server)`'s default settings do not change.
@@ -50,7 +49,7 @@ final class HTTP2InboundHandler: ChannelDuplexHandler {
     init(environment: ProxyEnvironment, peer: PeerInfo) {
         self.environment = environment
         self.peer = peer
-        awaitingFirstStream = !peer.mtls
+        setup = FirstRequestSetup(peer: peer)
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -70,10 +69,7 @@ final class HTTP2InboundHandler: ChannelDuplexHandler {
             if let stream = streams[frame.streamID] {
                 stream.trailers(endStream: headers.endStream)  // trailers end the request; not forwarded
             } else {
-                if awaitingFirstStream {
-                    awaitingFirstStream = false
-                    SetupDeadline.remove(from: context.pipeline.syncOperations)
-                }
+                setup.requestArrived(context)
                 let stream = HTTP2InboundStream(id: frame.streamID, connection: self)
                 streams[frame.streamID] = stream
                 stream.begin(headers.headers, endStream: headers.endStream)
@@ -238,7 +234,6 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
         let facts = RequestFacts(head: head, peer: connection.peer, environment: environment, proto: "h2")
         self.facts = facts
         if !facts.decision.allowed {
-            self.facts?.status = 403
             respond(status: 403, body: "RBAC: access denied")
             return
         }
@@ -259,7 +254,7 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
             if buffer.readableBytes > 0 {
                 pending.append(buffer)
                 pendingBytes += buffer.readableBytes
-                if pendingBytes > HTTP1InboundHandler.maxPendingBytes { appBlocked = true }
+                if pendingBytes > AppPool.maxHeldBody { appBlocked = true }
             }
             if !connecting { connectApp(fresh: false) }
         }
@@ -515,31 +510,32 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
 
     private func fail(detail: String) {
         guard !done, !closed else { return }
-        facts?.status = 502
         respond(status: 502, body: "upstream failed", detail: detail)
     }
 
     /// A request refused before it has facts (400, 503): no row, as on HTTP/1.1.
     private func refuse(status: Int, body: String) {
         done = true
-        writeHead(status: status, bodyLength: body.utf8.count)
-        var buffer = ByteBuffer()
-        if !isHEAD { buffer.writeString(body) }  // a HEAD answer has the fields, never a body
+        let buffer = writeOwnAnswer(status: status, body: body)
         connection.write(HTTP2Frame(streamID: id, payload: .data(.init(data: .byteBuffer(buffer), endStream: true))))
     }
 
-    /// The proxy's own answer (403, 502), recorded, its END_STREAM after the row.
+    /// The proxy's own answer (403, 502), recorded with its status, its END_STREAM after the row.
     private func respond(status: Int, body: String, detail: String? = nil) {
-        writeHead(status: status, bodyLength: body.utf8.count)
-        var buffer = ByteBuffer()
-        if !isHEAD { buffer.writeString(body) }  // a HEAD answer has the fields, never a body
+        let buffer = writeOwnAnswer(status: status, body: body)
+        facts?.status = status
         facts?.bytesOut = buffer.readableBytes
         finish(detail: detail, lastBody: buffer)
     }
 
-    private func writeHead(status: Int, bodyLength: Int) {
-        let headers = HPACKHeaders([(":status", String(status)), ("content-type", "text/plain"), ("content-length", String(bodyLength))])
+    /// Writes the HEADERS of a plain-text answer of the proxy's own; returns its body (empty to a
+    /// HEAD request: a HEAD answer has the fields, never a body).
+    private func writeOwnAnswer(status: Int, body: String) -> ByteBuffer {
+        let headers = HPACKHeaders([(":status", String(status)), ("content-type", "text/plain"), ("content-length", String(body.utf8.count))])
         connection.write(HTTP2Frame(streamID: id, payload: .headers(.init(headers: headers))))
+        var buffer = ByteBuffer()
+        if !isHEAD { buffer.writeString(body) }
+        return buffer
     }
 
     /// Records the row, releases the app connection, and ends the stream with `lastBody` once the

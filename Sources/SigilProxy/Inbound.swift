@@ -22,8 +22,9 @@ import X509
 /// could hold a socket for ever by sending nothing, one byte, or half a ClientHello and a FIN
 /// (which ``EOFHolder`` keeps back until the handshake ends). Removed once the connection is set
 /// up: by ``ApplicationPipeline`` after a handshake (and for plaintext TCP mode, whose first byte
-/// is the connection's data), by the HTTP/1.1 handler at the first request head, by the HTTP/2
-/// stream initializer at the first stream. A closed connection cancels it too. At the deadline it
+/// is the connection's data), and for plaintext HTTP by the HTTP/1.1 handler at the first request
+/// head or the HTTP/2 handler at the first stream (``FirstRequestSetup``). A closed connection
+/// cancels it too. At the deadline it
 /// raises ``SetupTimedOut`` down the pipeline (the TLS path records the refusal) and closes.
 final class SetupDeadline: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = NIOAny
@@ -50,6 +51,21 @@ final class SetupDeadline: ChannelInboundHandler, RemovableChannelHandler {
         if let deadline = try? pipeline.handler(type: SetupDeadline.self) {
             pipeline.removeHandler(deadline, promise: nil)
         }
+    }
+}
+
+/// A plaintext HTTP connection is set up at its first request: the HTTP handlers' note of whether
+/// that is still to come (an mTLS connection was set up at its handshake).
+struct FirstRequestSetup {
+    private var pending: Bool
+
+    init(peer: PeerInfo) { pending = !peer.mtls }
+
+    /// A whole request head (HTTP/1.1) or a stream (HTTP/2) arrived: the set-up deadline goes.
+    mutating func requestArrived(_ context: ChannelHandlerContext) {
+        guard pending else { return }
+        pending = false
+        SetupDeadline.remove(from: context.pipeline.syncOperations)
     }
 }
 

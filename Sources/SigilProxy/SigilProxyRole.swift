@@ -53,7 +53,7 @@ public struct ProxyConfig: Sendable {
     public var handshakeTimeout: Duration = ProxyConfig.defaultHandshakeTimeout
     public static let defaultHandshakeTimeout: Duration = .seconds(10)
     /// `--idle-timeout`: an inbound connection on which no data has moved either way for this long
-    /// is closed (Envoy's idle_timeout, with its default).
+    /// is closed (like Envoy's TCP proxy idle_timeout, with its default of 1 h).
     public var idleTimeout: Duration = ProxyConfig.defaultIdleTimeout
     public static let defaultIdleTimeout: Duration = .seconds(3600)
 
