@@ -89,6 +89,8 @@ LEDGER_DIR="${LEDGER_DIR:-}"
 # The spools' bound (--ledger-max-size): a full run writes ~1.2 GB of rows with no server to ship
 # them to, and a full spool fails closed (503), which would be measured instead of the ledger.
 LEDGER_MAX_SIZE="${LEDGER_MAX_SIZE:-16GiB}"
+# LEDGER_FLAGS: more ledger flags for the pair with the ledger on (e.g. "--ledger-sync-ms 60000").
+read -r -a ledger_flags <<<"${LEDGER_FLAGS:-}"
 OPEN_CONNS="${OPEN_CONNS:-1000}"
 LEDGER_OFF_PAIR="${LEDGER_OFF_PAIR:-1}"
 PLOT="${PLOT:-$repo/docs/bench-latency.png}"
@@ -489,8 +491,8 @@ start_sigil_pair() {
     local name="$1" in_port="$2" in2_port="$3" out_port="$4" with_ledger="$5"
     local d="$work/sigil" td=bench.local ledger_in=() ledger_out=()
     if ((with_ledger)); then
-        ledger_in=(--ledger "$LEDGER_DIR/ledger-$name-server.jsonl" --ledger-max-size "$LEDGER_MAX_SIZE")
-        ledger_out=(--ledger "$LEDGER_DIR/ledger-$name-client.jsonl" --ledger-max-size "$LEDGER_MAX_SIZE")
+        ledger_in=(--ledger "$LEDGER_DIR/ledger-$name-server.jsonl" --ledger-max-size "$LEDGER_MAX_SIZE" "${ledger_flags[@]}")
+        ledger_out=(--ledger "$LEDGER_DIR/ledger-$name-client.jsonl" --ledger-max-size "$LEDGER_MAX_SIZE" "${ledger_flags[@]}")
     fi
     "$SIGIL" proxy run --workload-api "unix://$d/agent.sock" --spiffe-id "spiffe://$td/ns/bench/sa/server" \
         --inbound "127.0.0.1:$in_port" --app "127.0.0.1:$port_backend" \
@@ -712,10 +714,11 @@ fi
 # start_perf RATE PID[,PID] FILE: `perf record` (call graphs) of those processes for DURATION + 1 s
 # into $work/FILE, in the background (its pid appended to perf_pids). One file per process when
 # each is reported alone: perf report's --pid/--tid filters keep or drop whole merged entries, so
-# they do not split one recording by process.
+# they do not split one recording by process. PERF_CALLGRAPH=dwarf unwinds through the Swift
+# runtime's leaf functions (swift_retain and friends keep no frame pointer), at a higher cost.
 perf_pids=()
 start_perf() {
-    perf record -F "$1" -g -o "$work/$3" -p "$2" -- sleep "$((DURATION + 1))" 2>"$work/$3.log" &
+    perf record -F "$1" --call-graph "${PERF_CALLGRAPH:-fp}" -o "$work/$3" -p "$2" -- sleep "$((DURATION + 1))" 2>"$work/$3.log" &
     perf_pids+=($!)
     sleep 0.5
 }
@@ -962,7 +965,7 @@ for sys in "${systems[@]}"; do
     python3 "$repo/bench/hold_conns.py" "${url[$sys]}" "$OPEN_CONNS" "$work/hold-$sys.ready" > "$work/runs/hold-$sys.txt" 2>&1 &
     holder=$!
     for _ in $(seq 300); do [ -f "$work/hold-$sys.ready" ] && break; sleep 0.1; done
-    sleep 1
+    sleep "${CONNS_SETTLE:-1}"  # CONNS_SETTLE: seconds to hold before reading (time to inspect the proxies)
     record_sys_rss "conns-$OPEN_CONNS" "$sys"
     kill "$holder" 2>/dev/null || true; wait "$holder" 2>/dev/null || true
     note "$sys: $(cat "$work/runs/hold-$sys.txt" | tail -1)"

@@ -11,6 +11,8 @@ public struct EnforcementState: Sendable {
     public let workload: WorkloadSelector
     public let applicable: [AuthorizationPolicy]
     public let evaluator: PolicyEvaluator
+    /// ``applicable`` split by action, with names built: what each request is evaluated against.
+    let prepared: PreparedPolicies
     /// The mTLS mode for the app's port (the `--mtls` override, else PeerAuthentication).
     public let baseMode: PeerAuthentication.Mode
     /// The mode in force: PERMISSIVE while the kill switch is on, else ``baseMode``.
@@ -28,6 +30,7 @@ public struct EnforcementState: Sendable {
         let evaluator = PolicyEvaluator(policies: set.authorizationPolicies, rootNamespace: rootNamespace)
         self.evaluator = evaluator
         self.applicable = evaluator.applicable(to: workload)
+        self.prepared = PreparedPolicies(applicable)
         let resolved = PeerAuthenticationResolver(policies: set.peerAuthentications, rootNamespace: rootNamespace)
             .mode(for: workload, port: appPort)
         self.killSwitch = killSwitch
@@ -50,7 +53,7 @@ public struct EnforcementState: Sendable {
     public func decide(_ request: AuthorizationRequest) -> AuthorizationDecision {
         if killSwitch != nil { return AuthorizationDecision(allowed: true, policy: "kill-switch", rule: nil) }
         if applicable.isEmpty { return AuthorizationDecision(allowed: true) }
-        return evaluator.evaluate(request, applicable: applicable)
+        return evaluator.evaluate(request, prepared: prepared)
     }
 }
 
@@ -181,6 +184,7 @@ extension EnforcementState {
     init(copying previous: EnforcementState, killSwitch: String?) {
         self.workload = previous.workload
         self.applicable = previous.applicable
+        self.prepared = previous.prepared
         self.evaluator = previous.evaluator
         self.headerNames = previous.headerNames
         self.killSwitch = killSwitch

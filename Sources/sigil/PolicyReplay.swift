@@ -132,6 +132,7 @@ struct PolicyReplay: AsyncParsableCommand {
         let peerAuthentication = PeerAuthenticationResolver(policies: set.peerAuthentications, rootNamespace: rootNamespace)
         var summary = Summary()
         var approximateFor: [WorkloadSelector: Bool] = [:]
+        var preparedFor: [WorkloadSelector: PreparedPolicies] = [:]  // the policies each workload is replayed against, split once
         for row in rows {
             guard isDecision(row), let workload = workload(ofWriter: row.writer) else {
                 summary.skipped += 1
@@ -157,7 +158,12 @@ struct PolicyReplay: AsyncParsableCommand {
                 let tcp = row.kind == "connection"
                 let request = AuthorizationRequest(principal: principal, sourceIP: row.sourceIP, remoteIP: row.sourceIP, destinationPort: row.port,
                                                    host: tcp ? nil : row.host, method: tcp ? nil : row.method, path: tcp ? nil : row.path, isTCP: tcp)
-                let decision = evaluator.evaluate(request, for: workload)
+                let prepared = preparedFor[workload] ?? {
+                    let value = PreparedPolicies(evaluator.applicable(to: workload))
+                    preparedFor[workload] = value
+                    return value
+                }()
+                let decision = evaluator.evaluate(request, prepared: prepared)
                 allowed = decision.allowed
                 policy = decision.policy
                 rule = decision.rule

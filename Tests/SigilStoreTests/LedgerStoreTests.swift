@@ -141,7 +141,7 @@ struct LedgerStoreTests {
 
     @Test func verifyNamesTheFirstEditedOrMissingRow() async throws {
         let (store, dir) = try fileStore()
-        _ = dir
+        defer { dir.remove() }
         let rows = try Self.chain("w", count: 8)
         _ = try await store.ingestLedger(writer: "w", uploader: "u", rows: rows, at: Date())
         _ = try await store.ingestLedger(writer: "v", uploader: "u", rows: try Self.chain("v", count: 3), at: Date())
@@ -200,7 +200,7 @@ struct LedgerStoreTests {
 
     @Test func retentionCutsAtASignedCheckpointThatVerifyChecks() async throws {
         let (store, dir) = try fileStore()
-        _ = dir
+        defer { dir.remove() }
         let rows = try Self.chain("w", count: 10)
         _ = try await store.ingestLedger(writer: "w", uploader: "u", rows: rows, at: Date())
         let key = LedgerCheckpointKey()
@@ -227,7 +227,7 @@ struct LedgerStoreTests {
 
     @Test func rowsRemovedWithoutACheckpointOrEditedBeforeACutAreNamed() async throws {
         let (store, dir) = try fileStore()
-        _ = dir
+        defer { dir.remove() }
         let rows = try Self.chain("w", count: 6)
         _ = try await store.ingestLedger(writer: "w", uploader: "u", rows: rows, at: Date())
         let key = LedgerCheckpointKey()

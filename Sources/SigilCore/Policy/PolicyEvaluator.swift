@@ -97,23 +97,27 @@ public struct PolicyEvaluator: Sendable {
         evaluate(request, applicable: applicable(to: workload))
     }
 
-    /// Evaluates against policies already chosen for the workload by ``applicable(to:)`` (a proxy
-    /// does that once per policy load, not once per request).
+    /// Evaluates against policies already chosen for the workload by ``applicable(to:)``.
     public func evaluate(_ request: AuthorizationRequest, applicable policies: [AuthorizationPolicy]) -> AuthorizationDecision {
+        evaluate(request, prepared: PreparedPolicies(policies))
+    }
+
+    /// Evaluates against policies already chosen and split by action (a proxy does that once per
+    /// policy load, not once per request): no array is filtered and no name is built per request.
+    public func evaluate(_ request: AuthorizationRequest, prepared: PreparedPolicies) -> AuthorizationDecision {
         var audited: [String] = []
-        for policy in policies where policy.action == .audit {
-            if firstMatchingRule(policy, request) != nil { audited.append(policy.qualifiedName) }
+        for entry in prepared.audit where firstMatchingRule(entry.policy, request) != nil {
+            audited.append(entry.name)
         }
-        for policy in policies where policy.action == .deny {
-            if let rule = firstMatchingRule(policy, request) {
-                return AuthorizationDecision(allowed: false, policy: policy.qualifiedName, rule: rule, audited: audited)
+        for entry in prepared.deny {
+            if let rule = firstMatchingRule(entry.policy, request) {
+                return AuthorizationDecision(allowed: false, policy: entry.name, rule: rule, audited: audited)
             }
         }
-        let allows = policies.filter { $0.action == .allow }
-        if allows.isEmpty { return AuthorizationDecision(allowed: true, audited: audited) }
-        for policy in allows {
-            if let rule = firstMatchingRule(policy, request) {
-                return AuthorizationDecision(allowed: true, policy: policy.qualifiedName, rule: rule, audited: audited)
+        if prepared.allow.isEmpty { return AuthorizationDecision(allowed: true, audited: audited) }
+        for entry in prepared.allow {
+            if let rule = firstMatchingRule(entry.policy, request) {
+                return AuthorizationDecision(allowed: true, policy: entry.name, rule: rule, audited: audited)
             }
         }
         return AuthorizationDecision(allowed: false, audited: audited)
@@ -157,9 +161,12 @@ public struct PolicyEvaluator: Sendable {
             guard Self.field(o.ports, o.notPorts, { $0 == port }) else { return false }
         }
         if ignoreHTTP { return true }
-        let host = (r.host ?? "").lowercased()
-        return Self.field(o.hosts, o.notHosts) { StringMatch.matches($0.lowercased(), host) || StringMatch.matches($0.lowercased(), Self.stripPort(host)) }
-            && Self.field(o.methods, o.notMethods) { StringMatch.matches($0, r.method ?? "") }
+        if o.hosts != nil || o.notHosts != nil {  // lowercased only for a rule that reads it
+            let host = (r.host ?? "").lowercased()
+            guard Self.field(o.hosts, o.notHosts, { StringMatch.matches($0.lowercased(), host) || StringMatch.matches($0.lowercased(), Self.stripPort(host)) })
+            else { return false }
+        }
+        return Self.field(o.methods, o.notMethods) { StringMatch.matches($0, r.method ?? "") }
             && Self.field(o.paths, o.notPaths) { StringMatch.matches($0, Self.pathWithoutQuery(r.path ?? "")) }
     }
 
@@ -198,6 +205,34 @@ public struct PolicyEvaluator: Sendable {
         if let colon = host.lastIndex(of: ":"), host[host.index(after: colon)...].allSatisfy(\.isNumber) { return String(host[..<colon]) }
         return host
     }
+}
+
+/// Policies split by action in their given order, each with its `namespace/name` built once:
+/// what ``PolicyEvaluator/evaluate(_:prepared:)`` walks per request.
+public struct PreparedPolicies: Sendable {
+    /// One policy and its name (a class: walking the lists retains one reference per entry, not
+    /// every field of the policy).
+    final class Entry: Sendable {
+        let policy: AuthorizationPolicy
+        let name: String
+        init(_ policy: AuthorizationPolicy) {
+            self.policy = policy
+            self.name = policy.qualifiedName
+        }
+    }
+
+    let audit: [Entry]
+    let deny: [Entry]
+    let allow: [Entry]
+
+    public init(_ policies: [AuthorizationPolicy]) {
+        audit = policies.filter { $0.action == .audit }.map(Entry.init)
+        deny = policies.filter { $0.action == .deny }.map(Entry.init)
+        allow = policies.filter { $0.action == .allow }.map(Entry.init)
+    }
+
+    /// No policy at all (every request is allowed).
+    public var isEmpty: Bool { audit.isEmpty && deny.isEmpty && allow.isEmpty }
 }
 
 /// Istio's string match: exact, `prefix*`, `*suffix`, or `*` (any non-empty value).
