@@ -70,7 +70,8 @@
 #   PROFILE=ledger IDLE_WAIT=1 bash bench/proxy.sh   # no benchmark: both inbound proxies (ledger on and off) under
 #                                                    # one perf record while both pairs are loaded; extra samples per request by symbol
 #
-# Prints a markdown table; writes bench/results/proxy-<UTC date>.json (raw runs + summary).
+# Prints a markdown table; a full run writes bench/results/proxy-<UTC date>.json (raw runs + summary)
+# and redraws docs/bench-latency.png; a partial run (PHASES, PROFILE) writes /tmp/sigil-bench-proxy-partial.*.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
@@ -93,14 +94,21 @@ LEDGER_MAX_SIZE="${LEDGER_MAX_SIZE:-16GiB}"
 read -r -a ledger_flags <<<"${LEDGER_FLAGS:-}"
 OPEN_CONNS="${OPEN_CONNS:-1000}"
 LEDGER_OFF_PAIR="${LEDGER_OFF_PAIR:-1}"
-PLOT="${PLOT:-$repo/docs/bench-latency.png}"
 # 1,000 held connections need ~2,000 descriptors per proxy (downstream + upstream); children inherit this.
 ulimit -n 65536 2>/dev/null || ulimit -n 8192 2>/dev/null || true
 CONNS=(1 64)
 # PHASES: which parts run (all by default): h1 h2 rate newconn conns ledger.
 PHASES="${PHASES:-h1 h2 rate newconn conns ledger}"
 phase() { [[ " $PHASES " == *" $1 "* ]]; }
-RESULT_JSON="${RESULT_JSON:-$repo/bench/results/proxy-$(date -u +%Y-%m-%d).json}"
+# Only a full run (every phase, no PROFILE) writes the day's result and the docs' plot by default;
+# a partial run or a profile writes beside /tmp instead, so it never replaces the full run's figures.
+if [ "$PHASES" = "h1 h2 rate newconn conns ledger" ] && [ -z "${PROFILE:-}" ]; then
+    RESULT_JSON="${RESULT_JSON:-$repo/bench/results/proxy-$(date -u +%Y-%m-%d).json}"
+    PLOT="${PLOT:-$repo/docs/bench-latency.png}"
+else
+    RESULT_JSON="${RESULT_JSON:-/tmp/sigil-bench-proxy-partial.json}"
+    PLOT="${PLOT:-/tmp/sigil-bench-proxy-partial.png}"
+fi
 
 log() { echo "==> $*" >&2; }
 note() { echo "    $*" >&2; }

@@ -29,7 +29,10 @@ mkdir -p bench/results
 failed=()
 for b in "${benches[@]}"; do
     echo "==> bench/$b.sh" >&2
-    if bash "bench/$b.sh" | tee "bench/results/$b-$day.md"; then :; else failed+=("$b"); fi
+    # bench/proxy.sh run alone keeps a partial run's figures out of bench/results; this entry point
+    # always keeps them (the goal table below reads them).
+    if RESULT_JSON="${RESULT_JSON:-$PWD/bench/results/$b-$day.json}" PLOT="${PLOT:-$PWD/docs/bench-latency.png}" \
+        bash "bench/$b.sh" | tee "bench/results/$b-$day.md"; then :; else failed+=("$b"); fi
 done
 
 python3 - "$day" "${benches[@]}" <<'PY'
