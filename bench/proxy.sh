@@ -71,7 +71,7 @@
 #                                                    # one perf record while both pairs are loaded; extra samples per request by symbol
 #
 # Prints a markdown table; a full run writes bench/results/proxy-<UTC date>.json (raw runs + summary)
-# and redraws docs/bench-latency.png; a partial run (PHASES, PROFILE) writes /tmp/sigil-bench-proxy-partial.*.
+# and redraws docs/bench-latency.png; a run of some PHASES writes /tmp/sigil-bench-proxy-partial.*.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
@@ -90,7 +90,8 @@ LEDGER_DIR="${LEDGER_DIR:-}"
 # The spools' bound (--ledger-max-size): a full run writes ~1.2 GB of rows with no server to ship
 # them to, and a full spool fails closed (503), which would be measured instead of the ledger.
 LEDGER_MAX_SIZE="${LEDGER_MAX_SIZE:-16GiB}"
-# LEDGER_FLAGS: more ledger flags for the pair with the ledger on (e.g. "--ledger-sync-ms 60000").
+# LEDGER_FLAGS: more ledger flags for the pair with the ledger on (e.g. "--ledger-sync-ms 60000"),
+# split on whitespace (no quoting).
 read -r -a ledger_flags <<<"${LEDGER_FLAGS:-}"
 OPEN_CONNS="${OPEN_CONNS:-1000}"
 LEDGER_OFF_PAIR="${LEDGER_OFF_PAIR:-1}"
@@ -100,8 +101,9 @@ CONNS=(1 64)
 # PHASES: which parts run (all by default): h1 h2 rate newconn conns ledger.
 PHASES="${PHASES:-h1 h2 rate newconn conns ledger}"
 phase() { [[ " $PHASES " == *" $1 "* ]]; }
-# Only a full run (every phase, no PROFILE) writes the day's result and the docs' plot by default;
-# a partial run or a profile writes beside /tmp instead, so it never replaces the full run's figures.
+# Only a full run (PHASES as its default, in that order) writes the day's result and the docs'
+# plot by default; a run of some phases writes to /tmp instead, so it never replaces the full run's
+# figures. (PROFILE runs exit before writing either.)
 if [ "$PHASES" = "h1 h2 rate newconn conns ledger" ] && [ -z "${PROFILE:-}" ]; then
     RESULT_JSON="${RESULT_JSON:-$repo/bench/results/proxy-$(date -u +%Y-%m-%d).json}"
     PLOT="${PLOT:-$repo/docs/bench-latency.png}"

@@ -30,8 +30,8 @@ failed=()
 for b in "${benches[@]}"; do
     echo "==> bench/$b.sh" >&2
     # bench/proxy.sh run alone keeps a partial run's figures out of bench/results; this entry point
-    # always keeps them (the goal table below reads them).
-    if RESULT_JSON="${RESULT_JSON:-$PWD/bench/results/$b-$day.json}" PLOT="${PLOT:-$PWD/docs/bench-latency.png}" \
+    # always keeps them there (the goal table below reads them). PLOT is read by proxy.sh only.
+    if RESULT_JSON="$PWD/bench/results/$b-$day.json" PLOT="$PWD/docs/bench-latency.png" \
         bash "bench/$b.sh" | tee "bench/results/$b-$day.md"; then :; else failed+=("$b"); fi
 done
 

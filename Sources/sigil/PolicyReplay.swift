@@ -131,19 +131,22 @@ struct PolicyReplay: AsyncParsableCommand {
         let evaluator = PolicyEvaluator(policies: set.authorizationPolicies, rootNamespace: rootNamespace)
         let peerAuthentication = PeerAuthenticationResolver(policies: set.peerAuthentications, rootNamespace: rootNamespace)
         var summary = Summary()
-        var approximateFor: [WorkloadSelector: Bool] = [:]
-        var preparedFor: [WorkloadSelector: PreparedPolicies] = [:]  // the policies each workload is replayed against, split once
+        // Per workload, once: the policies it is replayed against (split by action) and whether
+        // any of them reads a field the ledger does not record (such rows replay approximately).
+        var replayFor: [WorkloadSelector: (prepared: PreparedPolicies, approximate: Bool)] = [:]
         for row in rows {
             guard isDecision(row), let workload = workload(ofWriter: row.writer) else {
                 summary.skipped += 1
                 continue
             }
             summary.replayed += 1
-            let approximate = approximateFor[workload] ?? {
-                let value = evaluator.applicable(to: workload).contains { policy in
+            let (prepared, approximate) = replayFor[workload] ?? {
+                let applicable = evaluator.applicable(to: workload)
+                let approximate = applicable.contains { policy in
                     policy.rules.contains { $0.when.contains { !replayableKeys.contains($0.key) } }
                 }
-                approximateFor[workload] = value
+                let value = (PreparedPolicies(applicable), approximate)
+                replayFor[workload] = value
                 return value
             }()
             if approximate { summary.approximate += 1 }
@@ -158,11 +161,6 @@ struct PolicyReplay: AsyncParsableCommand {
                 let tcp = row.kind == "connection"
                 let request = AuthorizationRequest(principal: principal, sourceIP: row.sourceIP, remoteIP: row.sourceIP, destinationPort: row.port,
                                                    host: tcp ? nil : row.host, method: tcp ? nil : row.method, path: tcp ? nil : row.path, isTCP: tcp)
-                let prepared = preparedFor[workload] ?? {
-                    let value = PreparedPolicies(evaluator.applicable(to: workload))
-                    preparedFor[workload] = value
-                    return value
-                }()
                 let decision = evaluator.evaluate(request, prepared: prepared)
                 allowed = decision.allowed
                 policy = decision.policy

@@ -157,6 +157,30 @@ struct PolicyEvaluationTests {
         let set = try PolicyLoader.parse(ap("audit", action: "AUDIT", rules: "- {}"), file: "a.yaml")
         #expect(PolicyEvaluator(policies: set.authorizationPolicies).evaluate(http(), for: web).audited == ["prod/audit"])
     }
+
+    /// The proxy's path: policies split by action once, then many requests. Every matching AUDIT
+    /// policy is reported in the workload's order whatever decides; DENY wins over ALLOW; ALLOW
+    /// policies are tried in order; with ALLOW policies present and none matching, deny.
+    @Test func preparedPoliciesKeepIstioOrder() throws {
+        let yaml = [ap("z-audit", action: "AUDIT", rules: "- {}"),
+                    ap("allow-get", action: "ALLOW", rules: "- to:\n  - operation:\n      methods: [\"GET\"]"),
+                    ap("a-audit", action: "AUDIT", rules: "- to:\n  - operation:\n      paths: [\"/admin*\"]"),
+                    ap("deny-admin", action: "DENY", rules: "- to:\n  - operation:\n      paths: [\"/admin*\"]"),
+                    ap("allow-post", action: "ALLOW", rules: "- to:\n  - operation:\n      methods: [\"POST\"]")]
+            .joined(separator: "---\n")
+        let evaluator = PolicyEvaluator(policies: try PolicyLoader.parse(yaml, file: "set.yaml").authorizationPolicies)
+        let prepared = PreparedPolicies(evaluator.applicable(to: web))
+        let admin = evaluator.evaluate(http(path: "/admin/x"), prepared: prepared)
+        #expect(!admin.allowed && admin.policy == "prod/deny-admin" && admin.rule == 0)
+        #expect(admin.audited == ["prod/a-audit", "prod/z-audit"])
+        let post = evaluator.evaluate(http(method: "POST"), prepared: prepared)
+        #expect(post.allowed && post.policy == "prod/allow-post" && post.audited == ["prod/z-audit"])
+        let put = evaluator.evaluate(http(method: "PUT"), prepared: prepared)
+        #expect(!put.allowed && put.policy == nil && put.audited == ["prod/z-audit"])
+        for request in [http(path: "/admin/x"), http(method: "POST"), http(method: "PUT"), http()] {
+            #expect(evaluator.evaluate(request, prepared: prepared) == evaluator.evaluate(request, for: web))
+        }
+    }
 }
 
 @Suite("Policy loading errors")

@@ -97,7 +97,8 @@ public struct PolicyEvaluator: Sendable {
         evaluate(request, applicable: applicable(to: workload))
     }
 
-    /// Evaluates against policies already chosen for the workload by ``applicable(to:)``.
+    /// Evaluates against policies already chosen for the workload by ``applicable(to:)``. It splits
+    /// them on every call: a caller that evaluates many requests keeps a ``PreparedPolicies``.
     public func evaluate(_ request: AuthorizationRequest, applicable policies: [AuthorizationPolicy]) -> AuthorizationDecision {
         evaluate(request, prepared: PreparedPolicies(policies))
     }
@@ -230,9 +231,6 @@ public struct PreparedPolicies: Sendable {
         deny = policies.filter { $0.action == .deny }.map(Entry.init)
         allow = policies.filter { $0.action == .allow }.map(Entry.init)
     }
-
-    /// No policy at all (every request is allowed).
-    public var isEmpty: Bool { audit.isEmpty && deny.isEmpty && allow.isEmpty }
 }
 
 /// Istio's string match: exact, `prefix*`, `*suffix`, or `*` (any non-empty value).
