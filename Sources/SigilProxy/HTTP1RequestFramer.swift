@@ -469,14 +469,19 @@ enum HTTPBytes {
         bytes.withUnsafeBytes { equalsIgnoringCase($0, 0, $0.count, lower) }
     }
 
-    static func containsToken(_ value: ArraySlice<UInt8>, _ token: StaticString) -> Bool {
-        value.withUnsafeBytes { containsToken($0, token) }
-    }
-
+    /// Whether a comma-separated list (`Connection: keep-alive, Upgrade`) holds `token`, any case.
+    /// Walks the bytes in place (no array of parts).
     static func containsToken(_ value: UnsafeRawBufferPointer, _ token: StaticString) -> Bool {
-        value.split(separator: 0x2C).contains { part in
-            let t = trimmed(part)
-            return equalsIgnoringCase(UnsafeRawBufferPointer(rebasing: t), 0, t.count, token)
+        var start = 0
+        while start < value.count {
+            var end = start
+            while end < value.count, value[end] != 0x2C { end += 1 }
+            var s = start, e = end
+            while s < e, value[s] == 0x20 || value[s] == 0x09 { s += 1 }
+            while e > s, value[e - 1] == 0x20 || value[e - 1] == 0x09 { e -= 1 }
+            if equalsIgnoringCase(value, s, e, token) { return true }
+            start = end + 1
         }
+        return false
     }
 }

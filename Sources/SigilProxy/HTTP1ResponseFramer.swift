@@ -75,28 +75,46 @@ public struct HTTP1ResponseFramer: Sendable {
             case .idle:
                 return index - buffer.readerIndex
             case .head:
-                // Scan for CRLFCRLF, copying head bytes (heads are small).
-                let found: Int? = buffer.withUnsafeReadableBytes { raw in
+                // A head that arrives in one read is parsed where it lies; only one split across
+                // reads is collected in `headBuffer` first.
+                let scan: HeadScan = buffer.withUnsafeReadableBytes { raw in
                     let base = index - buffer.readerIndex
-                    var i = base
-                    while i < raw.count {
-                        let byte = raw[i]
-                        headBuffer.append(byte)
-                        i += 1
-                        if byte == 0x0A, headBuffer.count >= 2 {
-                            let n = headBuffer.count
-                            if n >= 4, headBuffer[n - 2] == 0x0D, headBuffer[n - 3] == 0x0A, headBuffer[n - 4] == 0x0D { return i - base }
-                            if headBuffer[n - 2] == 0x0A { return i - base }  // bare LF LF
-                        }
+                    guard let endAt = Self.headEnd(raw, from: base, collected: headBuffer) else {
+                        headBuffer.append(contentsOf: UnsafeRawBufferPointer(rebasing: raw[base...]))
+                        return .partial
                     }
-                    return nil
+                    do throws(FramingError) {
+                        if headBuffer.isEmpty {
+                            try finishHead(UnsafeRawBufferPointer(rebasing: raw[base..<endAt]), emit: emit)
+                        } else {
+                            headBuffer.append(contentsOf: UnsafeRawBufferPointer(rebasing: raw[base..<endAt]))
+                            // Parsed out of `self` (finishHead mutates it), then put back emptied
+                            // with its capacity: no allocation either way.
+                            var collected: [UInt8] = []
+                            swap(&collected, &headBuffer)
+                            defer {
+                                collected.removeAll(keepingCapacity: true)
+                                swap(&collected, &headBuffer)
+                            }
+                            let parsed = collected.withUnsafeBytes { head in
+                                Result { () throws(FramingError) in try finishHead(head, emit: emit) }
+                            }
+                            try parsed.get()
+                        }
+                    } catch {
+                        return .failed(error)
+                    }
+                    return .complete(used: endAt - base)
                 }
-                guard let used = found else {
+                switch scan {
+                case .partial:
                     if headBuffer.count > Self.maxHeadBytes { throw FramingError(description: "response head larger than 64 KiB") }
                     return end - buffer.readerIndex
+                case .failed(let error):
+                    throw error
+                case .complete(let used):
+                    index += used
                 }
-                index += used
-                try finishHead(emit: emit)
             case .fixed(let remaining):
                 let n = min(remaining, end - index)
                 if decodes, n > 0, let slice = buffer.getSlice(at: index, length: n) { emit(.body(slice)) }
@@ -180,9 +198,35 @@ public struct HTTP1ResponseFramer: Sendable {
         }
     }
 
-    private mutating func finishHead(emit: (Event) -> Void) throws(FramingError) {
-        let head = headBuffer
-        headBuffer.removeAll(keepingCapacity: true)
+    private enum HeadScan {
+        case partial
+        case complete(used: Int)
+        case failed(FramingError)
+    }
+
+    /// The index just past the blank line that ends a head (CRLF CRLF, or a bare LF LF) in
+    /// `raw[from...]`, where `collected` holds the head's bytes that came before `raw[from]`; nil
+    /// if the head goes on past the end of `raw`.
+    static func headEnd(_ raw: UnsafeRawBufferPointer, from: Int, collected: [UInt8]) -> Int? {
+        func byte(_ i: Int) -> UInt8? {
+            if i >= from { return raw[i] }
+            let j = collected.count - (from - i)
+            return j >= 0 ? collected[j] : nil
+        }
+        var i = from
+        while i < raw.count {
+            if raw[i] == 0x0A {
+                let previous = byte(i - 1)
+                if previous == 0x0A { return i + 1 }
+                if previous == 0x0D, byte(i - 2) == 0x0A, byte(i - 3) == 0x0D { return i + 1 }
+            }
+            i += 1
+        }
+        return nil
+    }
+
+    /// Parses a whole head (status line, fields, the blank line) and emits it.
+    private mutating func finishHead(_ head: UnsafeRawBufferPointer, emit: (Event) -> Void) throws(FramingError) {
         // Status line: HTTP/1.x SP 3DIGIT SP reason
         guard head.count >= 12, head.starts(with: Self.httpSlash),
               let minor = head[7] == 0x31 ? 1 : (head[7] == 0x30 ? 0 : nil), head[8] == 0x20 else {
@@ -207,33 +251,34 @@ public struct HTTP1ResponseFramer: Sendable {
             if contentEnd > lineStart, head[contentEnd - 1] == 0x0D { contentEnd -= 1 }
             defer { lineStart = lineEnd + 1 }
             if contentEnd == lineStart { break }
-            guard let colon = head[lineStart..<contentEnd].firstIndex(of: 0x3A) else {
-                throw FramingError(description: "malformed response header line")
-            }
-            let name = head[lineStart..<colon]
+            var colon = lineStart
+            while colon < contentEnd, head[colon] != 0x3A { colon += 1 }
+            guard colon < contentEnd else { throw FramingError(description: "malformed response header line") }
             var vs = colon + 1
             var ve = contentEnd
             while vs < ve, head[vs] == 0x20 || head[vs] == 0x09 { vs += 1 }
             while ve > vs, head[ve - 1] == 0x20 || head[ve - 1] == 0x09 { ve -= 1 }
-            let value = head[vs..<ve]
-            if HTTPBytes.equalsIgnoringCase(name, "content-length") {
+            if HTTPBytes.equalsIgnoringCase(head, lineStart, colon, "content-length") {
                 var n = 0
-                guard !value.isEmpty, value.count <= 18 else { throw FramingError(description: "invalid Content-Length") }
-                for b in value {
+                guard ve > vs, ve - vs <= 18 else { throw FramingError(description: "invalid Content-Length") }
+                for i in vs..<ve {
+                    let b = head[i]
                     guard b >= 0x30, b <= 0x39 else { throw FramingError(description: "invalid Content-Length") }
                     n = n * 10 + Int(b - 0x30)
                 }
                 if let existing = contentLength, existing != n { throw FramingError(description: "conflicting Content-Length headers") }
                 contentLength = n
-            } else if HTTPBytes.equalsIgnoringCase(name, "transfer-encoding") {
-                chunked = Self.endsWithChunked(value)
+            } else if HTTPBytes.equalsIgnoringCase(head, lineStart, colon, "transfer-encoding") {
+                chunked = Self.endsWithChunked(UnsafeRawBufferPointer(rebasing: head[vs..<ve]))
                 if !chunked { close = true }  // a non-chunked transfer coding: the body ends at close
-            } else if HTTPBytes.equalsIgnoringCase(name, "connection") {
+            } else if HTTPBytes.equalsIgnoringCase(head, lineStart, colon, "connection") {
+                let value = UnsafeRawBufferPointer(rebasing: head[vs..<ve])
                 if HTTPBytes.containsToken(value, "close") { close = true }
                 if HTTPBytes.containsToken(value, "keep-alive") { close = false }
             }
             if decodes {
-                headers.append((String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self)))
+                headers.append((String(decoding: UnsafeRawBufferPointer(rebasing: head[lineStart..<colon]), as: UTF8.self),
+                                String(decoding: UnsafeRawBufferPointer(rebasing: head[vs..<ve]), as: UTF8.self)))
             }
         }
         if (100..<200).contains(status) && status != 101 {
@@ -259,8 +304,19 @@ public struct HTTP1ResponseFramer: Sendable {
 
     static let httpSlash: [UInt8] = Array("HTTP/1.".utf8)
 
-    static func endsWithChunked(_ value: ArraySlice<UInt8>) -> Bool {
-        let last = value.split(separator: 0x2C).last.map { $0.drop { $0 == 0x20 } } ?? []
-        return HTTPBytes.equalsIgnoringCase(ArraySlice(last), "chunked")
+    /// Whether the last coding of a Transfer-Encoding value is `chunked` (empty list elements are
+    /// ignored, RFC 9110 5.6.1).
+    static func endsWithChunked(_ value: UnsafeRawBufferPointer) -> Bool {
+        var end = value.count
+        while end > 0 {
+            var start = end
+            while start > 0, value[start - 1] != 0x2C { start -= 1 }
+            var s = start, e = end
+            while s < e, value[s] == 0x20 || value[s] == 0x09 { s += 1 }
+            while e > s, value[e - 1] == 0x20 || value[e - 1] == 0x09 { e -= 1 }
+            if s < e { return HTTPBytes.equalsIgnoringCase(value, s, e, "chunked") }
+            end = start - 1  // an empty element: the one before the comma
+        }
+        return false
     }
 }

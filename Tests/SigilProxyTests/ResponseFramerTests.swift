@@ -125,6 +125,66 @@ struct ResponseFramerTests {
         #expect(throws: HTTP1ResponseFramer.FramingError.self) { try frame(text) }
     }
 
+    /// Every head split at every byte (including inside the blank line) gives the same fields as
+    /// the head in one read, which is parsed where it lies: CRLF and bare-LF heads.
+    @Test("fields are the same whatever the split", arguments: [
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Long-Header-Name: a value\t \r\nContent-Length: 2\r\n\r\nok",
+        "HTTP/1.1 404 Not Found\nServer: x\nContent-Length: 0\n\n",
+    ])
+    func fieldsInEverySplit(text: String) throws {
+        func fields(_ pieces: [[UInt8]]) throws -> (status: Int, headers: [String], ends: Int) {
+            var framer = HTTP1ResponseFramer(decodes: true)
+            framer.expectResponse(toHEAD: false)
+            var result = (status: 0, headers: [String](), ends: 0)
+            for piece in pieces {
+                try framer.feed(ByteBuffer(bytes: piece)) { event in
+                    switch event {
+                    case .head(let status, _, let headers):
+                        result.status = status
+                        result.headers = headers.map { "\($0.0)=\($0.1)" }
+                    case .end: result.ends += 1
+                    case .body: break
+                    }
+                }
+            }
+            return result
+        }
+        let bytes = Array(text.utf8)
+        let whole = try fields([bytes])
+        #expect(whole.ends == 1)
+        #expect(whole.headers.count == 3 || whole.headers.count == 2)
+        #expect(whole.headers.contains("Content-Length=2") || whole.headers.contains("Content-Length=0"))
+        if whole.headers.count == 3 { #expect(whole.headers[1] == "X-Long-Header-Name=a value") }
+        for cut in 1..<bytes.count {
+            let split = try fields([Array(bytes[..<cut]), Array(bytes[cut...])])
+            #expect(split.status == whole.status && split.headers == whole.headers && split.ends == 1, "cut at \(cut)")
+        }
+    }
+
+    @Test("Connection and Transfer-Encoding lists are read token by token")
+    func lists() throws {
+        func token(_ value: String, _ wanted: StaticString) -> Bool {
+            Array(value.utf8).withUnsafeBytes { HTTPBytes.containsToken($0, wanted) }
+        }
+        #expect(token("keep-alive, Upgrade", "upgrade"))
+        #expect(token("\tClose ", "close"))
+        #expect(token("x,,close", "close"))
+        #expect(!token("closed", "close"))
+        #expect(!token("", "close"))
+        #expect(!token(",", "close"))
+        func chunked(_ value: String) -> Bool {
+            Array(value.utf8).withUnsafeBytes { HTTP1ResponseFramer.endsWithChunked($0) }
+        }
+        #expect(chunked("gzip, chunked"))
+        #expect(chunked("chunked, "))
+        #expect(chunked("CHUNKED"))
+        #expect(!chunked("chunked, gzip"))
+        #expect(!chunked(""))
+        #expect(!chunked(" , "))
+        // A response whose last coding is not chunked is read until the app closes.
+        #expect(try frame("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nabc").keepAlive == [false])
+    }
+
     @Test("a head larger than 64 KiB is refused")
     func hugeHead() {
         let text = "HTTP/1.1 200 OK\r\nX-Big: " + String(repeating: "a", count: 70_000)
