@@ -317,8 +317,7 @@ enum ApplicationPipeline {
             try pipeline.addHandler(TCPInbound.handler(peer: peer, environment: environment, channel: channel), position: .after(handler))
             return
         }
-        var peer = peer  // HTTP rows: the connection's part of every row, serialized once
-        peer.prepareLedger(environment)
+        let peer = peer.preparedForLedger(environment)  // HTTP rows: the connection's part of every row, serialized once
         let priorKnowledgeH2 = firstBytes.map { $0.readableBytesView.starts(with: h2Preface.prefix($0.readableBytes)) && $0.readableBytes >= 3 } ?? false
         if alpn == "h2" || priorKnowledgeH2 {
             // Frames, not a child channel per stream: see HTTP2InboundHandler.

@@ -80,43 +80,60 @@ final class ProxyEnvironment: Sendable {
     }
 }
 
-/// Who is on the other end of one inbound connection, settled once at the handshake.
-struct PeerInfo: Sendable {
+/// Who is on the other end of one inbound connection, settled once at the handshake. A class:
+/// every request of the connection reads it, and passing one reference costs one retain where a
+/// struct of ten reference-counted fields cost ten (the profile showed its copies per request).
+final class PeerInfo: Sendable {
     /// The caller's SPIFFE ID (nil: plaintext).
-    var spiffeID: String?
+    let spiffeID: String?
     /// Istio's form of it (`td/ns/x/sa/y`) for policy matching.
-    var principal: String?
-    var serial: String?
-    var sourceIP: String?
-    var destinationIP: String?
-    var mtls: Bool
+    let principal: String?
+    let serial: String?
+    let sourceIP: String?
+    let destinationIP: String?
+    let mtls: Bool
     /// Our own SPIFFE ID at accept time.
-    var ownID: String?
+    let ownID: String?
     /// The `x-forwarded-client-cert` value for the app (mTLS peers only).
-    var xfcc: String?
-    var sni: String?
+    let xfcc: String?
+    let sni: String?
     /// The first part of this connection's ledger rows, serialized and hashed once: the row's
     /// head (`{"writer":…`) and its who-called-whom fields
     /// (``LedgerRecord/appendBodyParties(to:source:destination:peerSerial:sourceIP:port:)``), with
     /// the SHA-256 state over them, which each request's row continues. Empty: not prepared (no
-    /// ledger). Prepared last, when the fields above are final: it is not kept in step with later
-    /// changes to them.
-    var ledgerPrefix: [UInt8] = []
-    var ledgerPrefixHash = LedgerChain.PartialHash()
+    /// ledger; see ``preparedForLedger(_:)``).
+    let ledgerPrefix: [UInt8]
+    let ledgerPrefixHash: LedgerChain.PartialHash
+
+    init(spiffeID: String?, principal: String?, serial: String?, sourceIP: String?, destinationIP: String?, mtls: Bool,
+         ownID: String?, xfcc: String?, sni: String?, ledgerPrefix: [UInt8] = [], ledgerPrefixHash: LedgerChain.PartialHash = .init()) {
+        self.spiffeID = spiffeID
+        self.principal = principal
+        self.serial = serial
+        self.sourceIP = sourceIP
+        self.destinationIP = destinationIP
+        self.mtls = mtls
+        self.ownID = ownID
+        self.xfcc = xfcc
+        self.sni = sni
+        self.ledgerPrefix = ledgerPrefix
+        self.ledgerPrefixHash = ledgerPrefixHash
+    }
 
     func appendLedgerParties(port: Int, to out: inout [UInt8]) {
         LedgerRecord.appendBodyParties(to: &out, source: spiffeID, destination: ownID, peerSerial: serial, sourceIP: sourceIP, port: port)
     }
 
-    /// Serializes and hashes ``ledgerPrefix`` when the proxy keeps a ledger.
-    mutating func prepareLedger(_ environment: ProxyEnvironment) {
-        guard let ledger = environment.ledger else { return }
+    /// This peer with ``ledgerPrefix`` serialized and hashed, when the proxy keeps a ledger (else
+    /// this peer as it is).
+    func preparedForLedger(_ environment: ProxyEnvironment) -> PeerInfo {
+        guard let ledger = environment.ledger else { return self }
         var prefix: [UInt8] = []
-        let parties = self
-        ledgerPrefixHash = LedgerChain.appendUnsealed(writer: ledger.writer, to: &prefix) {
-            parties.appendLedgerParties(port: environment.appPort, to: &$0)
+        let hash = LedgerChain.appendUnsealed(writer: ledger.writer, to: &prefix) {
+            self.appendLedgerParties(port: environment.appPort, to: &$0)
         }
-        ledgerPrefix = prefix  // prepared once; a second call replaces it
+        return PeerInfo(spiffeID: spiffeID, principal: principal, serial: serial, sourceIP: sourceIP, destinationIP: destinationIP,
+                        mtls: mtls, ownID: ownID, xfcc: xfcc, sni: sni, ledgerPrefix: prefix, ledgerPrefixHash: hash)
     }
 
     static func plaintext(channel: any Channel, ownID: String?) -> PeerInfo {

@@ -149,10 +149,11 @@ struct LedgerSpoolTests {
         facts.bytesOut = 4
         var unprepared: [UInt8] = []
         let unpreparedHash = facts.appendLedgerRow(peer: peer, writer: "w", detail: nil, port: 8080, to: &unprepared)
-        var prepared = peer
         var prefix: [UInt8] = []
-        prepared.ledgerPrefixHash = LedgerChain.appendUnsealed(writer: "w", to: &prefix) { $0.append(contentsOf: parties) }
-        prepared.ledgerPrefix = prefix
+        let prefixHash = LedgerChain.appendUnsealed(writer: "w", to: &prefix) { $0.append(contentsOf: parties) }
+        let prepared = PeerInfo(spiffeID: peer.spiffeID, principal: peer.principal, serial: peer.serial, sourceIP: peer.sourceIP,
+                                destinationIP: peer.destinationIP, mtls: peer.mtls, ownID: peer.ownID, xfcc: peer.xfcc, sni: peer.sni,
+                                ledgerPrefix: prefix, ledgerPrefixHash: prefixHash)
         var fromPrepared: [UInt8] = []
         let preparedHash = facts.appendLedgerRow(peer: prepared, writer: "w", detail: nil, port: 8080, to: &fromPrepared)
         func fixedDuration(_ bytes: [UInt8]) -> String {
