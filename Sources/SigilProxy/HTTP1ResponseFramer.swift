@@ -83,6 +83,9 @@ public struct HTTP1ResponseFramer: Sendable {
                         headBuffer.append(contentsOf: UnsafeRawBufferPointer(rebasing: raw[base...]))
                         return .partial
                     }
+                    guard headBuffer.count + (endAt - base) <= Self.maxHeadBytes else {
+                        return .failed(FramingError(description: "response head larger than 64 KiB"))
+                    }
                     do throws(FramingError) {
                         if headBuffer.isEmpty {
                             try finishHead(UnsafeRawBufferPointer(rebasing: raw[base..<endAt]), emit: emit)

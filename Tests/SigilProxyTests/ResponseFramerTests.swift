@@ -130,6 +130,7 @@ struct ResponseFramerTests {
     @Test("fields are the same whatever the split", arguments: [
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Long-Header-Name: a value\t \r\nContent-Length: 2\r\n\r\nok",
         "HTTP/1.1 404 Not Found\nServer: x\nContent-Length: 0\n\n",
+        "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-A: b\r\n\r\n",
     ])
     func fieldsInEverySplit(text: String) throws {
         func fields(_ pieces: [[UInt8]]) throws -> (status: Int, headers: [String], ends: Int) {
@@ -185,9 +186,11 @@ struct ResponseFramerTests {
         #expect(try frame("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nabc").keepAlive == [false])
     }
 
-    @Test("a head larger than 64 KiB is refused")
+    @Test("a head larger than 64 KiB is refused, split or in one read")
     func hugeHead() {
         let text = "HTTP/1.1 200 OK\r\nX-Big: " + String(repeating: "a", count: 70_000)
         #expect(throws: HTTP1ResponseFramer.FramingError.self) { try frame(text, split: 4096) }
+        #expect(throws: HTTP1ResponseFramer.FramingError.self) { try frame(text + "\r\n\r\n") }
+        #expect(throws: HTTP1ResponseFramer.FramingError.self) { try frame(text + "\r\n\r\n", split: 60_000) }
     }
 }
