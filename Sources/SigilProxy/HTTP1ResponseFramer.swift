@@ -9,7 +9,8 @@ public import NIOCore
 /// 1xx interim responses (100 Continue) are passed through and the real response follows.
 public struct HTTP1ResponseFramer: Sendable {
     public enum Event: Sendable {
-        /// A final response head. `headers` is filled only when the framer was asked to keep them.
+        /// A final response head. `headers` is filled only when the framer was asked to keep them,
+        /// with names in lowercase (as HTTP/2 sends them) and values as received.
         case head(status: Int, keepAlive: Bool, headers: [(String, String)])
         /// Body bytes (de-chunked) of the current response; emitted only when keeping headers.
         case body(ByteBuffer)
@@ -280,7 +281,7 @@ public struct HTTP1ResponseFramer: Sendable {
                 if HTTPBytes.containsToken(value, "keep-alive") { close = false }
             }
             if decodes {
-                headers.append((String(decoding: UnsafeRawBufferPointer(rebasing: head[lineStart..<colon]), as: UTF8.self),
+                headers.append((Self.lowercasedName(UnsafeRawBufferPointer(rebasing: head[lineStart..<colon])),
                                 String(decoding: UnsafeRawBufferPointer(rebasing: head[vs..<ve]), as: UTF8.self)))
             }
         }
@@ -306,6 +307,15 @@ public struct HTTP1ResponseFramer: Sendable {
     }
 
     static let httpSlash: [UInt8] = Array("HTTP/1.".utf8)
+
+    /// A field name in lowercase, built once from its bytes (ASCII letters folded; any other byte
+    /// as it is, then read as UTF-8 like every field).
+    static func lowercasedName(_ bytes: UnsafeRawBufferPointer) -> String {
+        String(unsafeUninitializedCapacity: bytes.count) { out in
+            for (i, b) in bytes.enumerated() { out[i] = (b >= 0x41 && b <= 0x5A) ? b | 0x20 : b }
+            return bytes.count
+        }
+    }
 
     /// Whether the last coding of a Transfer-Encoding value is `chunked` (empty list elements are
     /// ignored, RFC 9110 5.6.1).

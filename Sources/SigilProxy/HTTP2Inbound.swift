@@ -417,11 +417,10 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
         out.add(name: ":status", value: String(status))
         // Fields the app's Connection field names are hop-by-hop too (RFC 9110, 7.6.1).
         var named: [String] = []
-        for (name, value) in headers where name.utf8.count == 10 && name.lowercased() == "connection" {
+        for (name, value) in headers where name == "connection" {  // the framer's names are lowercase
             named += value.split(separator: ",").map { String($0.filter { $0 != " " && $0 != "\t" }).lowercased() }
         }
         for (name, value) in headers {
-            let name = name.lowercased()
             if Self.isHopByHop(name) || (!named.isEmpty && named.contains(name)) { continue }
             out.add(name: name, value: value)
         }
