@@ -69,6 +69,9 @@
 #   PROFILE=syscalls IDLE_WAIT=1 bash bench/proxy.sh # no benchmark: system calls per request (strace -c)
 #   PROFILE=ledger IDLE_WAIT=1 bash bench/proxy.sh   # no benchmark: both inbound proxies (ledger on and off) under
 #                                                    # one perf record while both pairs are loaded; extra samples per request by symbol
+#   PROFILE=h1 PERF_CALLGRAPH=dwarf bash bench/proxy.sh   # call graphs through the Swift runtime (slower)
+#   LEDGER_FLAGS="--ledger-sync-ms 60000" PROFILE=ledger bash bench/proxy.sh   # more flags for the ledger pair
+#   PHASES=conns CONNS_SETTLE=60 bash bench/proxy.sh   # hold the 1,000 connections a minute (to inspect the proxies)
 #
 # Prints a markdown table; a full run writes bench/results/proxy-<UTC date>.json (raw runs + summary)
 # and redraws docs/bench-latency.png; a run of some PHASES writes /tmp/sigil-bench-proxy-partial.*.
@@ -99,12 +102,13 @@ LEDGER_OFF_PAIR="${LEDGER_OFF_PAIR:-1}"
 ulimit -n 65536 2>/dev/null || ulimit -n 8192 2>/dev/null || true
 CONNS=(1 64)
 # PHASES: which parts run (all by default): h1 h2 rate newconn conns ledger.
-PHASES="${PHASES:-h1 h2 rate newconn conns ledger}"
+ALL_PHASES="h1 h2 rate newconn conns ledger"
+PHASES="${PHASES:-$ALL_PHASES}"
 phase() { [[ " $PHASES " == *" $1 "* ]]; }
 # Only a full run (PHASES as its default, in that order) writes the day's result and the docs'
 # plot by default; a run of some phases writes to /tmp instead, so it never replaces the full run's
 # figures. (PROFILE runs exit before writing either.)
-if [ "$PHASES" = "h1 h2 rate newconn conns ledger" ] && [ -z "${PROFILE:-}" ]; then
+if [ "$PHASES" = "$ALL_PHASES" ]; then
     RESULT_JSON="${RESULT_JSON:-$repo/bench/results/proxy-$(date -u +%Y-%m-%d).json}"
     PLOT="${PLOT:-$repo/docs/bench-latency.png}"
 else

@@ -443,6 +443,20 @@ enum HTTPBytes {
         }
     }
 
+    /// An ASCII letter in lowercase; any other byte as it is.
+    static func asciiLowercased(_ b: UInt8) -> UInt8 {
+        (b >= 0x41 && b <= 0x5A) ? b | 0x20 : b
+    }
+
+    /// A field name in lowercase, built once from its bytes (ASCII letters folded, the rest read
+    /// as UTF-8 like every field).
+    static func lowercasedString(_ bytes: UnsafeRawBufferPointer) -> String {
+        String(unsafeUninitializedCapacity: bytes.count) { out in
+            for (i, b) in bytes.enumerated() { out[i] = asciiLowercased(b) }
+            return bytes.count
+        }
+    }
+
     static func equalsIgnoringCase(_ raw: UnsafeRawBufferPointer, _ start: Int, _ end: Int, _ lower: StaticString) -> Bool {
         lower.withUTF8Buffer { equalsIgnoringCase(raw, start, end, $0) }
     }
@@ -452,7 +466,7 @@ enum HTTPBytes {
         var i = 0
         while i < lower.count {
             let b = raw[start + i]
-            if ((b >= 0x41 && b <= 0x5A) ? b | 0x20 : b) != lower[i] { return false }
+            if asciiLowercased(b) != lower[i] { return false }
             i += 1
         }
         return true
@@ -472,14 +486,22 @@ enum HTTPBytes {
     /// Whether a comma-separated list (`Connection: keep-alive, Upgrade`) holds `token`, any case.
     /// Walks the bytes in place (no array of parts).
     static func containsToken(_ value: UnsafeRawBufferPointer, _ token: StaticString) -> Bool {
+        token.withUTF8Buffer { containsToken(value, $0) }
+    }
+
+    /// ``containsToken(_:_:)`` for a token known only at run time (`lower`: lowercase bytes).
+    static func containsToken(_ value: String, _ lower: String) -> Bool {
+        var value = value, lower = lower
+        return value.withUTF8 { v in lower.withUTF8 { containsToken(UnsafeRawBufferPointer(v), $0) } }
+    }
+
+    static func containsToken(_ value: UnsafeRawBufferPointer, _ token: UnsafeBufferPointer<UInt8>) -> Bool {
         var start = 0
         while start < value.count {
             var end = start
             while end < value.count, value[end] != 0x2C { end += 1 }
-            var s = start, e = end
-            while s < e, value[s] == 0x20 || value[s] == 0x09 { s += 1 }
-            while e > s, value[e - 1] == 0x20 || value[e - 1] == 0x09 { e -= 1 }
-            if equalsIgnoringCase(value, s, e, token) { return true }
+            let element = trimmed(value[start..<end])
+            if equalsIgnoringCase(value, element.startIndex, element.endIndex, token) { return true }
             start = end + 1
         }
         return false

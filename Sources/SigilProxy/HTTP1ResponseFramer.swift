@@ -281,7 +281,7 @@ public struct HTTP1ResponseFramer: Sendable {
                 if HTTPBytes.containsToken(value, "keep-alive") { close = false }
             }
             if decodes {
-                headers.append((Self.lowercasedName(UnsafeRawBufferPointer(rebasing: head[lineStart..<colon])),
+                headers.append((HTTPBytes.lowercasedString(UnsafeRawBufferPointer(rebasing: head[lineStart..<colon])),
                                 String(decoding: UnsafeRawBufferPointer(rebasing: head[vs..<ve]), as: UTF8.self)))
             }
         }
@@ -308,15 +308,6 @@ public struct HTTP1ResponseFramer: Sendable {
 
     static let httpSlash: [UInt8] = Array("HTTP/1.".utf8)
 
-    /// A field name in lowercase, built once from its bytes (ASCII letters folded; any other byte
-    /// as it is, then read as UTF-8 like every field).
-    static func lowercasedName(_ bytes: UnsafeRawBufferPointer) -> String {
-        String(unsafeUninitializedCapacity: bytes.count) { out in
-            for (i, b) in bytes.enumerated() { out[i] = (b >= 0x41 && b <= 0x5A) ? b | 0x20 : b }
-            return bytes.count
-        }
-    }
-
     /// Whether the last coding of a Transfer-Encoding value is `chunked` (empty list elements are
     /// ignored, RFC 9110 5.6.1).
     static func endsWithChunked(_ value: UnsafeRawBufferPointer) -> Bool {
@@ -324,10 +315,8 @@ public struct HTTP1ResponseFramer: Sendable {
         while end > 0 {
             var start = end
             while start > 0, value[start - 1] != 0x2C { start -= 1 }
-            var s = start, e = end
-            while s < e, value[s] == 0x20 || value[s] == 0x09 { s += 1 }
-            while e > s, value[e - 1] == 0x20 || value[e - 1] == 0x09 { e -= 1 }
-            if s < e { return HTTPBytes.equalsIgnoringCase(value, s, e, "chunked") }
+            let element = HTTPBytes.trimmed(value[start..<end])
+            if !element.isEmpty { return HTTPBytes.equalsIgnoringCase(value, element.startIndex, element.endIndex, "chunked") }
             end = start - 1  // an empty element: the one before the comma
         }
         return false

@@ -36,7 +36,7 @@ final class HTTP2InboundHandler: ChannelDuplexHandler {
     /// Streams that wrote request body to their app connection in this read batch.
     private var appFlushes: [HTTP2InboundStream] = []
     /// Frames (window updates, refusals) were written in this read batch.
-    var needsFlush = false
+    private var needsFlush = false
     private var setup: FirstRequestSetup
 
     /// The stream and connection windows this side keeps open: HTTP/2's initial window, which
@@ -339,7 +339,7 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
         }
         app = connection
         updateAppReads(connection)
-        connection.handler.begin(sink: self, toHEAD: head.method == .HEAD, decodes: true, holdReads: appReadsHeld)
+        connection.handler.begin(sink: self, toHEAD: isHEAD, decodes: true, holdReads: appReadsHeld)
         let hasLength = head.headers.first(name: "content-length") != nil
         let noBody = requestEnded && pending.isEmpty
         chunked = !hasLength && !noBody
@@ -369,17 +369,19 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
         } else {
             connection.channel.write(body, promise: nil)
         }
-        if !appNeedsFlush {
-            appNeedsFlush = true
-            self.connection.needsAppFlush(self)
-        }
+        markAppFlush()
     }
 
     private func endBody(to connection: AppConnection) {
         if chunked { writeEnd(to: connection) }
+        markAppFlush()
+    }
+
+    /// What this stream wrote to its app connection is flushed at the end of the read batch.
+    private func markAppFlush() {
         if !appNeedsFlush {
             appNeedsFlush = true
-            self.connection.needsAppFlush(self)
+            connection.needsAppFlush(self)
         }
     }
 
@@ -412,19 +414,22 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
 
     func appHead(status: Int, keepAlive: Bool, headers: [(String, String)]) {
         facts?.status = status
+        connection.write(HTTP2Frame(streamID: id, payload: .headers(.init(headers: Self.responseHeaders(status: status, headers)))))
+    }
+
+    /// The app's HTTP/1.1 response head as an HTTP/2 header block: `:status` first, then the
+    /// fields (names lowercase, as the framer gives them) without the hop-by-hop ones, including
+    /// any the app's Connection field names (RFC 9110, 7.6.1; its tokens in any case).
+    static func responseHeaders(status: Int, _ headers: [(String, String)]) -> HPACKHeaders {
         var out = HPACKHeaders()
         out.reserveCapacity(headers.count + 1)
         out.add(name: ":status", value: String(status))
-        // Fields the app's Connection field names are hop-by-hop too (RFC 9110, 7.6.1).
-        var named: [String] = []
-        for (name, value) in headers where name == "connection" {  // the framer's names are lowercase
-            named += value.split(separator: ",").map { String($0.filter { $0 != " " && $0 != "\t" }).lowercased() }
-        }
+        let connectionValues = headers.lazy.filter { $0.0 == "connection" }.map(\.1)
         for (name, value) in headers {
-            if Self.isHopByHop(name) || (!named.isEmpty && named.contains(name)) { continue }
+            if isHopByHop(name) || connectionValues.contains(where: { HTTPBytes.containsToken($0, name) }) { continue }
             out.add(name: name, value: value)
         }
-        connection.write(HTTP2Frame(streamID: id, payload: .headers(.init(headers: out))))
+        return out
     }
 
     func appBody(_ buffer: ByteBuffer) {

@@ -6,7 +6,6 @@ import CoreFoundation  // the release build resolves Glibc struct members (tcp_i
 #endif
 import Crypto
 import NIOCore
-import NIOHTTP1
 import NIOHTTP2
 import NIOPosix
 import NIOSSL

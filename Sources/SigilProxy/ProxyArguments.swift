@@ -102,17 +102,21 @@ public enum ProxyArguments {
             }
             ledgerSync = n
         }
+        /// A duration flag inside `range`; the error names the flag, the range and an example.
+        func duration(_ flag: String, _ text: String, _ range: ClosedRange<Duration>, example: String) throws(UsageError) -> Duration {
+            let limit = "--\(flag) '\(text)' must be a duration from \(DurationText.format(range.lowerBound)) to \(DurationText.format(range.upperBound)), e.g. \(example)"
+            let value: Duration
+            do { value = try DurationText.parse(text) } catch { throw UsageError("\(limit): \(error.message)") }
+            guard range.contains(value) else { throw UsageError(limit) }
+            return value
+        }
         var handshakeTimeout = ProxyConfig.defaultHandshakeTimeout
         if let text = get("handshake-timeout") {
-            let limit = "--handshake-timeout '\(text)' must be a duration from 1s to 1h, e.g. 10s"
-            do { handshakeTimeout = try DurationText.parse(text) } catch { throw UsageError("\(limit): \(error.message)") }
-            guard handshakeTimeout >= .seconds(1), handshakeTimeout <= .seconds(3600) else { throw UsageError(limit) }
+            handshakeTimeout = try duration("handshake-timeout", text, ProxyConfig.handshakeTimeoutRange, example: "10s")
         }
         var idleTimeout = ProxyConfig.defaultIdleTimeout
         if let text = get("idle-timeout") {
-            let limit = "--idle-timeout '\(text)' must be a duration from 1s to 7d, e.g. 1h"
-            do { idleTimeout = try DurationText.parse(text) } catch { throw UsageError("\(limit): \(error.message)") }
-            guard idleTimeout >= .seconds(1), idleTimeout <= .seconds(7 * 86_400) else { throw UsageError(limit) }
+            idleTimeout = try duration("idle-timeout", text, ProxyConfig.idleTimeoutRange, example: "1h")
             guard idleTimeout >= handshakeTimeout else {
                 throw UsageError("--idle-timeout '\(text)' must not be shorter than --handshake-timeout (\(DurationText.format(handshakeTimeout)))")
             }

@@ -56,6 +56,10 @@ public struct ProxyConfig: Sendable {
     /// is closed (like Envoy's TCP proxy idle_timeout, with its default of 1 h).
     public var idleTimeout: Duration = ProxyConfig.defaultIdleTimeout
     public static let defaultIdleTimeout: Duration = .seconds(3600)
+    /// What `--handshake-timeout` and `--idle-timeout` accept (TCP_INFO's idle times are 32-bit
+    /// milliseconds: 7 days fit).
+    static let handshakeTimeoutRange: ClosedRange<Duration> = .seconds(1) ... .seconds(3600)
+    static let idleTimeoutRange: ClosedRange<Duration> = .seconds(1) ... .seconds(7 * 86_400)
 
     public init(workloadAPISocket: String, inboundHost: String, inboundPort: Int, appHost: String, appPort: Int,
                 namespace: String, labels: [String: String], policiesPath: String,
@@ -246,7 +250,8 @@ struct ProxyService: Service {
         let setupTimeout = max(TimeAmount(config.handshakeTimeout), .milliseconds(100))
         // 1s to 7d whatever a library caller put in the config (TCP_INFO's milliseconds are 32-bit),
         // and never shorter than the set-up deadline (which records its refusals).
-        let idleTimeout = min(max(TimeAmount(config.idleTimeout), .seconds(1), setupTimeout), .hours(7 * 24))
+        let range = ProxyConfig.idleTimeoutRange
+        let idleTimeout = min(max(TimeAmount(config.idleTimeout), TimeAmount(range.lowerBound), setupTimeout), TimeAmount(range.upperBound))
         do {
             return try await ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: 1024)

@@ -51,4 +51,18 @@ extension HTTP2RequestHeadTests {
             #expect(!HTTP2InboundStream.isHopByHop(name), "\(name)")
         }
     }
+
+    @Test("a response head loses its hop-by-hop fields and those its Connection field names, any case")
+    func responseHopByHop() {
+        let block = HTTP2InboundStream.responseHeaders(status: 200, [
+            ("content-type", "text/plain"), ("connection", "keep-alive, X-Private"), ("keep-alive", "timeout=5"),
+            ("x-private", "secret"), ("transfer-encoding", "chunked"), ("connection", "\tX-Other "), ("x-other", "1"),
+            ("x-kept", "2"), ("upgrade", "h2c"), ("proxy-connection", "close"),
+        ])
+        #expect(block.map(\.name) == [":status", "content-type", "x-kept"])
+        #expect(block.first(name: ":status") == "200")
+        // Without a Connection field only the fixed hop-by-hop names go.
+        let plain = HTTP2InboundStream.responseHeaders(status: 404, [("x-private", "kept"), ("keep-alive", "timeout=5")])
+        #expect(plain.map(\.name) == [":status", "x-private"])
+    }
 }
