@@ -268,6 +268,7 @@ let package = Package(
             name: "SigilProxyTests",
             dependencies: ["SigilProxy", "SigilCore", logging, crypto, .product(name: "NIOCore", package: "swift-nio"),
                            .product(name: "NIOPosix", package: "swift-nio"),
+                           .product(name: "NIOEmbedded", package: "swift-nio"),
                            .product(name: "NIOHTTP1", package: "swift-nio"),
                            .product(name: "NIOHPACK", package: "swift-nio-http2")],
             swiftSettings: swiftSettings

@@ -41,6 +41,12 @@ final class AppResponseHandler: ChannelDuplexHandler {
     private var context: ChannelHandlerContext?
     private var readsHeld = false
     private var readWanted = false
+    /// The response in flight is the last on its client's connection (the client asked to close):
+    /// `connection: close` goes into its head, right after the status line, since the app (whose
+    /// connection stays pooled) answers as if the connection went on.
+    private var marksClose = false
+    /// That response's head bytes, held back while the head is split across reads.
+    private var heldHead: ByteBuffer?
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
@@ -73,12 +79,15 @@ final class AppResponseHandler: ChannelDuplexHandler {
         context.fireChannelWritabilityChanged()
     }
 
-    /// Starts a request's response: `holdReads` is the state of its reader (not writable: held).
-    func begin(sink: any AppResponseSink, toHEAD: Bool, decodes: Bool, holdReads hold: Bool) {
+    /// Starts a request's response: `holdReads` is the state of its reader (not writable: held);
+    /// `marksClose`: the response is the last on its client's connection.
+    func begin(sink: any AppResponseSink, toHEAD: Bool, decodes: Bool, holdReads hold: Bool, marksClose: Bool = false) {
         self.sink = sink
         framer.decodes = decodes
         framer.expectResponse(toHEAD: toHEAD)
         receivedBytes = 0
+        self.marksClose = marksClose
+        heldHead = nil
         holdReads(hold)
     }
 
@@ -112,16 +121,55 @@ final class AppResponseHandler: ChannelDuplexHandler {
             context.close(promise: nil)
             return
         }
-        if consumed == buffer.readableBytes {
-            sink.appBytes(buffer)
-        } else {
-            if let part = buffer.getSlice(at: buffer.readerIndex, length: consumed) { sink.appBytes(part) }
+        var relayed = buffer
+        if consumed < buffer.readableBytes {
+            relayed = buffer.getSlice(at: buffer.readerIndex, length: consumed) ?? buffer
             reusable = false  // extra bytes after the response: never reuse
         }
+        if marksClose { relayed = markingClose(relayed, allocator: context.channel.allocator) }
+        if relayed.readableBytes > 0 || !marksClose { sink.appBytes(relayed) }
         if ended {
             sink.appEnd()
             if !reusable { context.close(promise: nil) }
         }
+    }
+
+    /// What of `bytes` (this read's part of the response) may be relayed now: once the final head
+    /// is complete, everything, with `connection: close` after its status line (the first
+    /// `Connection` field is what clients read; the app's own may follow); before that, all but
+    /// the incomplete head, which is held back until the rest of it arrives.
+    private func markingClose(_ bytes: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
+        var bytes = bytes
+        var shift = 0
+        if var held = heldHead.take() {
+            shift = held.readableBytes
+            held.writeImmutableBuffer(bytes)
+            bytes = held
+        }
+        func offset(_ start: HTTP1ResponseFramer.HeadStart) -> Int {
+            if case .inRead(let at) = start { return shift + at }
+            return 0  // began in an earlier read: the held bytes start with it
+        }
+        if let start = framer.finalHeadStart {
+            marksClose = false
+            let from = offset(start)
+            guard let lineEnd = bytes.withUnsafeReadableBytes({ $0[from...].firstIndex(of: 0x0A) }),
+                  let line = bytes.getSlice(at: bytes.readerIndex, length: lineEnd + 1),
+                  let rest = bytes.getSlice(at: bytes.readerIndex + lineEnd + 1, length: bytes.readableBytes - lineEnd - 1) else {
+                return bytes  // not reached: a complete head has its status line
+            }
+            var marked = allocator.buffer(capacity: bytes.readableBytes + 19)
+            marked.writeImmutableBuffer(line)
+            marked.writeStaticString("connection: close\r\n")
+            marked.writeImmutableBuffer(rest)
+            return marked
+        }
+        if let start = framer.incompleteHeadStart {
+            let from = offset(start)
+            heldHead = bytes.getSlice(at: bytes.readerIndex + from, length: bytes.readableBytes - from)
+            return bytes.getSlice(at: bytes.readerIndex, length: from) ?? bytes
+        }
+        return bytes
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {

@@ -306,7 +306,8 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
     private func attach(_ connection: AppConnection) {
         guard var active else { return }
         app = connection
-        connection.handler.begin(sink: self, toHEAD: active.head.method == "HEAD", decodes: false, holdReads: !clientWritable)
+        connection.handler.begin(sink: self, toHEAD: active.head.method == "HEAD", decodes: false, holdReads: !clientWritable,
+                                 marksClose: !active.head.keepAlive)
         var buffer = connection.channel.allocator.buffer(capacity: 0)
         active.head.write(uri: active.uri, host: active.hostOverride, xfcc: peer.xfcc, into: &buffer)
         connection.channel.write(buffer, promise: nil)

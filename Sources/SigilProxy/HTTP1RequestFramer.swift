@@ -22,6 +22,9 @@ public struct HTTP1RequestHead: Sendable {
     public let contentLength: Int?
     public let chunked: Bool
     public let keepAlive: Bool
+    /// The head has fields that belong to the client's connection only (`Connection`,
+    /// `Keep-Alive`, `Proxy-Connection`, `Upgrade`): ``write(uri:host:xfcc:into:)`` leaves them out.
+    public let connectionSpecific: Bool
 
     public var hasBody: Bool { chunked || (contentLength ?? 0) > 0 }
 
@@ -40,8 +43,15 @@ public struct HTTP1RequestHead: Sendable {
     }
 
     /// Writes the head for the app: the request line with `uri`, every field except a
-    /// client-supplied `x-forwarded-client-cert` (and `host` when `host` replaces it), each line
-    /// ended by CRLF, then our `x-forwarded-client-cert` when the peer is an mTLS workload.
+    /// client-supplied `x-forwarded-client-cert` (and `host` when `host` replaces it) and the
+    /// fields that concern only the client's connection, each line ended by CRLF, then our
+    /// `x-forwarded-client-cert` when the peer is an mTLS workload.
+    ///
+    /// Connection-specific fields stop here (RFC 9110 §7.6.1): `Connection`, every field it names,
+    /// `Keep-Alive`, `Proxy-Connection` and `Upgrade`. The app connection is the proxy's own and
+    /// stays in its pool: a client's `Connection: close` closes the client's connection after the
+    /// response, not the app's. An HTTP/1.0 request that asked to keep its connection is sent with
+    /// `connection: keep-alive`, so the app keeps its own too.
     public func write(uri: String, host replacement: String?, xfcc: String?, into buffer: inout ByteBuffer) {
         buffer.reserveCapacity(minimumWritableBytes: bytes.readableBytes + uri.utf8.count + (xfcc?.utf8.count ?? 0) + 64)
         buffer.writeString(method)
@@ -58,18 +68,44 @@ public struct HTTP1RequestHead: Sendable {
                 let start = Int(field.nameStart), nameEnd = Int(field.nameEnd)
                 if HTTPBytes.equalsIgnoringCase(raw, start, nameEnd, "x-forwarded-client-cert") { continue }
                 if replacement != nil, HTTPBytes.equalsIgnoringCase(raw, start, nameEnd, "host") { continue }
+                if connectionSpecific, isConnectionSpecific(raw, start, nameEnd) { continue }
                 buffer.writeBytes(UnsafeRawBufferPointer(rebasing: raw[start..<nameEnd]))
                 buffer.writeStaticString(": ")
                 buffer.writeBytes(UnsafeRawBufferPointer(rebasing: raw[Int(field.valueStart)..<Int(field.valueEnd)]))
                 buffer.writeStaticString("\r\n")
             }
         }
+        if minorVersion == 0, keepAlive { buffer.writeStaticString("connection: keep-alive\r\n") }
         if let xfcc {
             buffer.writeStaticString("x-forwarded-client-cert: ")
             buffer.writeString(xfcc)
             buffer.writeStaticString("\r\n")
         }
         buffer.writeStaticString("\r\n")
+    }
+
+    /// Whether the field named `raw[start..<end]` is one of the connection-specific fields
+    /// ``write(uri:host:xfcc:into:)`` drops. A `Connection` token naming `Host`, `Content-Length`
+    /// or `Transfer-Encoding` is ignored: dropping those would make the app frame or route the
+    /// request differently from the proxy.
+    func isConnectionSpecific(_ raw: UnsafeRawBufferPointer, _ start: Int, _ end: Int) -> Bool {
+        switch end - start {
+        case 7 where HTTPBytes.equalsIgnoringCase(raw, start, end, "upgrade"): return true
+        case 10 where HTTPBytes.equalsIgnoringCase(raw, start, end, "connection") || HTTPBytes.equalsIgnoringCase(raw, start, end, "keep-alive"):
+            return true
+        case 16 where HTTPBytes.equalsIgnoringCase(raw, start, end, "proxy-connection"): return true
+        case 4 where HTTPBytes.equalsIgnoringCase(raw, start, end, "host"): return false
+        case 14 where HTTPBytes.equalsIgnoringCase(raw, start, end, "content-length"): return false
+        case 17 where HTTPBytes.equalsIgnoringCase(raw, start, end, "transfer-encoding"): return false
+        default: break
+        }
+        var name = HTTPBytes.lowercasedString(UnsafeRawBufferPointer(rebasing: raw[start..<end]))
+        return name.withUTF8 { lower in
+            fields.contains { field in
+                HTTPBytes.equalsIgnoringCase(raw, Int(field.nameStart), Int(field.nameEnd), "connection")
+                    && HTTPBytes.containsToken(UnsafeRawBufferPointer(rebasing: raw[Int(field.valueStart)..<Int(field.valueEnd)]), lower)
+            }
+        }
     }
 }
 
@@ -362,6 +398,7 @@ public struct HTTP1RequestFramer: Sendable {
         var sawTransferEncoding = false
         var closeToken = false
         var keepAliveToken = false
+        var connectionSpecific = false
         var start = afterLine
         while start < raw.count {
             let (content, next) = try lineEnd(from: start)
@@ -393,8 +430,13 @@ public struct HTTP1RequestFramer: Sendable {
                     if !coding.isEmpty { codings.append(ArraySlice(coding)) }
                 }
             case 10 where HTTPBytes.equalsIgnoringCase(raw, ns, ne, "connection"):
+                connectionSpecific = true
                 if HTTPBytes.containsToken(value, "close") { closeToken = true }
                 if HTTPBytes.containsToken(value, "keep-alive") { keepAliveToken = true }
+            case 10 where HTTPBytes.equalsIgnoringCase(raw, ns, ne, "keep-alive"),
+                 7 where HTTPBytes.equalsIgnoringCase(raw, ns, ne, "upgrade"),
+                 16 where HTTPBytes.equalsIgnoringCase(raw, ns, ne, "proxy-connection"):
+                connectionSpecific = true
             default:
                 break
             }
@@ -419,7 +461,8 @@ public struct HTTP1RequestFramer: Sendable {
         // HTTP/1.0 closes unless it asks to keep the connection; HTTP/1.1 keeps it unless it asks to close.
         let keepAlive = !closeToken && (minor == 1 || keepAliveToken)
         return HTTP1RequestHead(bytes: head, method: method, target: target, minorVersion: minor, fields: fields, host: host,
-                                contentLength: contentLength, chunked: chunked, keepAlive: keepAlive)
+                                contentLength: contentLength, chunked: chunked, keepAlive: keepAlive,
+                                connectionSpecific: connectionSpecific)
     }
 }
 

@@ -33,6 +33,22 @@ public struct HTTP1ResponseFramer: Sendable {
         case idle
     }
 
+    /// Where a head begins, for a reader that edits the head bytes it relays
+    /// (``AppResponseHandler`` marking a last response `connection: close`).
+    public enum HeadStart: Sendable, Equatable {
+        /// At this offset from the reader index of the buffer last fed.
+        case inRead(Int)
+        /// In an earlier read: the head was split across reads.
+        case earlier
+    }
+
+    /// After ``feed(_:emit:)``: where the final (non-1xx) head that completed in that read
+    /// begins; nil if none did.
+    public private(set) var finalHeadStart: HeadStart?
+    /// After ``feed(_:emit:)``: where the head still incomplete at the end of that read begins;
+    /// nil if the read did not end inside a head.
+    public private(set) var incompleteHeadStart: HeadStart?
+
     /// Head bytes are collected here until the blank line (heads split across reads).
     private var headBuffer: [UInt8] = []
     private var state: State = .idle
@@ -71,11 +87,14 @@ public struct HTTP1ResponseFramer: Sendable {
     public mutating func feed(_ buffer: ByteBuffer, emit: (Event) -> Void) throws(FramingError) -> Int {
         var index = buffer.readerIndex
         let end = buffer.writerIndex
+        finalHeadStart = nil
+        incompleteHeadStart = nil
         while index < end {
             switch state {
             case .idle:
                 return index - buffer.readerIndex
             case .head:
+                let start: HeadStart = headBuffer.isEmpty ? .inRead(index - buffer.readerIndex) : .earlier
                 // A head that arrives in one read is parsed where it lies; only one split across
                 // reads is collected in `headBuffer` first.
                 let scan: HeadScan = buffer.withUnsafeReadableBytes { raw in
@@ -113,11 +132,13 @@ public struct HTTP1ResponseFramer: Sendable {
                 switch scan {
                 case .partial:
                     if headBuffer.count > Self.maxHeadBytes { throw FramingError(description: "response head larger than 64 KiB") }
+                    incompleteHeadStart = start
                     return end - buffer.readerIndex
                 case .failed(let error):
                     throw error
                 case .complete(let used):
                     index += used
+                    if case .head = state {} else { finalHeadStart = start }  // not a 1xx interim head
                 }
             case .fixed(let remaining):
                 let n = min(remaining, end - index)

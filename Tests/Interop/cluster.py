@@ -281,7 +281,8 @@ class HTTPEchoApp:
                 seen = {"path": self.path, "method": self.command, "version": self.request_version,
                         "xfcc": self.headers.get_all("x-forwarded-client-cert") or [],
                         "chunked": "chunked" in (self.headers.get("Transfer-Encoding") or "").lower(),
-                        "body_len": len(body), "body_sha256": hashlib.sha256(body).hexdigest()}
+                        "body_len": len(body), "body_sha256": hashlib.sha256(body).hexdigest(),
+                        "header_names": [k.lower() for k in self.headers.keys()], "client_port": self.client_address[1]}
                 with app.lock:
                     app.count += 1
                     app.seen.append(seen)

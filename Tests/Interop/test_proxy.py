@@ -646,6 +646,34 @@ def test_keep_alive_several_requests_on_one_connection(mesh):
         assert request_row(mesh.api_ledger, p)["decision"] == "allow"
 
 
+def test_connection_close_stays_on_the_clients_connection(mesh):
+    """A client's `Connection: close` (and every field it names, Keep-Alive, Upgrade) ends at the
+    inbound proxy (RFC 9110 7.6.1): the client gets `connection: close` and its connection closes,
+    while the app connection stays pooled: six new client connections, each asking to close,
+    reach the app over at most one connection per proxy event loop (--threads 2)."""
+    paths = [tag("close") for _ in range(6)]
+    for path in paths:
+        with socket.create_connection(("127.0.0.1", mesh.web_out), timeout=10) as s:
+            s.sendall((f"GET {path} HTTP/1.1\r\nHost: api\r\nConnection: close, X-Hop\r\nX-Hop: secret\r\n"
+                       "Keep-Alive: timeout=5\r\nUpgrade: h2c\r\nX-End: kept\r\n\r\n").encode())
+            data = b""
+            while chunk := s.recv(65536):  # to the end: the proxy must close the connection
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        assert lines[0].startswith("HTTP/1.1 200"), data[:300]
+        connection = [v.strip().lower() for n, _, v in (line.partition(":") for line in lines[1:]) if n.lower() == "connection"]
+        assert connection[:1] == ["close"], head
+        assert json.loads(body)["path"] == path
+    seen = {s["path"]: s for s in list(mesh.app.seen) if s["path"] in paths}
+    assert len(seen) == 6
+    for s in seen.values():
+        assert "x-end" in s["header_names"]
+        assert not {"connection", "x-hop", "keep-alive", "upgrade"} & set(s["header_names"]), s["header_names"]
+    ports = {s["client_port"] for s in seen.values()}
+    assert len(ports) <= 2, f"the app saw {len(ports)} connections for 6 requests: its connections were not reused"
+
+
 def test_pipelined_requests_answered_in_order(mesh):
     ctx = tls_client(mesh.idents["web"], mesh.bundle, ["http/1.1"])
     paths = [tag("pipe") for _ in range(4)]

@@ -88,6 +88,33 @@ struct RequestFramerTests {
         #expect(String(buffer: out) == "GET /y HTTP/1.1\r\nhost: other\r\nX-Tag: a\r\nx-tag: b\r\n\r\n")
     }
 
+    /// Fields that concern only the client's connection stop at the proxy (RFC 9110 7.6.1), so a
+    /// client's `Connection: close` does not close the pooled app connection; a token naming a
+    /// field that frames or routes the request does not remove it.
+    @Test func connectionSpecificFieldsStayOnTheClientsConnection() throws {
+        func forwarded(_ text: String) throws -> (String, Bool) {
+            var framer = HTTP1RequestFramer()
+            var heads: [HTTP1RequestHead] = []
+            try framer.feed(ByteBuffer(string: text)) { if case .head(let h) = $0 { heads.append(h) } }
+            let head = try #require(heads.first)
+            var out = ByteBuffer()
+            head.write(uri: head.target, host: nil, xfcc: nil, into: &out)
+            return (String(buffer: out), head.keepAlive)
+        }
+        let (closing, keepAlive) = try forwarded("POST /a HTTP/1.1\r\nHost: api\r\nConnection: close, X-Trace\r\n"
+            + "connection: Content-Length, HOST, transfer-encoding, x-other\r\nX-Trace: 1\r\nKeep-Alive: timeout=5\r\n"
+            + "Upgrade: h2c\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nX-Other: 2\r\nX-Kept: 3\r\nContent-Length: 2\r\n\r\nhi")
+        #expect(!keepAlive)
+        #expect(closing == "POST /a HTTP/1.1\r\nHost: api\r\nTE: trailers\r\nX-Kept: 3\r\nContent-Length: 2\r\n\r\n")
+        // An HTTP/1.0 client that keeps its connection: the app is asked to keep its own.
+        #expect(try forwarded("GET /b HTTP/1.0\r\nConnection: Keep-Alive\r\nX-A: 1\r\n\r\n").0
+            == "GET /b HTTP/1.0\r\nX-A: 1\r\nconnection: keep-alive\r\n\r\n")
+        #expect(try forwarded("GET /c HTTP/1.0\r\nX-A: 1\r\n\r\n").0 == "GET /c HTTP/1.0\r\nX-A: 1\r\n\r\n")
+        // No connection-specific field: the head goes as it came.
+        #expect(try forwarded("GET /d HTTP/1.1\r\nHost: api\r\nX-Connection: close\r\n\r\n").0
+            == "GET /d HTTP/1.1\r\nHost: api\r\nX-Connection: close\r\n\r\n")
+    }
+
     @Test func identicalContentLengthsAreOneLength() throws {
         let requests = try frame("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\nContent-Length: 3\r\n\r\nabc")
         #expect(requests.map(\.payload) == [3])

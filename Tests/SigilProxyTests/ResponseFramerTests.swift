@@ -1,5 +1,6 @@
 import Testing
 import NIOCore
+import NIOEmbedded
 @testable import SigilProxy
 
 /// The response framer decides where each app response ends (pooling, pipelining, the ledger's
@@ -193,5 +194,47 @@ struct ResponseFramerTests {
         #expect(throws: HTTP1ResponseFramer.FramingError.self) { try frame(text, split: 4096) }
         #expect(throws: HTTP1ResponseFramer.FramingError.self) { try frame(text + "\r\n\r\n") }
         #expect(throws: HTTP1ResponseFramer.FramingError.self) { try frame(text + "\r\n\r\n", split: 60_000) }
+    }
+
+    /// The last response on a client's connection (the client asked to close) is relayed with
+    /// `connection: close` after its final status line, whatever the reads: a head split across
+    /// reads is held back until it is whole, an interim head before it is relayed as soon as it is.
+    @Test("a last response is marked connection: close in every split", arguments: [
+        "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\nhello",
+        "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\nServer: x\n\n",
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    ])
+    func marksLastResponseClose(text: String) throws {
+        final class Sink: AppResponseSink {
+            var relayed: [UInt8] = []
+            var ends = 0
+            func appBytes(_ buffer: ByteBuffer) { relayed += buffer.readableBytesView }
+            func appHead(status: Int, keepAlive: Bool, headers: [(String, String)]) {}
+            func appBody(_ buffer: ByteBuffer) {}
+            func appEnd() { ends += 1 }
+            func appReadComplete() {}
+            func appFailed(receivedAnything: Bool) {}
+            func appWritabilityChanged(_ writable: Bool) {}
+        }
+        let bytes = Array(text.utf8)
+        let interim = text.hasPrefix("HTTP/1.1 100") ? Array("HTTP/1.1 100 Continue\r\n\r\n".utf8) : []
+        let finalLine = bytes[interim.count...].firstIndex(of: 0x0A)! + 1
+        let marked = Array(bytes[..<finalLine]) + Array("connection: close\r\n".utf8) + Array(bytes[finalLine...])
+        for marks in [true, false] {
+            for cut in 1..<bytes.count {
+                let handler = AppResponseHandler()
+                let channel = EmbeddedChannel(handler: handler)
+                let sink = Sink()
+                handler.begin(sink: sink, toHEAD: false, decodes: false, holdReads: false, marksClose: marks)
+                try channel.writeInbound(ByteBuffer(bytes: bytes[..<cut]))
+                let first = sink.relayed
+                try channel.writeInbound(ByteBuffer(bytes: bytes[cut...]))
+                #expect(sink.relayed == (marks ? marked : bytes), "cut at \(cut)")
+                #expect(sink.ends == 1)
+                #expect(sink.relayed.starts(with: first))
+                if cut >= interim.count { #expect(first.count >= interim.count, "the interim head was held back") }
+                _ = try channel.finish(acceptAlreadyClosed: true)
+            }
+        }
     }
 }
