@@ -67,6 +67,7 @@
 #   PROFILE=h1 IDLE_WAIT=1 bash bench/proxy.sh       # no benchmark: perf profile of the sigil pair (or h2, newconn;
 #                                                    # PROFILE_SYSTEM=sigil-noledger: the pair without the ledger)
 #   PROFILE=syscalls IDLE_WAIT=1 bash bench/proxy.sh # no benchmark: system calls per request (strace -c)
+#   PROFILE=syscalls SYSCALLS_LOAD=newconn bash bench/proxy.sh  # the same with a new connection per request
 #   PROFILE=ledger IDLE_WAIT=1 bash bench/proxy.sh   # no benchmark: both inbound proxies (ledger on and off) under
 #                                                    # one perf record while both pairs are loaded; extra samples per request by symbol
 #   PROFILE=h1 PERF_CALLGRAPH=dwarf bash bench/proxy.sh   # call graphs through the Swift runtime (slower)
@@ -714,13 +715,17 @@ if [ "${PROFILE:-}" = syscalls ]; then
         tracers+=($!)
     done
     sleep 1
-    requests="$(wrk -t1 -c64 -d5s "${url[$psys]}" | awk '/requests in/ {print $1}')"
+    if [ "${SYSCALLS_LOAD:-h1}" = newconn ]; then  # each request a new connection: per handshake
+        requests="$(wrk -t1 -c16 -d5s -H "Connection: close" "${url[$psys]}" | awk '/requests in/ {print $1}')"
+    else
+        requests="$(wrk -t1 -c64 -d5s "${url[$psys]}" | awk '/requests in/ {print $1}')"
+    fi
     kill -INT "${tracers[@]}" 2>/dev/null || true
     wait "${tracers[@]}" 2>/dev/null || true
     for side in server client; do
         echo "## $psys $side proxy: system calls per request ($requests requests)"
         awk -v n="$requests" '$NF ~ /^[a-z_0-9]+$/ && $4 ~ /^[0-9]+$/ && $NF != "total" {printf "%-16s %6.2f\n", $NF, $4 / n}' \
-            "$work/strace-$side.txt" | sort -k2 -nr | head -12
+            "$work/strace-$side.txt" | sort -k2 -nr | head -"${SYSCALLS_TOP:-12}"
         echo
     done
     exit 0
