@@ -67,7 +67,8 @@
 #   PROFILE=h1 IDLE_WAIT=1 bash bench/proxy.sh       # no benchmark: perf profile of the sigil pair (or h2, newconn;
 #                                                    # PROFILE_SYSTEM=sigil-noledger: the pair without the ledger)
 #   PROFILE=syscalls IDLE_WAIT=1 bash bench/proxy.sh # no benchmark: system calls per request (strace -c)
-#   PROFILE=syscalls SYSCALLS_LOAD=newconn bash bench/proxy.sh  # the same with a new connection per request
+#   PROFILE=syscalls SYSCALLS_LOAD=newconn IDLE_WAIT=1 bash bench/proxy.sh  # the same, 16 connections, each request
+#                                                    # a new connection (per request = per handshake); SYSCALLS_TOP=N lines
 #   PROFILE=ledger IDLE_WAIT=1 bash bench/proxy.sh   # no benchmark: both inbound proxies (ledger on and off) under
 #                                                    # one perf record while both pairs are loaded; extra samples per request by symbol
 #   PROFILE=h1 PERF_CALLGRAPH=dwarf bash bench/proxy.sh   # call graphs through the Swift runtime (slower)
@@ -702,8 +703,9 @@ for sys in "${systems[@]}"; do wrk -t1 -c64 -d"${WARMUP}s" "${url[$sys]}" >/dev/
 
 # PROFILE=h1|h2|newconn: instead of the benchmark, one DURATION-second run (64 connections; newconn:
 # 16, each request a new connection) through the sigil pair under `perf record` (both proxies, call graphs), then the hottest symbols per proxy.
-# PROFILE=syscalls: instead, `strace -c` on both proxies during a 5 s HTTP/1.1 run at 64 connections:
-# system calls per request by kind (strace slows the proxies; the counts are what matter).
+# PROFILE=syscalls: instead, `strace -c` on both proxies during a 5 s HTTP/1.1 run at 64 connections
+# (SYSCALLS_LOAD=newconn: 16 connections, each request on a new one): system calls per request by
+# kind, the SYSCALLS_TOP (12) most frequent (strace slows the proxies; the counts are what matter).
 if [ "${PROFILE:-}" = syscalls ]; then
     command -v strace >/dev/null || { echo "PROFILE=syscalls needs strace (apt-get install strace)" >&2; exit 1; }
     psys="${PROFILE_SYSTEM:-sigil}"  # or sigil-noledger
@@ -715,6 +717,7 @@ if [ "${PROFILE:-}" = syscalls ]; then
         tracers+=($!)
     done
     sleep 1
+    case "${SYSCALLS_LOAD:-h1}" in h1|newconn) ;; *) echo "SYSCALLS_LOAD must be h1 or newconn, not '$SYSCALLS_LOAD'" >&2; exit 2 ;; esac
     if [ "${SYSCALLS_LOAD:-h1}" = newconn ]; then  # each request a new connection: per handshake
         requests="$(wrk -t1 -c16 -d5s -H "Connection: close" "${url[$psys]}" | awk '/requests in/ {print $1}')"
     else

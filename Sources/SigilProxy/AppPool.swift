@@ -3,7 +3,8 @@ import NIOPosix
 
 /// Receives what the app sends back for the request in flight on an ``AppConnection``.
 protocol AppResponseSink: AnyObject {
-    /// Raw response bytes as received (the HTTP/1.1 path forwards these untouched).
+    /// Raw response bytes as received (the HTTP/1.1 path forwards these as they are, but for a
+    /// last response marked `connection: close`, whose head is held back until whole).
     func appBytes(_ buffer: ByteBuffer)
     /// The final response head was seen.
     func appHead(status: Int, keepAlive: Bool, headers: [(String, String)])
@@ -127,7 +128,7 @@ final class AppResponseHandler: ChannelDuplexHandler {
             reusable = false  // extra bytes after the response: never reuse
         }
         if marksClose { relayed = markingClose(relayed, allocator: context.channel.allocator) }
-        if relayed.readableBytes > 0 || !marksClose { sink.appBytes(relayed) }
+        if relayed.readableBytes > 0 { sink.appBytes(relayed) }
         if ended {
             sink.appEnd()
             if !reusable { context.close(promise: nil) }
@@ -135,10 +136,12 @@ final class AppResponseHandler: ChannelDuplexHandler {
     }
 
     /// What of `bytes` (this read's part of the response) may be relayed now: once the final head
-    /// is complete, everything, with `connection: close` after its status line (the first
-    /// `Connection` field is what clients read; the app's own may follow); before that, all but
-    /// the incomplete head, which is held back until the rest of it arrives.
+    /// is complete, everything, with `connection: close` after its status line (clients combine
+    /// every `Connection` field, and `close` among them ends the connection whatever else the app
+    /// wrote); before that, all but the incomplete head, which is held back until the rest of it
+    /// arrives (nothing of it reaches the client if the app fails first: the client gets a 502).
     private func markingClose(_ bytes: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
+        guard bytes.readableBytes > 0 else { return bytes }  // nothing read: keep holding
         var bytes = bytes
         var shift = 0
         if var held = heldHead.take() {

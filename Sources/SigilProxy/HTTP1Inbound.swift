@@ -5,7 +5,8 @@ import SigilCore
 /// Inbound HTTP/1.1: frames the client's bytes into requests (``HTTP1RequestFramer``: the head is
 /// parsed for what authorization needs, bodies stay the bytes received), authorizes each request
 /// by its head, forwards allowed ones to the app over a pooled keep-alive connection (with
-/// `x-forwarded-client-cert`), and relays the app's response as the bytes it sent. One request is
+/// `x-forwarded-client-cert`), and relays the app's response as the bytes it sent (a last
+/// response, after the client's `Connection: close`, gains `connection: close`). One request is
 /// in flight at a time; pipelined requests wait their turn, so responses keep their order. Denied
 /// requests get Istio's `403 RBAC: access denied`; malformed ones 400 and the connection closes.
 /// Back-pressure both ways: the client is not read while the app connection cannot take more of a
@@ -390,10 +391,11 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
         app = nil
         stopHoldingForApp()
         if let failed { environment.pools.pool(for: context.eventLoop).discard(failed) }
-        if !receivedAnything, !active.sentDownstream {
+        if !active.sentDownstream {
             // A pooled connection the app closed while idle: retry once on a fresh one if nothing
-            // of the request body could have been consumed.
-            if failed?.reused == true, !active.head.hasBody, !active.retried {
+            // of the request body could have been consumed. (Bytes received but not relayed: a
+            // head held back to be marked `connection: close`; the client gets a clean 502.)
+            if !receivedAnything, failed?.reused == true, !active.head.hasBody, !active.retried {
                 active.retried = true
                 self.active = active
                 connectApp(context: context, fresh: true)

@@ -23,7 +23,8 @@ public struct HTTP1RequestHead: Sendable {
     public let chunked: Bool
     public let keepAlive: Bool
     /// The head has fields that belong to the client's connection only (`Connection`,
-    /// `Keep-Alive`, `Proxy-Connection`, `Upgrade`): ``write(uri:host:xfcc:into:)`` leaves them out.
+    /// `Keep-Alive`, `Proxy-Connection`, `Upgrade`): ``write(uri:host:xfcc:into:)`` leaves them
+    /// out (a head without them is written with no per-field check).
     public let connectionSpecific: Bool
 
     public var hasBody: Bool { chunked || (contentLength ?? 0) > 0 }
@@ -47,11 +48,12 @@ public struct HTTP1RequestHead: Sendable {
     /// fields that concern only the client's connection, each line ended by CRLF, then our
     /// `x-forwarded-client-cert` when the peer is an mTLS workload.
     ///
-    /// Connection-specific fields stop here (RFC 9110 §7.6.1): `Connection`, every field it names,
-    /// `Keep-Alive`, `Proxy-Connection` and `Upgrade`. The app connection is the proxy's own and
-    /// stays in its pool: a client's `Connection: close` closes the client's connection after the
-    /// response, not the app's. An HTTP/1.0 request that asked to keep its connection is sent with
-    /// `connection: keep-alive`, so the app keeps its own too.
+    /// Connection-specific fields stop here (RFC 9110 §7.6.1): `Connection`, `Keep-Alive`,
+    /// `Proxy-Connection` and `Upgrade` (see ``isConnectionSpecific(_:_:_:)`` for why fields a
+    /// `Connection` header names still go on). The app connection is the proxy's own and stays in
+    /// its pool: a client's `Connection: close` closes the client's connection after the response,
+    /// not the app's. Every HTTP/1.0 request is sent with `connection: keep-alive` for the same
+    /// reason (its client's response is marked `connection: close` unless it asked to keep alive).
     public func write(uri: String, host replacement: String?, xfcc: String?, into buffer: inout ByteBuffer) {
         buffer.reserveCapacity(minimumWritableBytes: bytes.readableBytes + uri.utf8.count + (xfcc?.utf8.count ?? 0) + 64)
         buffer.writeString(method)
@@ -68,14 +70,14 @@ public struct HTTP1RequestHead: Sendable {
                 let start = Int(field.nameStart), nameEnd = Int(field.nameEnd)
                 if HTTPBytes.equalsIgnoringCase(raw, start, nameEnd, "x-forwarded-client-cert") { continue }
                 if replacement != nil, HTTPBytes.equalsIgnoringCase(raw, start, nameEnd, "host") { continue }
-                if connectionSpecific, isConnectionSpecific(raw, start, nameEnd) { continue }
+                if connectionSpecific, Self.isConnectionSpecific(raw, start, nameEnd) { continue }
                 buffer.writeBytes(UnsafeRawBufferPointer(rebasing: raw[start..<nameEnd]))
                 buffer.writeStaticString(": ")
                 buffer.writeBytes(UnsafeRawBufferPointer(rebasing: raw[Int(field.valueStart)..<Int(field.valueEnd)]))
                 buffer.writeStaticString("\r\n")
             }
         }
-        if minorVersion == 0, keepAlive { buffer.writeStaticString("connection: keep-alive\r\n") }
+        if minorVersion == 0 { buffer.writeStaticString("connection: keep-alive\r\n") }
         if let xfcc {
             buffer.writeStaticString("x-forwarded-client-cert: ")
             buffer.writeString(xfcc)
@@ -85,26 +87,16 @@ public struct HTTP1RequestHead: Sendable {
     }
 
     /// Whether the field named `raw[start..<end]` is one of the connection-specific fields
-    /// ``write(uri:host:xfcc:into:)`` drops. A `Connection` token naming `Host`, `Content-Length`
-    /// or `Transfer-Encoding` is ignored: dropping those would make the app frame or route the
-    /// request differently from the proxy.
-    func isConnectionSpecific(_ raw: UnsafeRawBufferPointer, _ start: Int, _ end: Int) -> Bool {
+    /// ``write(uri:host:xfcc:into:)`` drops: a fixed set of names, as Envoy and nginx drop them.
+    /// Fields a `Connection` header names are not removed: a client could otherwise strip a header
+    /// that authorization read (a policy's `when`) or one a front proxy added, and the app would
+    /// frame, route or trust the request differently from what was decided here.
+    static func isConnectionSpecific(_ raw: UnsafeRawBufferPointer, _ start: Int, _ end: Int) -> Bool {
         switch end - start {
-        case 7 where HTTPBytes.equalsIgnoringCase(raw, start, end, "upgrade"): return true
-        case 10 where HTTPBytes.equalsIgnoringCase(raw, start, end, "connection") || HTTPBytes.equalsIgnoringCase(raw, start, end, "keep-alive"):
-            return true
-        case 16 where HTTPBytes.equalsIgnoringCase(raw, start, end, "proxy-connection"): return true
-        case 4 where HTTPBytes.equalsIgnoringCase(raw, start, end, "host"): return false
-        case 14 where HTTPBytes.equalsIgnoringCase(raw, start, end, "content-length"): return false
-        case 17 where HTTPBytes.equalsIgnoringCase(raw, start, end, "transfer-encoding"): return false
-        default: break
-        }
-        var name = HTTPBytes.lowercasedString(UnsafeRawBufferPointer(rebasing: raw[start..<end]))
-        return name.withUTF8 { lower in
-            fields.contains { field in
-                HTTPBytes.equalsIgnoringCase(raw, Int(field.nameStart), Int(field.nameEnd), "connection")
-                    && HTTPBytes.containsToken(UnsafeRawBufferPointer(rebasing: raw[Int(field.valueStart)..<Int(field.valueEnd)]), lower)
-            }
+        case 7: return HTTPBytes.equalsIgnoringCase(raw, start, end, "upgrade")
+        case 10: return HTTPBytes.equalsIgnoringCase(raw, start, end, "connection") || HTTPBytes.equalsIgnoringCase(raw, start, end, "keep-alive")
+        case 16: return HTTPBytes.equalsIgnoringCase(raw, start, end, "proxy-connection")
+        default: return false
         }
     }
 }

@@ -1,7 +1,8 @@
 public import NIOCore
 
 /// Finds the boundaries of HTTP/1.1 responses in a byte stream without re-encoding them, so the
-/// proxy can forward an app's response as the bytes it received (the cheap path) and still know
+/// proxy can forward an app's response as the bytes it received (the cheap path; a reader may
+/// edit a head at the offsets ``finalHeadStart`` and ``incompleteHeadStart`` give) and still know
 /// its status, its size, and where it ends (for pooling the app connection and for the ledger).
 ///
 /// Framing follows RFC 9112 §6.3: no body for 1xx/204/304 and for responses to HEAD; chunked
@@ -42,7 +43,7 @@ public struct HTTP1ResponseFramer: Sendable {
         case earlier
     }
 
-    /// After ``feed(_:emit:)``: where the final (non-1xx) head that completed in that read
+    /// After ``feed(_:emit:)``: where the final head (any status but an interim 1xx; 101 is final) that completed in that read
     /// begins; nil if none did.
     public private(set) var finalHeadStart: HeadStart?
     /// After ``feed(_:emit:)``: where the head still incomplete at the end of that read begins;

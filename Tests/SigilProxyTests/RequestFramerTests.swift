@@ -89,30 +89,38 @@ struct RequestFramerTests {
     }
 
     /// Fields that concern only the client's connection stop at the proxy (RFC 9110 7.6.1), so a
-    /// client's `Connection: close` does not close the pooled app connection; a token naming a
-    /// field that frames or routes the request does not remove it.
+    /// client's `Connection: close` does not close the pooled app connection. Fields a
+    /// `Connection` header names are not removed (as in Envoy and nginx): the app sees every
+    /// header authorization read, and the ones that frame and route the request.
     @Test func connectionSpecificFieldsStayOnTheClientsConnection() throws {
-        func forwarded(_ text: String) throws -> (String, Bool) {
+        func forwarded(_ text: String, host: String? = nil, xfcc: String? = nil) throws -> (String, Bool) {
             var framer = HTTP1RequestFramer()
             var heads: [HTTP1RequestHead] = []
             try framer.feed(ByteBuffer(string: text)) { if case .head(let h) = $0 { heads.append(h) } }
             let head = try #require(heads.first)
             var out = ByteBuffer()
-            head.write(uri: head.target, host: nil, xfcc: nil, into: &out)
+            head.write(uri: head.target, host: host, xfcc: xfcc, into: &out)
             return (String(buffer: out), head.keepAlive)
         }
-        let (closing, keepAlive) = try forwarded("POST /a HTTP/1.1\r\nHost: api\r\nConnection: close, X-Trace\r\n"
-            + "connection: Content-Length, HOST, transfer-encoding, x-other\r\nX-Trace: 1\r\nKeep-Alive: timeout=5\r\n"
-            + "Upgrade: h2c\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nX-Other: 2\r\nX-Kept: 3\r\nContent-Length: 2\r\n\r\nhi")
+        let (closing, keepAlive) = try forwarded("POST /a HTTP/1.1\r\nHost: api\r\nConnection: close, X-Env\r\n"
+            + "connection: Content-Length, HOST, x-forwarded-client-cert\r\nX-Env: staging\r\nKeep-Alive: timeout=5\r\n"
+            + "Upgrade: h2c\r\nPROXY-CONNECTION: keep-alive\r\nTE: trailers\r\nX-Forwarded-Client-Cert: forged\r\n"
+            + "Content-Length: 2\r\n\r\nhi", xfcc: "By=spiffe://td/api")
         #expect(!keepAlive)
-        #expect(closing == "POST /a HTTP/1.1\r\nHost: api\r\nTE: trailers\r\nX-Kept: 3\r\nContent-Length: 2\r\n\r\n")
-        // An HTTP/1.0 client that keeps its connection: the app is asked to keep its own.
-        #expect(try forwarded("GET /b HTTP/1.0\r\nConnection: Keep-Alive\r\nX-A: 1\r\n\r\n").0
-            == "GET /b HTTP/1.0\r\nX-A: 1\r\nconnection: keep-alive\r\n\r\n")
-        #expect(try forwarded("GET /c HTTP/1.0\r\nX-A: 1\r\n\r\n").0 == "GET /c HTTP/1.0\r\nX-A: 1\r\n\r\n")
+        #expect(closing == "POST /a HTTP/1.1\r\nHost: api\r\nX-Env: staging\r\nTE: trailers\r\nContent-Length: 2\r\n"
+            + "x-forwarded-client-cert: By=spiffe://td/api\r\n\r\n")
+        // A chunked request naming its framing in Connection keeps it; a Host replacement still applies.
+        #expect(try forwarded("POST /t HTTP/1.1\r\nHost: api\r\nConnection: transfer-encoding, host\r\n"
+            + "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", host: "app.local").0
+            == "POST /t HTTP/1.1\r\nhost: app.local\r\nTransfer-Encoding: chunked\r\n\r\n")
+        // Every HTTP/1.0 request asks the app to keep its connection, whatever the client asked.
+        let (kept, keptAlive) = try forwarded("GET /b HTTP/1.0\r\nConnection: Keep-Alive\r\nX-A: 1\r\n\r\n")
+        #expect(keptAlive && kept == "GET /b HTTP/1.0\r\nX-A: 1\r\nconnection: keep-alive\r\n\r\n")
+        let (plain, plainKeptAlive) = try forwarded("GET /c HTTP/1.0\r\nX-A: 1\r\n\r\n")
+        #expect(!plainKeptAlive && plain == "GET /c HTTP/1.0\r\nX-A: 1\r\nconnection: keep-alive\r\n\r\n")
         // No connection-specific field: the head goes as it came.
-        #expect(try forwarded("GET /d HTTP/1.1\r\nHost: api\r\nX-Connection: close\r\n\r\n").0
-            == "GET /d HTTP/1.1\r\nHost: api\r\nX-Connection: close\r\n\r\n")
+        #expect(try forwarded("GET /d HTTP/1.1\r\nHost: api\r\nX-Connection: close\r\nUpgrade-Insecure-Requests: 1\r\n\r\n").0
+            == "GET /d HTTP/1.1\r\nHost: api\r\nX-Connection: close\r\nUpgrade-Insecure-Requests: 1\r\n\r\n")
     }
 
     @Test func identicalContentLengthsAreOneLength() throws {

@@ -198,43 +198,82 @@ struct ResponseFramerTests {
 
     /// The last response on a client's connection (the client asked to close) is relayed with
     /// `connection: close` after its final status line, whatever the reads: a head split across
-    /// reads is held back until it is whole, an interim head before it is relayed as soon as it is.
+    /// reads is held back until it is whole, an interim head before it is relayed once complete.
+    /// Each response is fed split at every byte, and one byte at a time; the same handler then
+    /// carries a second response (pooled reuse) that is not marked.
     @Test("a last response is marked connection: close in every split", arguments: [
         "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\nhello",
         "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\nServer: x\n\n",
         "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
     ])
     func marksLastResponseClose(text: String) throws {
-        final class Sink: AppResponseSink {
-            var relayed: [UInt8] = []
-            var ends = 0
-            func appBytes(_ buffer: ByteBuffer) { relayed += buffer.readableBytesView }
-            func appHead(status: Int, keepAlive: Bool, headers: [(String, String)]) {}
-            func appBody(_ buffer: ByteBuffer) {}
-            func appEnd() { ends += 1 }
-            func appReadComplete() {}
-            func appFailed(receivedAnything: Bool) {}
-            func appWritabilityChanged(_ writable: Bool) {}
-        }
         let bytes = Array(text.utf8)
         let interim = text.hasPrefix("HTTP/1.1 100") ? Array("HTTP/1.1 100 Continue\r\n\r\n".utf8) : []
         let finalLine = bytes[interim.count...].firstIndex(of: 0x0A)! + 1
         let marked = Array(bytes[..<finalLine]) + Array("connection: close\r\n".utf8) + Array(bytes[finalLine...])
+        let next = Array("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".utf8)
+        let cuts = (1..<bytes.count).map { [0, $0, bytes.count] } + [Array(0...bytes.count)]
         for marks in [true, false] {
-            for cut in 1..<bytes.count {
-                let handler = AppResponseHandler()
-                let channel = EmbeddedChannel(handler: handler)
-                let sink = Sink()
+            for cut in cuts {
+                let (handler, channel, sink) = Self.appConnection()
                 handler.begin(sink: sink, toHEAD: false, decodes: false, holdReads: false, marksClose: marks)
-                try channel.writeInbound(ByteBuffer(bytes: bytes[..<cut]))
-                let first = sink.relayed
-                try channel.writeInbound(ByteBuffer(bytes: bytes[cut...]))
-                #expect(sink.relayed == (marks ? marked : bytes), "cut at \(cut)")
+                for (from, to) in zip(cut, cut.dropFirst()) {
+                    let before = sink.relayed
+                    try channel.writeInbound(ByteBuffer(bytes: bytes[from..<to]))
+                    #expect(sink.relayed.starts(with: before))
+                    if to >= interim.count { #expect(sink.relayed.count >= interim.count, "the interim head was held back") }
+                }
+                #expect(sink.relayed == (marks ? marked : bytes), "cuts \(cut)")
                 #expect(sink.ends == 1)
-                #expect(sink.relayed.starts(with: first))
-                if cut >= interim.count { #expect(first.count >= interim.count, "the interim head was held back") }
+                // The connection goes back to the pool: the next response is not marked.
+                sink.relayed = []
+                handler.begin(sink: sink, toHEAD: false, decodes: false, holdReads: false)
+                try channel.writeInbound(ByteBuffer(bytes: next))
+                #expect(sink.relayed == next && sink.ends == 2)
                 _ = try channel.finish(acceptAlreadyClosed: true)
             }
         }
+    }
+
+    /// Marking: bytes after the response are not relayed (the connection is not reused), a HEAD
+    /// response is marked, and a head the app abandons while it is held back reaches nobody (the
+    /// sink hears a failure, so the client can get a clean 502).
+    @Test("marking: bytes after the end, HEAD, and an app that fails mid-head")
+    func markingEdges() throws {
+        do {
+            let (handler, channel, sink) = Self.appConnection()
+            handler.begin(sink: sink, toHEAD: true, decodes: false, holdReads: false, marksClose: true)
+            try channel.writeInbound(ByteBuffer(string: "HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nEXTRA"))
+            #expect(String(decoding: sink.relayed, as: UTF8.self) == "HTTP/1.1 200 OK\r\nconnection: close\r\nContent-Length: 9\r\n\r\n")
+            #expect(sink.ends == 1 && !handler.reusable)
+            _ = try channel.finish(acceptAlreadyClosed: true)
+        }
+        do {
+            let (handler, channel, sink) = Self.appConnection()
+            handler.begin(sink: sink, toHEAD: false, decodes: false, holdReads: false, marksClose: true)
+            try channel.writeInbound(ByteBuffer(string: "HTTP/1.1 200 OK\r\nContent-"))
+            #expect(sink.relayed.isEmpty)
+            channel.pipeline.fireChannelInactive()
+            #expect(sink.relayed.isEmpty && sink.failures == [true] && sink.ends == 0)
+            _ = try channel.finish(acceptAlreadyClosed: true)
+        }
+    }
+
+    final class RecordingSink: AppResponseSink {
+        var relayed: [UInt8] = []
+        var ends = 0
+        var failures: [Bool] = []
+        func appBytes(_ buffer: ByteBuffer) { relayed += buffer.readableBytesView }
+        func appHead(status: Int, keepAlive: Bool, headers: [(String, String)]) {}
+        func appBody(_ buffer: ByteBuffer) {}
+        func appEnd() { ends += 1 }
+        func appReadComplete() {}
+        func appFailed(receivedAnything: Bool) { failures.append(receivedAnything) }
+        func appWritabilityChanged(_ writable: Bool) {}
+    }
+
+    static func appConnection() -> (AppResponseHandler, EmbeddedChannel, RecordingSink) {
+        let handler = AppResponseHandler()
+        return (handler, EmbeddedChannel(handler: handler), RecordingSink())
     }
 }
