@@ -266,7 +266,7 @@ let package = Package(
         ),
         .testTarget(
             name: "SigilProxyTests",
-            dependencies: ["SigilProxy", "SigilCore", logging, crypto, .product(name: "NIOCore", package: "swift-nio"),
+            dependencies: ["SigilProxy", "SigilCore", "SigilTestSupport", x509, asn1, logging, crypto, .product(name: "NIOCore", package: "swift-nio"),
                            .product(name: "NIOPosix", package: "swift-nio"),
                            .product(name: "NIOEmbedded", package: "swift-nio"),
                            .product(name: "NIOHTTP1", package: "swift-nio"),
