@@ -396,7 +396,8 @@ enum TCPInbound {
                 .connect(to: address)
         }
         splice.onDone = { bytesIn, bytesOut, error, duration in
-            environment.record(row(bytesIn: bytesIn, bytesOut: bytesOut, duration: duration, detail: error.map { "app unreachable: \($0)" }))
+            environment.record(row(bytesIn: bytesIn, bytesOut: bytesOut, duration: duration, detail: error.map { "app unreachable: \($0)" }),
+                               on: channel.eventLoop)
         }
         return splice
     }

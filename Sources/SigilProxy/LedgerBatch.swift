@@ -45,12 +45,12 @@ final class LedgerBatch: @unchecked Sendable {
     /// Adds a completed request's row, serialized by `row` straight into the batch's buffer: the
     /// row's head and body (``LedgerChain/appendUnsealed(writer:to:body:)``'s bytes for
     /// ``writer``), returning the hash state over exactly the bytes it appended. `waiter` hears
-    /// when the row is in the file.
-    func add(waiter: any LedgerRowWaiter, row: (inout [UInt8]) -> LedgerChain.PartialHash) {
+    /// when the row is in the file (nil: nothing waits, such as the row of a connection that ended).
+    func add(waiter: (any LedgerRowWaiter)?, row: (inout [UInt8]) -> LedgerChain.PartialHash) {
         loop.assertInEventLoop()
         partials.append(row(&buffer))
         ends.append(buffer.count)
-        waiters.append(waiter)
+        if let waiter { waiters.append(waiter) }
         if !scheduled {
             scheduled = true
             loop.execute { self.writeNow() }

@@ -54,12 +54,14 @@ enum Outbound {
                 }
         }
         splice.onDone = { bytesIn, bytesOut, error, duration in
+            // On the client channel's loop: the row joins the rows of this loop iteration.
             environment.record(LedgerRecord(
                 kind: .connection, timeMicros: start, source: ownID, destination: upstreamID.description,
                 sourceIP: channel.remoteAddress?.ipAddress, port: upstream.port, proto: chosenALPN.isEmpty ? "tcp" : chosenALPN,
                 decision: error == nil && note.failure == nil ? "allow" : "deny", mtls: true, bytesIn: bytesIn, bytesOut: bytesOut,
                 durationMicros: duration.nanoseconds / 1000,
-                detail: (error.map { "\($0)" } ?? note.failure).map { "outbound to \(upstream) failed: \($0)" } ?? "outbound"))
+                detail: (error.map { "\($0)" } ?? note.failure).map { "outbound to \(upstream) failed: \($0)" } ?? "outbound"),
+                on: channel.eventLoop)
         }
         return splice
     }

@@ -39,6 +39,20 @@ final class ProxyEnvironment: Sendable {
         ledger?.append(row)
     }
 
+    /// Records a row on the event loop `loop` is running: it joins the loop's batch and goes into
+    /// the spool with the rows completed in the same iteration (one `write` for all), as a
+    /// connection's row when the connection has ended (nothing waits for it). Off the loop, or
+    /// on a loop without a batch, it is written now.
+    func record(_ row: LedgerRecord, on loop: any EventLoop) {
+        guard let ledger else { return }
+        guard loop.inEventLoop, let batch = batches?.batch(for: loop) else {
+            ledger.append(row)
+            return
+        }
+        let writer = batch.writer
+        batch.add(waiter: nil) { LedgerChain.appendUnsealed(writer: writer, to: &$0) { row.appendBody(to: &$0) } }
+    }
+
     /// Writes a request's row into the spool now (a request that ended without a response to hold).
     func record(_ facts: RequestFacts, peer: PeerInfo, detail: String?) {
         guard let ledger else { return }
