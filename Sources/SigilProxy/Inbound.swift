@@ -4,6 +4,11 @@ import Glibc
 #if canImport(CoreFoundation)
 import CoreFoundation  // the release build resolves Glibc struct members (tcp_info) through it
 #endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 import Crypto
 import NIOConcurrencyHelpers
 import NIOCore
@@ -268,10 +273,18 @@ final class TLSPeerHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
         do {
             let tls = try context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self)
-            guard let leaf = tls.peerValidatedCertificateChain?.first ?? tls.peerCertificate else {
+            let verified = tls.peerValidatedCertificateChain
+            guard let leaf = verified?.first ?? tls.peerCertificate else {
                 throw ProxyError(.identity, "no peer certificate after the handshake")
             }
             let facts = try PeerLeafFacts.shared.facts(der: try leaf.toDERBytes())
+            // A resumed TLS session (a ticket from an earlier handshake) skips the verification
+            // callback: its leaf was verified when the session began, under this same context (a
+            // new SVID or bundle builds a new context, whose ticket keys are new), but it may
+            // have expired since. Fail closed then.
+            if verified == nil, let invalid = facts.validity(at: Date()) {
+                throw ProxyError(.identity, "resumed TLS session refused: the peer's certificate \(invalid)")
+            }
             let peer = PeerInfo(
                 spiffeID: facts.spiffeID, principal: facts.principal, serial: facts.serial,
                 sourceIP: context.channel.remoteAddress?.ipAddress, destinationIP: context.channel.localAddress?.ipAddress,
@@ -305,8 +318,10 @@ final class TLSPeerHandler: ChannelInboundHandler, RemovableChannelHandler {
 /// serial, and the SHA-256 `x-forwarded-client-cert` carries), by the leaf's SHA-256. These are a
 /// pure function of the certificate's bytes and a workload opens many connections with one SVID,
 /// so each leaf is parsed once: swift-certificates' parse and the SAN walk were ~3 % of the
-/// inbound proxy's CPU per new connection. The chain itself is verified on every handshake
-/// before this is read. Bounded: emptied when it reaches ``capacity`` entries.
+/// inbound proxy's CPU per new connection. Only read after a handshake the chain check passed:
+/// a full handshake's (``SpiffeTLS``, every time), or for a resumed session the one that began it
+/// (then the leaf's validity is checked again here). Failures are not kept. Bounded: emptied when
+/// it reaches ``capacity`` entries.
 final class PeerLeafFacts: Sendable {
     struct Facts: Sendable {
         let spiffeID: String
@@ -314,6 +329,15 @@ final class PeerLeafFacts: Sendable {
         let serial: String
         /// The leaf's SHA-256 in lowercase hex.
         let hash: String
+        let notBefore: Date
+        let notAfter: Date
+
+        /// Nil while `now` is inside the leaf's validity; else what is wrong, for the refusal.
+        func validity(at now: Date) -> String? {
+            if now < notBefore { return "is not valid before \(notBefore)" }
+            if now > notAfter { return "expired at \(notAfter)" }
+            return nil
+        }
     }
 
     static let shared = PeerLeafFacts()
@@ -326,7 +350,8 @@ final class PeerLeafFacts: Sendable {
         if let known = table.withLockedValue({ $0[digest] }) { return known }
         let certificate = try Certificate(derEncoded: der)
         guard let id = certificate.spiffeID else { throw ProxyError(.identity, "peer certificate has no SPIFFE ID") }
-        let facts = Facts(spiffeID: id.description, principal: id.istioPrincipal, serial: certificate.serialHex, hash: hex(digest))
+        let facts = Facts(spiffeID: id.description, principal: id.istioPrincipal, serial: certificate.serialHex, hash: hex(digest),
+                          notBefore: certificate.notValidBefore, notAfter: certificate.notValidAfter)
         table.withLockedValue { table in
             if table.count >= Self.capacity { table.removeAll(keepingCapacity: true) }
             table[digest] = facts

@@ -7,11 +7,13 @@ protocol LedgerRowWaiter: AnyObject {
     func ledgerRowWritten()
 }
 
-/// The rows of one event loop's completed requests, written to the spool together.
+/// The rows of one event loop's completed requests (and closed connections), written to the
+/// spool together.
 ///
 /// A request that completes hands its row here and holds back the flush of its response's last
-/// bytes. At the end of the loop iteration (one task per batch) every row collected in it goes
-/// into the spool with one lock and one `write`, and only then is each response flushed: a client
+/// bytes (a closed connection's row has nothing to hold back). At the end of the loop iteration
+/// (one task per batch) every row collected in it goes into the spool with one lock and one
+/// `write`, and only then is each response flushed: a client
 /// that saw its response complete still has its row in the file when the proxy is killed with
 /// SIGKILL right after, and a busy loop pays one `write` per iteration, not one per request.
 /// Confined to its event loop.
@@ -42,10 +44,11 @@ final class LedgerBatch: @unchecked Sendable {
     /// The writer whose rows this batch collects (the head of every row).
     var writer: String { spool.writer }
 
-    /// Adds a completed request's row, serialized by `row` straight into the batch's buffer: the
-    /// row's head and body (``LedgerChain/appendUnsealed(writer:to:body:)``'s bytes for
-    /// ``writer``), returning the hash state over exactly the bytes it appended. `waiter` hears
-    /// when the row is in the file (nil: nothing waits, such as the row of a connection that ended).
+    /// Adds a completed request's (or a closed connection's) row, serialized by `row` straight
+    /// into the batch's buffer: the row's head and body
+    /// (``LedgerChain/appendUnsealed(writer:to:body:)``'s bytes for ``writer``), returning the
+    /// hash state over exactly the bytes it appended. `waiter` hears when the row is in the file
+    /// (nil: nothing waits, such as the row of a connection that ended).
     func add(waiter: (any LedgerRowWaiter)?, row: (inout [UInt8]) -> LedgerChain.PartialHash) {
         loop.assertInEventLoop()
         partials.append(row(&buffer))

@@ -8,7 +8,8 @@ final class ProxyEnvironment: Sendable {
     let policy: PolicyStore
     let identity: IdentityStore
     let ledger: LedgerSpool?
-    /// Per event loop: rows of completed requests, written once per loop iteration.
+    /// Per event loop: rows of completed requests (and of closed connections), written once per
+    /// loop iteration.
     let batches: LedgerBatches?
     let pools: AppPools
     /// The app's port: `destination.port` for authorization, and the PeerAuthentication port.
@@ -32,9 +33,9 @@ final class ProxyEnvironment: Sendable {
         self.logger = logger
     }
 
-    /// Writes a row into the spool (it is in the file when this returns). Inbound paths call it
-    /// before they flush a response's last bytes, so a response the client saw complete has its
-    /// row even if the proxy is killed right after.
+    /// Writes a row into the spool (it is in the file when this returns): rows that are not a
+    /// response's completion and not a closed connection's on its loop (refusals, identity and
+    /// policy rows). A completed response's row goes through ``recordBeforeFlush``.
     func record(_ row: LedgerRecord) {
         ledger?.append(row)
     }

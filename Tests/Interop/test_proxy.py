@@ -675,6 +675,47 @@ def test_connection_close_stays_on_the_clients_connection(mesh):
     assert len(ports) <= 2, f"the app saw {len(ports)} connections for 6 requests: its connections were not reused"
 
 
+def test_resumed_tls_session_keeps_identity_and_refuses_an_expired_leaf(mesh):
+    """A TLS 1.3 session resumed from a ticket skips the certificate callback: the inbound keeps the
+    identity the session began with (the same XFCC and ledger source as a full handshake) and
+    checks the leaf's validity window again, so a caller whose certificate expired after its full
+    handshake cannot resume past the expiry."""
+    def call(ctx, path, session=None):
+        with socket.create_connection(("127.0.0.1", mesh.api_in), timeout=10) as raw, \
+                ctx.wrap_socket(raw, session=session) as s:
+            try:
+                s.sendall(f"GET {path} HTTP/1.1\r\nHost: api\r\n\r\n".encode())
+                answers = read_http_responses(s, 1, timeout=10)
+            except (AssertionError, OSError):
+                answers = []
+            return answers, s.session, s.session_reused
+
+    web = mesh.idents["web"]
+    ctx = tls_client(web, mesh.bundle, ["http/1.1"])
+    first, session, reused = call(ctx, tag("full"))
+    assert [a[0] for a in first] == [200] and not reused
+    path = tag("resumed")
+    again, _, reused = call(ctx, path, session)
+    assert reused, "the inbound did not resume the TLS session (no ticket): the resumption checks are untested"
+    assert [a[0] for a in again] == [200]
+    assert json.loads(again[0][1])["xfcc"] == [f"By={API};Hash={web.der_sha256};URI={WEB}"]
+    assert request_row(mesh.api_ledger, path)["source"] == WEB
+
+    not_after = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=5)
+    short = mesh.mint_ident("short-lived", [WEB], not_after=not_after)
+    ctx = tls_client(short, mesh.bundle, ["http/1.1"])
+    first, session, _ = call(ctx, tag("short-full"))
+    assert [a[0] for a in first] == [200]
+    time.sleep(max(0.0, (not_after - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 1.5)
+    late = tag("short-resumed")
+    answers, _, reused = call(ctx, late, session)
+    assert answers == [], f"an expired leaf was served on a resumed session: {answers}"
+    assert reused
+    wait_row(mesh.api_ledger, lambda r: r["kind"] == "connection" and r["decision"] == "deny"
+             and "resumed TLS session refused: the peer's certificate expired" in (r["detail"] or ""), "the refusal row")
+    assert not any(seen["path"] == late for seen in list(mesh.app.seen))
+
+
 def test_pipelined_requests_answered_in_order(mesh):
     ctx = tls_client(mesh.idents["web"], mesh.bundle, ["http/1.1"])
     paths = [tag("pipe") for _ in range(4)]

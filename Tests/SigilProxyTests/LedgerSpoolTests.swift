@@ -212,6 +212,38 @@ struct LedgerSpoolTests {
         try body(path, group.next(), LedgerBatches(group: group, spool: spool))
     }
 
+    /// A connection's row when it ends has nothing waiting on it: it goes out with the rows of its
+    /// iteration, in the order added, and a batch of such rows alone is still written.
+    @Test("a row nothing waits for goes out with its iteration's rows")
+    func rowWithoutWaiter() throws {
+        try withLoopBatch { path, loop, batches in
+            let (before, later) = try loop.submit { () -> (String?, EventLoopFuture<[[Int]]>) in
+                let batch = batches.batch(for: loop)!
+                let first = FileWatcher(path: path), last = FileWatcher(path: path)
+                batch.add(self.row("/a"), waiter: first)
+                self.addAlone(batch, "/connection")
+                batch.add(self.row("/b"), waiter: last)
+                let before = try? String(contentsOfFile: path, encoding: .utf8)
+                return (before, loop.submit { [first, last].map(\.linesSeen) })
+            }.wait()
+            #expect(before == "")
+            #expect(try later.wait() == [[3], [3]])  // each waiter released once, all three rows in the file
+            let lines = try loop.submit { () -> EventLoopFuture<Int> in
+                self.addAlone(batches.batch(for: loop)!, "/alone")
+                return loop.submit { (try? String(contentsOfFile: path, encoding: .utf8))?.split(separator: "\n").count ?? 0 }
+            }.wait().wait()
+            #expect(lines == 4)
+            let rows = try checkChain(path, from: 1, prev: String(repeating: "0", count: 64))
+            #expect(rows.map { $0["path"] as? String } == ["/a", "/connection", "/b", "/alone"])
+        }
+    }
+
+    /// Adds a row to `batch` with nothing waiting on it (as a closed connection's row is added).
+    func addAlone(_ batch: LedgerBatch, _ path: String) {
+        let row = self.row(path)
+        batch.add(waiter: nil) { LedgerChain.appendUnsealed(writer: batch.writer, to: &$0) { row.appendBody(to: &$0) } }
+    }
+
     @Test("rows completed in one event-loop iteration go out in one write, before any waiter is released")
     func loopBatch() throws {
         try withLoopBatch { path, loop, batches in

@@ -23,6 +23,11 @@ struct PeerLeafFactsTests {
         #expect(first.principal == "shop.example/ns/shop/sa/web")
         #expect(first.serial == leaf.serialHex)
         #expect(first.hash == hex(SHA256.hash(data: der)))
+        #expect(first.notBefore == leaf.notValidBefore && first.notAfter == leaf.notValidAfter)
+        // What a resumed session checks again: the leaf's validity window.
+        #expect(first.validity(at: leaf.notValidBefore.addingTimeInterval(1)) == nil)
+        #expect(first.validity(at: leaf.notValidAfter.addingTimeInterval(1))?.hasPrefix("expired at") == true)
+        #expect(first.validity(at: leaf.notValidBefore.addingTimeInterval(-1))?.hasPrefix("is not valid before") == true)
         let again = try cache.facts(der: der)
         #expect(again.spiffeID == first.spiffeID && again.serial == first.serial && again.hash == first.hash)
         #expect(cache.count == 1)
@@ -42,7 +47,9 @@ struct PeerLeafFactsTests {
                                     signatureAlgorithm: .ecdsaWithSHA256, extensions: .init(), issuerPrivateKey: key)
         var plainDER = DER.Serializer()
         try plainDER.serialize(plain)
-        #expect(throws: (any Error).self) { try cache.facts(der: plainDER.serializedBytes) }
+        #expect { try cache.facts(der: plainDER.serializedBytes) } throws: { error in
+            (error as? ProxyError)?.message == "peer certificate has no SPIFFE ID"
+        }
         #expect(throws: (any Error).self) { try cache.facts(der: [0x30, 0x03, 0x02, 0x01, 0x01]) }
         #expect(cache.count == 2)
     }
