@@ -4,11 +4,7 @@ import Glibc
 #if canImport(CoreFoundation)
 import CoreFoundation  // the release build resolves Glibc struct members (tcp_info) through it
 #endif
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
 import Foundation
-#endif
 import Crypto
 import NIOConcurrencyHelpers
 import NIOCore

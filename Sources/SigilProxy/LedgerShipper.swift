@@ -1,6 +1,9 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+#if canImport(CoreFoundation)
+import CoreFoundation  // `stat`'s members resolve through it once a file of this module imports it
+#endif
 import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
