@@ -6,7 +6,6 @@ import CoreFoundation  // the release build resolves Glibc struct members (tcp_i
 #endif
 import Foundation
 import Crypto
-import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP2
 import NIOPosix
@@ -316,8 +315,8 @@ final class TLSPeerHandler: ChannelInboundHandler, RemovableChannelHandler {
 /// so each leaf is parsed once: swift-certificates' parse and the SAN walk were ~3 % of the
 /// inbound proxy's CPU per new connection. Only read after a handshake the chain check passed:
 /// a full handshake's (``SpiffeTLS``, every time), or for a resumed session the one that began it
-/// (then the leaf's validity is checked again here). Failures are not kept. Bounded: emptied when
-/// it reaches ``capacity`` entries.
+/// (then the leaf's validity is checked again here). Failures are not kept. At most 4,096
+/// entries (``DigestTable``).
 final class PeerLeafFacts: Sendable {
     struct Facts: Sendable {
         let spiffeID: String
@@ -337,25 +336,21 @@ final class PeerLeafFacts: Sendable {
     }
 
     static let shared = PeerLeafFacts()
-    static let capacity = 4096
-    private let table = NIOLockedValueBox<[SHA256Digest: Facts]>([:])
+    private let table = DigestTable<Facts>(capacity: 4096)
 
     /// The facts of the leaf `der`; throws if it is not a certificate or carries no SPIFFE ID.
     func facts(der: [UInt8]) throws -> Facts {
         let digest = SHA256.hash(data: der)
-        if let known = table.withLockedValue({ $0[digest] }) { return known }
+        if let known = table[digest] { return known }
         let certificate = try Certificate(derEncoded: der)
         guard let id = certificate.spiffeID else { throw ProxyError(.identity, "peer certificate has no SPIFFE ID") }
         let facts = Facts(spiffeID: id.description, principal: id.istioPrincipal, serial: certificate.serialHex, hash: hex(digest),
                           notBefore: certificate.notValidBefore, notAfter: certificate.notValidAfter)
-        table.withLockedValue { table in
-            if table.count >= Self.capacity { table.removeAll(keepingCapacity: true) }
-            table[digest] = facts
-        }
+        table.insert(facts, for: digest)
         return facts
     }
 
-    var count: Int { table.withLockedValue { $0.count } }
+    var count: Int { table.count }
 }
 
 /// The protocol layer of an inbound connection, once the peer is known.

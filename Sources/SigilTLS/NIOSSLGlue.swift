@@ -1,6 +1,5 @@
 public import NIOCore
 public import NIOSSL
-import NIOConcurrencyHelpers
 import Crypto
 import X509
 public import SigilCore
@@ -89,8 +88,7 @@ final class VerifiedChains: Sendable {
 
     static let shared = VerifiedChains()
     /// Entries kept before the table is emptied (each a few hundred bytes).
-    static let capacity = 4096
-    private let entries = NIOLockedValueBox<[SHA256Digest: Entry]>([:])
+    private let entries = DigestTable<Entry>(capacity: 4096)
 
     /// The SHA-256 of the chain's certificates, each prefixed with its length.
     static func key(_ ders: [[UInt8]]) -> SHA256Digest {
@@ -104,7 +102,7 @@ final class VerifiedChains: Sendable {
     }
 
     func lookup(_ key: SHA256Digest, bundle: TrustBundle, now: Date) -> SpiffeID? {
-        guard let entry = entries.withLockedValue({ $0[key] }) else { return nil }
+        guard let entry = entries[key] else { return nil }
         guard now >= entry.notBefore, now <= entry.notAfter, entry.bundle == bundle else { return nil }
         return entry.id
     }
@@ -114,10 +112,6 @@ final class VerifiedChains: Sendable {
         // every authority of the bundle, so an expired root ends the entry even while it is listed.
         let involved = chain + bundle.authorities
         guard let notBefore = involved.map(\.notValidBefore).max(), let notAfter = involved.map(\.notValidAfter).min() else { return }
-        let entry = Entry(bundle: bundle, id: id, notBefore: notBefore, notAfter: notAfter)
-        entries.withLockedValue { table in
-            if table.count >= Self.capacity { table.removeAll(keepingCapacity: true) }
-            table[key] = entry
-        }
+        entries.insert(Entry(bundle: bundle, id: id, notBefore: notBefore, notAfter: notAfter), for: key)
     }
 }
