@@ -17,3 +17,12 @@ grep -q "Test run with .* passed" /tmp/sigil-swift-test.log || { echo "error: sw
 
 echo "==> interop tests (pytest)"
 SIGIL_BIN="$PWD/.build/debug/sigil" python3 -m pytest -q Tests/Interop
+
+# The release build bench/run.sh makes (whole-module mode catches import errors a debug build
+# does not: MemberImportVisibility broke it once while every test passed).
+echo "==> swift build -c release (what bench/run.sh builds)"
+if ! swift build -c release --static-swift-stdlib -Xlinker --gc-sections >/tmp/sigil-release-build.log 2>&1; then
+    grep -E "error:" /tmp/sigil-release-build.log | head -20
+    echo "error: the release build failed (whole log: /tmp/sigil-release-build.log)"; exit 1
+fi
+tail -1 /tmp/sigil-release-build.log
