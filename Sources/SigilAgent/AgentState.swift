@@ -179,8 +179,15 @@ actor AgentState: WorkloadIdentitySource {
     }
 
     func validateJWTSVID(token: String, audience: String) async throws(WorkloadAPIError) -> (spiffeID: String, claimsJSON: [UInt8]) {
+        // The agent's own JWT bundle failing to read is the agent's problem (Unavailable: retry),
+        // not the caller's; a token that does not validate is InvalidArgument (do not retry).
+        let bundle: JWTBundle
         do {
-            let bundle = try JWTBundle(jwksJSON: jwtKeysJSON, trustDomain: trustDomain)
+            bundle = try JWTBundle(jwksJSON: jwtKeysJSON, trustDomain: trustDomain)
+        } catch {
+            throw WorkloadAPIError(.unavailable, "the agent's JWT bundle cannot be read: \(error.message)")
+        }
+        do {
             let (id, claims) = try JWTSVIDValidator().validate(token: token, audience: audience, bundle: bundle, now: Date())
             return (id.description, claims)
         } catch {
@@ -235,7 +242,7 @@ actor AgentState: WorkloadIdentitySource {
             servedSVIDs[entry.id] = (svid.serial, view)
             return view
         }
-        return WorkloadX509Snapshot(svids: held, bundle: currentBundle)
+        return WorkloadX509Snapshot(svids: held, bundle: currentBundle, entitled: !matching.isEmpty)
     }
 
     /// Sends every open stream its new snapshot, if it changed.

@@ -62,18 +62,27 @@ public struct WorkloadAPIClient: Sendable {
     }
 
     /// The socket path of a Workload API endpoint address: `unix:///path`, `unix:/path` or a bare `/path`
-    /// (the forms of `SPIFFE_ENDPOINT_SOCKET`).
+    /// (the forms of `SPIFFE_ENDPOINT_SOCKET`). A `unix:` address has nothing but its path (no host,
+    /// query or fragment: the Workload Endpoint standard, §4); `tcp://` endpoints are not served.
     public static func socketPath(fromEndpoint endpoint: String) throws(WorkloadAPIError) -> String {
-        var path = endpoint
-        if path.hasPrefix("unix://") {
-            path = String(path.dropFirst("unix://".count))
-        } else if path.hasPrefix("unix:") {
-            path = String(path.dropFirst("unix:".count))
+        func refuse(_ why: String) -> WorkloadAPIError {
+            WorkloadAPIError(.invalidArgument, "Workload API endpoint '\(endpoint)' \(why); use unix:///path/to/agent.sock or an absolute path")
         }
-        guard path.hasPrefix("/") else {
-            throw WorkloadAPIError(.invalidArgument, "Workload API endpoint '\(endpoint)' is not a Unix socket address; use unix:///path/to/agent.sock or an absolute path")
+        if endpoint.hasPrefix("tcp:") {
+            throw refuse("is a TCP address, and the Sigil agent serves the Workload API only on a Unix socket")
         }
-        return path
+        guard endpoint.hasPrefix("unix:") else {
+            guard endpoint.hasPrefix("/") else { throw refuse("is neither a unix: address nor an absolute path") }
+            return endpoint
+        }
+        var path = endpoint.dropFirst("unix:".count)
+        if path.hasPrefix("//") {
+            path = path.dropFirst(2)
+            guard path.hasPrefix("/") else { throw refuse("names a host; a unix: address has only a path") }
+        }
+        guard path.hasPrefix("/") else { throw refuse("has a relative path") }
+        guard !path.contains("?"), !path.contains("#") else { throw refuse("has a query or fragment") }
+        return String(path)
     }
 
     /// Fetches the caller's current X509-SVIDs once.

@@ -1,6 +1,7 @@
 import ArgumentParser
 import SigilCore
 import SigilAgent
+import SigilRPC
 import Logging
 import Foundation
 
@@ -34,7 +35,7 @@ struct AgentRun: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Single-use join token (first start only).", valueName: "token")) var joinToken: String?
     @Option(name: .long, help: ArgumentHelp("PEM roots to trust the server with (the server's bundle.pem).", valueName: "file")) var trustBundle: String?
     @Option(name: .long, help: ArgumentHelp("Trust domain, if the bundle does not name it.", valueName: "td")) var trustDomain: String?
-    @Option(name: .long, help: ArgumentHelp("Workload API socket path.", valueName: "path")) var socket: String?
+    @Option(name: .long, help: ArgumentHelp("Workload API socket: a path or unix:///path.", valueName: "path")) var socket: String?
     @Option(name: .long, help: ArgumentHelp("Where the agent keeps its SVID and cache (0700).", valueName: "dir")) var dataDir: String?
     @Option(name: .long, help: ArgumentHelp("trace, debug, info, notice, warning, error.", valueName: "level")) var logLevel: String?
 
@@ -45,12 +46,19 @@ struct AgentRun: AsyncParsableCommand {
             throw CLIError.usage("--server HOST:PORT is required (the server's --listen address)")
         }
         let (host, port) = try parseHostPort(serverText, flag: "--server")
+        // A path, or the SPIFFE_ENDPOINT_SOCKET form workloads are given (unix:///path).
+        var socketPath = socket ?? file["socket"] ?? "/tmp/sigil/agent.sock"
+        if socketPath.hasPrefix("unix:") || socketPath.hasPrefix("tcp:") {
+            do { socketPath = try WorkloadAPIClient.socketPath(fromEndpoint: socketPath) } catch {
+                throw CLIError.usage("--socket: \(error.message)")
+            }
+        }
         let settings = AgentConfig(
             serverHost: host, serverPort: port,
             joinToken: joinToken ?? file["join_token"],
             trustBundlePath: trustBundle ?? file["trust_bundle"],
             trustDomain: trustDomain ?? file["trust_domain"],
-            socketPath: socket ?? file["socket"] ?? "/tmp/sigil/agent.sock",
+            socketPath: socketPath,
             dataDirectory: dataDir ?? file["data_dir"] ?? "/tmp/sigil/agent")
         do {
             try await SigilAgentRole.run(settings, logger: Logger(label: "sigil.agent"))

@@ -11,19 +11,17 @@ import Foundation
 
 /// `--socket`, shared by the Workload API commands.
 struct WorkloadSocketOption: ParsableArguments {
-    @Option(name: .long, help: ArgumentHelp("The Workload API socket (default: $SPIFFE_ENDPOINT_SOCKET or /tmp/sigil/agent.sock).", valueName: "path"))
+    @Option(name: .long, help: ArgumentHelp("The Workload API socket: a path or unix:///path (default: $SPIFFE_ENDPOINT_SOCKET or /tmp/sigil/agent.sock).", valueName: "path"))
     var socket: String?
 
     func path() throws -> String {
-        if let socket { return socket }
-        if let endpoint = ProcessInfo.processInfo.environment["SPIFFE_ENDPOINT_SOCKET"], !endpoint.isEmpty {
-            do {
-                return try WorkloadAPIClient.socketPath(fromEndpoint: endpoint)
-            } catch {
-                throw CLIError.usage(error.message)
-            }
+        let environment = ProcessInfo.processInfo.environment["SPIFFE_ENDPOINT_SOCKET"].flatMap { $0.isEmpty ? nil : $0 }
+        guard let endpoint = socket ?? environment else { return "/tmp/sigil/agent.sock" }
+        do {
+            return try WorkloadAPIClient.socketPath(fromEndpoint: endpoint)
+        } catch {
+            throw CLIError.usage(socket == nil ? "SPIFFE_ENDPOINT_SOCKET: \(error.message)" : "--socket: \(error.message)")
         }
-        return "/tmp/sigil/agent.sock"
     }
 }
 

@@ -85,6 +85,26 @@ def test_py_spiffe_fetches_x509_svid_bundles_and_jwt(node):
         assert jwt_bundles.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain) is not None
 
 
+def test_sigil_svid_fetch_takes_endpoint_addresses(node, sigil_bin):
+    """`--socket` and SPIFFE_ENDPOINT_SOCKET take the Workload Endpoint forms (unix:///path,
+    unix:/path); a TCP or relative address is refused with its reason, not tried as a file."""
+    sock = node.socket("node-1")
+
+    def fetch(args, env=None):
+        return subprocess.run([sigil_bin, "svid", "fetch", *args], capture_output=True, text=True, timeout=30,
+                              env={**os.environ, **(env or {})})
+
+    first = wait_for(lambda: (r := fetch(["--socket", f"unix://{sock}"])).returncode == 0 and r, 30, "an SVID via unix:///")
+    assert WEB in first.stdout
+    via_env = fetch([], env={"SPIFFE_ENDPOINT_SOCKET": f"unix:{sock}"})
+    assert via_env.returncode == 0 and WEB in via_env.stdout, via_env.stderr
+    for bad, why in [("tcp://127.0.0.1:1", "TCP address"), ("unix:agent.sock", "relative path"),
+                     (f"unix://{sock}?x=1", "query or fragment")]:
+        res = fetch(["--socket", bad])
+        assert res.returncode != 0 and why in res.stderr, (bad, res.returncode, res.stderr)
+        assert "Traceback" not in res.stderr and "Fatal error" not in res.stderr
+
+
 def test_rotated_svid_arrives_on_the_stream(node):
     """TTL 20 s: the agent renews at about 10 s; the open stream must see a new serial well
     within one rotation period after the first."""

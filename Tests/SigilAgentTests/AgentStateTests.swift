@@ -66,6 +66,20 @@ struct AgentStateTests {
         #expect(rotatedDB.svids.map(\.keyPKCS8DER) == [[0xB2]], "db's stream got another workload's snapshot")
     }
 
+    @Test("A caller matching an entry whose SVID is not signed yet is entitled; one matching none is not")
+    func entitlementWithoutAnSVID() async throws {
+        let web = Self.entry("web", uid: 1001)
+        let (state, streams) = try await Self.state(entries: [web], streams: [["unix:uid:1001"], ["unix:uid:1002"]])
+        var webStream = streams[0], other = streams[1]
+        let pending = try #require(await webStream.next())
+        #expect(pending.entitled && pending.svids.isEmpty)
+        let nobody = try #require(await other.next())
+        #expect(!nobody.entitled && nobody.svids.isEmpty)
+        await state.store(Self.held(web, key: 0xE1))
+        let minted = try #require(await Self.next(&webStream, key: 0xE1))
+        #expect(minted.entitled)
+    }
+
     @Test("An SVID kept for serving is never served after it expires")
     func expiredSVIDLeavesTheSnapshot() async throws {
         let short = Self.entry("short", uid: 1001), long = Self.entry("long", uid: 1001)

@@ -20,7 +20,9 @@ import SigilTestSupport
 // MARK: - Fixtures
 
 /// An identity source with one entitlement rule: callers whose selectors include `entitledSelector`
-/// get the current SVIDs; everyone else gets none. `push` rotates them on every open stream.
+/// get the current SVIDs; everyone else gets none. `push` rotates them on every open stream (an
+/// empty push: the entries are gone); `minted: false` starts entitled callers without their SVIDs
+/// (an entry whose first SVID is not signed yet) until the first push.
 final class FakeIdentitySource: WorkloadIdentitySource {
     private struct Subscriber {
         let continuation: AsyncStream<WorkloadX509Snapshot>.Continuation
@@ -32,16 +34,22 @@ final class FakeIdentitySource: WorkloadIdentitySource {
         var subscribers: [Int: Subscriber] = [:]
         var nextID = 0
         var seenSelectors: [Set<String>] = []
+        var minted: Bool
+
+        func snapshot(entitled: Bool, bundle: WorkloadBundle) -> WorkloadX509Snapshot {
+            WorkloadX509Snapshot(svids: entitled && minted ? svids : [], bundle: bundle,
+                                 entitled: entitled && (!minted || !svids.isEmpty))
+        }
     }
 
     let entitledSelector: String
     let bundle: WorkloadBundle
     private let state: Mutex<State>
 
-    init(entitledSelector: String, svids: [WorkloadX509SVID], bundle: WorkloadBundle) {
+    init(entitledSelector: String, svids: [WorkloadX509SVID], bundle: WorkloadBundle, minted: Bool = true) {
         self.entitledSelector = entitledSelector
         self.bundle = bundle
-        self.state = Mutex(State(svids: svids))
+        self.state = Mutex(State(svids: svids, minted: minted))
     }
 
     /// Every selector set the Workload API asked with, in order.
@@ -50,8 +58,9 @@ final class FakeIdentitySource: WorkloadIdentitySource {
     func push(_ svids: [WorkloadX509SVID]) {
         state.withLock { state in
             state.svids = svids
+            state.minted = true
             for subscriber in state.subscribers.values {
-                subscriber.continuation.yield(WorkloadX509Snapshot(svids: subscriber.entitled ? svids : [], bundle: bundle))
+                subscriber.continuation.yield(state.snapshot(entitled: subscriber.entitled, bundle: bundle))
             }
         }
     }
@@ -64,7 +73,7 @@ final class FakeIdentitySource: WorkloadIdentitySource {
             state.seenSelectors.append(selectors)
             state.nextID += 1
             state.subscribers[state.nextID] = Subscriber(continuation: continuation, entitled: entitled)
-            continuation.yield(WorkloadX509Snapshot(svids: entitled ? state.svids : [], bundle: bundle))
+            continuation.yield(state.snapshot(entitled: entitled, bundle: bundle))
             return state.nextID
         }
         continuation.onTermination = { [weak self] _ in
@@ -261,6 +270,35 @@ struct WorkloadAPITests {
             }
             #expect(clientError?.code == .permissionDenied)
             #expect(clientError?.message.contains("PermissionDenied: no identity issued") == true)
+        }
+    }
+
+    @Test("An entitled caller whose SVID is not minted yet waits for it (not PermissionDenied) and gets the bundle at once")
+    func entitledCallerWaitsForItsFirstSVID() async throws {
+        let fixture = try Fixture()
+        let svid = try fixture.svid("/ns/default/sa/web")
+        let source = FakeIdentitySource(entitledSelector: realUID, svids: [], bundle: fixture.bundle, minted: false)
+        try await withServer(source) { path in
+            // The bundle is there already: sent at once, before any SVID exists.
+            let bundles = try await withRawClient(path) { api in
+                try await api.fetchX509Bundles(SPIFFEX509BundlesRequest(), metadata: securityHeader) { response in
+                    for try await message in response.messages { return message }
+                    throw WorkloadAPIError(.unavailable, "stream ended without a response")
+                }
+            }
+            #expect(bundles.bundles["spiffe://example.org"] == Data(fixture.bundle.rootsDER))
+
+            try await withRawClient(path) { api in
+                try await api.fetchX509SVID(SPIFFEX509SVIDRequest(), metadata: securityHeader) { response in
+                    var messages = response.messages.makeAsyncIterator()
+                    // Nothing is sent (neither an empty response nor an error) until the SVID is
+                    // signed; once pushed, it is the stream's first message.
+                    try await Task.sleep(for: .milliseconds(200))
+                    source.push([svid])
+                    let first = try #require(try await messages.next())
+                    #expect(first.svids.map { Array($0.x509Svid) } == [svid.chainDER])
+                }
+            }
         }
     }
 
@@ -518,6 +556,25 @@ struct WorkloadAPITests {
         #expect(try WorkloadAPIClient.socketPath(fromEndpoint: "unix:///run/sigil/agent.sock") == "/run/sigil/agent.sock")
         #expect(try WorkloadAPIClient.socketPath(fromEndpoint: "/run/a.sock") == "/run/a.sock")
         #expect(throws: WorkloadAPIError.self) { try WorkloadAPIClient.socketPath(fromEndpoint: "tcp://127.0.0.1:1") }
+    }
+
+    @Test("Endpoint addresses: unix: forms give their path; a host, query, fragment or relative path is refused by name")
+    func endpointAddresses() throws {
+        #expect(try WorkloadAPIClient.socketPath(fromEndpoint: "unix:/run/a.sock") == "/run/a.sock")
+        #expect(try WorkloadAPIClient.socketPath(fromEndpoint: "unix:///run/sigil/agent.sock") == "/run/sigil/agent.sock")
+        let refusals: [(String, String)] = [
+            ("unix://agent-host/run/a.sock", "names a host"),
+            ("unix:run/a.sock", "relative path"),
+            ("unix:///run/a.sock?x=1", "query or fragment"),
+            ("unix:///run/a.sock#f", "query or fragment"),
+            ("tcp://127.0.0.1:8081", "TCP address"),
+            ("agent.sock", "neither a unix: address nor an absolute path"),
+        ]
+        for (endpoint, why) in refusals {
+            let error = #expect(throws: WorkloadAPIError.self) { try WorkloadAPIClient.socketPath(fromEndpoint: endpoint) }
+            #expect(error?.code == .invalidArgument)
+            #expect(error?.message.contains(why) == true, "\(endpoint): \(error?.message ?? "no error")")
+        }
     }
 }
 

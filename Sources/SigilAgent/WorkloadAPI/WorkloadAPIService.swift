@@ -12,7 +12,8 @@ import Synchronization
 /// The caller is known only through the headers the transport adds after attesting the connection
 /// (``CallerMetadata``); without them the answer is PermissionDenied. Responses follow SPIRE's agent:
 /// bundle maps are keyed by the trust domain's SPIFFE ID (`spiffe://<td>`), and the bundle streams
-/// too require the caller to be entitled to at least one identity.
+/// too require the caller to be entitled to at least one identity. An entitled caller whose SVIDs
+/// are not minted yet waits on FetchX509SVID for them instead of being refused.
 struct WorkloadAPIService: SPIFFESpiffeWorkloadAPI.ServiceProtocol {
     static let securityHeaderKey = "workload.spiffe.io"
 
@@ -41,7 +42,9 @@ struct WorkloadAPIService: SPIFFESpiffeWorkloadAPI.ServiceProtocol {
             try await shutdown.endingOnShutdown {
                 var previous: WorkloadX509Snapshot?
                 for await snapshot in snapshots where snapshot != previous {
-                    try Self.requireIdentity(snapshot, log: log)
+                    try Self.requireEntitlement(snapshot, log: log)
+                    // Entitled, but no SVID to send yet: wait for it (never an empty response).
+                    guard !snapshot.svids.isEmpty else { continue }
                     try await writer.write(response(for: snapshot))
                     previous = snapshot
                     log.debug(
@@ -66,8 +69,8 @@ struct WorkloadAPIService: SPIFFESpiffeWorkloadAPI.ServiceProtocol {
         }
     }
 
-    /// The two bundle streams: the caller must hold an identity (as in SPIRE); a response is sent at
-    /// once and again whenever it changes.
+    /// The two bundle streams: the caller must be entitled to an identity (as in SPIRE), minted or
+    /// not yet; a response is sent at once and again whenever it changes.
     private func bundleStream<Response: Equatable & Sendable>(
         _ metadata: Metadata, method: String, _ make: @escaping @Sendable (WorkloadBundle) -> Response
     ) throws -> StreamingServerResponse<Response> {
@@ -77,7 +80,7 @@ struct WorkloadAPIService: SPIFFESpiffeWorkloadAPI.ServiceProtocol {
             try await shutdown.endingOnShutdown {
                 var previous: Response?
                 for await snapshot in snapshots {
-                    try Self.requireIdentity(snapshot, log: log)
+                    try Self.requireEntitlement(snapshot, log: log)
                     let response = make(snapshot.bundle)
                     guard response != previous else { continue }
                     try await writer.write(response)
@@ -230,8 +233,10 @@ struct WorkloadAPIService: SPIFFESpiffeWorkloadAPI.ServiceProtocol {
 
     // MARK: Helpers
 
-    static func requireIdentity(_ snapshot: WorkloadX509Snapshot, log: Logger) throws(RPCError) {
-        guard !snapshot.svids.isEmpty else {
+    /// PermissionDenied for a caller that matches no entry (an entitled caller whose SVIDs are
+    /// still being minted is not refused).
+    static func requireEntitlement(_ snapshot: WorkloadX509Snapshot, log: Logger) throws(RPCError) {
+        guard snapshot.entitled else {
             log.warning("No identity issued")
             throw RPCError(code: .permissionDenied, message: "no identity issued")
         }

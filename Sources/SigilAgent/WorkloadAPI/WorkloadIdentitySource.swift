@@ -35,14 +35,19 @@ public struct WorkloadBundle: Sendable, Hashable {
 }
 
 /// What one caller is entitled to right now: every SVID whose entry's selectors the caller matches,
-/// and the bundle. An empty `svids` means the caller matches no entry (PermissionDenied).
+/// and the bundle. `entitled` is whether the caller matches any entry at all: a caller that matches
+/// none gets PermissionDenied, while one whose SVIDs are not minted yet (a new entry, or the last
+/// one expired while the server was away) is kept waiting for them, as SPIRE's agent does.
 public struct WorkloadX509Snapshot: Sendable, Hashable {
     public let svids: [WorkloadX509SVID]
     public let bundle: WorkloadBundle
+    public let entitled: Bool
 
-    public init(svids: [WorkloadX509SVID], bundle: WorkloadBundle) {
+    /// `entitled` defaults to holding an SVID.
+    public init(svids: [WorkloadX509SVID], bundle: WorkloadBundle, entitled: Bool? = nil) {
         self.svids = svids
         self.bundle = bundle
+        self.entitled = entitled ?? !svids.isEmpty
     }
 }
 
