@@ -60,21 +60,23 @@ public struct TrustBundle: Sendable, Hashable {
         return String(decoding: data, as: UTF8.self)
     }
 
-    /// Reads a SPIFFE bundle document. Keys with `use: x509-svid` become authorities; keys for other
-    /// uses (such as `jwt-svid`) are skipped. Every rule of the spec for x509-svid keys is checked.
+    /// Reads a SPIFFE bundle document. Keys with `use: x509-svid` become authorities. As the SPIFFE
+    /// specs require, an element of an unknown key type or use (such as `jwt-svid`), or one that
+    /// is not a JWK at all, is ignored; an `x509-svid` key without `x5c` is ignored and of several
+    /// `x5c` certificates only the first counts. A key whose `x5c` is not a CA certificate, or whose
+    /// parameters contradict that certificate's public key, is refused.
     public init(spiffeBundleJSON json: String, trustDomain: TrustDomain) throws(SigilError) {
-        let document: SpiffeBundleDocument
+        let document: LenientBundleDocument
         do {
-            document = try JSONDecoder().decode(SpiffeBundleDocument.self, from: Data(json.utf8))
+            document = try JSONDecoder().decode(LenientBundleDocument.self, from: Data(json.utf8))
         } catch {
             throw SigilError(.invalidBundle, "SPIFFE bundle for \(trustDomain) is not a valid JWK Set: \(error)")
         }
         var certificates: [Certificate] = []
-        for (index, key) in document.keys.enumerated() where key.use == "x509-svid" {
-            guard let x5c = key.x5c, x5c.count == 1 else {
-                throw SigilError(.invalidBundle, "key \(index) of the SPIFFE bundle has use x509-svid but \(key.x5c?.count ?? 0) x5c entries; exactly one is required")
-            }
-            guard let der = Data(base64Encoded: x5c[0]) else {
+        for (index, element) in document.keys.enumerated() {
+            guard let key = element.jwk, key.use == "x509-svid", ["EC", "RSA"].contains(key.kty),
+                  let first = key.x5c?.first else { continue }
+            guard let der = Data(base64Encoded: first) else {
                 throw SigilError(.invalidBundle, "key \(index) of the SPIFFE bundle has x5c that is not base64")
             }
             let certificate: Certificate
@@ -83,7 +85,10 @@ public struct TrustBundle: Sendable, Hashable {
             } catch {
                 throw SigilError(.invalidBundle, "key \(index) of the SPIFFE bundle has an x5c that is not an X.509 certificate: \(error)")
             }
-            guard JWK(x509Authority: certificate).sameKey(as: key) else {
+            let stated = JWK(x509Authority: certificate)
+            // A key of a curve this reader cannot express (P-521) keeps its certificate, which is
+            // what is trusted; any other key must agree with it.
+            guard stated.kty == "unknown" || stated.sameKey(as: key) else {
                 throw SigilError(.invalidBundle, "key \(index) of the SPIFFE bundle: its key parameters do not match the public key of its x5c certificate")
             }
             certificates.append(certificate)
@@ -102,6 +107,19 @@ public struct TrustBundle: Sendable, Hashable {
 
 struct SpiffeBundleDocument: Codable {
     var keys: [JWK]
+    var spiffe_sequence: UInt64?
+    var spiffe_refresh_hint: Int64?
+}
+
+/// A SPIFFE bundle as read: an element that does not decode as a JWK is kept as nil (ignored).
+private struct LenientBundleDocument: Decodable {
+    struct Element: Decodable {
+        var jwk: JWK?
+        init(from decoder: any Decoder) throws {
+            jwk = try? JWK(from: decoder)
+        }
+    }
+    var keys: [Element]
     var spiffe_sequence: UInt64?
     var spiffe_refresh_hint: Int64?
 }

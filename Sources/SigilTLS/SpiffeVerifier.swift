@@ -9,7 +9,8 @@ public import Foundation
 
 /// The SPIFFE rules on a presented X509-SVID chain, as a swift-certificates policy: the leaf has
 /// exactly one URI SAN holding a SPIFFE ID with a path, in the expected trust domain; the leaf is
-/// not a CA and may sign (digitalSignature); every CA above it is a CA.
+/// not a CA and has a keyUsage extension with digitalSignature (and neither keyCertSign nor
+/// cRLSign); every CA above it is a CA.
 public struct SpiffeX509Policy: VerifierPolicy, Sendable {
     public let trustDomain: TrustDomain
     /// The SAN may be critical (required when a subject is empty): this policy is what enforces it.
@@ -35,8 +36,10 @@ public struct SpiffeX509Policy: VerifierPolicy, Sendable {
         if leaf.isCertificateAuthority {
             return .failsToMeetPolicy(reason: "X509-SVID leaf is a CA certificate")
         }
-        if let ku = try? leaf.extensions.keyUsage, !ku.digitalSignature || ku.keyCertSign || ku.cRLSign {
-            return .failsToMeetPolicy(reason: "X509-SVID leaf keyUsage must include digitalSignature and exclude keyCertSign/cRLSign")
+        // X509-SVID §4.3: the key usage extension MUST be set on every SVID (go-spiffe refuses a
+        // leaf without digitalSignature, so without the extension, too).
+        guard let ku = try? leaf.extensions.keyUsage, ku.digitalSignature, !ku.keyCertSign, !ku.cRLSign else {
+            return .failsToMeetPolicy(reason: "X509-SVID leaf must have a keyUsage extension with digitalSignature and without keyCertSign/cRLSign")
         }
         return .meetsPolicy
     }

@@ -42,13 +42,35 @@ struct TrustBundleTests {
         #expect(fromPEM.authorities == bundle.authorities)
     }
 
+    /// The SPIFFE specs' MUST-ignore rules: a reader takes what it can use and skips the rest.
+    @Test func ignoresWhatTheSpecSaysToIgnore() throws {
+        let pki = try TestPKI()
+        let good = try #require(try JSONSerialization.jsonObject(with: Data(TrustBundle(trustDomain: pki.trustDomain, authorities: [pki.root.certificate]).spiffeBundleJSON().utf8)) as? [String: Any])
+        var key = try #require((good["keys"] as? [[String: Any]])?.first)
+        let x5c = try #require(key["x5c"] as? [String])
+        key["x5c"] = x5c + [x5c[0]]  // several: only the first counts
+        let elements: [Any] = [
+            key,
+            ["kty": "EC", "use": "x509-svid"],                       // no x5c: ignored
+            ["kty": "EC", "use": "x509-svid", "x5c": [] as [String]], // empty x5c: ignored
+            ["kty": "OKP", "use": "x509-svid", "x5c": x5c],          // unknown key type: ignored
+            ["use": "x509-svid", "x5c": x5c],                        // not a JWK (no kty): ignored
+            ["kty": "EC", "use": "something-else", "x5c": x5c],      // unknown use: ignored
+            ["kty": "EC", "use": "x509-svid", "x5c": 7],             // wrong type: ignored
+        ]
+        let json = String(decoding: try JSONSerialization.data(withJSONObject: ["keys": elements, "spiffe_sequence": 4]), as: UTF8.self)
+        let bundle = try TrustBundle(spiffeBundleJSON: json, trustDomain: pki.trustDomain)
+        #expect(bundle.authorities == [pki.root.certificate])
+        #expect(bundle.sequenceNumber == 4)
+    }
+
     @Test func refusesLeavesAndBrokenDocuments() throws {
         let pki = try TestPKI()
         let leaf = try SVIDProfile(spiffeID: SpiffeID("spiffe://example.org/x")).makeCertificate(publicKey: TestPKI.p256().publicKey, issuer: pki.intermediate, now: Date())
         #expect(throws: SigilError.self) { try TrustBundle(trustDomain: pki.trustDomain, authorities: [leaf]) }
         #expect(throws: SigilError.self) { try TrustBundle(spiffeBundleJSON: "not json", trustDomain: pki.trustDomain) }
-        let two = #"{"keys":[{"kty":"EC","use":"x509-svid","x5c":["AAAA","BBBB"]}]}"#
-        #expect(throws: SigilError.self) { try TrustBundle(spiffeBundleJSON: two, trustDomain: pki.trustDomain) }
+        let notACertificate = #"{"keys":[{"kty":"EC","use":"x509-svid","x5c":["AAAA"]}]}"#
+        #expect(throws: SigilError.self) { try TrustBundle(spiffeBundleJSON: notACertificate, trustDomain: pki.trustDomain) }
         // A JWK whose parameters do not match its certificate is refused.
         var json = try TrustBundle(trustDomain: pki.trustDomain, authorities: [pki.root.certificate]).spiffeBundleJSON()
         let otherX = try #require(try JSONSerialization.jsonObject(with: Data(TrustBundle(trustDomain: pki.trustDomain, authorities: [TestPKI().root.certificate]).spiffeBundleJSON().utf8)) as? [String: Any])

@@ -47,6 +47,32 @@ struct VerifiedChainsTests {
         }
     }
 
+    @Test("an X509-SVID leaf without a keyUsage extension is refused (X509-SVID §4.3), with it accepted")
+    func leafWithoutKeyUsage() async throws {
+        let pki = try TestPKI()
+        let bundle = try TrustBundle(trustDomain: pki.trustDomain, authorities: [pki.root.certificate])
+        let key = TestPKI.p256()
+        func leaf(keyUsage: Bool) throws -> Certificate {
+            var extensions: [Certificate.Extension] = [
+                try Certificate.Extension(BasicConstraints.notCertificateAuthority, critical: true),
+                try Certificate.Extension(SubjectAlternativeNames([.uniformResourceIdentifier("spiffe://example.org/ns/test/sa/x")]), critical: false),
+            ]
+            if keyUsage { extensions.append(try Certificate.Extension(KeyUsage(digitalSignature: true), critical: true)) }
+            return try Certificate(version: .v3, serialNumber: .init(), publicKey: key.publicKey,
+                                   notValidBefore: Date().addingTimeInterval(-60), notValidAfter: Date().addingTimeInterval(600),
+                                   issuer: pki.intermediate.certificate.subject, subject: try DistinguishedName { CommonName("x") },
+                                   signatureAlgorithm: .ecdsaWithSHA256, extensions: try Certificate.Extensions(extensions),
+                                   issuerPrivateKey: pki.intermediate.privateKey)
+        }
+        let verifier = SpiffeVerifier(bundle: bundle)
+        let refused = await #expect(throws: SigilError.self) {
+            _ = try await verifier.verify(chain: [try leaf(keyUsage: false), pki.intermediate.certificate])
+        }
+        #expect(refused?.message.contains("keyUsage") == true)
+        #expect(try await verifier.verify(chain: [try leaf(keyUsage: true), pki.intermediate.certificate]).description
+                == "spiffe://example.org/ns/test/sa/x")
+    }
+
     @Test("a verified chain is remembered for its bundle only, and the peer check still applies")
     func cachedVerdicts() async throws {
         let a = try peer("a")
