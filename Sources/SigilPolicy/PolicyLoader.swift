@@ -56,23 +56,27 @@ public enum PolicyLoader {
         for p in set.authorizationPolicies where !seen.insert("ap:" + p.qualifiedName).inserted {
             throw PolicyLoadError(file: path, document: 0, field: "metadata.name", problem: "AuthorizationPolicy \(p.qualifiedName) is defined twice")
         }
+        for p in set.peerAuthentications where !seen.insert("pa:" + p.namespace + "/" + p.name).inserted {
+            throw PolicyLoadError(file: path, document: 0, field: "metadata.name", problem: "PeerAuthentication \(p.namespace)/\(p.name) is defined twice")
+        }
         return set
     }
 
     public static func parse(_ text: String, file: String) throws(PolicyLoadError) -> PolicySet {
         var set = PolicySet()
-        var documents: [Any?] = []
+        var documents: [Node] = []
         do {
             // Parse eagerly: a syntax error anywhere fails the whole file (load_all's lazy sequence
             // would stop quietly at the first bad document).
             let parser = try Parser(yaml: text)
-            while let node = try parser.nextRoot() { documents.append(node.any) }
+            while let node = try parser.nextRoot() { documents.append(node) }
         } catch {
             throw PolicyLoadError(file: file, document: 0, field: "", problem: "malformed YAML: \(error)")
         }
-        for (index, document) in documents.enumerated() {
-            guard let document else { continue }
+        for (index, node) in documents.enumerated() {
             let reader = Reader(file: file, document: index + 1)
+            let document = try reader.plain(node, "")
+            if document is NSNull { continue }
             guard let root = document as? [String: Any] else {
                 throw reader.error("", "a document must be a mapping with apiVersion, kind, metadata and spec")
             }
@@ -88,7 +92,9 @@ public enum PolicyLoader {
             let spec = try reader.optionalMap(root["spec"], "spec") ?? [:]
             switch kind {
             case "AuthorizationPolicy":
-                set.authorizationPolicies.append(try reader.authorizationPolicy(name: name, namespace: namespace, spec: spec))
+                var policy = try reader.authorizationPolicy(name: name, namespace: namespace, spec: spec)
+                policy.dryRun = try reader.dryRun(metadata)
+                set.authorizationPolicies.append(policy)
             case "PeerAuthentication":
                 set.peerAuthentications.append(try reader.peerAuthentication(name: name, namespace: namespace, spec: spec))
             default:
@@ -104,6 +110,46 @@ public enum PolicyLoader {
 
         func error(_ field: String, _ problem: String) -> PolicyLoadError {
             PolicyLoadError(file: file, document: document, field: field, problem: problem)
+        }
+
+        /// A YAML node as plain values (scalars as YAML resolves them, `[Any]`, `[String: Any]`,
+        /// `NSNull`). A mapping key must be a scalar and appear once (YAML parsers disagree on
+        /// which duplicate wins, so a policy that repeats a key is refused); aliases are refused.
+        func plain(_ node: Node, _ field: String) throws(PolicyLoadError) -> Any {
+            switch node {
+            case .scalar:
+                return node.any
+            case .sequence(let items):
+                var out: [Any] = []
+                for (i, item) in items.enumerated() { out.append(try plain(item, "\(field)[\(i)]")) }
+                return out
+            case .mapping(let pairs):
+                var out: [String: Any] = [:]
+                for (key, value) in pairs {
+                    guard case .scalar(let scalar) = key else {
+                        throw error(field, "a mapping key must be a plain value, not a list or mapping")
+                    }
+                    let name = scalar.string
+                    let path = field.isEmpty ? name : field + "." + name
+                    guard out[name] == nil else { throw error(path, "is given twice") }
+                    out[name] = try plain(value, path)
+                }
+                return out
+            case .alias:
+                throw error(field, "YAML aliases (*name) are not supported in policies")
+            }
+        }
+
+        /// `metadata.annotations["istio.io/dry-run"]`: "true" loads the policy without enforcing it.
+        func dryRun(_ metadata: [String: Any]) throws(PolicyLoadError) -> Bool {
+            guard let annotations = try optionalMap(metadata["annotations"], "metadata.annotations") else { return false }
+            guard let value = annotations["istio.io/dry-run"] else { return false }
+            if let flag = value as? Bool { return flag }
+            switch try string(value, "metadata.annotations.istio.io/dry-run").lowercased() {
+            case "true": return true
+            case "false": return false
+            case let other: throw error("metadata.annotations.istio.io/dry-run", "'\(other)' is not \"true\" or \"false\"")
+            }
         }
 
         func allow(_ map: [String: Any], _ keys: Set<String>, at path: String) throws(PolicyLoadError) {
@@ -139,10 +185,17 @@ public enum PolicyLoader {
             return l
         }
 
+        /// A list of strings; an empty list is the same as none (Istio's fields are proto3 repeated
+        /// fields: `principals: []` means "not set", not "matches nothing"). An empty string is
+        /// refused, as Istio's validation does.
         func strings(_ value: Any?, _ field: String) throws(PolicyLoadError) -> [String]? {
-            guard let items = try list(value, field) else { return nil }
+            guard let items = try list(value, field), !items.isEmpty else { return nil }
             var out: [String] = []
-            for (i, item) in items.enumerated() { out.append(try string(item, "\(field)[\(i)]")) }
+            for (i, item) in items.enumerated() {
+                let text = try string(item, "\(field)[\(i)]")
+                guard !text.isEmpty else { throw error("\(field)[\(i)]", "must not be empty") }
+                out.append(text)
+            }
             return out
         }
 
@@ -152,7 +205,8 @@ public enum PolicyLoader {
             guard let labels = try optionalMap(selector["matchLabels"], field + ".matchLabels") else { return nil }
             var out: [String: String] = [:]
             for (k, v) in labels { out[k] = try string(v, "\(field).matchLabels.\(k)") }
-            return out
+            // An empty selector selects nothing in particular: the policy is namespace-wide (Istio).
+            return out.isEmpty ? nil : out
         }
 
         func authorizationPolicy(name: String, namespace: String, spec: [String: Any]) throws(PolicyLoadError) -> AuthorizationPolicy {
@@ -176,8 +230,8 @@ public enum PolicyLoader {
         }
 
         func rule(_ value: Any, _ path: String) throws(PolicyLoadError) -> AuthorizationPolicy.Rule {
-            let m = (value as? [String: Any]) ?? [:]
-            if !(value is [String: Any]) && !(value is NSNull) { throw error(path, "a rule must be a mapping") }
+            if value is NSNull { throw error(path, "a rule must not be null (write {} for a rule that matches every request)") }
+            guard let m = value as? [String: Any] else { throw error(path, "a rule must be a mapping") }
             try allow(m, ["from", "to", "when"], at: path)
             var rule = AuthorizationPolicy.Rule()
             for (i, item) in (try list(m["from"], path + ".from") ?? []).enumerated() {
@@ -200,6 +254,9 @@ public enum PolicyLoader {
                                       ("remoteIpBlocks", \.remoteIpBlocks), ("notRemoteIpBlocks", \.notRemoteIpBlocks)] {
                     source[keyPath: field] = try cidrs(s[name], sp + "." + name)
                 }
+                guard source != AuthorizationPolicy.Source() else {
+                    throw error(sp, "must not be empty (set principals, namespaces or ipBlocks, or leave out `from`)")
+                }
                 rule.from.append(source)
             }
             for (i, item) in (try list(m["to"], path + ".to") ?? []).enumerated() {
@@ -216,6 +273,14 @@ public enum PolicyLoader {
                 }
                 operation.ports = try ports(o["ports"], op + ".ports")
                 operation.notPorts = try ports(o["notPorts"], op + ".notPorts")
+                guard operation != AuthorizationPolicy.Operation() else {
+                    throw error(op, "must not be empty (set hosts, ports, methods or paths, or leave out `to`)")
+                }
+                for (name, values) in [("paths", operation.paths), ("notPaths", operation.notPaths)] {
+                    for value in values ?? [] {
+                        if let problem = PathTemplate.problem(value) { throw error("\(op).\(name)", "'\(value)': \(problem)") }
+                    }
+                }
                 rule.to.append(operation)
             }
             for (i, item) in (try list(m["when"], path + ".when") ?? []).enumerated() {
@@ -223,8 +288,11 @@ public enum PolicyLoader {
                 let c = try map(item, p)
                 try allow(c, ["key", "values", "notValues"], at: p)
                 let key = try string(c["key"], p + ".key")
+                if key == "connection.sni" {
+                    throw error(p + ".key", "'connection.sni' is not supported: Sigil's mesh connections carry no TLS server name to match, so the condition could never be evaluated")
+                }
                 guard AuthorizationPolicy.Condition.isSupported(key) else {
-                    throw error(p + ".key", "'\(key)' is not supported (request.headers[...], source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port, connection.sni)")
+                    throw error(p + ".key", "'\(key)' is not supported (request.headers[...], source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port)")
                 }
                 let values = try strings(c["values"], p + ".values")
                 let notValues = try strings(c["notValues"], p + ".notValues")
@@ -234,9 +302,20 @@ public enum PolicyLoader {
                         throw error(p, "'\(v)' is not an IP address or CIDR block")
                     }
                 }
+                if key == "destination.port" {
+                    for v in (values ?? []) + (notValues ?? []) where !Self.isPort(v) {
+                        throw error(p, "'\(v)' is not a port number (1-65535)")
+                    }
+                }
                 rule.when.append(AuthorizationPolicy.Condition(key: key, values: values, notValues: notValues))
             }
             return rule
+        }
+
+        /// A port as Istio writes it: decimal 1-65535, no sign or leading zero (compared as text).
+        static func isPort(_ text: String) -> Bool {
+            guard let n = Int(text), (1...65535).contains(n) else { return false }
+            return String(n) == text
         }
 
         func cidrs(_ value: Any?, _ field: String) throws(PolicyLoadError) -> [String]? {
@@ -247,8 +326,8 @@ public enum PolicyLoader {
 
         func ports(_ value: Any?, _ field: String) throws(PolicyLoadError) -> [String]? {
             guard let ports = try strings(value, field) else { return nil }
-            for p in ports where Int(p).map({ !(1...65535).contains($0) }) ?? true {
-                throw error(field, "'\(p)' is not a port number")
+            for p in ports where !Self.isPort(p) {
+                throw error(field, "'\(p)' is not a port number (1-65535)")
             }
             return ports
         }
@@ -265,7 +344,12 @@ public enum PolicyLoader {
                 return mode
             }
             var ports: [Int: PeerAuthentication.Mode] = [:]
+            let matchLabels = try labels(spec, "spec.selector")
             if let levels = try optionalMap(spec["portLevelMtls"], "spec.portLevelMtls") {
+                guard matchLabels != nil else {
+                    throw error("spec.portLevelMtls", "requires spec.selector.matchLabels (Istio applies port-level mTLS only to selected workloads)")
+                }
+                guard !levels.isEmpty else { throw error("spec.portLevelMtls", "must not be empty") }
                 for (key, value) in levels {
                     guard let port = Int(key), (1...65535).contains(port) else {
                         throw error("spec.portLevelMtls.\(key)", "is not a port number")
@@ -273,7 +357,7 @@ public enum PolicyLoader {
                     ports[port] = try mode(value, "spec.portLevelMtls.\(key)")
                 }
             }
-            return PeerAuthentication(name: name, namespace: namespace, matchLabels: try labels(spec, "spec.selector"),
+            return PeerAuthentication(name: name, namespace: namespace, matchLabels: matchLabels,
                                       mode: try mode(spec["mtls"], "spec.mtls"), portLevelMtls: ports)
         }
     }

@@ -233,7 +233,8 @@ struct RequestFacts {
         LedgerRecord.appendBodyRest(to: &out, proto: proto, method: method, path: path, host: host, status: status,
                                     decision: decision.allowed ? "allow" : "deny", policy: decision.policy, rule: decision.rule,
                                     mtls: peer.mtls, bytesIn: bytesIn, bytesOut: bytesOut,
-                                    durationMicros: (NIODeadline.now() - start).nanoseconds / 1000, detail: detail)
+                                    durationMicros: (NIODeadline.now() - start).nanoseconds / 1000,
+                                    detail: detail ?? (decision.audited.isEmpty ? nil : "audit: " + decision.audited.joined(separator: ", ")))
         partial.update(out[rest...])
         return partial
     }

@@ -1371,6 +1371,88 @@ def test_policy_hot_reload_rejects_broken_yaml_and_kill_switch(mesh):
         mesh.c.stop_proxy("reload")
 
 
+ISTIO_SEMANTICS = """apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: api}}
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/shop/sa/web"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-templates, namespace: shop}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/tmpl/{**}"]}}]
+  - from: [{source: {namespaces: ["shop"], principals: []}}]
+    to: [{operation: {paths: ["/empty-list/{*}"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: shadow-deny
+  namespace: shop
+  annotations: {istio.io/dry-run: "true"}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/dry/*"]}}]
+"""
+
+CRASHING_YAML = """apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: complex-key, namespace: shop}
+spec:
+  rules:
+  - {}
+  ? [a, b]
+  : x
+"""
+
+
+def test_istio_policy_semantics_and_a_crafted_reload(mesh):
+    """Real Istio YAML as Istio reads it: `cluster.local/...` is the local trust domain, `{**}`
+    and `{*}` are path templates, `principals: []` is "not set" (the DENY still fires), and a
+    dry-run DENY is reported in the ledger but not enforced. Then a policy file whose YAML key is
+    a list (which made the YAML library trap, killing the proxy) is refused; the proxy lives on."""
+    policies = mesh.dir / "istio-policies"
+    policies.mkdir()
+    (policies / "api.yaml").write_text(ISTIO_SEMANTICS)
+    port = free_port()
+    ledger = mesh.dir / "istio.jsonl"
+    web, api = mesh.idents["web"], mesh.idents["api"]
+    url = f"https://127.0.0.1:{port}"
+    try:
+        mesh.proxy("istio", API, port, mesh.app.address, "app=api", "--mtls", "STRICT", ledger=ledger, policies=policies)
+        allowed = tag("ok")
+        assert curl1(*web.curl, f"{url}{allowed}").code == 200, "cluster.local/ns/shop/sa/web must match example.org's web"
+        assert request_row(ledger, allowed)["policy"] == "shop/allow-web"
+        assert curl1(*api.curl, f"{url}{tag('other')}").code == 403
+        for path, rule in ((f"/tmpl{tag('a')}{tag('b')}", 0), (f"/empty-list/{uuid.uuid4().hex[:8]}", 1)):
+            assert curl1(*web.curl, f"{url}{path}").code == 403, path
+            row = request_row(ledger, path)
+            assert row["decision"] == "deny" and row["policy"] == "shop/deny-templates" and row["rule"] == rule, row
+        # {*} is one segment only
+        two = f"/empty-list/a/{uuid.uuid4().hex[:8]}"
+        assert curl1(*web.curl, f"{url}{two}").code == 200
+        dry = f"/dry{tag('x')}"
+        assert curl1(*web.curl, f"{url}{dry}").code == 200, "a dry-run DENY must not be enforced"
+        row = request_row(ledger, dry)
+        assert row["decision"] == "allow" and "shop/shadow-deny [dry-run DENY]" in (row["detail"] or ""), row
+
+        (policies / "zz-crafted.yaml").write_text(CRASHING_YAML)
+        rejected = wait_row(ledger, lambda r: r["kind"] == "policy_rejected", "the policy_rejected row")
+        assert "plain value" in rejected["detail"], rejected
+        assert mesh.c.proxies["istio"].alive(), "the proxy died on a crafted policy file"
+        assert curl1(*web.curl, f"{url}{tag('after')}").code == 200
+    finally:
+        mesh.c.stop_proxy("istio")
+
+
 # --------------------------------------------------------------------------- 9. outbound checks the upstream
 
 def test_outbound_refuses_an_upstream_with_the_wrong_id(mesh):

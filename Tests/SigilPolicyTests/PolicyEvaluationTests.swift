@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 import SigilCore
 import SigilPolicy
@@ -101,7 +102,9 @@ let cases: [PolicyCase] = [
     PolicyCase(name: "methods list", yaml: ap(rules: "- to:\n  - operation:\n      methods: [\"GET\", \"HEAD\"]"), request: http(method: "HEAD"), allowed: true, policy: "prod/p", rule: 0),
     PolicyCase(name: "notMethods", yaml: ap(action: "DENY", rules: "- to:\n  - operation:\n      notMethods: [\"GET\"]"), request: http(method: "DELETE"), allowed: false, policy: "prod/p", rule: 0),
     PolicyCase(name: "hosts exact", yaml: ap(rules: "- to:\n  - operation:\n      hosts: [\"web.prod.svc\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
-    PolicyCase(name: "hosts case-insensitive with port", yaml: ap(rules: "- to:\n  - operation:\n      hosts: [\"WEB.prod.svc\"]"), request: http(host: "web.prod.svc:8080"), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "hosts case-insensitive", yaml: ap(rules: "- to:\n  - operation:\n      hosts: [\"WEB.prod.svc\"]"), request: http(host: "web.prod.SVC"), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "hosts exact does not match with a port", yaml: ap(rules: "- to:\n  - operation:\n      hosts: [\"web.prod.svc\"]"), request: http(host: "web.prod.svc:8080"), allowed: false, policy: nil, rule: nil),
+    PolicyCase(name: "hosts host:* matches any port", yaml: ap(rules: "- to:\n  - operation:\n      hosts: [\"web.prod.svc:*\"]"), request: http(host: "web.prod.svc:8080"), allowed: true, policy: "prod/p", rule: 0),
     PolicyCase(name: "hosts suffix", yaml: ap(rules: "- to:\n  - operation:\n      hosts: [\"*.svc\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
     PolicyCase(name: "notHosts", yaml: ap(action: "DENY", rules: "- to:\n  - operation:\n      notHosts: [\"web.prod.svc\"]"), request: http(host: "evil.example"), allowed: false, policy: "prod/p", rule: 0),
     PolicyCase(name: "ports", yaml: ap(rules: "- to:\n  - operation:\n      ports: [\"8080\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
@@ -116,7 +119,35 @@ let cases: [PolicyCase] = [
     PolicyCase(name: "when source.principal", yaml: ap(rules: "- when:\n  - key: source.principal\n    values: [\"cluster.local/ns/prod/sa/sleep\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
     PolicyCase(name: "when destination.port", yaml: ap(rules: "- when:\n  - key: destination.port\n    values: [\"8080\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
     PolicyCase(name: "when destination.ip", yaml: ap(rules: "- when:\n  - key: destination.ip\n    values: [\"10.9.9.0/24\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
-    PolicyCase(name: "when connection.sni", yaml: ap(rules: "- when:\n  - key: connection.sni\n    values: [\"*.prod.svc\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "when repeated header is joined with commas", yaml: ap(rules: "- when:\n  - key: request.headers[x-env]\n    values: [\"prod\"]"), request: http(headers: ["x-env": ["prod", "dev"]]), allowed: false, policy: nil, rule: nil),
+    PolicyCase(name: "when repeated header joined value", yaml: ap(rules: "- when:\n  - key: request.headers[x-env]\n    values: [\"prod,dev\"]"), request: http(headers: ["x-env": ["prod", "dev"]]), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "when header * means present, even empty", yaml: ap(rules: "- when:\n  - key: request.headers[x-env]\n    values: [\"*\"]"), request: http(headers: ["x-env": [""]]), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "when header * absent", yaml: ap(rules: "- when:\n  - key: request.headers[x-env]\n    values: [\"*\"]"), request: http(), allowed: false, policy: nil, rule: nil),
+    // empty lists are "not set" (proto3)
+    PolicyCase(name: "principals [] is not set: DENY on namespaces still fires", yaml: ap(action: "DENY", rules: "- from:\n  - source:\n      namespaces: [\"prod\"]\n      principals: []"), request: http(), allowed: false, policy: "prod/p", rule: 0),
+    PolicyCase(name: "from [] is not set", yaml: ap(action: "DENY", rules: "- from: []\n  to:\n  - operation:\n      paths: [\"/admin\"]"), request: http(path: "/admin"), allowed: false, policy: "prod/p", rule: 0),
+    // cluster.local is the local trust domain
+    PolicyCase(name: "cluster.local principal matches the local trust domain", yaml: allowGETFromSleep, request: http("example.org/ns/prod/sa/sleep"), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "cluster.local prefix matches the local trust domain", yaml: ap(rules: "- from:\n  - source:\n      principals: [\"cluster.local/ns/prod/*\"]"), request: http("example.org/ns/prod/sa/x"), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "cluster.local DENY is not bypassed by the real trust domain", yaml: ap(action: "DENY", rules: "- from:\n  - source:\n      principals: [\"cluster.local/ns/dev/sa/tool\"]"), request: http("example.org/ns/dev/sa/tool"), allowed: false, policy: "prod/p", rule: 0),
+    PolicyCase(name: "cluster.local source.principal", yaml: ap(rules: "- when:\n  - key: source.principal\n    values: [\"cluster.local/ns/prod/sa/sleep\"]"), request: http("example.org/ns/prod/sa/sleep"), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "another trust domain is not an alias", yaml: ap(rules: "- from:\n  - source:\n      principals: [\"other.org/ns/prod/sa/sleep\"]"), request: http("example.org/ns/prod/sa/sleep"), allowed: false, policy: nil, rule: nil),
+    PolicyCase(name: "cluster.local alias keeps the rest exact", yaml: allowGETFromSleep, request: http("example.org/ns/prod/sa/sleepy"), allowed: false, policy: nil, rule: nil),
+    // path templates
+    PolicyCase(name: "path template {*} one segment", yaml: ap(rules: "- to:\n  - operation:\n      paths: [\"/api/{*}\"]"), request: http(path: "/api/users"), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "path template {*} not two segments", yaml: ap(rules: "- to:\n  - operation:\n      paths: [\"/api/{*}\"]"), request: http(path: "/api/users/1"), allowed: false, policy: nil, rule: nil),
+    PolicyCase(name: "path template {*} not empty", yaml: ap(rules: "- to:\n  - operation:\n      paths: [\"/api/{*}\"]"), request: http(path: "/api/"), allowed: false, policy: nil, rule: nil),
+    PolicyCase(name: "path template {*} in the middle", yaml: ap(rules: "- to:\n  - operation:\n      paths: [\"/foo/{*}/bar/{**}\"]"), request: http(path: "/foo/buzz/bar/baz"), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "path template DENY {**} fires", yaml: ap("allow-all", rules: "- {}") + "---\n" + ap("deny-admin", action: "DENY", rules: "- to:\n  - operation:\n      paths: [\"/admin/{**}\"]"), request: http(path: "/admin/a/b"), allowed: false, policy: "prod/deny-admin", rule: 0),
+    PolicyCase(name: "path template {**} zero segments", yaml: ap(rules: "- to:\n  - operation:\n      paths: [\"/admin/{**}\"]"), request: http(path: "/admin/"), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "path template ignores the query", yaml: ap(rules: "- to:\n  - operation:\n      paths: [\"/api/{*}\"]"), request: http(path: "/api/users?x=/y"), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "path template notPaths", yaml: ap(action: "DENY", rules: "- to:\n  - operation:\n      notPaths: [\"/public/{**}\"]"), request: http(path: "/private/x"), allowed: false, policy: "prod/p", rule: 0),
+    // a leading * is read first
+    PolicyCase(name: "*abc* is a suffix match", yaml: ap(rules: "- to:\n  - operation:\n      paths: [\"*/v1*\"]"), request: http(path: "/api/v1*"), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "*abc* is not a substring match", yaml: ap(rules: "- to:\n  - operation:\n      paths: [\"*/v1*\"]"), request: http(path: "/api/v1/users"), allowed: false, policy: nil, rule: nil),
+    PolicyCase(name: "namespace of a trust domain named ns", yaml: ap(rules: "- from:\n  - source:\n      namespaces: [\"prod\"]"), request: http("ns/ns/prod/sa/x"), allowed: true, policy: "prod/p", rule: 0),
+    // dual-stack listeners
+    PolicyCase(name: "IPv4-mapped peer is its IPv4 address", yaml: ap(action: "DENY", rules: "- from:\n  - source:\n      ipBlocks: [\"10.1.0.0/16\"]"), request: http(ip: "::ffff:10.1.2.3"), allowed: false, policy: "prod/p", rule: 0),
     PolicyCase(name: "when all conditions must hold", yaml: ap(rules: "- when:\n  - key: source.namespace\n    values: [\"prod\"]\n  - key: destination.port\n    values: [\"1\"]"), request: http(), allowed: false, policy: nil, rule: nil),
     // rule structure and order
     PolicyCase(name: "any from entry", yaml: ap(rules: "- from:\n  - source:\n      namespaces: [\"x\"]\n  - source:\n      namespaces: [\"dev\"]"), request: http(other), allowed: true, policy: "prod/p", rule: 0),
@@ -151,6 +182,22 @@ struct PolicyEvaluationTests {
 
     @Test func atLeastSixtyCases() {
         #expect(cases.count >= 60)
+    }
+
+    @Test func dryRunIsReportedNotEnforced() throws {
+        func dryRun(_ name: String, action: String, rules: String) -> String {
+            ap(name, action: action, rules: rules).replacingOccurrences(
+                of: "  namespace: prod\n", with: "  namespace: prod\n  annotations:\n    istio.io/dry-run: \"true\"\n")
+        }
+        let yaml = dryRun("deny-all", action: "DENY", rules: "- {}") + "---\n" + dryRun("allow-nothing", action: "ALLOW", rules: "- to:\n  - operation:\n      paths: [\"/x\"]")
+        let set = try PolicyLoader.parse(yaml, file: "dry.yaml")
+        #expect(set.authorizationPolicies.map(\.dryRun) == [true, true])
+        let decision = PolicyEvaluator(policies: set.authorizationPolicies).evaluate(http(), for: web)
+        #expect(decision.allowed && decision.policy == nil)
+        #expect(decision.audited == ["prod/deny-all [dry-run DENY]"])
+        let off = try PolicyLoader.parse(ap(action: "DENY", rules: "- {}").replacingOccurrences(
+            of: "  namespace: prod\n", with: "  namespace: prod\n  annotations:\n    istio.io/dry-run: \"false\"\n"), file: "on.yaml")
+        #expect(!PolicyEvaluator(policies: off.authorizationPolicies).evaluate(http(), for: web).allowed)
     }
 
     @Test func auditIsReported() throws {
@@ -222,6 +269,48 @@ struct PolicyLoadingTests {
         #expect(failure("apiVersion: networking.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: g\n") != nil)
     }
 
+    /// What Istio's validation refuses (or what would silently weaken a policy) is a load error
+    /// naming the field, never a crash or a rule that matches more than written.
+    @Test func refusedLikeIstio() throws {
+        let refusals: [(String, String, String)] = [
+            (ap(rules: "- ~"), "spec.rules[0]", "must not be null"),
+            (ap(rules: "-"), "spec.rules[0]", "must not be null"),
+            (ap(rules: "- from:\n  - source: {}"), "spec.rules[0].from[0].source", "must not be empty"),
+            (ap(rules: "- from:\n  - source:\n      principals: []"), "spec.rules[0].from[0].source", "must not be empty"),
+            (ap(rules: "- to:\n  - operation: {}"), "spec.rules[0].to[0].operation", "must not be empty"),
+            (ap(rules: "- from:\n  - source:\n      principals: [\"\"]"), "spec.rules[0].from[0].source.principals[0]", "must not be empty"),
+            (ap(rules: "- when:\n  - key: destination.port\n    values: [\"08080\"]"), "spec.rules[0].when[0]", "not a port number"),
+            (ap(rules: "- to:\n  - operation:\n      ports: [\"0\"]"), "spec.rules[0].to[0].operation.ports", "not a port number"),
+            (ap(rules: "- when:\n  - key: connection.sni\n    values: [\"a\"]"), "spec.rules[0].when[0].key", "not supported"),
+            (ap(rules: "- when:\n  - key: source.ip\n    values: []"), "spec.rules[0].when[0]", "needs values or notValues"),
+            (ap(rules: "- to:\n  - operation:\n      paths: [\"/foo/{*}.txt\"]"), "spec.rules[0].to[0].operation.paths", "share a path segment"),
+            (ap(rules: "- to:\n  - operation:\n      paths: [\"/{**}/foo/{*}\"]"), "spec.rules[0].to[0].operation.paths", "last operator"),
+            (ap(rules: "- to:\n  - operation:\n      notPaths: [\"/*/baz/{*}\"]"), "spec.rules[0].to[0].operation.notPaths", "outside {*}"),
+            (ap(rules: "- {}").replacingOccurrences(of: "spec:\n", with: "spec:\n  action: ALLOW\n  action: DENY\n"), "", "duplicated key"),
+            (ap(rules: "- {}") + "  ? [a, b]\n  : x\n", "spec", "plain value"),
+        ]
+        for (yaml, field, problem) in refusals {
+            let e = try #require(failure(yaml), "loaded: \(yaml)")
+            #expect(e.field == field, "\(yaml)")
+            #expect(e.problem.contains(problem), "\(e.problem)")
+        }
+    }
+
+    @Test func peerAuthenticationRefusals() throws {
+        let portsWithoutSelector = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: n\n  namespace: prod\nspec:\n  mtls:\n    mode: STRICT\n  portLevelMtls:\n    9090:\n      mode: DISABLE\n"
+        let e = try #require(failure(portsWithoutSelector))
+        #expect(e.field == "spec.portLevelMtls" && e.problem.contains("requires spec.selector"))
+        let directory = FileManager.default.temporaryDirectory.path + "/sigil-pa-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let document = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: n\n  namespace: prod\nspec: {}\n"
+        for name in ["a.yaml", "b.yaml"] {
+            try document.write(toFile: directory + "/" + name, atomically: true, encoding: .utf8)
+        }
+        let twice = #expect(throws: PolicyLoadError.self) { try PolicyLoader.load(path: directory) }
+        #expect(twice?.problem.contains("PeerAuthentication prod/n is defined twice") == true)
+    }
+
     @Test func peerAuthenticationLoads() throws {
         let yaml = """
         apiVersion: security.istio.io/v1beta1
@@ -280,7 +369,16 @@ struct PeerAuthenticationTests {
         #expect(try mode(docs, port: 9090) == .disable)
         #expect(try mode(docs, port: 8080) == .strict)
     }
-    @Test func portLevelNeedsSelector() throws {
-        #expect(try mode([pa("n", ns: "prod", mode: "STRICT", ports: [9090: "DISABLE"])], port: 9090) == .strict)
+    @Test func emptySelectorIsNamespaceWide() throws {
+        let empty = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: e\n  namespace: prod\nspec:\n  selector:\n    matchLabels: {}\n  mtls:\n    mode: PERMISSIVE\n"
+        let set = try PolicyLoader.parse(empty, file: "pa.yaml")
+        #expect(set.peerAuthentications.first?.matchLabels == nil)
+        // Namespace-wide, so a workload policy still overrides it.
+        #expect(try mode([empty, pa("w", ns: "prod", selector: "app: web", mode: "STRICT")]) == .strict)
+    }
+    @Test func rootNamespaceSelectorIsIgnored() throws {
+        let root = WorkloadSelector(namespace: "istio-system", labels: ["app": "web"])
+        let set = try PolicyLoader.parse(pa("w", ns: "istio-system", selector: "app: web", mode: "STRICT"), file: "pa.yaml")
+        #expect(PeerAuthenticationResolver(policies: set.peerAuthentications).mode(for: root, port: 8080) == .permissive)
     }
 }

@@ -11,15 +11,20 @@ public struct AuthorizationPolicy: Sendable, Hashable {
     /// `selector.matchLabels`; nil for a policy that applies to every workload in its namespace.
     public var matchLabels: [String: String]?
     public var action: Action
-    /// nil for `spec: {}` / no `rules:` (matches nothing); `[Rule()]` for `rules: [{}]` (matches all).
+    /// Empty for `spec: {}` / no `rules:` (matches nothing); `[Rule()]` for `rules: [{}]` (matches all).
     public var rules: [Rule]
+    /// The `istio.io/dry-run: "true"` annotation: evaluated and reported like an AUDIT policy,
+    /// never enforced (and an ALLOW in dry run does not make other requests denied).
+    public var dryRun: Bool
 
-    public init(name: String, namespace: String, matchLabels: [String: String]? = nil, action: Action = .allow, rules: [Rule] = []) {
+    public init(name: String, namespace: String, matchLabels: [String: String]? = nil, action: Action = .allow, rules: [Rule] = [],
+                dryRun: Bool = false) {
         self.name = name
         self.namespace = namespace
         self.matchLabels = matchLabels
         self.action = action
         self.rules = rules
+        self.dryRun = dryRun
     }
 
     /// `namespace/name`, as decisions name their policy.
@@ -83,7 +88,7 @@ public struct AuthorizationPolicy: Sendable, Hashable {
 
         /// The keys Sigil evaluates (`request.headers[<name>]` stands for any header).
         public static let supportedKeys: Set<String> = [
-            "source.ip", "remote.ip", "source.namespace", "source.principal", "destination.ip", "destination.port", "connection.sni",
+            "source.ip", "remote.ip", "source.namespace", "source.principal", "destination.ip", "destination.port",
         ]
 
         public static func isSupported(_ key: String) -> Bool {
@@ -117,5 +122,76 @@ public struct PeerAuthentication: Sendable, Hashable {
         self.matchLabels = matchLabels
         self.mode = mode
         self.portLevelMtls = portLevelMtls
+    }
+}
+
+/// Istio's path templates (`{*}`, `{**}` in `paths` / `notPaths`, as Envoy's URI templates): a
+/// path with either operator is matched segment by segment instead of as a string. `{*}` is exactly
+/// one non-empty path segment; `{**}` is zero or more characters of the path, slashes included,
+/// and must be the last operator. No other character may share a segment with an operator, and `*`,
+/// `{`, `}` may not appear outside one.
+public enum PathTemplate {
+    /// Whether `pattern` is a template (contains an operator).
+    public static func isTemplate(_ pattern: String) -> Bool {
+        // A byte scan first: on the request path most patterns have no brace at all.
+        pattern.utf8.contains(UInt8(ascii: "{")) && (pattern.contains("{*}") || pattern.contains("{**}"))
+    }
+
+    /// Why `pattern` is not a valid template, or nil (also nil for a pattern that is no template).
+    public static func problem(_ pattern: String) -> String? {
+        guard isTemplate(pattern) else { return nil }
+        guard pattern.hasPrefix("/") else { return "a path template must start with /" }
+        var sawTextGlob = false
+        for segment in pattern.split(separator: "/", omittingEmptySubsequences: false).dropFirst() {
+            switch segment {
+            case "{*}", "{**}":
+                if sawTextGlob { return "{**} must be the last operator of a path template" }
+                sawTextGlob = segment == "{**}"
+            default:
+                if segment.contains("{*}") || segment.contains("{**}") {
+                    return "no other character may share a path segment with {*} or {**}"
+                }
+                if segment.contains(where: { $0 == "*" || $0 == "{" || $0 == "}" }) {
+                    return "a path template may not contain *, { or } outside {*} and {**}"
+                }
+            }
+        }
+        return nil
+    }
+
+    /// Whether `path` (without its query) matches the valid template `pattern`.
+    public static func matches(_ pattern: String, _ path: String) -> Bool {
+        var p = Substring(pattern).utf8[...], v = Substring(path).utf8[...]
+        let star = Array("{*}".utf8), textGlob = Array("{**}".utf8)
+        while let c = p.first {
+            if p.starts(with: textGlob) {
+                // The rest of the template (literals only) must end the path, after any characters
+                // of the path alphabet (slashes included).
+                let tail = p.dropFirst(textGlob.count)
+                guard v.count >= tail.count, v.suffix(tail.count).elementsEqual(tail) else { return false }
+                return v.dropLast(tail.count).allSatisfy { $0 == UInt8(ascii: "/") || isPathCharacter($0) }
+            }
+            if p.starts(with: star) {
+                let segment = v.prefix { $0 != UInt8(ascii: "/") }
+                guard !segment.isEmpty, segment.allSatisfy(isPathCharacter) else { return false }
+                p = p.dropFirst(star.count)
+                v = v.dropFirst(segment.count)
+                continue
+            }
+            guard v.first == c else { return false }
+            p = p.dropFirst()
+            v = v.dropFirst()
+        }
+        return v.isEmpty
+    }
+
+    /// RFC 3986 `pchar` without `/`: what `{*}` may consume (Envoy's path glob alphabet).
+    static func isPathCharacter(_ byte: UInt8) -> Bool {
+        switch byte {
+        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"):
+            return true
+        default:
+            return "-._~%!$&'()+,;:@=".utf8.contains(byte)
+        }
     }
 }

@@ -32,12 +32,13 @@ public struct AuthorizationRequest: Sendable, Hashable {
         self.isTCP = isTCP
     }
 
-    /// `source.namespace`: the `ns` segment of the principal.
+    /// `source.namespace`: the segment after `ns` in a principal of the form `<td>/ns/<ns>/...`
+    /// (the trust domain is skipped, whatever it is named).
     var sourceNamespace: String? {
         guard let principal else { return nil }
-        let parts = principal.split(separator: "/", omittingEmptySubsequences: false)
-        guard let i = parts.firstIndex(of: "ns"), i + 1 < parts.count else { return nil }
-        return String(parts[i + 1])
+        let parts = principal.split(separator: "/", maxSplits: 3, omittingEmptySubsequences: false)
+        guard parts.count >= 3, parts[1] == "ns" else { return nil }
+        return String(parts[2])
     }
 }
 
@@ -59,7 +60,8 @@ public struct AuthorizationDecision: Sendable, Hashable {
     public var policy: String?
     /// Index of the deciding rule within that policy.
     public var rule: Int?
-    /// AUDIT policies whose rules matched (they never change the decision).
+    /// AUDIT policies whose rules matched (they never change the decision), and policies in dry
+    /// run that matched, named `ns/name [dry-run DENY]` (or ALLOW): what they would have done.
     public var audited: [String]
 
     public init(allowed: Bool, policy: String? = nil, rule: Int? = nil, audited: [String] = []) {
@@ -149,7 +151,7 @@ public struct PolicyEvaluator: Sendable {
         // Per request, so derived values (the namespace) are computed only when a field needs them.
         let principal = r.principal ?? ""
         let remote = r.remoteIP ?? r.sourceIP
-        return Self.field(s.principals, s.notPrincipals) { StringMatch.matches($0, principal) }
+        return Self.field(s.principals, s.notPrincipals) { Self.principalMatches($0, principal) }
             && (s.namespaces == nil && s.notNamespaces == nil
                 || Self.field(s.namespaces, s.notNamespaces) { StringMatch.matches($0, r.sourceNamespace ?? "") })
             && Self.field(s.ipBlocks, s.notIpBlocks) { IPBlock.contains($0, r.sourceIP) }
@@ -163,19 +165,25 @@ public struct PolicyEvaluator: Sendable {
         }
         if ignoreHTTP { return true }
         if o.hosts != nil || o.notHosts != nil {  // lowercased only for a rule that reads it
+            // Istio matches the Host / :authority as sent, port included, ignoring case: `hosts:
+            // [example.com]` does not match `example.com:8080` (write `example.com:*` for that).
             let host = (r.host ?? "").lowercased()
-            guard Self.field(o.hosts, o.notHosts, { StringMatch.matches($0.lowercased(), host) || StringMatch.matches($0.lowercased(), Self.stripPort(host)) })
-            else { return false }
+            guard Self.field(o.hosts, o.notHosts, { StringMatch.matches($0.lowercased(), host) }) else { return false }
         }
         return Self.field(o.methods, o.notMethods) { StringMatch.matches($0, r.method ?? "") }
-            && Self.field(o.paths, o.notPaths) { StringMatch.matches($0, Self.pathWithoutQuery(r.path ?? "")) }
+            && Self.field(o.paths, o.notPaths) { Self.pathMatches($0, Self.pathWithoutQuery(r.path ?? "")) }
     }
 
     func matches(_ c: AuthorizationPolicy.Condition, _ r: AuthorizationRequest, ignoreHTTP: Bool) -> Bool {
         if let header = AuthorizationPolicy.Condition.headerName(c.key) {
             if ignoreHTTP { return true }
-            let values = r.headers[header.lowercased()] ?? []
-            return Self.field(c.values, c.notValues) { pattern in values.contains { StringMatch.matches(pattern, $0) } }
+            // As Envoy: a repeated header is matched as its values joined with ","; `*` means the
+            // header is present (even empty).
+            guard let values = r.headers[header.lowercased()], !values.isEmpty else {
+                return Self.field(c.values, c.notValues) { _ in false }
+            }
+            let joined = values.count == 1 ? values[0] : values.joined(separator: ",")
+            return Self.field(c.values, c.notValues) { $0 == "*" || StringMatch.matches($0, joined) }
         }
         switch c.key {
         case "source.ip": return Self.field(c.values, c.notValues) { IPBlock.contains($0, r.sourceIP) }
@@ -183,9 +191,8 @@ public struct PolicyEvaluator: Sendable {
         case "destination.ip": return Self.field(c.values, c.notValues) { IPBlock.contains($0, r.destinationIP) }
         case "destination.port": return Self.field(c.values, c.notValues) { $0 == (r.destinationPort.map(String.init) ?? "") }
         case "source.namespace": return Self.field(c.values, c.notValues) { StringMatch.matches($0, r.sourceNamespace ?? "") }
-        case "source.principal": return Self.field(c.values, c.notValues) { StringMatch.matches($0, r.principal ?? "") }
-        case "connection.sni": return Self.field(c.values, c.notValues) { StringMatch.matches($0, r.sni ?? "") }
-        default: return false  // unknown keys are refused at load time; fail closed here too
+        case "source.principal": return Self.field(c.values, c.notValues) { Self.principalMatches($0, r.principal ?? "") }
+        default: return false  // unknown keys (and connection.sni) are refused at load time; fail closed here too
         }
     }
 
@@ -196,16 +203,26 @@ public struct PolicyEvaluator: Sendable {
         return true
     }
 
+    /// A principal pattern against a peer's principal. Istio reads `cluster.local` in a principal
+    /// as "the local trust domain" (`cluster.local/ns/a/sa/b` matches `example.org/ns/a/sa/b` in a
+    /// mesh whose trust domain is example.org). A peer that passed Sigil's mTLS holds an SVID of the
+    /// local trust domain (bundles are not federated), so its own trust domain stands in for it.
+    static func principalMatches(_ pattern: String, _ principal: String) -> Bool {
+        if StringMatch.matches(pattern, principal) { return true }
+        guard pattern.hasPrefix("cluster.local/ns/"), let slash = principal.firstIndex(of: "/") else { return false }
+        return StringMatch.matches(String(principal[..<slash]) + pattern.dropFirst("cluster.local".count), principal)
+    }
+
+    /// A `paths` entry: a path template (`{*}`, `{**}`) or Istio's string match.
+    static func pathMatches(_ pattern: String, _ path: String) -> Bool {
+        PathTemplate.isTemplate(pattern) ? PathTemplate.matches(pattern, path) : StringMatch.matches(pattern, path)
+    }
+
     static func pathWithoutQuery(_ path: String) -> String {
         if let q = path.firstIndex(where: { $0 == "?" || $0 == "#" }) { return String(path[..<q]) }
         return path
     }
 
-    static func stripPort(_ host: String) -> String {
-        if host.hasPrefix("[") { return host }
-        if let colon = host.lastIndex(of: ":"), host[host.index(after: colon)...].allSatisfy(\.isNumber) { return String(host[..<colon]) }
-        return host
-    }
 }
 
 /// Policies split by action in their given order, each with its `namespace/name` built once:
@@ -218,7 +235,8 @@ public struct PreparedPolicies: Sendable {
         let name: String
         init(_ policy: AuthorizationPolicy) {
             self.policy = policy
-            self.name = policy.qualifiedName
+            // A dry-run policy is reported (never decides) with what it would have done.
+            self.name = policy.dryRun ? "\(policy.qualifiedName) [dry-run \(policy.action.rawValue)]" : policy.qualifiedName
         }
     }
 
@@ -226,19 +244,22 @@ public struct PreparedPolicies: Sendable {
     let deny: [Entry]
     let allow: [Entry]
 
+    /// A policy in dry run (`istio.io/dry-run`) joins the AUDIT list, whatever its action: it is
+    /// reported when it matches and never decides.
     public init(_ policies: [AuthorizationPolicy]) {
-        audit = policies.filter { $0.action == .audit }.map(Entry.init)
-        deny = policies.filter { $0.action == .deny }.map(Entry.init)
-        allow = policies.filter { $0.action == .allow }.map(Entry.init)
+        audit = policies.filter { $0.action == .audit || $0.dryRun }.map(Entry.init)
+        deny = policies.filter { $0.action == .deny && !$0.dryRun }.map(Entry.init)
+        allow = policies.filter { $0.action == .allow && !$0.dryRun }.map(Entry.init)
     }
 }
 
-/// Istio's string match: exact, `prefix*`, `*suffix`, or `*` (any non-empty value).
+/// Istio's string match: exact, `*suffix`, `prefix*`, or `*` (any non-empty value). A leading `*`
+/// is read first, as Istio does: `*abc*` is "ends with `abc*`".
 public enum StringMatch {
     public static func matches(_ pattern: String, _ value: String) -> Bool {
         if pattern == "*" { return !value.isEmpty }
-        if pattern.hasSuffix("*") { return value.hasPrefix(pattern.dropLast()) }
         if pattern.hasPrefix("*") { return value.hasSuffix(pattern.dropFirst()) }
+        if pattern.hasSuffix("*") { return value.hasPrefix(pattern.dropLast()) }
         return pattern == value
     }
 }
@@ -247,7 +268,12 @@ public enum StringMatch {
 public enum IPBlock {
     /// Whether `ip` is inside `block`. A missing or unparsable address is outside every block.
     public static func contains(_ block: String, _ ip: String?) -> Bool {
-        guard let ip, let address = parse(ip), let (network, prefix) = parseBlock(block), network.count == address.count else { return false }
+        guard let ip, var address = parse(ip), let (network, prefix) = parseBlock(block) else { return false }
+        // An IPv4 peer seen on a dual-stack listener (::ffff:a.b.c.d) is that IPv4 address.
+        if address.count == 16, network.count == 4, address.prefix(12).elementsEqual(mappedPrefix) {
+            address = Array(address.suffix(4))
+        }
+        guard network.count == address.count else { return false }
         var remaining = prefix
         for (a, n) in zip(address, network) {
             if remaining <= 0 { return true }
@@ -258,6 +284,8 @@ public enum IPBlock {
         }
         return true
     }
+
+    static let mappedPrefix: [UInt8] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
 
     /// Validates a block (for load-time errors).
     public static func isValid(_ block: String) -> Bool { parseBlock(block) != nil }
@@ -286,6 +314,12 @@ public enum IPBlock {
     static func parseIPv6(_ text: String) -> [UInt8]? {
         var text = Substring(text)
         if text.hasPrefix("[") && text.hasSuffix("]") { text = text.dropFirst().dropLast() }
+        // A dotted IPv4 tail (::ffff:192.0.2.1) stands for the last two groups.
+        if let colon = text.lastIndex(of: ":"), text[text.index(after: colon)...].contains("."),
+           let v4 = parse(String(text[text.index(after: colon)...])), v4.count == 4 {
+            let groups = String(UInt16(v4[0]) << 8 | UInt16(v4[1]), radix: 16) + ":" + String(UInt16(v4[2]) << 8 | UInt16(v4[3]), radix: 16)
+            text = text[...colon] + groups
+        }
         var halves: [String] = []
         if let range = text.firstRange(of: "::") {
             halves = [String(text[..<range.lowerBound]), String(text[range.upperBound...])]
@@ -330,8 +364,9 @@ public struct PeerAuthenticationResolver: Sendable {
     public func mode(for workload: WorkloadSelector, port: Int?) -> PeerAuthentication.Mode {
         let mesh = policies.first { $0.namespace == rootNamespace && $0.matchLabels == nil }
         let namespace = policies.first { $0.namespace == workload.namespace && $0.matchLabels == nil && workload.namespace != rootNamespace }
+        // A policy with a selector in the root namespace is ignored, as in Istio.
         let specific = policies.first { policy in
-            guard policy.namespace == workload.namespace, let labels = policy.matchLabels else { return false }
+            guard policy.namespace == workload.namespace, policy.namespace != rootNamespace, let labels = policy.matchLabels else { return false }
             return labels.allSatisfy { workload.labels[$0.key] == $0.value }
         }
         var mode = PeerAuthentication.Mode.permissive
