@@ -93,6 +93,9 @@ public struct TrustBundle: Sendable, Hashable {
             }
             certificates.append(certificate)
         }
+        guard !certificates.isEmpty else {
+            throw SigilError(.invalidBundle, "the SPIFFE bundle for \(trustDomain) has no usable x509-svid key (one with kty EC or RSA and an x5c certificate)")
+        }
         try self.init(
             trustDomain: trustDomain, authorities: certificates,
             sequenceNumber: document.spiffe_sequence ?? 0,

@@ -112,16 +112,34 @@ public enum PolicyLoader {
             PolicyLoadError(file: file, document: document, field: field, problem: problem)
         }
 
+        /// The most YAML nodes one document may hold once aliases are expanded: far above any real
+        /// policy, far below what a "billion laughs" file of nested aliases expands to.
+        static let maximumNodes = 100_000
+
         /// A YAML node as plain values (scalars as YAML resolves them, `[Any]`, `[String: Any]`,
         /// `NSNull`). A mapping key must be a scalar and appear once (YAML parsers disagree on
-        /// which duplicate wins, so a policy that repeats a key is refused); aliases are refused.
+        /// which duplicate wins, so a policy that repeats a key is refused); merge keys (`<<`) are
+        /// refused rather than half-applied; a document that expands (through aliases) past
+        /// ``maximumNodes`` is refused. An integer written other than in plain decimal (`0x1F90`,
+        /// `010`, `8_080`) stays text, so a port spelled so is refused instead of reinterpreted.
         func plain(_ node: Node, _ field: String) throws(PolicyLoadError) -> Any {
+            var budget = Self.maximumNodes
+            return try plain(node, field, budget: &budget)
+        }
+
+        private func plain(_ node: Node, _ field: String, budget: inout Int) throws(PolicyLoadError) -> Any {
+            budget -= 1
+            guard budget >= 0 else {
+                throw error(field, "the document expands to more than \(Self.maximumNodes) YAML nodes (nested aliases?)")
+            }
             switch node {
-            case .scalar:
-                return node.any
+            case .scalar(let scalar):
+                let value = node.any
+                if let number = value as? Int, String(number) != scalar.string { return scalar.string }
+                return value
             case .sequence(let items):
                 var out: [Any] = []
-                for (i, item) in items.enumerated() { out.append(try plain(item, "\(field)[\(i)]")) }
+                for (i, item) in items.enumerated() { out.append(try plain(item, "\(field)[\(i)]", budget: &budget)) }
                 return out
             case .mapping(let pairs):
                 var out: [String: Any] = [:]
@@ -131,12 +149,13 @@ public enum PolicyLoader {
                     }
                     let name = scalar.string
                     let path = field.isEmpty ? name : field + "." + name
+                    guard name != "<<" else { throw error(path, "YAML merge keys are not supported in policies") }
                     guard out[name] == nil else { throw error(path, "is given twice") }
-                    out[name] = try plain(value, path)
+                    out[name] = try plain(value, path, budget: &budget)
                 }
                 return out
             case .alias:
-                throw error(field, "YAML aliases (*name) are not supported in policies")
+                throw error(field, "an unresolved YAML alias")
             }
         }
 
@@ -175,8 +194,9 @@ public enum PolicyLoader {
             return m
         }
 
+        /// nil when absent or null (`annotations: ~`).
         func optionalMap(_ value: Any?, _ field: String) throws(PolicyLoadError) -> [String: Any]? {
-            value == nil ? nil : try map(value, field)
+            value == nil || value is NSNull ? nil : try map(value, field)
         }
 
         func list(_ value: Any?, _ field: String) throws(PolicyLoadError) -> [Any]? {

@@ -394,7 +394,8 @@ enum TCPInbound {
             LedgerRecord(kind: .connection, timeMicros: start, source: peer.spiffeID, destination: peer.ownID, peerSerial: peer.serial,
                          sourceIP: peer.sourceIP, port: environment.appPort, proto: "tcp",
                          decision: decision.allowed ? "allow" : "deny", policy: decision.policy, rule: decision.rule,
-                         mtls: peer.mtls, bytesIn: bytesIn, bytesOut: bytesOut, durationMicros: duration.nanoseconds / 1000, detail: detail)
+                         mtls: peer.mtls, bytesIn: bytesIn, bytesOut: bytesOut, durationMicros: duration.nanoseconds / 1000,
+                         detail: decision.ledgerDetail(detail))
         }
         guard decision.allowed else {
             environment.record(row(bytesIn: 0, bytesOut: 0, duration: .zero, detail: "connection denied"))

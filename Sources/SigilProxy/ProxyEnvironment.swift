@@ -234,7 +234,7 @@ struct RequestFacts {
                                     decision: decision.allowed ? "allow" : "deny", policy: decision.policy, rule: decision.rule,
                                     mtls: peer.mtls, bytesIn: bytesIn, bytesOut: bytesOut,
                                     durationMicros: (NIODeadline.now() - start).nanoseconds / 1000,
-                                    detail: detail ?? (decision.audited.isEmpty ? nil : "audit: " + decision.audited.joined(separator: ", ")))
+                                    detail: decision.ledgerDetail(detail))
         partial.update(out[rest...])
         return partial
     }

@@ -80,6 +80,7 @@ public struct WorkloadAPIClient: Sendable {
             path = path.dropFirst(2)
             guard path.hasPrefix("/") else { throw refuse("names a host; a unix: address has only a path") }
         }
+        guard !path.isEmpty else { throw refuse("has no path") }
         guard path.hasPrefix("/") else { throw refuse("has a relative path") }
         guard !path.contains("?"), !path.contains("#") else { throw refuse("has a query or fragment") }
         return String(path)

@@ -17,6 +17,9 @@ struct WorkloadSocketOption: ParsableArguments {
     func path() throws -> String {
         let environment = ProcessInfo.processInfo.environment["SPIFFE_ENDPOINT_SOCKET"].flatMap { $0.isEmpty ? nil : $0 }
         guard let endpoint = socket ?? environment else { return "/tmp/sigil/agent.sock" }
+        // A plain path given with --socket is used as it is, relative or not (as the agent's
+        // --socket); addresses (unix:, tcp:) and SPIFFE_ENDPOINT_SOCKET follow the endpoint rules.
+        if socket != nil, !endpoint.hasPrefix("unix:"), !endpoint.hasPrefix("tcp:") { return endpoint }
         do {
             return try WorkloadAPIClient.socketPath(fromEndpoint: endpoint)
         } catch {

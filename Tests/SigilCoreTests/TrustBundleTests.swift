@@ -78,8 +78,9 @@ struct TrustBundleTests {
         let mine = try #require(try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any])
         json = json.replacingOccurrences(of: (mine["keys"] as! [[String: Any]])[0]["x"] as! String, with: x)
         #expect(throws: SigilError.self) { try TrustBundle(spiffeBundleJSON: json, trustDomain: pki.trustDomain) }
-        // JWT keys are skipped, not rejected.
+        // JWT keys are skipped; a bundle with nothing else has no X.509 authority to offer.
         let jwtOnly = #"{"keys":[{"kty":"EC","use":"jwt-svid","kid":"k1","crv":"P-256","x":"a","y":"b"}]}"#
-        #expect(try TrustBundle(spiffeBundleJSON: jwtOnly, trustDomain: pki.trustDomain).authorities.isEmpty)
+        let none = #expect(throws: SigilError.self) { try TrustBundle(spiffeBundleJSON: jwtOnly, trustDomain: pki.trustDomain) }
+        #expect(none?.message.contains("no usable x509-svid key") == true)
     }
 }

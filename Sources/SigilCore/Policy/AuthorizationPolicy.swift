@@ -162,7 +162,7 @@ public enum PathTemplate {
     /// Whether `path` (without its query) matches the valid template `pattern`.
     public static func matches(_ pattern: String, _ path: String) -> Bool {
         var p = Substring(pattern).utf8[...], v = Substring(path).utf8[...]
-        let star = Array("{*}".utf8), textGlob = Array("{**}".utf8)
+        let star = "{*}".utf8, textGlob = "{**}".utf8
         while let c = p.first {
             if p.starts(with: textGlob) {
                 // The rest of the template (literals only) must end the path, after any characters

@@ -32,13 +32,13 @@ public struct AuthorizationRequest: Sendable, Hashable {
         self.isTCP = isTCP
     }
 
-    /// `source.namespace`: the segment after `ns` in a principal of the form `<td>/ns/<ns>/...`
-    /// (the trust domain is skipped, whatever it is named).
+    /// `source.namespace`: the segment after the first `ns` segment past the trust domain (Istio
+    /// matches `.*/ns/<ns>/.*`; the trust domain is skipped, whatever it is named).
     var sourceNamespace: String? {
         guard let principal else { return nil }
-        let parts = principal.split(separator: "/", maxSplits: 3, omittingEmptySubsequences: false)
-        guard parts.count >= 3, parts[1] == "ns" else { return nil }
-        return String(parts[2])
+        let parts = principal.split(separator: "/", omittingEmptySubsequences: false)
+        guard let i = parts.dropFirst().firstIndex(of: "ns"), i + 1 < parts.count else { return nil }
+        return String(parts[i + 1])
     }
 }
 
@@ -69,6 +69,14 @@ public struct AuthorizationDecision: Sendable, Hashable {
         self.policy = policy
         self.rule = rule
         self.audited = audited
+    }
+
+    /// A ledger row's `detail`: `detail`, then the AUDIT and dry-run policies that matched
+    /// (`audit: ns/a, ns/b [dry-run DENY]`). Builds nothing when none matched.
+    public func ledgerDetail(_ detail: String?) -> String? {
+        guard !audited.isEmpty else { return detail }
+        let audit = "audit: " + audited.joined(separator: ", ")
+        return detail.map { $0 + "; " + audit } ?? audit
     }
 }
 
@@ -204,13 +212,19 @@ public struct PolicyEvaluator: Sendable {
     }
 
     /// A principal pattern against a peer's principal. Istio reads `cluster.local` in a principal
-    /// as "the local trust domain" (`cluster.local/ns/a/sa/b` matches `example.org/ns/a/sa/b` in a
-    /// mesh whose trust domain is example.org). A peer that passed Sigil's mTLS holds an SVID of the
-    /// local trust domain (bundles are not federated), so its own trust domain stands in for it.
+    /// of the full form `cluster.local/ns/<ns>/sa/<sa>` (five segments; the last may end in `*`) as
+    /// "the local trust domain": it matches `example.org/ns/a/sa/b` in a mesh whose trust domain is
+    /// example.org. Shorter patterns (`cluster.local/ns/a/*`) are not rewritten, as in Istio. A peer
+    /// that passed Sigil's mTLS holds an SVID of the local trust domain (bundles are not
+    /// federated), so its own trust domain stands in for it. No allocation.
     static func principalMatches(_ pattern: String, _ principal: String) -> Bool {
         if StringMatch.matches(pattern, principal) { return true }
-        guard pattern.hasPrefix("cluster.local/ns/"), let slash = principal.firstIndex(of: "/") else { return false }
-        return StringMatch.matches(String(principal[..<slash]) + pattern.dropFirst("cluster.local".count), principal)
+        guard pattern.hasPrefix("cluster.local/"), let slash = principal.firstIndex(of: "/") else { return false }
+        let rest = pattern.utf8.dropFirst("cluster.local".count)  // "/ns/<ns>/sa/<sa>"
+        guard rest.starts(with: "/ns/".utf8), rest.lazy.filter({ $0 == UInt8(ascii: "/") }).count == 4 else { return false }
+        let peerRest = principal.utf8[slash...]
+        if rest.last == UInt8(ascii: "*") { return peerRest.starts(with: rest.dropLast()) }
+        return peerRest.elementsEqual(rest)
     }
 
     /// A `paths` entry: a path template (`{*}`, `{**}`) or Istio's string match.
