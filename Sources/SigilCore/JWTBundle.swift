@@ -279,16 +279,6 @@ public struct JWTBundle: Sendable, Hashable {
     }
 }
 
-/// A JWK Set whose elements are decoded one by one, so that one odd element is reported by index.
-private struct JWKSetDocument: Decodable {
-    struct Element: Decodable {
-        var jwk: JWK?
-        init(from decoder: any Decoder) throws {
-            jwk = try? JWK(from: decoder)
-        }
-    }
-    var keys: [Element]
-}
 
 /// Decodes base64url without padding (RFC 7515 section 2) strictly: only the URL-safe alphabet, no
 /// `=`, no line breaks, and no stray bits in the last character, so that every byte string has exactly

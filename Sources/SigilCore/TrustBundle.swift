@@ -66,9 +66,9 @@ public struct TrustBundle: Sendable, Hashable {
     /// `x5c` certificates only the first counts. A key whose `x5c` is not a CA certificate, or whose
     /// parameters contradict that certificate's public key, is refused.
     public init(spiffeBundleJSON json: String, trustDomain: TrustDomain) throws(SigilError) {
-        let document: LenientBundleDocument
+        let document: JWKSetDocument
         do {
-            document = try JSONDecoder().decode(LenientBundleDocument.self, from: Data(json.utf8))
+            document = try JSONDecoder().decode(JWKSetDocument.self, from: Data(json.utf8))
         } catch {
             throw SigilError(.invalidBundle, "SPIFFE bundle for \(trustDomain) is not a valid JWK Set: \(error)")
         }
@@ -114,8 +114,10 @@ struct SpiffeBundleDocument: Codable {
     var spiffe_refresh_hint: Int64?
 }
 
-/// A SPIFFE bundle as read: an element that does not decode as a JWK is kept as nil (ignored).
-private struct LenientBundleDocument: Decodable {
+/// A JWK Set (or SPIFFE bundle) as read: elements are decoded one by one, and one that does not
+/// decode as a JWK is kept as nil, for the reader to ignore (SPIFFE bundles) or report by index
+/// (JWT bundles).
+struct JWKSetDocument: Decodable {
     struct Element: Decodable {
         var jwk: JWK?
         init(from decoder: any Decoder) throws {
