@@ -67,8 +67,10 @@ public struct TrustBundle: Sendable, Hashable {
     /// parameters contradict that certificate's public key, is refused.
     public init(spiffeBundleJSON json: String, trustDomain: TrustDomain) throws(SigilError) {
         let document: JWKSetDocument
+        let members: SpiffeBundleMembers
         do {
             document = try JSONDecoder().decode(JWKSetDocument.self, from: Data(json.utf8))
+            members = try JSONDecoder().decode(SpiffeBundleMembers.self, from: Data(json.utf8))
         } catch {
             throw SigilError(.invalidBundle, "SPIFFE bundle for \(trustDomain) is not a valid JWK Set: \(error)")
         }
@@ -98,8 +100,8 @@ public struct TrustBundle: Sendable, Hashable {
         }
         try self.init(
             trustDomain: trustDomain, authorities: certificates,
-            sequenceNumber: document.spiffe_sequence ?? 0,
-            refreshHint: document.spiffe_refresh_hint.map { .seconds($0) })
+            sequenceNumber: members.spiffe_sequence ?? 0,
+            refreshHint: members.spiffe_refresh_hint.map { .seconds($0) })
     }
 
     /// Reads concatenated PEM CA certificates.
@@ -125,6 +127,10 @@ struct JWKSetDocument: Decodable {
         }
     }
     var keys: [Element]
+}
+
+/// A SPIFFE bundle's own members, read beside its ``JWKSetDocument`` (a JWT bundle reader ignores them).
+private struct SpiffeBundleMembers: Decodable {
     var spiffe_sequence: UInt64?
     var spiffe_refresh_hint: Int64?
 }

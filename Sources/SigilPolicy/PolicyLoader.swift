@@ -62,9 +62,51 @@ public enum PolicyLoader {
         return set
     }
 
+    /// The largest policy file read (far above any real set of policies).
+    static let maximumFileBytes = 4 << 20
+
+    /// Where `text` has a YAML anchor (`&name`), as "line L, column C", or nil. Without anchors no
+    /// alias can resolve, and aliases are what let a small file expand (and be hashed by the YAML
+    /// parser) exponentially: a "billion laughs" file would hold up the reload loop. The scan is
+    /// lexical and errs on the safe side: an `&` followed by a name character at the start of a
+    /// node (at the start of a line, after `:`, `-`, `?`, `[`, `{`, `,`, or after a `!tag`) counts,
+    /// even inside a quoted string or a comment, where an operator can simply reword it.
+    static func anchorPosition(_ text: String) -> String? {
+        var line = 1
+        for raw in text.utf8.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false) {
+            defer { line += 1 }
+            let bytes = Array(raw)
+            var column = 0
+            while let at = bytes[column...].firstIndex(of: UInt8(ascii: "&")) {
+                column = at + 1
+                guard at + 1 < bytes.count, !Self.isYAMLSpaceOrFlow(bytes[at + 1]) else { continue }
+                var before = at - 1
+                while before >= 0, bytes[before] == UInt8(ascii: " ") || bytes[before] == UInt8(ascii: "\t") { before -= 1 }
+                if before < 0 || ":-?[{,".utf8.contains(bytes[before]) { return "line \(line), column \(at + 1)" }
+                // After a tag (`!!map &a`): the token before the spaces starts with `!`.
+                guard before < at - 1 else { continue }
+                var start = before
+                while start > 0, !Self.isYAMLSpaceOrFlow(bytes[start - 1]) { start -= 1 }
+                if bytes[start] == UInt8(ascii: "!") { return "line \(line), column \(at + 1)" }
+            }
+        }
+        return nil
+    }
+
+    static func isYAMLSpaceOrFlow(_ byte: UInt8) -> Bool {
+        " \t\r,[]{}".utf8.contains(byte)
+    }
+
     public static func parse(_ text: String, file: String) throws(PolicyLoadError) -> PolicySet {
         var set = PolicySet()
         var documents: [Node] = []
+        guard text.utf8.count <= maximumFileBytes else {
+            throw PolicyLoadError(file: file, document: 0, field: "", problem: "the file is larger than \(maximumFileBytes >> 20) MiB")
+        }
+        if let position = anchorPosition(text) {
+            throw PolicyLoadError(file: file, document: 0, field: "",
+                                  problem: "YAML anchors and aliases (&name, *name) are not supported in policy files (\(position)); write the values out")
+        }
         do {
             // Parse eagerly: a syntax error anywhere fails the whole file (load_all's lazy sequence
             // would stop quietly at the first bad document).
@@ -73,9 +115,10 @@ public enum PolicyLoader {
         } catch {
             throw PolicyLoadError(file: file, document: 0, field: "", problem: "malformed YAML: \(error)")
         }
+        var budget = Reader.maximumNodes  // for the whole file
         for (index, node) in documents.enumerated() {
             let reader = Reader(file: file, document: index + 1)
-            let document = try reader.plain(node, "")
+            let document = try reader.plain(node, "", budget: &budget)
             if document is NSNull { continue }
             guard let root = document as? [String: Any] else {
                 throw reader.error("", "a document must be a mapping with apiVersion, kind, metadata and spec")
@@ -112,25 +155,21 @@ public enum PolicyLoader {
             PolicyLoadError(file: file, document: document, field: field, problem: problem)
         }
 
-        /// The most YAML nodes one document may hold once aliases are expanded: far above any real
-        /// policy, far below what a "billion laughs" file of nested aliases expands to.
+        /// The most YAML nodes one file may hold: far above any real set of policies (a second
+        /// guard beside the refusal of anchors).
         static let maximumNodes = 100_000
 
         /// A YAML node as plain values (scalars as YAML resolves them, `[Any]`, `[String: Any]`,
         /// `NSNull`). A mapping key must be a scalar and appear once (YAML parsers disagree on
         /// which duplicate wins, so a policy that repeats a key is refused); merge keys (`<<`) are
         /// refused rather than half-applied; a document that expands (through aliases) past
-        /// ``maximumNodes`` is refused. An integer written other than in plain decimal (`0x1F90`,
-        /// `010`, `8_080`) stays text, so a port spelled so is refused instead of reinterpreted.
-        func plain(_ node: Node, _ field: String) throws(PolicyLoadError) -> Any {
-            var budget = Self.maximumNodes
-            return try plain(node, field, budget: &budget)
-        }
-
-        private func plain(_ node: Node, _ field: String, budget: inout Int) throws(PolicyLoadError) -> Any {
+        /// ``maximumNodes`` (counted over the file through `budget`) is refused. An integer written
+        /// other than in plain decimal (`0x1F90`, `010`, `8_080`) stays text, so a port spelled so
+        /// is refused instead of reinterpreted.
+        func plain(_ node: Node, _ field: String, budget: inout Int) throws(PolicyLoadError) -> Any {
             budget -= 1
             guard budget >= 0 else {
-                throw error(field, "the document expands to more than \(Self.maximumNodes) YAML nodes (nested aliases?)")
+                throw error(field, "the file holds more than \(Self.maximumNodes) YAML nodes")
             }
             switch node {
             case .scalar(let scalar):
@@ -371,8 +410,8 @@ public enum PolicyLoader {
                 }
                 guard !levels.isEmpty else { throw error("spec.portLevelMtls", "must not be empty") }
                 for (key, value) in levels {
-                    guard let port = Int(key), (1...65535).contains(port) else {
-                        throw error("spec.portLevelMtls.\(key)", "is not a port number")
+                    guard Self.isPort(key), let port = Int(key) else {
+                        throw error("spec.portLevelMtls.\(key)", "is not a port number (1-65535)")
                     }
                     ports[port] = try mode(value, "spec.portLevelMtls.\(key)")
                 }

@@ -151,6 +151,7 @@ let cases: [PolicyCase] = [
     PolicyCase(name: "path template doc: {**}/ matches a double slash", yaml: ap(rules: "- to:\n  - operation:\n      paths: [\"/foo/{**}/\"]"), request: http(path: "/foo//"), allowed: true, policy: "prod/p", rule: 0),
     PolicyCase(name: "path template doc: {**}/ needs the trailing slash", yaml: ap(rules: "- to:\n  - operation:\n      paths: [\"/foo/{**}/\"]"), request: http(path: "/foo/bar"), allowed: false, policy: nil, rule: nil),
     PolicyCase(name: "path template {**} then a literal suffix", yaml: ap(rules: "- to:\n  - operation:\n      paths: [\"/v/{**}/end\"]"), request: http(path: "/v/a/b/end"), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "namespace needs a segment after it (Istio: .*/ns/<ns>/.*)", yaml: ap(action: "DENY", rules: "- from:\n  - source:\n      namespaces: [\"prod\"]"), request: http("td/ns/prod"), allowed: true, policy: nil, rule: nil),
     PolicyCase(name: "namespace of a trust domain named ns", yaml: ap(rules: "- from:\n  - source:\n      namespaces: [\"prod\"]"), request: http("ns/ns/prod/sa/x"), allowed: true, policy: "prod/p", rule: 0),
     // dual-stack listeners
     PolicyCase(name: "IPv4-mapped peer is its IPv4 address", yaml: ap(action: "DENY", rules: "- from:\n  - source:\n      ipBlocks: [\"10.1.0.0/16\"]"), request: http(ip: "::ffff:10.1.2.3"), allowed: false, policy: "prod/p", rule: 0),
@@ -300,7 +301,9 @@ struct PolicyLoadingTests {
             (ap(rules: "- to:\n  - operation:\n      ports: [0x1F90]"), "spec.rules[0].to[0].operation.ports", "not a port number"),
             (ap(rules: "- to:\n  - operation:\n      ports: [010]"), "spec.rules[0].to[0].operation.ports", "not a port number"),
             (ap(rules: "- {}").replacingOccurrences(of: "metadata:\n", with: "metadata:\n  <<: {namespace: dev}\n"), "metadata.<<", "merge keys"),
-            (billionLaughs, "*", "more than 100000 YAML nodes"),
+            (billionLaughs, "", "anchors and aliases"),
+            ("k: &a [x]\n? *a\n: y\n" + ap(rules: "- {}"), "", "anchors and aliases"),
+            (ap(rules: "- {}").replacingOccurrences(of: "spec:\n", with: "spec: !!map &s\n"), "", "anchors and aliases"),
         ]
         for (yaml, field, problem) in refusals {
             let e = try #require(failure(yaml), "loaded: \(yaml)")
@@ -314,6 +317,13 @@ struct PolicyLoadingTests {
         var out = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
         for i in 1...6 { out += "a\(i): &a\(i) [" + Array(repeating: "*a\(i - 1)", count: 10).joined(separator: ", ") + "]\n" }
         return out + "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: prod}\nspec: {rules: [{}]}\nboom: *a6\n"
+    }
+
+    @Test func ampersandsInValuesStillLoad() throws {
+        let yaml = ap(rules: "- to:\n  - operation:\n      paths: [\"/q&x\", /a&b]\n  when:\n  - key: request.headers[x-q]\n    values: [\"a & b\", c&d]")
+        let set = try PolicyLoader.parse(yaml, file: "amp.yaml")
+        #expect(set.authorizationPolicies.first?.rules.first?.to.first?.paths == ["/q&x", "/a&b"])
+        #expect(set.authorizationPolicies.first?.rules.first?.when.first?.values == ["a & b", "c&d"])
     }
 
     @Test func nullAnnotationsAndDryRunAllow() throws {
@@ -330,6 +340,9 @@ struct PolicyLoadingTests {
         let portsWithoutSelector = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: n\n  namespace: prod\nspec:\n  mtls:\n    mode: STRICT\n  portLevelMtls:\n    9090:\n      mode: DISABLE\n"
         let e = try #require(failure(portsWithoutSelector))
         #expect(e.field == "spec.portLevelMtls" && e.problem.contains("requires spec.selector"))
+        let padded = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: w\n  namespace: prod\nspec:\n  selector:\n    matchLabels:\n      app: web\n  portLevelMtls:\n    08080:\n      mode: DISABLE\n"
+        let zero = try #require(failure(padded))
+        #expect(zero.field == "spec.portLevelMtls.08080" && zero.problem.contains("not a port number"))
         let directory = FileManager.default.temporaryDirectory.path + "/sigil-pa-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: directory) }

@@ -32,12 +32,13 @@ public struct AuthorizationRequest: Sendable, Hashable {
         self.isTCP = isTCP
     }
 
-    /// `source.namespace`: the segment after the first `ns` segment past the trust domain (Istio
-    /// matches `.*/ns/<ns>/.*`; the trust domain is skipped, whatever it is named).
+    /// `source.namespace`: the segment after the first `ns` segment past the trust domain, when
+    /// another segment follows it (Istio matches `.*/ns/<ns>/.*`; of several `/ns/` segments
+    /// Sigil takes the first). The trust domain is skipped, whatever it is named.
     var sourceNamespace: String? {
         guard let principal else { return nil }
         let parts = principal.split(separator: "/", omittingEmptySubsequences: false)
-        guard let i = parts.dropFirst().firstIndex(of: "ns"), i + 1 < parts.count else { return nil }
+        guard let i = parts.dropFirst().firstIndex(of: "ns"), i + 2 < parts.count else { return nil }
         return String(parts[i + 1])
     }
 }
@@ -161,7 +162,7 @@ public struct PolicyEvaluator: Sendable {
         let remote = r.remoteIP ?? r.sourceIP
         return Self.field(s.principals, s.notPrincipals) { Self.principalMatches($0, principal) }
             && (s.namespaces == nil && s.notNamespaces == nil
-                || Self.field(s.namespaces, s.notNamespaces) { StringMatch.matches($0, r.sourceNamespace ?? "") })
+                || Self.namespaceField(s.namespaces, s.notNamespaces, r.sourceNamespace ?? ""))
             && Self.field(s.ipBlocks, s.notIpBlocks) { IPBlock.contains($0, r.sourceIP) }
             && Self.field(s.remoteIpBlocks, s.notRemoteIpBlocks) { IPBlock.contains($0, remote) }
     }
@@ -198,10 +199,15 @@ public struct PolicyEvaluator: Sendable {
         case "remote.ip": return Self.field(c.values, c.notValues) { IPBlock.contains($0, r.remoteIP ?? r.sourceIP) }
         case "destination.ip": return Self.field(c.values, c.notValues) { IPBlock.contains($0, r.destinationIP) }
         case "destination.port": return Self.field(c.values, c.notValues) { $0 == (r.destinationPort.map(String.init) ?? "") }
-        case "source.namespace": return Self.field(c.values, c.notValues) { StringMatch.matches($0, r.sourceNamespace ?? "") }
+        case "source.namespace": return Self.namespaceField(c.values, c.notValues, r.sourceNamespace ?? "")
         case "source.principal": return Self.field(c.values, c.notValues) { Self.principalMatches($0, r.principal ?? "") }
         default: return false  // unknown keys (and connection.sni) are refused at load time; fail closed here too
         }
+    }
+
+    /// A namespace field against the request's namespace, derived once (not once per pattern).
+    static func namespaceField(_ values: [String]?, _ notValues: [String]?, _ namespace: String) -> Bool {
+        field(values, notValues) { StringMatch.matches($0, namespace) }
     }
 
     /// A field and its not-field: some value must match (if set); no not-value may match (if set).
