@@ -86,6 +86,13 @@ public struct WorkloadAPIClient: Sendable {
         return String(path)
     }
 
+    /// The socket path of a `--socket` option: a plain path as given (relative or not), or an
+    /// endpoint address (`unix:`, `tcp:`) read by ``socketPath(fromEndpoint:)``.
+    public static func socketPath(fromOption value: String) throws(WorkloadAPIError) -> String {
+        guard value.hasPrefix("unix:") || value.hasPrefix("tcp:") else { return value }
+        return try socketPath(fromEndpoint: value)
+    }
+
     /// Fetches the caller's current X509-SVIDs once.
     public func fetchX509(socketPath: String) async throws -> FetchedX509Context {
         try await call(socketPath: socketPath) { api in

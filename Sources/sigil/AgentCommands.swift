@@ -47,11 +47,9 @@ struct AgentRun: AsyncParsableCommand {
         }
         let (host, port) = try parseHostPort(serverText, flag: "--server")
         // A path, or the SPIFFE_ENDPOINT_SOCKET form workloads are given (unix:///path).
-        var socketPath = socket ?? file["socket"] ?? "/tmp/sigil/agent.sock"
-        if socketPath.hasPrefix("unix:") || socketPath.hasPrefix("tcp:") {
-            do { socketPath = try WorkloadAPIClient.socketPath(fromEndpoint: socketPath) } catch {
-                throw CLIError.usage("--socket: \(error.message)")
-            }
+        let socketPath: String
+        do { socketPath = try WorkloadAPIClient.socketPath(fromOption: socket ?? file["socket"] ?? "/tmp/sigil/agent.sock") } catch {
+            throw CLIError.usage("--socket: \(error.message)")
         }
         let settings = AgentConfig(
             serverHost: host, serverPort: port,

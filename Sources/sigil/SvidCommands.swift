@@ -15,15 +15,19 @@ struct WorkloadSocketOption: ParsableArguments {
     var socket: String?
 
     func path() throws -> String {
-        let environment = ProcessInfo.processInfo.environment["SPIFFE_ENDPOINT_SOCKET"].flatMap { $0.isEmpty ? nil : $0 }
-        guard let endpoint = socket ?? environment else { return "/tmp/sigil/agent.sock" }
-        // A plain path given with --socket is used as it is, relative or not (as the agent's
-        // --socket); addresses (unix:, tcp:) and SPIFFE_ENDPOINT_SOCKET follow the endpoint rules.
-        if socket != nil, !endpoint.hasPrefix("unix:"), !endpoint.hasPrefix("tcp:") { return endpoint }
+        // --socket: a path as given or an address; SPIFFE_ENDPOINT_SOCKET: an address (or absolute path).
+        do {
+            if let socket { return try WorkloadAPIClient.socketPath(fromOption: socket) }
+        } catch {
+            throw CLIError.usage("--socket: \(error.message)")
+        }
+        guard let endpoint = ProcessInfo.processInfo.environment["SPIFFE_ENDPOINT_SOCKET"], !endpoint.isEmpty else {
+            return "/tmp/sigil/agent.sock"
+        }
         do {
             return try WorkloadAPIClient.socketPath(fromEndpoint: endpoint)
         } catch {
-            throw CLIError.usage(socket == nil ? "SPIFFE_ENDPOINT_SOCKET: \(error.message)" : "--socket: \(error.message)")
+            throw CLIError.usage("SPIFFE_ENDPOINT_SOCKET: \(error.message)")
         }
     }
 }
