@@ -9,6 +9,9 @@ public enum RequestTarget {
     /// nil: answer 400.
     public static func normalize(_ uri: String) -> (uri: String, authority: String?)? {
         if uri == "*" { return (uri, nil) }
+        // A fragment is never part of a request target (RFC 9112 §3.2): Envoy refuses it, and an
+        // app that kept `/x#/../admin` as its path would see what `/x` was authorized for.
+        if uri.utf8.contains(UInt8(ascii: "#")) { return nil }
         if isAlreadyNormal(uri) { return (uri, nil) }  // the common case: no allocation
         var rest = Substring(uri)
         var authority: String?
@@ -22,7 +25,7 @@ public enum RequestTarget {
             if !rest.hasPrefix("/") { rest = Substring("/" + rest) }
         }
         guard rest.hasPrefix("/") else { return nil }
-        let queryStart = rest.firstIndex { $0 == "?" || $0 == "#" } ?? rest.endIndex
+        let queryStart = rest.firstIndex { $0 == "?" } ?? rest.endIndex
         guard let path = normalizePath(Array(rest[..<queryStart].utf8)) else { return nil }
         return (path + rest[queryStart...], authority)
     }
@@ -68,7 +71,7 @@ public enum RequestTarget {
                 guard byte == UInt8(ascii: "/") else { return false }
                 first = false
             }
-            if byte == UInt8(ascii: "?") || byte == UInt8(ascii: "#") { return true }
+            if byte == UInt8(ascii: "?") { return true }
             if byte == UInt8(ascii: "%") || byte == UInt8(ascii: "\\") { return false }
             if byte == UInt8(ascii: ".") && previous == UInt8(ascii: "/") { return false }
             previous = byte

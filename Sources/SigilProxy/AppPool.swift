@@ -252,6 +252,7 @@ final class AppPool: @unchecked Sendable {
     private func takeIdle() -> AppConnection? {
         eventLoop.preconditionInEventLoop()
         while let connection = idle.popLast() {
+            connection.handler.onClose = nil  // out of the idle list now: nothing to remove on close
             if connection.channel.isActive, connection.handler.reusable {
                 connection.reused = true
                 return connection
@@ -289,8 +290,11 @@ final class AppPool: @unchecked Sendable {
             connection.channel.close(promise: nil)
             return
         }
-        connection.handler.onClose = { [weak self, unowned connection] in
-            self?.idle.removeAll { $0 === connection }
+        // Weak, not unowned: a connection handed out again and then failed may be gone (its
+        // request dropped the last reference) before its channel's close runs this.
+        connection.handler.onClose = { [weak self, weak connection] in
+            guard let self, let connection else { return }
+            self.idle.removeAll { $0 === connection }
         }
         idle.append(connection)
     }

@@ -68,7 +68,7 @@ public struct HTTP1RequestHead: Sendable {
         bytes.withUnsafeReadableBytes { raw in
             for field in fields {
                 let start = Int(field.nameStart), nameEnd = Int(field.nameEnd)
-                if HTTPBytes.equalsIgnoringCase(raw, start, nameEnd, "x-forwarded-client-cert") { continue }
+                if HTTPBytes.isForwardedClientCert(raw, start, nameEnd) { continue }
                 if replacement != nil, HTTPBytes.equalsIgnoringCase(raw, start, nameEnd, "host") { continue }
                 if connectionSpecific, Self.isConnectionSpecific(raw, start, nameEnd) { continue }
                 buffer.writeBytes(UnsafeRawBufferPointer(rebasing: raw[start..<nameEnd]))
@@ -405,8 +405,10 @@ public struct HTTP1RequestFramer: Sendable {
                 hosts += 1
                 host = String(decoding: value, as: UTF8.self)
             case 14 where HTTPBytes.equalsIgnoringCase(raw, ns, ne, "content-length"):
-                // A list of identical values is one length (RFC 9110 §8.6); anything else is refused.
-                for part in value.split(separator: 0x2C) {
+                // A list of identical values is one length (RFC 9110 §8.6); anything else, an empty
+                // field or element included, is refused: the head goes to the app as sent, and an
+                // app that read an empty length differently would frame the body differently.
+                for part in value.split(separator: 0x2C, omittingEmptySubsequences: false) {
                     let digits = HTTPBytes.trimmed(part[...])
                     guard !digits.isEmpty, digits.count <= 18, digits.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else {
                         throw FramingError(400, "invalid Content-Length")
@@ -417,9 +419,13 @@ public struct HTTP1RequestFramer: Sendable {
                 }
             case 17 where HTTPBytes.equalsIgnoringCase(raw, ns, ne, "transfer-encoding"):
                 sawTransferEncoding = true
-                for part in value.split(separator: 0x2C) {
+                // An empty field or element is refused rather than skipped (RFC 9110 §5.6.1 lets a
+                // recipient skip it): the fields go to the app as sent, and an app that took an
+                // empty `Transfer-Encoding` as the last word would not read the body as chunked.
+                for part in value.split(separator: 0x2C, omittingEmptySubsequences: false) {
                     let coding = HTTPBytes.trimmed(part[...])
-                    if !coding.isEmpty { codings.append(ArraySlice(coding)) }
+                    guard !coding.isEmpty else { throw FramingError(400, "an empty Transfer-Encoding element") }
+                    codings.append(ArraySlice(coding))
                 }
             case 10 where HTTPBytes.equalsIgnoringCase(raw, ns, ne, "connection"):
                 connectionSpecific = true
@@ -505,6 +511,31 @@ enum HTTPBytes {
             i += 1
         }
         return true
+    }
+
+    /// Whether a field name is `x-forwarded-client-cert` in any case, with `_` for any `-`: a
+    /// server that maps names to variables (CGI, WSGI: `HTTP_X_FORWARDED_CLIENT_CERT`) reads
+    /// `x_forwarded_client_cert` as the same field, so a client must not get that spelling past
+    /// the proxy either.
+    static func isForwardedClientCert(_ raw: UnsafeRawBufferPointer, _ start: Int, _ end: Int) -> Bool {
+        guard end - start == 23 else { return false }
+        let name: StaticString = "x-forwarded-client-cert"
+        return name.withUTF8Buffer { lower in
+            var i = 0
+            while i < 23 {
+                let b = asciiLowercased(raw[start + i])
+                if b != lower[i], !(b == 0x5F && lower[i] == 0x2D) { return false }
+                i += 1
+            }
+            return true
+        }
+    }
+
+    /// ``isForwardedClientCert(_:_:_:)`` for a name held as a String (HTTP/2 fields).
+    static func isForwardedClientCert(_ name: String) -> Bool {
+        guard name.utf8.count == 23 else { return false }
+        var name = name
+        return name.withUTF8 { isForwardedClientCert(UnsafeRawBufferPointer($0), 0, 23) }
     }
 
     static func trimmed(_ bytes: Slice<UnsafeRawBufferPointer>) -> Slice<UnsafeRawBufferPointer> {

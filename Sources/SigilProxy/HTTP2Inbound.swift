@@ -573,6 +573,8 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
         out.reserveCapacity(headers.count)
         // Pseudo-fields come first (NIOHTTP2 checks), so Host from :authority leads the fields.
         var hostAdded = false
+        var hosts = 0
+        var contentLengths = 0
         for (name, value, _) in headers {
             if name.utf8.first == UInt8(ascii: ":") {
                 switch name {
@@ -587,6 +589,14 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
                 hostAdded = true
                 out.add(name: "host", value: authority)
             }
+            if name == "host" { hosts += 1 }
+            if name == "content-length" {
+                // One field of plain digits: it goes to the app as sent (`+3` or `3, 3` would be
+                // read differently by different HTTP/1.1 servers), as HTTP/1.1 requests are checked.
+                contentLengths += 1
+                guard contentLengths == 1, !value.isEmpty, value.utf8.count <= 18,
+                      value.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else { return nil }
+            }
             if name == "cookie" {
                 cookies.append(value)
             } else if authority == nil || name != "host" {
@@ -596,6 +606,7 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
         guard let method, let path else { return nil }
         if !hostAdded, let authority { out.add(name: "host", value: authority) }
         guard authority != nil || out.contains(name: "host") else { return nil }  // no Host: 400, as on HTTP/1.1
+        guard hosts <= 1 else { return nil }  // two Host fields: 400, as on HTTP/1.1 (authorization reads one)
         if !cookies.isEmpty { out.add(name: "cookie", value: cookies.joined(separator: "; ")) }
         return HTTPRequestHead(version: .http2, method: HTTPMethod(rawValue: method), uri: path, headers: out)
     }

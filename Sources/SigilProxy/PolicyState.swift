@@ -73,7 +73,7 @@ public final class PolicyStore: Sendable {
 
     let settings: Settings
     private let box: NIOLockedValueBox<EnforcementState>
-    private let fingerprint: NIOLockedValueBox<String>
+    private let fingerprint: NIOLockedValueBox<[FileStamp]>
     private let logger: Logger
     private let record: @Sendable (LedgerRecord) -> Void
 
@@ -108,7 +108,7 @@ public final class PolicyStore: Sendable {
         }
     }
 
-    /// Reloads when the directory listing, a file's size or mtime, or the kill switch changed.
+    /// Reloads when the directory listing, a policy file or the kill switch changed (``FileStamp``).
     @discardableResult
     func reloadIfChanged(now: Int64 = ProxyClock.nowMicros()) -> Bool {
         let print = Self.fingerprint(settings)
@@ -155,29 +155,17 @@ public final class PolicyStore: Sendable {
         return text.isEmpty ? "kill switch on (no reason given)" : text
     }
 
-    static func fingerprint(_ settings: Settings) -> String {
-        var parts: [String] = []
-        let fm = FileManager.default
-        func describe(_ path: String) {
-            if let attributes = try? fm.attributesOfItem(atPath: path) {
-                let size = (attributes[.size] as? NSNumber)?.int64Value ?? -1
-                let mtime = (attributes[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0
-                parts.append("\(path):\(size):\(mtime)")
-            } else {
-                parts.append("\(path):-")
-            }
-        }
-        var isDirectory: ObjCBool = false
-        if fm.fileExists(atPath: settings.policiesPath, isDirectory: &isDirectory), isDirectory.boolValue {
-            let names = ((try? fm.contentsOfDirectory(atPath: settings.policiesPath)) ?? []).sorted()
-            for name in names where name.hasSuffix(".yaml") || name.hasSuffix(".yml") {
-                describe(settings.policiesPath + "/" + name)
-            }
+    /// What the watcher compares from one poll to the next: for every policy file (or the one
+    /// file `--policies` names) and the kill switch, what `stat(2)` says of the file it resolves to.
+    static func fingerprint(_ settings: Settings) -> [FileStamp] {
+        var stamps: [FileStamp] = []
+        if let names = FileStamp.yamlNames(inDirectory: settings.policiesPath) {
+            for name in names { stamps.append(FileStamp(path: settings.policiesPath + "/" + name)) }
         } else {
-            describe(settings.policiesPath)
+            stamps.append(FileStamp(path: settings.policiesPath))
         }
-        describe(settings.killSwitchPath)
-        return parts.joined(separator: "|")
+        stamps.append(FileStamp(path: settings.killSwitchPath))
+        return stamps
     }
 }
 

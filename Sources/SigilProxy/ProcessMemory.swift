@@ -238,8 +238,12 @@ enum ProcessMemory {
 
     /// glibc's `malloc_trim(0)`.
     static func trimHeap() {
-        _ = libcFunction("malloc_trim", as: (@convention(c) (Int) -> Int32).self)?(0)
+        _ = mallocTrim?(0)
     }
+
+    /// Looked up once: a lookup per trim would run the dynamic linker's symbol search again, and
+    /// fault its code back in, right after the trim dropped it.
+    private static let mallocTrim = libcFunction("malloc_trim", as: (@convention(c) (Int) -> Int32).self)
 
     /// A C library function looked up at run time: Swift's Glibc module does not export
     /// `<malloc.h>` or `<sys/auxv.h>`, and other C libraries may have no such calls (then nil:
@@ -295,14 +299,23 @@ struct IdleTrimmer: Sendable {
     func run() async {
         var last = Self.cpuTime()
         var floor = 0  // the first idle interval trims: start-up already dropped its pages, serving may have mapped more
+        var settling = false
         while !Task.isCancelled {
             do { try await Task.sleep(for: interval) } catch { return }
             let now = Self.cpuTime()
             let used = now - last
             last = now
+            if settling {
+                // An idle interval after a trim: what its timers faulted back in (a few hundred KB
+                // of code) is the idle working set, not growth, or every interval would trim again.
+                settling = false
+                if used < idleCPU { floor = max(floor, Self.residentBytes()) }
+                continue
+            }
             guard used < idleCPU, Self.residentBytes() > floor + growth else { continue }
             ProcessMemory.release()
             floor = Self.residentBytes()
+            settling = true
             last = Self.cpuTime()  // the trim's own CPU is not activity
         }
     }

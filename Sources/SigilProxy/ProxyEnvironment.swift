@@ -252,7 +252,7 @@ enum RequestHeadWriter {
         let http10 = head.version.major == 1 && head.version.minor == 0
         buffer.writeStaticString(http10 ? " HTTP/1.0\r\n" : " HTTP/1.1\r\n")
         for (name, value) in head.headers {
-            if name.utf8.count == 23, name.lowercased() == "x-forwarded-client-cert" { continue }
+            if HTTPBytes.isForwardedClientCert(name) { continue }
             buffer.writeString(name)
             buffer.writeStaticString(": ")
             buffer.writeString(value)

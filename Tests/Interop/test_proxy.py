@@ -755,6 +755,12 @@ SMUGGLING = {
     "chunk-lf": ("POST /ok HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n", 400, "CRLF"),
     "no-host": ("GET /ok HTTP/1.1\r\n\r\n", 400, "Host"),
     "version": ("GET /ok HTTP/3.0\r\nHost: api\r\n\r\n", 505, "version"),
+    # An empty length or coding is skipped by some parsers and taken as the last word by others.
+    "cl-empty-te": ("POST /ok HTTP/1.1\r\nHost: api\r\nContent-Length:\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "Content-Length"),
+    "te-empty-field": ("POST /ok HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding:\r\n\r\n0\r\n\r\n", 400, "empty Transfer-Encoding"),
+    "te-empty-element": ("POST /ok HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: ,chunked\r\n\r\n0\r\n\r\n", 400, "empty Transfer-Encoding"),
+    # A fragment is no part of a request target: authorization would see /ok, an app might see /admin.
+    "fragment": ("GET /ok#/../admin HTTP/1.1\r\nHost: api\r\n\r\n", 400, "request target"),
 }
 
 
@@ -1162,6 +1168,75 @@ def test_a_slow_app_holds_the_uploader_back_instead_of_filling_the_proxy(mesh, v
             assert app.received == BIG
 
 
+class MidCloseApp(TCPEchoServer):
+    """A keep-alive HTTP/1.1 app: `/slow` answers after 0.4 s (so overlapping requests open several
+    pooled app connections), `/midclose` sends a head promising 1000 bytes, 10 of them, and closes;
+    anything else answers `ok` at once."""
+
+    def _serve(self, conn: socket.socket):
+        conn.settimeout(30)
+        with conn:
+            data = b""
+            try:
+                while True:
+                    while b"\r\n\r\n" not in data:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            return
+                        data += chunk
+                    head, data = data.split(b"\r\n\r\n", 1)
+                    path = head.split(b" ", 2)[1]
+                    if path == b"/midclose":
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+                        return
+                    if path == b"/slow":
+                        time.sleep(0.4)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            except OSError:
+                return
+
+
+def raw_exchange(port: int, path: str) -> bytes:
+    """One plaintext GET on a new connection; everything the proxy sends until it closes (or 10 s)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n".encode())
+        got = b""
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(65536):
+                got += chunk
+        return got
+
+
+def test_an_app_closing_a_reused_connection_mid_response_fails_that_request_only(mesh):
+    """Found by an adversarial review: when the app closed a pooled connection in the middle of a
+    response while another connection sat idle in the same event loop's pool, the proxy read a
+    freed reference and aborted, taking every connection of the workload with it. Now only that
+    response is cut short."""
+    app = mesh.add(MidCloseApp())
+    port = free_port()
+    try:
+        proc = mesh.proxy("midclose", API, port, app.address, "app=open", "--mtls", "PERMISSIVE",
+                          ledger=mesh.dir / "midclose.jsonl")
+        for _ in range(3):
+            # Six overlapping requests leave several idle app connections in each loop's pool ...
+            answers: list[bytes] = []
+            threads = [threading.Thread(target=lambda: answers.append(raw_exchange(port, "/slow"))) for _ in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert len(answers) == 6 and all(a.startswith(b"HTTP/1.1 200") and a.endswith(b"ok") for a in answers), answers
+            # ... then requests that reuse one of them, which the app closes mid-response.
+            for _ in range(4):
+                cut = raw_exchange(port, "/midclose")
+                assert cut.startswith(b"HTTP/1.1 200") and len(cut.split(b"\r\n\r\n", 1)[1]) < 1000, cut
+                assert proc.alive(), f"the proxy died:\n{proc.output()[-3000:]}"
+        assert raw_exchange(port, "/ok").endswith(b"ok")
+        assert proc.alive()
+    finally:
+        mesh.c.stop_proxy("midclose")
+
+
 def test_an_app_answering_before_it_reads_the_upload_does_not_stall_the_client(mesh):
     """An app that answers (413) before reading a large request body and then reads nothing: the
     proxy must go on reading the client's body and drop it (the answer is already given), not hold
@@ -1302,6 +1377,35 @@ def test_permissive_takes_plaintext_and_mtls_on_one_port(mesh):
 
 
 # --------------------------------------------------------------------------- 8. hot reload and kill switch
+
+def test_policy_reload_follows_a_configmap_style_link_swap(mesh):
+    """A Kubernetes ConfigMap volume updates by pointing its `..data` link at a new directory; each
+    file is a link through `..data` that itself never changes. The watcher used to compare the
+    links' own attributes and missed such an update; it now stats the files they resolve to."""
+    policies = mesh.dir / "configmap"
+    for version, text in (("..2026_v1", POLICIES), ("..2026_v2", DENY_ALL)):
+        (policies / version).mkdir(parents=True)
+        (policies / version / "api.yaml").write_text(text)
+    (policies / "..data").symlink_to("..2026_v1")
+    (policies / "api.yaml").symlink_to("..data/api.yaml")
+    port = free_port()
+    ledger = mesh.dir / "configmap.jsonl"
+    web = mesh.idents["web"]
+
+    def status():
+        return curl1(*web.curl, f"https://127.0.0.1:{port}{tag('cm')}").code
+
+    try:
+        mesh.proxy("configmap", API, port, mesh.app.address, "app=api", "--mtls", "STRICT", ledger=ledger, policies=policies)
+        assert status() == 200
+        (policies / "..data_tmp").symlink_to("..2026_v2")
+        os.rename(policies / "..data_tmp", policies / "..data")  # the atomic swap kubelet makes
+        wait_for(lambda: status() == 403, 10, "the swapped-in DENY-all policy to apply", interval=0.3)
+        wait_row(ledger, lambda r: r["kind"] == "policy_reload" and "shop/api-lockdown" in (r["detail"] or ""),
+                 "the policy_reload row")
+    finally:
+        mesh.c.stop_proxy("configmap")
+
 
 def test_policy_hot_reload_rejects_broken_yaml_and_kill_switch(mesh):
     policies = mesh.dir / "reload-policies"

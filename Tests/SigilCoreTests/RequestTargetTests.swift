@@ -27,7 +27,7 @@ struct RequestTargetTests {
         #expect(t?.authority == "api.shop:8080")
     }
 
-    @Test("refused targets", arguments: ["/a%00b", "admin", ""])
+    @Test("refused targets", arguments: ["/a%00b", "admin", "", "/x#/../admin", "/ok#frag", "/ok?a=1#/../admin", "http://h/x#y"])
     func refused(raw: String) {
         #expect(RequestTarget.normalize(raw) == nil)
     }

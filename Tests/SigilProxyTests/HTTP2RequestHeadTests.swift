@@ -42,6 +42,21 @@ extension HTTP2RequestHeadTests {
         #expect(head.headers["host"] == ["api"])
     }
 
+    @Test("two host fields, or a content-length that is not one field of plain digits, are no request (400, as on HTTP/1.1)")
+    func ambiguousFields() throws {
+        func head(_ fields: [(String, String)]) -> HTTPRequestHead? {
+            HTTP2InboundStream.requestHead(HPACKHeaders([(":method", "POST"), (":path", "/")] + fields))
+        }
+        #expect(head([("host", "a"), ("host", "blocked.example")]) == nil)
+        #expect(head([(":authority", "a"), ("host", "b"), ("host", "c")]) == nil)
+        for value in ["+3", "3, 3", "", " 3", "0x3", "-1"] {
+            #expect(head([("host", "a"), ("content-length", value)]) == nil, "\(value)")
+        }
+        #expect(head([("host", "a"), ("content-length", "3"), ("content-length", "3")]) == nil)
+        let ok = try #require(head([("host", "a"), ("content-length", "3")]))
+        #expect(ok.headers["content-length"] == ["3"])
+    }
+
     @Test("connection-specific response fields are recognised by name")
     func hopByHop() {
         for name in ["connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection"] {

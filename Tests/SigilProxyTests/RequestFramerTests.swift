@@ -88,6 +88,21 @@ struct RequestFramerTests {
         #expect(String(buffer: out) == "GET /y HTTP/1.1\r\nhost: other\r\nX-Tag: a\r\nx-tag: b\r\n\r\n")
     }
 
+    /// A server that maps field names to variables (CGI, WSGI) reads `x_forwarded_client_cert` as
+    /// `x-forwarded-client-cert`: no spelling of it gets past the proxy.
+    @Test func forwardedClientCertIsStrippedInEverySpelling() throws {
+        var framer = HTTP1RequestFramer()
+        var heads: [HTTP1RequestHead] = []
+        let text = "GET / HTTP/1.1\r\nHost: a\r\nx_forwarded_client_cert: forged\r\nX_Forwarded-Client_CERT: forged\r\n"
+            + "x-forwarded-client-certs: kept\r\nx.forwarded.client.cert: kept\r\n\r\n"
+        try framer.feed(ByteBuffer(string: text)) { if case .head(let h) = $0 { heads.append(h) } }
+        var out = ByteBuffer()
+        try #require(heads.first).write(uri: "/", host: nil, xfcc: nil, into: &out)
+        #expect(String(buffer: out) == "GET / HTTP/1.1\r\nHost: a\r\nx-forwarded-client-certs: kept\r\nx.forwarded.client.cert: kept\r\n\r\n")
+        #expect(HTTPBytes.isForwardedClientCert("x_forwarded_client_cert"))
+        #expect(!HTTPBytes.isForwardedClientCert("x-forwarded-client-cer"))
+    }
+
     /// Fields that concern only the client's connection stop at the proxy (RFC 9110 7.6.1), so a
     /// client's `Connection: close` does not close the pooled app connection. Fields a
     /// `Connection` header names are not removed (as in Envoy and nginx): the app sees every
@@ -132,6 +147,10 @@ struct RequestFramerTests {
         ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400, "conflicting"),
         ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 4\r\n\r\n", 400, "conflicting"),
         ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\n", 400, "Content-Length"),
+        ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length:\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "Content-Length"),
+        ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3,\r\n\r\nabc", 400, "Content-Length"),
+        ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding:\r\n\r\n", 400, "empty Transfer-Encoding"),
+        ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: ,chunked\r\n\r\n", 400, "empty Transfer-Encoding"),
         ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "both"),
         ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 400, "final transfer coding"),
         ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 400, "more than once"),
