@@ -38,7 +38,7 @@ struct AgentCache: Sendable {
         self.directory = directory
         var isDirectory: ObjCBool = false
         if FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory) {
-            guard isDirectory.boolValue else { throw AgentError("--data-dir '\(directory)' is a file, not a directory") }
+            guard isDirectory.boolValue else { throw AgentError(usage: "--data-dir '\(directory)' is a file, not a directory") }
         } else {
             do {
                 try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
@@ -50,7 +50,7 @@ struct AgentCache: Sendable {
         // write (someone could have created /tmp/sigil/agent first and planted a cache.json).
         var st = stat()
         guard lstat(directory, &st) == 0, st.st_mode & S_IFMT == S_IFDIR else {
-            throw AgentError("--data-dir '\(directory)' is not a directory")
+            throw AgentError(usage: "--data-dir '\(directory)' is not a directory")
         }
         guard st.st_uid == geteuid() else {
             throw AgentError("--data-dir '\(directory)' belongs to uid \(st.st_uid), not to this agent (uid \(geteuid())); use a directory the agent owns")
@@ -94,6 +94,9 @@ struct AgentCache: Sendable {
 /// The agent's error: a message that says what to do.
 public struct AgentError: Error, CustomStringConvertible, Sendable {
     public let message: String
-    public init(_ message: String) { self.message = message }
+    /// The agent's own settings are wrong (exit 2), rather than the agent being refused or failing (exit 1).
+    public let isUsage: Bool
+    public init(_ message: String) { self.message = message; self.isUsage = false }
+    public init(usage message: String) { self.message = message; self.isUsage = true }
     public var description: String { message }
 }

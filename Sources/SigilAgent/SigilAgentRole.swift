@@ -54,12 +54,12 @@ public enum SigilAgentRole {
         var roots: [Certificate] = []
         if let path = config.trustBundlePath {
             guard let data = FileManager.default.contents(atPath: path) else {
-                throw AgentError("cannot read --trust-bundle '\(path)'")
+                throw AgentError(usage: "cannot read --trust-bundle '\(path)'")
             }
             do {
                 roots = try Certificate.parseChain(pem: String(decoding: data, as: UTF8.self), what: "--trust-bundle '\(path)'")
             } catch {
-                throw AgentError(error.message)
+                throw AgentError(usage: error.message)
             }
         }
         // The newest bundle the agent has synced counts too (after a root rotation the file may be old).
@@ -68,15 +68,15 @@ public enum SigilAgentRole {
         }
         let tdName = config.trustDomain ?? cachedIdentity?.trustDomain ?? roots.lazy.compactMap { $0.uriSANs.first.flatMap { try? SpiffeID($0).trustDomain.name } }.first
         guard let tdName else {
-            throw AgentError("cannot tell the trust domain: pass --trust-bundle with the server's bundle.pem (or --trust-domain)")
+            throw AgentError(usage: "cannot tell the trust domain: pass --trust-bundle with the server's bundle.pem (or --trust-domain)")
         }
         let trustDomain: TrustDomain
-        do { trustDomain = try TrustDomain(tdName) } catch { throw AgentError(error.message) }
+        do { trustDomain = try TrustDomain(tdName) } catch { throw AgentError(usage: error.message) }
         guard !roots.isEmpty else {
-            throw AgentError("no trust bundle: pass --trust-bundle with the server's bundle.pem (sigil bundle show)")
+            throw AgentError(usage: "no trust bundle: pass --trust-bundle with the server's bundle.pem (sigil bundle show)")
         }
         let initialBundle: TrustBundle
-        do { initialBundle = try TrustBundle(trustDomain: trustDomain, authorities: roots) } catch { throw AgentError(error.message) }
+        do { initialBundle = try TrustBundle(trustDomain: trustDomain, authorities: roots) } catch { throw AgentError(usage: error.message) }
         let bundleBox = LockedBox(initialBundle)
         let serverID: SpiffeID
         do { serverID = try SpiffeID(trustDomain: trustDomain, path: "/sigil/server") } catch { throw AgentError(error.message) }
@@ -89,7 +89,7 @@ public enum SigilAgentRole {
             logger.info("using cached agent SVID", metadata: ["agent_id": "\(cached.agentID)"])
         } else {
             guard let token = config.joinToken, !token.isEmpty else {
-                throw AgentError(cachedIdentity == nil
+                throw AgentError(usage: cachedIdentity == nil
                     ? "this agent has not attested yet: pass --join-token (sigil token create --agent-id <name>)"
                     : "the cached agent SVID has expired: attest again with a new --join-token")
             }
@@ -113,7 +113,7 @@ public enum SigilAgentRole {
             throw AgentError("the cached agent SVID cannot be loaded (\(error)); delete \(cache.identityPath) and attest again")
         }
         let transport = try HTTP2ClientTransport.Posix(
-            target: .ipv4(address: config.serverHost, port: config.serverPort),
+            target: ServerTarget.resolvable(host: config.serverHost, port: config.serverPort),
             transportSecurity: .mTLS(certificateReloader: reloader) { tls in
                 tls.serverCertificateVerification = .noHostnameVerification
                 tls.trustRoots = .certificates([])
@@ -155,7 +155,7 @@ public enum SigilAgentRole {
         let key = P256.Signing.PrivateKey()
         let bootstrap = try KeyMaterial.selfSigned(key: key)
         let transport = try HTTP2ClientTransport.Posix(
-            target: .ipv4(address: config.serverHost, port: config.serverPort),
+            target: ServerTarget.resolvable(host: config.serverHost, port: config.serverPort),
             transportSecurity: .mTLS(certificateChain: [.bytes(bootstrap, format: .der)], privateKey: .bytes(Array(key.derRepresentation), format: .der)) { tls in
                 tls.serverCertificateVerification = .noHostnameVerification
                 tls.trustRoots = .certificates([])

@@ -1,9 +1,6 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-#if canImport(CoreFoundation)
-import CoreFoundation  // `stat`'s members resolve through it once a file of this module imports it
-#endif
 import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
@@ -61,7 +58,12 @@ public final class LedgerShipper: Sendable {
               colon > server.startIndex else {
             throw ShipError(description: "--ledger-server '\(server)' is not HOST:PORT")
         }
-        self.host = String(server[..<colon])
+        var host = String(server[..<colon])
+        if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        if let problem = ServerTarget.problem(host: host) {
+            throw ShipError(description: "--ledger-server '\(server)': \(problem); give the server's HOST:PORT, e.g. 127.0.0.1:8081")
+        }
+        self.host = host
         self.port = port
         self.spoolPath = spoolPath
         self.writer = writer
@@ -178,7 +180,7 @@ public final class LedgerShipper: Sendable {
         let serverID = try SpiffeID(trustDomain: bundle.trustDomain, path: "/sigil/server")
         let identity = self.identity
         let transport = try HTTP2ClientTransport.Posix(
-            target: .ipv4(address: host, port: port),
+            target: ServerTarget.resolvable(host: host, port: port),
             transportSecurity: .mTLS(certificateChain: chain.map { .bytes($0, format: .der) }, privateKey: .bytes(key, format: .der)) { tls in
                 tls.serverCertificateVerification = .noHostnameVerification
                 tls.trustRoots = .certificates([])
@@ -309,8 +311,7 @@ public final class LedgerShipper: Sendable {
     }
 
     static func fileSize(_ path: String) -> Int {
-        var st = stat()
-        return stat(path, &st) == 0 ? Int(st.st_size) : -1
+        FileStamp.size(of: path) ?? -1
     }
 
     static func readCursorFile(_ path: String) -> Cursor? {

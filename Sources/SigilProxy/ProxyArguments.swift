@@ -1,7 +1,7 @@
 import Foundation
 import SigilCore
 import SigilRPC
-import Yams
+import SigilPolicy
 
 /// The arguments of `sigil proxy run` (and of the lean `sigil-proxy` executable it hands over to),
 /// parsed in one place: `--flag value` or `--flag=value`, a `--config` YAML file of the same
@@ -153,7 +153,11 @@ public enum ProxyArguments {
         config.ledgerSegmentSize = ledgerSegmentSize
         config.metricsHost = metrics?.0
         config.metricsPort = metrics?.1
-        return (config, get("log-level"))
+        let level = get("log-level")
+        if let level, !["trace", "debug", "info", "notice", "warning", "error", "critical"].contains(level.lowercased()) {
+            throw UsageError("--log-level '\(level)' is not one of trace, debug, info, notice, warning, error, critical")
+        }
+        return (config, level)
     }
 
     public static func hostPort(_ text: String, flag: String) throws(UsageError) -> (String, Int) {
@@ -179,7 +183,8 @@ public enum ProxyArguments {
             throw UsageError("\(flag) '\(text)' must be a size in bytes, e.g. 1GiB, 512MiB or 20000")
         }
         let (bytes, overflow) = value.multipliedReportingOverflow(by: multiplier)
-        guard !overflow, bytes >= 4096 else {
+        guard !overflow else { throw UsageError("\(flag) '\(text)' is too large, e.g. 1GiB") }
+        guard bytes >= 4096 else {
             throw UsageError("\(flag) '\(text)' must be at least 4KiB (4096 bytes), e.g. 1GiB")
         }
         return bytes
@@ -202,22 +207,10 @@ public enum ProxyArguments {
     }
 
     static func loadConfig(_ path: String) throws(UsageError) -> [String: String] {
-        guard let data = FileManager.default.contents(atPath: path) else { throw UsageError("cannot read config file '\(path)'") }
-        let node: Any?
-        do { node = try Yams.load(yaml: String(decoding: data, as: UTF8.self)) } catch {
-            throw UsageError("config file '\(path)' is not valid YAML: \(error)")
+        do {
+            return try SettingsFile.load(path: path, allowed: flags, example: "inbound: 127.0.0.1:15006")
+        } catch {
+            throw UsageError(error.description)
         }
-        guard let map = node as? [String: Any] else {
-            throw UsageError("config file '\(path)' must be a YAML mapping of settings (e.g. inbound: 127.0.0.1:15006)")
-        }
-        var out: [String: String] = [:]
-        for (key, value) in map {
-            let name = key.replacingOccurrences(of: "-", with: "_")
-            guard flags.contains(name.replacingOccurrences(of: "_", with: "-")) else {
-                throw UsageError("config file '\(path)': unknown setting '\(key)'")
-            }
-            out[name] = "\(value)"
-        }
-        return out
     }
 }

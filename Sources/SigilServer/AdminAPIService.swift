@@ -110,6 +110,10 @@ public struct AdminAPIService: SigilAdminAPI.SimpleServiceProtocol {
 
     /// Checks an entry on the way in: a workload SPIFFE ID in our trust domain, an agent parent,
     /// known selectors, a TTL of at least 10 s, valid DNS names.
+    static let maximumSelectors = 32
+    static let maximumDNSNames = 32
+    static let maximumSelectorBytes = 1024
+
     func validate(_ e: SigilEntry) throws -> EntryRecord {
         let id = try invalidArgument { () throws(SigilError) in try SpiffeID(e.spiffeID) }
         guard id.trustDomain == core.trustDomain else {
@@ -122,6 +126,10 @@ public struct AdminAPIService: SigilAdminAPI.SimpleServiceProtocol {
         guard !e.selectors.isEmpty else {
             throw RPCError(code: .invalidArgument, message: "an entry needs at least one selector, e.g. unix:uid:1000")
         }
+        // Bounds that keep every agent's Sync answer far below the RPC size limit.
+        guard e.selectors.count <= Self.maximumSelectors, e.dnsNames.count <= Self.maximumDNSNames else {
+            throw RPCError(code: .invalidArgument, message: "an entry takes at most \(Self.maximumSelectors) selectors and \(Self.maximumDNSNames) DNS names (got \(e.selectors.count) and \(e.dnsNames.count))")
+        }
         for selector in e.selectors {
             guard !selector.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7f }) else {
                 throw RPCError(code: .invalidArgument, message: "selector \(selector.debugDescription) contains a control character")
@@ -130,11 +138,28 @@ public struct AdminAPIService: SigilAdminAPI.SimpleServiceProtocol {
             guard parts.count == 3, parts[0] == "unix", Self.selectorTypes.contains(String(parts[1])), !parts[2].isEmpty else {
                 throw RPCError(code: .invalidArgument, message: "selector '\(selector)' is not one of unix:uid:<n>, unix:gid:<n>, unix:user:<name>, unix:group:<name>, unix:path:<absolute path>, unix:supplementary_gid:<n>")
             }
-            if ["uid", "gid", "supplementary_gid"].contains(String(parts[1])), UInt32(parts[2]) == nil {
-                throw RPCError(code: .invalidArgument, message: "selector '\(selector)': \(parts[1]) must be a number")
+            guard selector.utf8.count <= Self.maximumSelectorBytes else {
+                throw RPCError(code: .invalidArgument, message: "selector '\(selector.prefix(40))...' is longer than \(Self.maximumSelectorBytes) bytes")
             }
-            if parts[1] == "path", !parts[2].hasPrefix("/") {
-                throw RPCError(code: .invalidArgument, message: "selector '\(selector)': the path must be absolute")
+            // The agent compares selectors as text with the ones it derives from the kernel's
+            // credentials, so only the canonical spelling can ever match: anything else is refused
+            // with the spelling that would.
+            if ["uid", "gid", "supplementary_gid"].contains(String(parts[1])) {
+                guard let n = UInt32(parts[2]) else {
+                    throw RPCError(code: .invalidArgument, message: "selector '\(selector)': \(parts[1]) must be a number")
+                }
+                guard String(n) == parts[2] else {
+                    throw RPCError(code: .invalidArgument, message: "selector '\(selector)' never matches as written; write unix:\(parts[1]):\(n)")
+                }
+            }
+            if parts[1] == "path" {
+                guard parts[2].hasPrefix("/") else {
+                    throw RPCError(code: .invalidArgument, message: "selector '\(selector)': the path must be absolute")
+                }
+                let segments = parts[2].split(separator: "/", omittingEmptySubsequences: false).dropFirst()
+                guard !segments.contains(where: { $0.isEmpty || $0 == "." || $0 == ".." }) || parts[2] == "/" else {
+                    throw RPCError(code: .invalidArgument, message: "selector '\(selector)' never matches as written: the agent sees the executable's resolved path, without '.', '..', '//' or a trailing '/'")
+                }
             }
         }
         let ttl = e.ttlSeconds == 0 ? Int64(SVIDProfile.defaultTTL.components.seconds) : e.ttlSeconds

@@ -11,6 +11,8 @@ import UnixSignals
 import X509
 import Crypto
 import Foundation
+import NIOCore
+import NIOSSL
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -49,6 +51,9 @@ public struct ServerError: Error, CustomStringConvertible, Sendable {
 /// The CA server role: the agent API (gRPC, mTLS, TCP) and the admin API (gRPC, Unix socket 0600),
 /// run as swift-service-lifecycle services that stop gracefully on SIGTERM and SIGINT.
 public enum SigilServer {
+    /// How long an accepted agent-port connection has to complete its TLS handshake.
+    static let handshakeDeadlineSeconds: Int64 = 10
+
     public static func run(_ config: ServerConfig, logger: Logger, clock: any SigilClock = SystemClock()) async throws {
         let ca: CertificateAuthority
         do {
@@ -88,7 +93,14 @@ public enum SigilServer {
         if socketAnswers(config.adminSocketPath) {
             throw ServerError(message: "another server is already serving the admin socket \(config.adminSocketPath); stop it or choose another --admin-socket")
         }
-        unlink(config.adminSocketPath)
+        // Only a stale socket is removed: a path that names anything else (a typo pointing at the
+        // CA's database, say) is refused, never deleted.
+        if lstat(config.adminSocketPath, &st) == 0 {
+            guard st.st_mode & S_IFMT == S_IFSOCK else {
+                throw ServerError(message: "--admin-socket '\(config.adminSocketPath)' exists and is not a socket; the server removes only a stale socket there: choose another path")
+            }
+            unlink(config.adminSocketPath)
+        }
         let previousMask = umask(0o077)
 
         // An agent SVID lives at most --agent-svid-ttl, and at least 1/6 of the intermediate's life
@@ -98,7 +110,8 @@ public enum SigilServer {
             .map { Duration.seconds(Int64($0.record.notAfter.timeIntervalSince($0.record.notBefore))) } ?? config.agentSVIDTTL
         let connectionAge = max(Duration.seconds(1), min(config.agentSVIDTTL, intermediateLife / 6) / 5)
         let agentTransport = HTTP2ServerTransport.Posix(
-            address: .ipv4(host: config.listenHost, port: config.listenPort),
+            address: ServerTarget.isIPv6(config.listenHost)
+                ? .ipv6(host: config.listenHost, port: config.listenPort) : .ipv4(host: config.listenHost, port: config.listenPort),
             transportSecurity: try .mTLS(certificateReloader: identity.reloader) { tls in
                 tls.clientCertificateVerification = .noHostnameVerification
                 tls.trustRoots = .certificates([])
@@ -111,6 +124,16 @@ public enum SigilServer {
                 let age = connectionAge
                 transport.connection.maxAge = age
                 transport.connection.maxGraceTime = age
+                // A connection that has not finished its TLS handshake 10 s after it was accepted is
+                // closed: otherwise idle sockets that never speak hold file descriptors until the
+                // server can accept no agent (a slowloris on the agent port).
+                transport.channelDebuggingCallbacks.onAcceptTCPConnection = { channel in
+                    channel.eventLoop.scheduleTask(in: .seconds(Self.handshakeDeadlineSeconds)) {
+                        let handler = try? channel.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self)
+                        if handler?.peerCertificate == nil { channel.close(promise: nil) }
+                    }
+                    return channel.eventLoop.makeSucceededVoidFuture()
+                }
             })
         let agentServer = GRPCServer(transport: agentTransport, services: [AgentAPIService(core: core), LedgerAPIService(core: core, ledger: core.store)])
         let adminServer = GRPCServer(

@@ -40,12 +40,16 @@ struct AgentRun: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("trace, debug, info, notice, warning, error.", valueName: "level")) var logLevel: String?
 
     func run() async throws {
-        let file = try loadConfig(config)
-        bootstrapLogging(level: logLevel ?? file["log_level"])
+        let file = try loadConfig(config, allowed: ["server", "join_token", "trust_bundle", "trust_domain", "socket", "data_dir", "log_level"],
+                                  example: "server: 127.0.0.1:8081")
+        try bootstrapLogging(level: logLevel ?? file["log_level"])
         guard let serverText = server ?? file["server"] else {
             throw CLIError.usage("--server HOST:PORT is required (the server's --listen address)")
         }
         let (host, port) = try parseHostPort(serverText, flag: "--server")
+        if let problem = ServerTarget.problem(host: host) ?? (port == 0 ? "port 0 is not a server's port" : nil) {
+            throw CLIError.usage("--server '\(serverText)': \(problem); give the server's HOST:PORT, e.g. 127.0.0.1:8081, [::1]:8081 or sigil-server.example:8081")
+        }
         // A path, or the SPIFFE_ENDPOINT_SOCKET form workloads are given (unix:///path).
         let socketPath: String
         do { socketPath = try WorkloadAPIClient.socketPath(fromOption: socket ?? file["socket"] ?? "/tmp/sigil/agent.sock") } catch {
@@ -61,7 +65,7 @@ struct AgentRun: AsyncParsableCommand {
         do {
             try await SigilAgentRole.run(settings, logger: Logger(label: "sigil.agent"))
         } catch let error as AgentError {
-            throw CLIError.negative(error.message)
+            throw error.isUsage ? CLIError.usage(error.message) : CLIError.negative(error.message)
         }
     }
 }

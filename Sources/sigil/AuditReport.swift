@@ -32,6 +32,9 @@ struct AuditReport: AsyncParsableCommand {
         let now = Date()
         let sinceMicros = try parseAuditTime(since, flag: "--since", now: now)!
         let untilMicros = try parseAuditTime(until, flag: "--until", now: now) ?? Int64(now.timeIntervalSince1970 * 1_000_000)
+        guard sinceMicros < untilMicros else {
+            throw ValidationError("--since \(since) is not before --until \(until ?? "now"): the report's period would be empty (durations count back from now: --since 2h --until 1h)")
+        }
         let store = try openLedger(data)
         let blocks: [Block]
         do {

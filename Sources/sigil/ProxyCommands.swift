@@ -106,7 +106,7 @@ struct ProxyRun: AsyncParsableCommand {
             execv(lean, &cArgs)
             // execv only returns on failure: fall through and run in this process.
         }
-        bootstrapLogging(level: level)
+        try bootstrapLogging(level: level)
         do {
             try await SigilProxyRole.run(settings, logger: Logger(label: "sigil.proxy"))
         } catch let error as ProxyError {
@@ -138,6 +138,16 @@ struct ProxyKillSwitch: AsyncParsableCommand {
         guard let path = file ?? policies.map({ ProxyConfig.defaultKillSwitchPath(policies: $0) }) else {
             throw CLIError.usage("give --policies DIR (or --file PATH) to say which proxies")
         }
+        // A mistyped path must not report OFF (or write a switch no proxy reads) while the real
+        // one stays as it was.
+        if file == nil, let policies, !FileManager.default.fileExists(atPath: policies) {
+            throw CLIError.usage("--policies '\(policies)' does not exist; give the policy directory (or file) the proxies were started with")
+        }
+        let parent = (path as NSString).deletingLastPathComponent
+        var isDirectory: ObjCBool = false
+        if !parent.isEmpty, !FileManager.default.fileExists(atPath: parent, isDirectory: &isDirectory) || !isDirectory.boolValue {
+            throw CLIError.usage("the kill switch's directory '\(parent)' does not exist; give the --file the proxies were started with")
+        }
         switch action {
         case "on":
             let who = ProcessInfo.processInfo.environment["USER"] ?? "uid \(getuid())"
@@ -149,12 +159,14 @@ struct ProxyKillSwitch: AsyncParsableCommand {
             }
             print("kill switch ON: \(path)\nproxies reading it are PERMISSIVE + allow-all within 1 s; `sigil proxy kill-switch off` to restore")
         case "off":
-            if FileManager.default.fileExists(atPath: path) {
-                do { try FileManager.default.removeItem(atPath: path) } catch {
-                    throw CLIError.usage("cannot remove the kill switch \(path): \(error.localizedDescription)")
-                }
+            guard FileManager.default.fileExists(atPath: path) else {
+                print("kill switch already OFF: there is no \(path)")
+                return
             }
-            print("kill switch OFF: policies enforced again")
+            do { try FileManager.default.removeItem(atPath: path) } catch {
+                throw CLIError.usage("cannot remove the kill switch \(path): \(error.localizedDescription)")
+            }
+            print("kill switch OFF: \(path) removed; policies enforced again within 1 s")
         case "status":
             if let data = FileManager.default.contents(atPath: path) {
                 print("ON: \(String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))")

@@ -5,7 +5,7 @@ import SigilRPC
 import SigilServer
 import GRPCCore
 import Logging
-import Yams
+import SigilPolicy
 import Foundation
 
 /// `--admin-socket`, shared by the commands that talk to a running server.
@@ -46,9 +46,12 @@ enum CLIError: Error {
     case negative(String)
 }
 
-func bootstrapLogging(level: String?) {
+func bootstrapLogging(level: String?) throws {
     let name = level ?? ProcessInfo.processInfo.environment["SIGIL_LOG_LEVEL"] ?? "info"
-    let parsed = Logger.Level(rawValue: name.lowercased()) ?? .info
+    guard let parsed = Logger.Level(rawValue: name.lowercased()) else {
+        throw CLIError.usage("log level '\(name)' is not one of trace, debug, info, notice, warning, error, critical"
+                             + (level == nil ? " (from SIGIL_LOG_LEVEL)" : ""))
+    }
     LoggingSystem.bootstrap { label in
         var handler = StreamLogHandler.standardError(label: label)
         handler.logLevel = parsed
@@ -56,24 +59,15 @@ func bootstrapLogging(level: String?) {
     }
 }
 
-/// A YAML config file: a flat map of the long flag names (`data_dir`, `listen`, ...).
-func loadConfig(_ path: String?) throws -> [String: String] {
+/// A YAML config file: a flat map of the long flag names (`data_dir`, `listen`, ...); `allowed`:
+/// the settings the command reads (see ``SettingsFile``).
+func loadConfig(_ path: String?, allowed: Set<String>, example: String) throws -> [String: String] {
     guard let path else { return [:] }
-    guard let data = FileManager.default.contents(atPath: path) else {
-        throw CLIError.usage("cannot read config file '\(path)'")
-    }
-    let node: Any?
     do {
-        node = try Yams.load(yaml: String(decoding: data, as: UTF8.self))
+        return try SettingsFile.load(path: path, allowed: allowed, example: example)
     } catch {
-        throw CLIError.usage("config file '\(path)' is not valid YAML: \(error)")
+        throw CLIError.usage(error.description)
     }
-    guard let map = node as? [String: Any] else {
-        throw CLIError.usage("config file '\(path)' must be a YAML mapping of settings (e.g. data_dir: /var/lib/sigil)")
-    }
-    var out: [String: String] = [:]
-    for (key, value) in map { out[key.replacingOccurrences(of: "-", with: "_")] = "\(value)" }
-    return out
 }
 
 func parseHostPort(_ text: String, flag: String) throws -> (String, Int) {
@@ -121,10 +115,19 @@ struct ServerRun: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Serve the read-only ledger page at http://HOST:PORT/ui (loopback only).", valueName: "host:port")) var ui: String?
 
     func run() async throws {
-        let file = try loadConfig(config)
-        bootstrapLogging(level: logLevel ?? file["log_level"])
-        let (host, port) = try parseHostPort(listen ?? file["listen"] ?? "127.0.0.1:8081", flag: "--listen")
+        let file = try loadConfig(config, allowed: ["data_dir", "listen", "admin_socket", "agent_svid_ttl", "log_level", "ledger_retention", "ui"],
+                                  example: "data_dir: /var/lib/sigil")
+        try bootstrapLogging(level: logLevel ?? file["log_level"])
+        let listenText = listen ?? file["listen"] ?? "127.0.0.1:8081"
+        let (host, port) = try parseHostPort(listenText, flag: "--listen")
+        guard ServerTarget.isIPv4(host) || ServerTarget.isIPv6(host) else {
+            throw CLIError.usage("--listen '\(listenText)' must be an IP address and port, e.g. 127.0.0.1:8081 or [::1]:8081 (0.0.0.0 for every interface)")
+        }
         let ttl = try parseDuration(agentSvidTtl ?? file["agent_svid_ttl"] ?? "1h", flag: "--agent-svid-ttl")
+        // Checked here, not at the first attestation (where it would fail after the join token was spent).
+        guard ttl >= SVIDProfile.minimumTTL else {
+            throw CLIError.usage("--agent-svid-ttl \(DurationText.format(ttl)) is too short; the minimum is \(DurationText.format(SVIDProfile.minimumTTL))")
+        }
         var settings = ServerConfig(
             dataDirectory: DataDirectory(dataDir ?? file["data_dir"] ?? ProcessInfo.processInfo.environment["SIGIL_DATA_DIR"] ?? "pki"),
             listenHost: host, listenPort: port,
