@@ -82,6 +82,10 @@ public enum SigilAgentRole {
         do { serverID = try SpiffeID(trustDomain: trustDomain, path: "/sigil/server") } catch { throw AgentError(error.message) }
         let verify = SpiffeTLS.verificationCallback(bundle: { bundleBox.withLock { $0 } }, expectedPeer: serverID)
 
+        // The Workload API socket's path, checked before attesting: a bad --socket must not cost
+        // the single-use join token.
+        do { try WorkloadAPIServer.prepareSocketPath(config.socketPath) } catch { throw AgentError(usage: error.message) }
+
         // The agent's own identity: cached and unexpired, or a fresh attestation with the join token.
         var identity: AgentCache.AgentIdentity
         if let cached = cachedIdentity, cached.notAfter > Date(), cached.trustDomain == trustDomain.name {

@@ -309,7 +309,10 @@ struct IdleTrimmer: Sendable {
                 // An idle interval after a trim: what its timers faulted back in (a few hundred KB
                 // of code) is the idle working set, not growth, or every interval would trim again.
                 settling = false
-                if used < idleCPU { floor = max(floor, Self.residentBytes()) }
+                // Only a small rise counts as that: a burst (a large transfer uses little CPU) in
+                // this interval leaves the floor alone, and the next idle interval trims it.
+                let resident = Self.residentBytes()
+                if used < idleCPU, resident <= floor + growth { floor = max(floor, resident) }
                 continue
             }
             guard used < idleCPU, Self.residentBytes() > floor + growth else { continue }

@@ -208,7 +208,7 @@ public enum ProxyArguments {
 
     static func loadConfig(_ path: String) throws(UsageError) -> [String: String] {
         do {
-            return try SettingsFile.load(path: path, allowed: flags, example: "inbound: 127.0.0.1:15006")
+            return try SettingsFile.load(path: path, allowed: flags.subtracting(["config"]), example: "inbound: 127.0.0.1:15006")
         } catch {
             throw UsageError(error.description)
         }

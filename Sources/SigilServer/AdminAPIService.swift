@@ -80,14 +80,14 @@ public struct AdminAPIService: SigilAdminAPI.SimpleServiceProtocol {
 
     public func getEntry(request: SigilGetEntryRequest, context: ServerContext) async throws -> SigilEntry {
         guard let entry = try await storeCall({ () throws(StoreError) in try await core.store.entry(id: request.id) }) else {
-            throw RPCError(code: .notFound, message: "no entry with ID \(request.id)")
+            throw RPCError(code: .notFound, message: "no entry with ID \(request.id.prefix(80))\(request.id.count > 80 ? "..." : "")")
         }
         return SigilEntry(record: entry)
     }
 
     public func deleteEntry(request: SigilDeleteEntryRequest, context: ServerContext) async throws -> SigilDeleteEntryResponse {
         guard let entry = try await storeCall({ () throws(StoreError) in try await core.store.deleteEntry(id: request.id, at: core.clock.now) }) else {
-            throw RPCError(code: .notFound, message: "no entry with ID \(request.id)")
+            throw RPCError(code: .notFound, message: "no entry with ID \(request.id.prefix(80))\(request.id.count > 80 ? "..." : "")")
         }
         await core.hub.notify(agentID: entry.parentID)
         core.logger.info("entry deleted", metadata: ["spiffe_id": "\(entry.spiffeID)", "entry": "\(entry.id)"])

@@ -13,6 +13,7 @@ import Crypto
 import Foundation
 import NIOCore
 import NIOSSL
+import NIOTLS
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -125,14 +126,17 @@ public enum SigilServer {
                 transport.connection.maxAge = age
                 transport.connection.maxGraceTime = age
                 // A connection that has not finished its TLS handshake 10 s after it was accepted is
-                // closed: otherwise idle sockets that never speak hold file descriptors until the
-                // server can accept no agent (a slowloris on the agent port).
+                // closed, and one with no call open for 5 minutes: otherwise sockets that never
+                // speak (or that only shook hands with a throwaway bootstrap certificate) hold file
+                // descriptors until the server can accept no agent. Agents keep a Sync stream open
+                // and reconnect for anything else.
+                transport.connection.maxIdleTime = .seconds(300)
                 transport.channelDebuggingCallbacks.onAcceptTCPConnection = { channel in
-                    channel.eventLoop.scheduleTask(in: .seconds(Self.handshakeDeadlineSeconds)) {
-                        let handler = try? channel.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self)
-                        if handler?.peerCertificate == nil { channel.close(promise: nil) }
+                    channel.eventLoop.makeCompletedFuture {
+                        let sync = channel.pipeline.syncOperations
+                        let tls = try sync.handler(type: NIOSSLServerHandler.self)
+                        try sync.addHandler(HandshakeDeadline(seconds: Self.handshakeDeadlineSeconds), position: .after(tls))
                     }
-                    return channel.eventLoop.makeSucceededVoidFuture()
                 }
             })
         let agentServer = GRPCServer(transport: agentTransport, services: [AgentAPIService(core: core), LedgerAPIService(core: core, ledger: core.store)])
@@ -295,5 +299,41 @@ final class ServerIdentity: Service, Sendable {
                 wait = .seconds(5)
             }
         }
+    }
+}
+
+/// Closes a connection whose TLS handshake has not completed `seconds` after it was accepted.
+/// Sits right after the TLS handler, so it sees the handshake-completed event (a peer certificate
+/// alone is no proof: it is stored before the client's CertificateVerify and Finished).
+final class HandshakeDeadline: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = NIOAny
+    private let seconds: Int64
+    private var timer: Scheduled<Void>?
+
+    init(seconds: Int64) { self.seconds = seconds }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        let channel = context.channel
+        timer = context.eventLoop.assumeIsolated().scheduleTask(in: .seconds(seconds)) { channel.close(promise: nil) }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        timer?.cancel()
+        timer = nil
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case .handshakeCompleted = event as? TLSUserEvent {
+            timer?.cancel()
+            timer = nil
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        timer?.cancel()
+        timer = nil
+        context.fireChannelInactive()
     }
 }

@@ -66,6 +66,8 @@ struct AgentRun: AsyncParsableCommand {
             try await SigilAgentRole.run(settings, logger: Logger(label: "sigil.agent"))
         } catch let error as AgentError {
             throw error.isUsage ? CLIError.usage(error.message) : CLIError.negative(error.message)
+        } catch let error as WorkloadAPIError {
+            throw CLIError.negative("Workload API: \(error.message)")
         }
     }
 }

@@ -89,7 +89,9 @@ struct AuditVerify: AsyncParsableCommand {
             print("ledger intact: \(report.rows) rows from \(report.writers) writer\(report.writers == 1 ? "" : "s"), every chain verified\(cuts)")
             for note in notes { print("  \(note)") }
         } else {
-            print("ledger BROKEN: \(report.breaks.count) of \(report.writers) writer\(report.writers == 1 ? "" : "s") fail (\(report.rows) rows read)")
+            // Counted as problems, not writers: a line that is no row at all has no writer.
+            let failing = Set(report.breaks.map(\.writer).filter { $0 != "-" }).count
+            print("ledger BROKEN: \(report.breaks.count) problem\(report.breaks.count == 1 ? "" : "s") in \(failing) of \(report.writers) writer\(report.writers == 1 ? "" : "s") (\(report.rows) rows read)")
             for broken in report.breaks { print("  \(broken)") }
         }
         if !report.intact { throw NegativeAnswer(message: "") }

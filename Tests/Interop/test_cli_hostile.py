@@ -57,6 +57,26 @@ def test_agent_attests_with_a_named_server(cluster, tmp_path):
         agent.stop()
 
 
+def test_a_bad_agent_socket_is_refused_before_the_join_token_is_spent(cluster, tmp_path):
+    """The agent used to attest first (spending its single-use token) and only then find that it
+    could not serve its --socket."""
+    token = cluster.token("node-2")
+    blocker = tmp_path / "not-a-socket"
+    blocker.write_text("x")
+    res = run([cluster.bin, "agent", "run", "--server", f"127.0.0.1:{cluster.port}", "--join-token", token,
+               "--trust-bundle", cluster.ca_dir / "bundle.pem", "--socket", blocker, "--data-dir", tmp_path / "a"], timeout=30)
+    assert res.returncode == 2 and "is not a socket" in res.stderr, res.describe()
+    data = tmp_path / "b"
+    agent = Proc([cluster.bin, "agent", "run", "--server", f"127.0.0.1:{cluster.port}", "--join-token", token,
+                  "--trust-bundle", cluster.ca_dir / "bundle.pem", "--socket", tmp_path / "b.sock", "--data-dir", data],
+                 tmp_path / "agent-b.log")
+    try:
+        wait_for(lambda: (data / "agent.json").exists() or not agent.alive(), 30, "the agent to attest with the same token")
+        assert (data / "agent.json").exists() and agent.alive(), agent.output()
+    finally:
+        agent.stop()
+
+
 def test_server_refuses_an_admin_socket_path_that_is_not_a_socket(sigil_bin, tmp_path):
     """`--admin-socket` naming a regular file (here: the CA's own database) used to delete it."""
     ca = tmp_path / "ca"
@@ -132,6 +152,15 @@ def test_kill_switch_with_a_mistyped_policy_path_is_an_error_not_a_false_off(sig
     assert off.returncode == 0 and "removed" in off.stdout, off.describe()
     again = run([sigil_bin, "proxy", "kill-switch", "off", "--policies", policies])
     assert again.returncode == 0 and "already OFF" in again.stdout, again.describe()
+    # --file never overwrites or deletes what is not a kill switch: a directory, a policy, a database.
+    (policies / "api.yaml").write_text("kind: AuthorizationPolicy\n")
+    database = tmp_path / "sigil.db"
+    database.write_bytes(b"SQLite format 3\x00" + b"\x00" * 4096)
+    for target in (policies, policies / "api.yaml", database):
+        for action in ("on", "off"):
+            res = run([sigil_bin, "proxy", "kill-switch", action, "--file", target])
+            assert res.returncode == 2, res.describe()
+    assert (policies / "api.yaml").read_text() == "kind: AuthorizationPolicy\n" and database.stat().st_size == 4112
 
 
 @pytest.mark.parametrize("selector, words", [

@@ -115,6 +115,12 @@ public struct WorkloadAPIServer: Service {
     /// Creates the socket's directory if missing and removes a stale socket file; refuses to replace
     /// anything that is not a socket, or a socket another process still serves.
     private func prepareSocketPath() throws(WorkloadAPIError) {
+        try Self.prepareSocketPath(socketPath)
+    }
+
+    /// The same, for a path not yet served: an agent checks its `--socket` before it attests, so a
+    /// bad path does not cost it its single-use join token.
+    static func prepareSocketPath(_ socketPath: String) throws(WorkloadAPIError) {
         let maxLength = MemoryLayout.size(ofValue: sockaddr_un().sun_path) - 1
         guard !socketPath.isEmpty, socketPath.utf8.count <= maxLength else {
             throw WorkloadAPIError(.invalidArgument, "Workload API socket path '\(socketPath)' must be 1 to \(maxLength) bytes long; choose a shorter --socket path")
