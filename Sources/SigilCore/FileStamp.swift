@@ -38,6 +38,22 @@ public struct FileStamp: Equatable, Sendable {
         return stat(path, &st) == 0 ? Int(st.st_size) : nil
     }
 
+    public enum Kind: Sendable { case regular, directory, socket, symbolicLink, other }
+
+    /// What `path` itself is (`lstat`: a link is not followed) and its size; nil when nothing is there.
+    public static func kind(of path: String) -> (kind: Kind, size: Int)? {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return nil }
+        let kind: Kind = switch st.st_mode & S_IFMT {
+        case S_IFREG: .regular
+        case S_IFDIR: .directory
+        case S_IFSOCK: .socket
+        case S_IFLNK: .symbolicLink
+        default: .other
+        }
+        return (kind, Int(st.st_size))
+    }
+
     /// The `.yaml`/`.yml` names in a directory, sorted; nil when `path` is not a directory that
     /// can be read.
     public static func yamlNames(inDirectory path: String) -> [String]? {

@@ -145,15 +145,14 @@ struct ProxyKillSwitch: AsyncParsableCommand {
         }
         // The switch is a small regular file of its own: never a directory, a policy file or
         // anything else a mistyped --file could name (on would overwrite it, off delete it).
-        var st = stat()
-        if lstat(path, &st) == 0, st.st_mode & S_IFMT != S_IFREG {
-            throw CLIError.usage("the kill switch '\(path)' exists and is not a regular file; give the --file the proxies were started with")
-        }
-        if lstat(path, &st) == 0 {
+        if let existing = FileStamp.kind(of: path) {
+            guard existing.kind == .regular else {
+                throw CLIError.usage("the kill switch '\(path)' exists and is not a regular file; give the --file the proxies were started with")
+            }
             // What `on` writes: one short line of text. Anything else (a database, a key) is not
             // ours to overwrite or delete.
             let data = FileManager.default.contents(atPath: path) ?? Data()
-            guard st.st_size <= 16 * 1024, !data.contains(0), String(data: data, encoding: .utf8) != nil else {
+            guard existing.size <= 16 * 1024, !data.contains(0), String(data: data, encoding: .utf8) != nil else {
                 throw CLIError.usage("'\(path)' exists and is not a kill switch (not a short text file); give the --file the proxies were started with")
             }
         }
