@@ -471,6 +471,42 @@ public final class LedgerSpool: Sendable {
         return (seq, hash)
     }
 
+    /// This proxy instance's writer name: `base` (namespace, labels, inbound port: the same for
+    /// every replica of a workload) and a random suffix (`~` and 12 hex digits) chosen on the
+    /// spool's first start and kept in `<spool>.writer`, so replicas shipping to one server keep
+    /// separate chains and a writer name cannot be guessed by another workload. A spool written
+    /// before suffixes existed keeps the name its rows carry, so its chain continues.
+    public static func instanceWriter(base: String, spoolPath: String) throws(SpoolError) -> String {
+        let namePath = spoolPath + ".writer"
+        if let text = try? String(contentsOfFile: namePath, encoding: .utf8) {
+            let name = text.trimmingCharacters(in: .whitespacesAndNewlines)
+            guard name.hasPrefix("proxy:") else {
+                throw SpoolError(description: "\(namePath) does not hold a ledger writer name; remove it to start a new chain")
+            }
+            return name
+        }
+        var name = base + "~" + (0..<6).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined()
+        if let handle = FileHandle(forReadingAtPath: spoolPath) {
+            let head = handle.readData(ofLength: 64 * 1024)
+            try? handle.close()
+            if let line = head.split(separator: 0x0A).first,
+               let row = try? JSONSerialization.jsonObject(with: Data(line)) as? [String: Any], let existing = row["writer"] as? String {
+                name = existing
+            }
+        }
+        let temporary = namePath + ".tmp"
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw SpoolError(description: "cannot create \(temporary): \(String(cString: strerror(errno)))") }
+        let bytes = Array((name + "\n").utf8)
+        let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        let synced = fsync(fd) == 0
+        close(fd)
+        guard written == bytes.count, synced, rename(temporary, namePath) == 0 else {
+            throw SpoolError(description: "cannot write \(namePath): \(String(cString: strerror(errno)))")
+        }
+        return name
+    }
+
     static func value(of key: String, in line: String) -> String? {
         let needle = Array("\"\(key)\":".utf8)
         let bytes = Array(line.utf8)

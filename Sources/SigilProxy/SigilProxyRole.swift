@@ -118,8 +118,9 @@ public enum SigilProxyRole {
         let identity = IdentityStore()
         var shipper: LedgerShipper?
         if let path = config.ledgerPath {
-            let writer = "proxy:\(config.namespace)/\(config.labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ","))@\(config.inboundPort)"
+            let base = "proxy:\(config.namespace)/\(config.labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ","))@\(config.inboundPort)"
             do {
+                let writer = try LedgerSpool.instanceWriter(base: base, spoolPath: path)
                 let spool = try LedgerSpool(path: path, writer: writer, maxSize: config.ledgerMaxSize,
                                             syncInterval: .milliseconds(config.ledgerSyncMillis), metrics: metrics, logger: logger)
                 ledger = spool

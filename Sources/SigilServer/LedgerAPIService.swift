@@ -24,6 +24,11 @@ public struct LedgerAPIService: SigilLedgerAPI.SimpleServiceProtocol {
     public func append(request: SigilLedgerAppendRequest, context: ServerContext) async throws -> SigilLedgerAppendResponse {
         let uploader = try await authenticate(context)
         guard !request.writer.isEmpty else { throw RPCError(code: .invalidArgument, message: "the append names no writer") }
+        // Shippers are proxies: their writers are `proxy:...`; every other name (the server's own
+        // chain above all, in any spelling) is not theirs to append to.
+        guard request.writer.hasPrefix("proxy:") else {
+            throw RPCError(code: .invalidArgument, message: "writer '\(request.writer.prefix(200))' is not a proxy's (proxy:...); only proxies ship rows")
+        }
         guard request.rows.count <= Self.maxRows else {
             throw RPCError(code: .invalidArgument, message: "at most \(Self.maxRows) rows per append (got \(request.rows.count))")
         }
@@ -37,6 +42,17 @@ public struct LedgerAPIService: SigilLedgerAPI.SimpleServiceProtocol {
             }
         }
         var response = SigilLedgerAppendResponse()
+        try check(rows, uploader: uploader)
+        if rows.isEmpty {
+            // Where a chain stands is told only to the writer's owner.
+            let owner: String?
+            do { owner = try await ledger.ledgerWriterUploader(writer: request.writer) } catch {
+                throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+            }
+            if let owner, owner != uploader {
+                throw RPCError(code: .failedPrecondition, message: "ledger writer '\(request.writer)' is shipped by another workload")
+            }
+        }
         do {
             if rows.isEmpty {
                 response.nextSeq = try await ledger.ledgerNextSeq(writer: request.writer)
@@ -54,6 +70,28 @@ public struct LedgerAPIService: SigilLedgerAPI.SimpleServiceProtocol {
             throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
         }
         return response
+    }
+
+    /// The kinds of row a proxy writes.
+    static let proxyKinds: Set<String> = ["request", "connection", "policy_reload", "policy_rejected", "kill_switch_on",
+                                          "kill_switch_off", "identity", "spool_rotated"]
+
+    /// What a proxy may claim: its own kinds of row, no time more than an hour ahead of the
+    /// server's clock, and on a call's row its own identity on one side (the callee on inbound,
+    /// the caller on outbound): a workload cannot enter calls between two others.
+    func check(_ rows: [LedgerRow], uploader: String) throws {
+        let horizon = Int64(core.clock.now.timeIntervalSince1970 * 1_000_000) + 3_600_000_000
+        for row in rows {
+            guard Self.proxyKinds.contains(row.kind) else {
+                throw RPCError(code: .invalidArgument, message: "row seq \(row.seq): a proxy does not write '\(row.kind.prefix(40))' rows")
+            }
+            guard row.timeMicros <= horizon else {
+                throw RPCError(code: .invalidArgument, message: "row seq \(row.seq) is stamped \(RFC3339.format(micros: row.timeMicros)), more than an hour ahead of the server's clock")
+            }
+            if row.kind == "request" || row.kind == "connection", row.source != uploader, row.destination != uploader {
+                throw RPCError(code: .permissionDenied, message: "row seq \(row.seq) is a call between \(row.source ?? "a plaintext caller") and \(row.destination ?? "-"); \(uploader) may ship only calls it took part in")
+            }
+        }
     }
 
     /// The caller's SPIFFE ID: a live certificate this server issued, in its trust domain.

@@ -32,6 +32,11 @@ public struct LedgerRow: Sendable, Hashable {
     /// Reads a row out of its bytes and checks that they match the hash the row states.
     public static func parse(line: some Collection<UInt8>) throws(LedgerChain.Problem) -> LedgerRow {
         let bytes = Array(line)
+        // Rows are one line of compact JSON as Sigil writes them: `{"writer":` first, no raw
+        // control character anywhere (JSON escapes them inside strings). A row with a raw newline
+        // would print as several lines in `audit query --json`, one of which could pass for a row.
+        guard bytes.starts(with: Array(#"{"writer":"#.utf8)) else { throw LedgerChain.Problem("the row does not start with {\"writer\":") }
+        guard !bytes.contains(where: { $0 < 0x20 || $0 == 0x7F }) else { throw LedgerChain.Problem("the row holds a raw control character") }
         let (stated, computed) = try LedgerChain.hashes(of: bytes)
         guard stated == computed else { throw LedgerChain.Problem("its bytes do not match its hash (the row was edited)") }
         guard let object = (try? JSONSerialization.jsonObject(with: Data(bytes))) as? [String: Any] else {
@@ -143,6 +148,8 @@ public protocol LedgerStore: Sendable {
     func ingestLedger(writer: String, uploader: String, rows: [LedgerRow], at: Date) async throws(StoreError) -> LedgerIngestResult
     /// The seq the server expects next from `writer` (1 for a writer it has not seen).
     func ledgerNextSeq(writer: String) async throws(StoreError) -> UInt64
+    /// The SPIFFE ID that owns `writer` (the first to ship it), nil for a writer not seen yet.
+    func ledgerWriterUploader(writer: String) async throws(StoreError) -> String?
     /// Rows matching `query`, oldest first (the newest `limit` of them).
     func ledgerRows(_ query: LedgerQuery) async throws(StoreError) -> [LedgerRow]
     /// Checks every writer's chain from its bytes: each row's own hash, seq continuity, prev links,
@@ -229,6 +236,12 @@ extension SQLiteDatastore {
                 try Self.saveLedgerHead(db, writer: writer, uploader: uploader, lastSeq: expected - 1, lastHash: previous, at: at)
             }
             return LedgerIngestResult(accepted: accepted, duplicates: duplicates, nextSeq: expected)
+        }
+    }
+
+    public func ledgerWriterUploader(writer: String) async throws(StoreError) -> String? {
+        try await read { db in
+            try String.fetchOne(db, sql: "SELECT uploader FROM ledger_writers WHERE writer = ?", arguments: [writer])
         }
     }
 

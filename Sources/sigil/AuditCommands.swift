@@ -199,7 +199,7 @@ struct AuditQuery: AsyncParsableCommand {
             let what = [row.method, row.path].compactMap { $0 }.joined(separator: " ")
             let outcome = [row.decision, row.status.map(String.init)].compactMap { $0 }.joined(separator: " ")
             let policy = row.policy.map { " policy=\($0)\(row.rule.map { "#\($0)" } ?? "")" } ?? ""
-            print("\(time) \(row.kind) \(who) \(what.isEmpty ? "" : what + " ")\(outcome) \(row.mtls ? "mtls" : "plaintext")\(policy) \(row.durationMicros)us")
+            print(terminalSafe("\(time) \(row.kind) \(who) \(what.isEmpty ? "" : what + " ")\(outcome) \(row.mtls ? "mtls" : "plaintext")\(policy) \(row.durationMicros)us"))
         }
         FileHandle.standardError.write(Data("\(rows.count) row\(rows.count == 1 ? "" : "s")\n".utf8))
     }
@@ -252,7 +252,7 @@ struct AuditGraph: AsyncParsableCommand {
             }
             print("SOURCE -> DESTINATION  CALLS  DENIED  MTLS  P99")
             for edge in edges {
-                print("\(edge.source ?? "(plaintext)") -> \(edge.destination ?? "?")  \(edge.calls)  \(edge.denied)  \(Self.percent(edge.mtlsShare))  \(Self.millis(edge.p99Micros))")
+                print(terminalSafe("\(edge.source ?? "(plaintext)") -> \(edge.destination ?? "?")  \(edge.calls)  \(edge.denied)  \(Self.percent(edge.mtlsShare))  \(Self.millis(edge.p99Micros))"))
             }
         }
     }

@@ -184,9 +184,14 @@ struct AuditReport: AsyncParsableCommand {
                 out += (first ? "# " : "\n## ") + text + "\n\n"
                 first = false
             case .text(let text):
-                out += text + "\n"
+                out += terminalSafe(text).replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;") + "\n"
             case .table(let header, let rows):
-                func cell(_ s: String) -> String { s.replacingOccurrences(of: "|", with: "\\|") }
+                // A cell stays one cell: no line break, pipe or control character gets out of it, and
+                // no HTML passes through to a renderer that would keep it (`<` and `>` as entities).
+                func cell(_ s: String) -> String {
+                    terminalSafe(s).replacingOccurrences(of: "|", with: "\\|")
+                        .replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;")
+                }
                 out += "| " + header.map(cell).joined(separator: " | ") + " |\n"
                 out += "|" + header.map { _ in "---|" }.joined() + "\n"
                 for row in rows { out += "| " + row.map(cell).joined(separator: " | ") + " |\n" }

@@ -94,7 +94,7 @@ struct PolicyReplay: AsyncParsableCommand {
                 let was = change.recorded + (change.recordedPolicy.map { " (\($0))" } ?? "")
                 let now = change.candidate + (change.candidatePolicy.map { " (\($0)\(change.candidateRule.map { " rule \($0)" } ?? ""))" } ?? "")
                 let marks = (change.underKillSwitch ? " [kill switch]" : "") + (change.approximate ? " [approximate]" : "")
-                print("\(change.time) \(change.source ?? "(plaintext)") -> \(change.destination ?? "?") \(call.isEmpty ? "tcp" : call): \(was) -> \(now)\(marks)")
+                print(terminalSafe("\(change.time) \(change.source ?? "(plaintext)") -> \(change.destination ?? "?") \(call.isEmpty ? "tcp" : call): \(was) -> \(now)\(marks)"))
             }
             if summary.changes.count > limit { print("… \(summary.changes.count - limit) more (raise --limit or use --json)") }
             print("replayed \(summary.replayed) recorded decisions: \(summary.unchanged) unchanged, \(summary.allowToDeny) allow -> deny, \(summary.denyToAllow) deny -> allow"

@@ -43,18 +43,23 @@ def test_agent_server_address_may_be_a_name_or_ipv6_and_a_bad_one_is_a_usage_err
         assert res.returncode == 2 and words in res.stderr, res.describe()
 
 
-def test_agent_attests_with_a_named_server(cluster, tmp_path):
-    """With a real server, `--server localhost:PORT` attests: the name is resolved."""
-    token = cluster.token("node-1")
-    data = tmp_path / "agent"
-    agent = Proc([cluster.bin, "agent", "run", "--server", f"localhost:{cluster.port}", "--join-token", token,
-                  "--trust-bundle", cluster.ca_dir / "bundle.pem", "--socket", tmp_path / "agent.sock", "--data-dir", data],
-                 tmp_path / "agent.log")
+def assert_agent_attests(cluster: Cluster, token: str, server: str, directory: Path):
+    """Runs `sigil agent run` with `token` against `server` until it has attested (its agent SVID
+    is cached), then stops it."""
+    data = directory / "agent"
+    agent = Proc([cluster.bin, "agent", "run", "--server", server, "--join-token", token,
+                  "--trust-bundle", cluster.ca_dir / "bundle.pem", "--socket", directory / "agent.sock", "--data-dir", data],
+                 directory / "agent.log")
     try:
-        wait_for(lambda: (data / "agent.json").exists() or not agent.alive(), 30, "the agent to attest")
+        wait_for(lambda: (data / "agent.json").exists() or not agent.alive(), 30, f"the agent to attest with {server}")
         assert (data / "agent.json").exists() and agent.alive(), agent.output()
     finally:
         agent.stop()
+
+
+def test_agent_attests_with_a_named_server(cluster, tmp_path):
+    """With a real server, `--server localhost:PORT` attests: the name is resolved."""
+    assert_agent_attests(cluster, cluster.token("node-1"), f"localhost:{cluster.port}", tmp_path)
 
 
 def test_a_bad_agent_socket_is_refused_before_the_join_token_is_spent(cluster, tmp_path):
@@ -66,15 +71,7 @@ def test_a_bad_agent_socket_is_refused_before_the_join_token_is_spent(cluster, t
     res = run([cluster.bin, "agent", "run", "--server", f"127.0.0.1:{cluster.port}", "--join-token", token,
                "--trust-bundle", cluster.ca_dir / "bundle.pem", "--socket", blocker, "--data-dir", tmp_path / "a"], timeout=30)
     assert res.returncode == 2 and "is not a socket" in res.stderr, res.describe()
-    data = tmp_path / "b"
-    agent = Proc([cluster.bin, "agent", "run", "--server", f"127.0.0.1:{cluster.port}", "--join-token", token,
-                  "--trust-bundle", cluster.ca_dir / "bundle.pem", "--socket", tmp_path / "b.sock", "--data-dir", data],
-                 tmp_path / "agent-b.log")
-    try:
-        wait_for(lambda: (data / "agent.json").exists() or not agent.alive(), 30, "the agent to attest with the same token")
-        assert (data / "agent.json").exists() and agent.alive(), agent.output()
-    finally:
-        agent.stop()
+    assert_agent_attests(cluster, token, f"127.0.0.1:{cluster.port}", tmp_path)
 
 
 def test_server_refuses_an_admin_socket_path_that_is_not_a_socket(sigil_bin, tmp_path):

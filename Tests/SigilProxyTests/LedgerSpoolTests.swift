@@ -25,6 +25,23 @@ struct LedgerSpoolTests {
         }
     }
 
+    @Test("each proxy instance writes under its own name: a random suffix kept beside the spool; an older spool keeps its rows' name")
+    func instanceWriterNames() throws {
+        let base = "proxy:shop/app=api,tier=b@8443"
+        let first = tempFile(), second = tempFile()
+        defer { for p in [first, second] { unlink(p); unlink(p + ".writer") } }
+        let a = try LedgerSpool.instanceWriter(base: base, spoolPath: first)
+        let b = try LedgerSpool.instanceWriter(base: base, spoolPath: second)
+        #expect(a.hasPrefix(base + "~") && a.utf8.count == base.utf8.count + 13)
+        #expect(a != b)  // two replicas of one workload: two chains
+        #expect(try LedgerSpool.instanceWriter(base: base, spoolPath: first) == a)  // a restart keeps it
+        let old = tempFile()
+        defer { unlink(old); unlink(old + ".writer") }
+        let spool = try LedgerSpool(path: old, writer: base, logger: Logger(label: "test"))
+        _ = spool.append(row("/x"))
+        #expect(try LedgerSpool.instanceWriter(base: base, spoolPath: old) == base)
+    }
+
     @Test("rows are JSON, numbered, and hash-chained across a restart")
     func chain() throws {
         let path = tempFile()

@@ -174,6 +174,13 @@ struct ProcessMemoryTests {
         let before = try clean()
         #expect(before > 0)
         #expect(ProcessMemory.release() >= before)
-        #expect(try clean() < before)
+        // Other suites run in parallel in this process and fault pages back in: the recount may
+        // lose that race once, not three times running.
+        var after = try clean()
+        for _ in 0..<2 where after >= before {
+            ProcessMemory.release()
+            after = try clean()
+        }
+        #expect(after < before)
     }
 }

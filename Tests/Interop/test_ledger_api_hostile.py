@@ -1,0 +1,146 @@
+"""The ledger API and the audit commands against a workload that ships crafted rows, found by an
+adversarial review. A workload with a valid SVID speaks the ledger API directly (grpcio, the
+method's bytes written by hand) and tries to enter calls it did not take part in, rows only the
+server writes, rows from the far future, rows that print as several lines, another writer's
+chain position, and text that would drive an auditor's terminal or report."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import grpc
+import pytest
+
+from cluster import API, TRUST_DOMAIN, WEB, Cluster
+from interop_util import make_csr, run
+
+GENESIS = "0" * 64
+DB = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/db"
+
+
+def sealed(writer: str, seq: int, prev: str, **fields) -> tuple[bytes, str]:
+    """One row as a proxy writes it: compact JSON, `writer` first, then `seq`, `prev`, `hash`."""
+    row = {"writer": writer, "source": None, "destination": None, "time": "2026-12-07T20:00:00.000000Z",
+           "kind": "request", "decision": "allow", "status": 200, "mtls": True, "duration_us": 1000}
+    row.update(fields)
+    head = json.dumps(row, separators=(",", ":")).encode()[:-1]
+    head += b',"seq":%d,"prev":"%s"' % (seq, prev.encode())
+    digest = hashlib.sha256(head).hexdigest()
+    return head + b',"hash":"' + digest.encode() + b'"}', digest
+
+
+def varint(n: int) -> bytes:
+    out = b""
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            return out + bytes([low])
+        out += bytes([low | 0x80])
+
+
+class LedgerClient:
+    """`/sigil.v1.LedgerAPI/Append` with an SVID: request field 1 is the writer, 2 the rows."""
+
+    def __init__(self, port: int, bundle: bytes, key: bytes, chain: bytes):
+        creds = grpc.ssl_channel_credentials(root_certificates=bundle, private_key=key, certificate_chain=chain)
+        self.channel = grpc.secure_channel(f"127.0.0.1:{port}", creds, options=[("grpc.ssl_target_name_override", "localhost")])
+        self.rpc = self.channel.unary_unary("/sigil.v1.LedgerAPI/Append", request_serializer=lambda x: x,
+                                            response_deserializer=lambda x: x)
+
+    def append(self, writer: str, rows: list[bytes]) -> grpc.StatusCode:
+        message = b"\x0a" + varint(len(writer.encode())) + writer.encode()
+        for row in rows:
+            message += b"\x12" + varint(len(row)) + row
+        try:
+            self.rpc(message, timeout=20)
+            return grpc.StatusCode.OK
+        except grpc.RpcError as error:
+            return error.code()
+
+
+@pytest.fixture(scope="module")
+def env(sigil_bin):
+    c = Cluster(sigil_bin)
+    clients = []
+    try:
+        svids = {}
+        for name, spiffe_id in (("web", WEB), ("api", API)):
+            csr, key = make_csr(c.root, name)
+            res = run([c.bin, "ca", "sign", "--data-dir", c.ca_dir, "--csr", csr, "--spiffe-id", spiffe_id], timeout=60)
+            assert res.returncode == 0, res.describe()
+            svids[name] = (key.read_bytes(), res.stdout.encode())
+        c.start_server()
+        bundle = (c.ca_dir / "bundle.pem").read_bytes()
+        web, api = LedgerClient(c.port, bundle, *svids["web"]), LedgerClient(c.port, bundle, *svids["api"])
+        clients += [web, api]
+        yield c, web, api
+    finally:
+        for client in clients:
+            client.channel.close()
+        c.close()
+
+
+def stored(c: Cluster, writer: str) -> list[dict]:
+    res = run([c.bin, "audit", "query", "--json", "--data-dir", c.ca_dir, "--since", "3650d"])
+    assert res.returncode == 0, res.describe()
+    return [row for row in map(json.loads, res.stdout.splitlines()) if row["writer"] == writer]
+
+
+def test_a_workload_ships_only_calls_it_took_part_in(env):
+    c, web, _ = env
+    writer = "proxy:shop/app=web@1~forged"
+    forged, _ = sealed(writer, 1, GENESIS, source=API, destination=DB)
+    assert web.append(writer, [forged]) == grpc.StatusCode.PERMISSION_DENIED
+    own, _ = sealed(writer, 1, GENESIS, source=API, destination=WEB, path="/ok")
+    assert web.append(writer, [own]) == grpc.StatusCode.OK
+    assert [r["destination"] for r in stored(c, writer)] == [WEB]
+
+
+@pytest.mark.parametrize("writer, fields", [
+    ("proxy:shop/app=web@2", {"kind": "certificate_issued", "detail": "an SVID issued off the books"}),
+    (f"spiffe://{TRUST_DOMAIN}/sigil/server/", {"kind": "certificate_issued"}),
+    ("proxy:shop/app=web@3", {"destination": WEB, "time": "9999-12-31T00:00:00.000000Z"}),
+])
+def test_rows_a_proxy_never_writes_are_refused(env, writer, fields):
+    c, web, _ = env
+    row, _ = sealed(writer, 1, GENESIS, **fields)
+    assert web.append(writer, [row]) == grpc.StatusCode.INVALID_ARGUMENT
+    assert stored(c, writer) == []
+
+
+def test_a_row_that_would_print_as_several_lines_is_refused(env):
+    c, web, _ = env
+    writer = "proxy:shop/app=web@4"
+    row, _ = sealed(writer, 1, GENESIS, destination=WEB)
+    spread = row.replace(b',"kind"', b',\n"kind"')  # JSON allows the whitespace; the ledger does not
+    digest = hashlib.sha256(spread[:spread.rindex(b',"hash"')]).hexdigest()
+    spread = spread[:spread.rindex(b',"hash"')] + b',"hash":"' + digest.encode() + b'"}'
+    assert web.append(writer, [spread]) == grpc.StatusCode.INVALID_ARGUMENT
+    assert stored(c, writer) == []
+
+
+def test_another_workloads_chain_position_is_not_told(env):
+    _, web, api = env
+    writer = "proxy:shop/app=api@5~owned"
+    row, _ = sealed(writer, 1, GENESIS, source=WEB, destination=API)
+    assert api.append(writer, [row]) == grpc.StatusCode.OK
+    assert api.append(writer, []) == grpc.StatusCode.OK
+    assert web.append(writer, []) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_recorded_text_cannot_drive_the_auditors_terminal_or_report(env):
+    c, web, _ = env
+    writer = "proxy:shop/app=web@6"
+    row, _ = sealed(writer, 1, GENESIS, source=API, destination=WEB, decision="deny", status=403,
+                    path="/ok\u001b[2J\u001b]0;pwned\u0007", policy="p|q\n\n# Ledger integrity\n\nIntact (forged)\n\n<script>x</script>")
+    assert web.append(writer, [row]) == grpc.StatusCode.OK
+    query = run([c.bin, "audit", "query", "--data-dir", c.ca_dir, "--since", "3650d"])
+    assert query.returncode == 0 and "\x1b" not in query.stdout and "\x07" not in query.stdout, query.describe()
+    assert "/ok\\u{1b}[2J" in query.stdout, query.stdout
+    graph = run([c.bin, "audit", "graph", "--data-dir", c.ca_dir, "--since", "3650d"])
+    assert graph.returncode == 0 and "\x1b" not in graph.stdout, graph.describe()
+    report = run([c.bin, "audit", "report", "--data-dir", c.ca_dir, "--since", "3650d"])
+    assert report.returncode == 0, report.describe()
+    lines = report.stdout.splitlines()
+    assert "Intact (forged)" not in lines and "<script>" not in report.stdout, report.stdout
+    assert sum(line.startswith("# ") or line.startswith("## Ledger integrity") for line in lines) <= 2, report.stdout
