@@ -6,13 +6,14 @@ chain position, and text that would drive an auditor's terminal or report."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 
 import grpc
 import pytest
 
-from cluster import API, TRUST_DOMAIN, WEB, Cluster
-from interop_util import make_csr, run
+from cluster import API, TRUST_DOMAIN, WEB, Cluster, HTTPEchoApp, wait_for
+from interop_util import free_port, make_csr, run
 
 GENESIS = "0" * 64
 DB = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/db"
@@ -144,3 +145,36 @@ def test_recorded_text_cannot_drive_the_auditors_terminal_or_report(env):
     lines = report.stdout.splitlines()
     assert "Intact (forged)" not in lines and "<script>" not in report.stdout, report.stdout
     assert sum(line.startswith("# ") or line.startswith("## Ledger integrity") for line in lines) <= 2, report.stdout
+
+
+def test_two_replicas_of_one_workload_keep_separate_chains(sigil_bin):
+    """Two replicas (same SPIFFE ID, namespace, labels and inbound port; different addresses, as
+    two pods would have) shipping to one server: every call of each is stored. They used to share
+    a writer name, and the second replica's rows were dropped as already stored."""
+    c = Cluster(sigil_bin)
+    app = HTTPEchoApp()
+    try:
+        workload_api, policies = c.start_shop("")
+        port = free_port()
+        common = ["--workload-api", workload_api, "--app", app.address, "--namespace", "shop", "--labels", "app=api",
+                  "--policies", policies, "--mtls", "PERMISSIVE", "--spiffe-id", API, "--ledger-server", f"127.0.0.1:{c.port}"]
+        c.start_proxy("r1", *common, "--inbound", f"127.0.0.1:{port}", "--ledger", c.root / "r1.jsonl")
+        c.start_proxy("r2", *common, "--inbound", f"127.0.0.2:{port}", "--ledger", c.root / "r2.jsonl")
+        for host, prefix in (("127.0.0.1", "/replica1/"), ("127.0.0.2", "/replica2/")):
+            for i in range(3):
+                conn = http.client.HTTPConnection(host, port, timeout=10)
+                conn.request("GET", f"{prefix}{i}")
+                assert conn.getresponse().status == 200
+                conn.close()
+
+        def shipped():
+            res = run([c.bin, "audit", "query", "--json", "--data-dir", c.ca_dir, "--since", "1h"])
+            paths = [json.loads(line).get("path") or "" for line in res.stdout.splitlines()]
+            return [sum(p.startswith(prefix) for p in paths) for prefix in ("/replica1/", "/replica2/")]
+        wait_for(lambda: shipped() == [3, 3], 30, "both replicas' rows on the server", interval=0.5)
+        writers = {(c.root / f"{name}.jsonl.writer").read_text().strip() for name in ("r1", "r2")}
+        assert len(writers) == 2 and all(w.startswith(f"proxy:shop/app=api@{port}~") for w in writers), writers
+        assert "ledger upload refused" not in c.server.output()
+    finally:
+        app.close()
+        c.close()
