@@ -163,7 +163,7 @@ public enum JSONText {
     public static func appendString(_ value: String, to out: inout String) {
         out += "\""
         var plain = true
-        for unit in value.utf8 where unit < 0x20 || unit == 0x22 || unit == 0x5C {
+        for unit in value.utf8 where unit < 0x20 || unit == 0x22 || unit == 0x5C || unit == 0x7F {
             plain = false
             break
         }
@@ -178,7 +178,7 @@ public enum JSONText {
                 case "\r": out += "\\r"
                 case "\t": out += "\\t"
                 default:
-                    if scalar.value < 0x20 {
+                    if scalar.value < 0x20 || scalar.value == 0x7F {
                         let h = String(scalar.value, radix: 16)
                         out += "\\u" + String(repeating: "0", count: 4 - h.count) + h
                     } else {
@@ -197,7 +197,7 @@ public enum JSONText {
         value.withUTF8 { utf8 in
             // The common case (nothing to escape) is one copy.
             var plain = true
-            for unit in utf8 where unit < 0x20 || unit == 0x22 || unit == 0x5C {
+            for unit in utf8 where unit < 0x20 || unit == 0x22 || unit == 0x5C || unit == 0x7F {
                 plain = false
                 break
             }
@@ -212,7 +212,7 @@ public enum JSONText {
                 case 0x0A: out.append(0x5C); out.append(0x6E)
                 case 0x0D: out.append(0x5C); out.append(0x72)
                 case 0x09: out.append(0x5C); out.append(0x74)
-                case 0..<0x20:
+                case 0..<0x20, 0x7F:  // DEL too: a row stays printable
                     out.append(contentsOf: [0x5C, 0x75, 0x30, 0x30, hexDigit(unit >> 4), hexDigit(unit & 0xF)])
                 default: out.append(unit)
                 }

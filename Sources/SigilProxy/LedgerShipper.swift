@@ -97,7 +97,12 @@ public final class LedgerShipper: Sendable {
                     defer { p.failing = true }
                     return !p.failing
                 }
-                if first {
+                if let refusal = error as? RPCError, [.invalidArgument, .permissionDenied, .failedPrecondition].contains(refusal.code) {
+                    // The server refuses rows the spool holds: a chain cannot skip a row, so this
+                    // lasts until an operator acts. Said every time, at error level, with why.
+                    logger.error("the server refuses this proxy's ledger rows; shipping is stuck until that is resolved (the spool keeps every row)",
+                                 metadata: ["server": "\(host):\(port)", "error": "\(refusal.message)"])
+                } else if first {
                     logger.warning("cannot ship ledger rows to the server; they stay in the spool and are sent when it is back",
                                    metadata: ["server": "\(host):\(port)", "error": "\(error)"])
                 }

@@ -478,6 +478,13 @@ public final class LedgerSpool: Sendable {
     /// before suffixes existed keeps the name its rows carry, so its chain continues.
     public static func instanceWriter(base: String, spoolPath: String) throws(SpoolError) -> String {
         let namePath = spoolPath + ".writer"
+        // A missing or empty spool starts a new chain: under a new name (and with no shipping
+        // cursor), or the server would refuse it as not continuing the old name's stored chain.
+        // (A rotated spool always holds its `spool_rotated` row.)
+        if (FileStamp.size(of: spoolPath) ?? 0) == 0 {
+            unlink(namePath)
+            unlink(spoolPath + ".shipped")
+        }
         if let text = try? String(contentsOfFile: namePath, encoding: .utf8) {
             let name = text.trimmingCharacters(in: .whitespacesAndNewlines)
             guard name.hasPrefix("proxy:") else {

@@ -76,17 +76,17 @@ public struct LedgerAPIService: SigilLedgerAPI.SimpleServiceProtocol {
     static let proxyKinds: Set<String> = ["request", "connection", "policy_reload", "policy_rejected", "kill_switch_on",
                                           "kill_switch_off", "identity", "spool_rotated"]
 
-    /// What a proxy may claim: its own kinds of row, no time more than an hour ahead of the
-    /// server's clock, and on a call's row its own identity on one side (the callee on inbound,
+    /// What a proxy may claim: its own kinds of row, no time more than a day ahead of the
+    /// server's clock (a refused row stops its writer's shipping, so only the absurd is refused), and on a call's row its own identity on one side (the callee on inbound,
     /// the caller on outbound): a workload cannot enter calls between two others.
     func check(_ rows: [LedgerRow], uploader: String) throws {
-        let horizon = Int64(core.clock.now.timeIntervalSince1970 * 1_000_000) + 3_600_000_000
+        let horizon = Int64(core.clock.now.timeIntervalSince1970 * 1_000_000) + 86_400_000_000
         for row in rows {
             guard Self.proxyKinds.contains(row.kind) else {
                 throw RPCError(code: .invalidArgument, message: "row seq \(row.seq): a proxy does not write '\(row.kind.prefix(40))' rows")
             }
             guard row.timeMicros <= horizon else {
-                throw RPCError(code: .invalidArgument, message: "row seq \(row.seq) is stamped \(RFC3339.format(micros: row.timeMicros)), more than an hour ahead of the server's clock")
+                throw RPCError(code: .invalidArgument, message: "row seq \(row.seq) is stamped \(RFC3339.format(micros: row.timeMicros)), more than a day ahead of the server's clock")
             }
             if row.kind == "request" || row.kind == "connection", row.source != uploader, row.destination != uploader {
                 throw RPCError(code: .permissionDenied, message: "row seq \(row.seq) is a call between \(row.source ?? "a plaintext caller") and \(row.destination ?? "-"); \(uploader) may ship only calls it took part in")

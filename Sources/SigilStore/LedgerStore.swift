@@ -33,10 +33,11 @@ public struct LedgerRow: Sendable, Hashable {
     public static func parse(line: some Collection<UInt8>) throws(LedgerChain.Problem) -> LedgerRow {
         let bytes = Array(line)
         // Rows are one line of compact JSON as Sigil writes them: `{"writer":` first, no raw
-        // control character anywhere (JSON escapes them inside strings). A row with a raw newline
+        // control character below 0x20 anywhere (JSON escapes them inside strings; a raw DEL,
+        // which JSON allows and rows written before it was escaped hold, stays readable). A row with a raw newline
         // would print as several lines in `audit query --json`, one of which could pass for a row.
         guard bytes.starts(with: Array(#"{"writer":"#.utf8)) else { throw LedgerChain.Problem("the row does not start with {\"writer\":") }
-        guard !bytes.contains(where: { $0 < 0x20 || $0 == 0x7F }) else { throw LedgerChain.Problem("the row holds a raw control character") }
+        guard !bytes.contains(where: { $0 < 0x20 }) else { throw LedgerChain.Problem("the row holds a raw control character") }
         let (stated, computed) = try LedgerChain.hashes(of: bytes)
         guard stated == computed else { throw LedgerChain.Problem("its bytes do not match its hash (the row was edited)") }
         guard let object = (try? JSONSerialization.jsonObject(with: Data(bytes))) as? [String: Any] else {

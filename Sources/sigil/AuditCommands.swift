@@ -90,9 +90,9 @@ struct AuditVerify: AsyncParsableCommand {
             for note in notes { print("  \(note)") }
         } else {
             // Counted as problems, not writers: a line that is no row at all has no writer.
-            let failing = Set(report.breaks.map(\.writer).filter { $0 != "-" }).count
+            let failing = Set(report.breaks.map(\.writer).filter { $0 != "-" && $0 != "?" }).count
             print("ledger BROKEN: \(report.breaks.count) problem\(report.breaks.count == 1 ? "" : "s") in \(failing) of \(report.writers) writer\(report.writers == 1 ? "" : "s") (\(report.rows) rows read)")
-            for broken in report.breaks { print("  \(broken)") }
+            for broken in report.breaks { print(terminalSafe("  \(broken)")) }
         }
         if !report.intact { throw NegativeAnswer(message: "") }
     }

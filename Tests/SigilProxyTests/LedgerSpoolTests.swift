@@ -34,12 +34,29 @@ struct LedgerSpoolTests {
         let b = try LedgerSpool.instanceWriter(base: base, spoolPath: second)
         #expect(a.hasPrefix(base + "~") && a.utf8.count == base.utf8.count + 13)
         #expect(a != b)  // two replicas of one workload: two chains
-        #expect(try LedgerSpool.instanceWriter(base: base, spoolPath: first) == a)  // a restart keeps it
+        _ = try LedgerSpool(path: first, writer: a, logger: Logger(label: "test")).append(row("/y"))
+        #expect(try LedgerSpool.instanceWriter(base: base, spoolPath: first) == a)  // a restart with rows keeps it
         let old = tempFile()
         defer { unlink(old); unlink(old + ".writer") }
         let spool = try LedgerSpool(path: old, writer: base, logger: Logger(label: "test"))
         _ = spool.append(row("/x"))
         #expect(try LedgerSpool.instanceWriter(base: base, spoolPath: old) == base)
+        // A deleted spool starts a new chain under a new name (the old name's chain is stored).
+        unlink(first)
+        let renamed = try LedgerSpool.instanceWriter(base: base, spoolPath: first)
+        #expect(renamed != a && renamed.hasPrefix(base + "~"))
+    }
+
+    @Test("a DEL byte in a recorded field is escaped: every row is printable and the server reads it")
+    func deleteIsEscaped() throws {
+        let path = tempFile()
+        defer { unlink(path) }
+        let spool = try LedgerSpool(path: path, writer: "proxy:t", logger: Logger(label: "test"))
+        _ = spool.append(row("/a\u{7f}b"))
+        let bytes = try #require(FileManager.default.contents(atPath: path))
+        #expect(!bytes.contains(0x7F))
+        #expect(String(decoding: bytes, as: UTF8.self).contains(#""path":"/a\u007fb""#))
+        #expect(try lines(path).first?["path"] as? String == "/a\u{7f}b")
     }
 
     @Test("rows are JSON, numbered, and hash-chained across a restart")
