@@ -38,8 +38,8 @@ public enum PolicyLoader {
         }
         var files: [String] = []
         if isDirectory.boolValue {
-            let names = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
-            files = names.filter { $0.hasSuffix(".yaml") || $0.hasSuffix(".yml") }.sorted().map { path + "/" + $0 }
+            // The same listing the proxy's watcher stamps: what it watches is what is loaded.
+            files = (FileStamp.yamlNames(inDirectory: path) ?? []).map { path + "/" + $0 }
         } else {
             files = [path]
         }

@@ -2,6 +2,7 @@
 as child processes, bounded in time, always stopped by the test that started them."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -81,6 +82,28 @@ class Proc:
         with open(self.log_path, "rb") as f:
             f.seek(self.log_start)
             return f.read().decode(errors="replace")
+
+
+@contextlib.contextmanager
+def served_cluster(sigil_bin):
+    """A Cluster with its server running, closed (server, agents, proxies, files) on exit."""
+    c = Cluster(sigil_bin)
+    try:
+        c.start_server()
+        yield c
+    finally:
+        c.close()
+
+
+def read_request_head(conn: socket.socket, data: bytes) -> tuple[bytes, bytes] | None:
+    """Reads until `data` holds a whole request head: (head, the bytes after it), or None at EOF."""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    return head, rest
 
 
 class Cluster:
@@ -393,12 +416,10 @@ class StreamingApp(TCPEchoServer):
             try:
                 data = b""
                 while True:
-                    while b"\r\n\r\n" not in data:
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            return
-                        data += chunk
-                    head, data = data.split(b"\r\n\r\n", 1)
+                    got = read_request_head(conn, data)
+                    if got is None:
+                        return
+                    head, data = got
                     self.heads += 1
                     match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
                     left = int(match.group(1)) - len(data) if match else 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cluster import TRUST_DOMAIN, Cluster, wait_for
+from cluster import TRUST_DOMAIN, Cluster, served_cluster, wait_for
 from interop_util import make_csr, pem_block
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,12 +30,8 @@ def sigil_pb(tmp_path_factory):
 
 @pytest.fixture
 def cluster(sigil_bin):
-    c = Cluster(sigil_bin)
-    try:
-        c.start_server()
+    with served_cluster(sigil_bin) as c:
         yield c
-    finally:
-        c.close()
 
 
 def agent_channel(cluster, name):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import TRUST_DOMAIN, Cluster, Proc, wait_for
+from cluster import TRUST_DOMAIN, Cluster, Proc, served_cluster, wait_for
 from interop_util import free_port, run
 
 AGENT = f"spiffe://{TRUST_DOMAIN}/sigil/agent/node-1"
@@ -20,12 +20,8 @@ WORKLOAD = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/web"
 
 @pytest.fixture(scope="module")
 def cluster(sigil_bin):
-    c = Cluster(sigil_bin)
-    try:
-        c.start_server()
+    with served_cluster(sigil_bin) as c:
         yield c
-    finally:
-        c.close()
 
 
 def test_agent_server_address_may_be_a_name_or_ipv6_and_a_bad_one_is_a_usage_error(sigil_bin, tmp_path):

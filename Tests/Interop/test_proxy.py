@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cluster import (API_FROM_WEB, TRUST_DOMAIN, Cluster, HTTPEchoApp, StreamingApp, TCPEchoServer, ledger_rows, verify_ledger_chain,
-                     wait_for)
+from cluster import (API_FROM_WEB, TRUST_DOMAIN, Cluster, HTTPEchoApp, StreamingApp, TCPEchoServer, ledger_rows, read_request_head,
+                     verify_ledger_chain, wait_for)
 from interop_util import free_port, make_csr, openssl, run
 
 WEB = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/web"
@@ -1179,12 +1179,10 @@ class MidCloseApp(TCPEchoServer):
             data = b""
             try:
                 while True:
-                    while b"\r\n\r\n" not in data:
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            return
-                        data += chunk
-                    head, data = data.split(b"\r\n\r\n", 1)
+                    got = read_request_head(conn, data)
+                    if got is None:
+                        return
+                    head, data = got
                     path = head.split(b" ", 2)[1]
                     if path == b"/midclose":
                         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")

@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cluster import TRUST_DOMAIN, Cluster, wait_for
+from cluster import TRUST_DOMAIN, Cluster, served_cluster, wait_for
 
 spiffe = pytest.importorskip("spiffe")
 from spiffe import WorkloadApiClient  # noqa: E402
@@ -28,12 +28,8 @@ NOBODY = 65534
 
 @pytest.fixture
 def cluster(sigil_bin):
-    c = Cluster(sigil_bin)
-    try:
-        c.start_server()
+    with served_cluster(sigil_bin) as c:
         yield c
-    finally:
-        c.close()
 
 
 @pytest.fixture
