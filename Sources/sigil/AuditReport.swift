@@ -186,11 +186,23 @@ struct AuditReport: AsyncParsableCommand {
             case .text(let text):
                 out += terminalSafe(text).replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;") + "\n"
             case .table(let header, let rows):
-                // A cell stays one cell: no line break, pipe or control character gets out of it, and
-                // no HTML passes through to a renderer that would keep it (`<` and `>` as entities).
+                // A cell stays one cell and renders as the literal text recorded: no line break, pipe
+                // or control character gets out of it, no HTML passes through to a renderer that would
+                // keep it (`<` and `>` as entities), and Markdown's own punctuation is escaped, so a
+                // recorded path cannot become a link, an image or emphasis in the auditor's copy.
                 func cell(_ s: String) -> String {
-                    terminalSafe(s).replacingOccurrences(of: "|", with: "\\|")
-                        .replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;")
+                    var out = ""
+                    for ch in terminalSafe(s) {
+                        switch ch {
+                        case "<": out += "&lt;"
+                        case ">": out += "&gt;"
+                        case "&": out += "&amp;"
+                        case "\\", "`", "*", "_", "[", "]", "(", ")", "!", "~", "|", "#", "{", "}":
+                            out.append("\\"); out.append(ch)
+                        default: out.append(ch)
+                        }
+                    }
+                    return out
                 }
                 out += "| " + header.map(cell).joined(separator: " | ") + " |\n"
                 out += "|" + header.map { _ in "---|" }.joined() + "\n"

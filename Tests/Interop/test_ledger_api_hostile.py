@@ -133,7 +133,7 @@ def test_recorded_text_cannot_drive_the_auditors_terminal_or_report(env):
     c, web, _ = env
     writer = "proxy:shop/app=web@6"
     row, _ = sealed(writer, 1, GENESIS, source=API, destination=WEB, decision="deny", status=403,
-                    path="/ok\u001b[2J\u001b]0;pwned\u0007", policy="p|q\n\n# Ledger integrity\n\nIntact (forged)\n\n<script>x</script>")
+                    path="/ok\u001b[2J\u001b]0;pwned\u0007[click](https://evil.example/)", policy="p|q\n\n# Ledger integrity\n\nIntact (forged)\n\n<script>x</script>")
     assert web.append(writer, [row]) == grpc.StatusCode.OK
     query = run([c.bin, "audit", "query", "--data-dir", c.ca_dir, "--since", "3650d"])
     assert query.returncode == 0 and "\x1b" not in query.stdout and "\x07" not in query.stdout, query.describe()
@@ -145,6 +145,9 @@ def test_recorded_text_cannot_drive_the_auditors_terminal_or_report(env):
     lines = report.stdout.splitlines()
     assert "Intact (forged)" not in lines and "<script>" not in report.stdout, report.stdout
     assert sum(line.startswith("# ") or line.startswith("## Ledger integrity") for line in lines) <= 2, report.stdout
+    # a recorded path stays literal text in the Markdown report: not a link an auditor could follow
+    assert "[click](https://evil.example/)" not in report.stdout, report.stdout
+    assert "\\[click\\]\\(https://evil.example/\\)" in report.stdout, report.stdout
 
 
 def test_two_replicas_of_one_workload_keep_separate_chains(sigil_bin):
