@@ -54,9 +54,9 @@ public struct FileStamp: Equatable, Sendable {
         return (kind, Int(st.st_size))
     }
 
-    /// The `.yaml`/`.yml` names in a directory, sorted; nil when `path` is not a directory that
-    /// can be read.
-    public static func yamlNames(inDirectory path: String) -> [String]? {
+    /// The policy files in a directory (`.yaml`, `.yml` and `.json`, the names `kubectl apply -f
+    /// DIR` reads), sorted; nil when `path` is not a directory that can be read.
+    public static func policyFileNames(inDirectory path: String) -> [String]? {
         guard let dir = opendir(path) else { return nil }
         defer { closedir(dir) }
         var names: [String] = []
@@ -64,7 +64,7 @@ public struct FileStamp: Equatable, Sendable {
             let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
                 String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
             }
-            if name.hasSuffix(".yaml") || name.hasSuffix(".yml") { names.append(name) }
+            if name.hasSuffix(".yaml") || name.hasSuffix(".yml") || name.hasSuffix(".json") { names.append(name) }
         }
         return names.sorted()
     }

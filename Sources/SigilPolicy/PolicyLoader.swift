@@ -39,7 +39,7 @@ public enum PolicyLoader {
         var files: [String] = []
         if isDirectory.boolValue {
             // The same listing the proxy's watcher stamps: what it watches is what is loaded.
-            files = (FileStamp.yamlNames(inDirectory: path) ?? []).map { path + "/" + $0 }
+            files = (FileStamp.policyFileNames(inDirectory: path) ?? []).map { path + "/" + $0 }
         } else {
             files = [path]
         }
@@ -48,7 +48,12 @@ public enum PolicyLoader {
             guard let data = FileManager.default.contents(atPath: file) else {
                 throw PolicyLoadError(file: file, document: 0, field: "", problem: "cannot read the file")
             }
-            let more = try parse(String(decoding: data, as: UTF8.self), file: file)
+            // Refused rather than read with U+FFFD in place of the bad bytes: a namespace or path
+            // so changed would load and silently never match.
+            guard let text = String(validating: data, as: UTF8.self) else {
+                throw PolicyLoadError(file: file, document: 0, field: "", problem: "the file is not valid UTF-8")
+            }
+            let more = try parse(text, file: file)
             set.authorizationPolicies += more.authorizationPolicies
             set.peerAuthentications += more.peerAuthentications
         }
@@ -136,10 +141,12 @@ public enum PolicyLoader {
             switch kind {
             case "AuthorizationPolicy":
                 var policy = try reader.authorizationPolicy(name: name, namespace: namespace, spec: spec)
-                policy.dryRun = try reader.dryRun(metadata)
+                policy.dryRun = try reader.dryRun(metadata, action: policy.action)
                 set.authorizationPolicies.append(policy)
             case "PeerAuthentication":
-                set.peerAuthentications.append(try reader.peerAuthentication(name: name, namespace: namespace, spec: spec))
+                var policy = try reader.peerAuthentication(name: name, namespace: namespace, spec: spec)
+                policy.createdAt = try reader.creationTimestamp(metadata)
+                set.peerAuthentications.append(policy)
             default:
                 throw reader.error("kind", "'\(kind)' is not supported (AuthorizationPolicy or PeerAuthentication)")
             }
@@ -165,7 +172,7 @@ public enum PolicyLoader {
         /// refused rather than half-applied; a document that expands (through aliases) past
         /// ``maximumNodes`` (counted over the file through `budget`) is refused. An integer written
         /// other than in plain decimal (`0x1F90`, `010`, `8_080`) stays text, so a port spelled so
-        /// is refused instead of reinterpreted.
+        /// is refused instead of reinterpreted; so does a YAML 1.1-only boolean (`yes`, `off`).
         func plain(_ node: Node, _ field: String, budget: inout Int) throws(PolicyLoadError) -> Any {
             budget -= 1
             guard budget >= 0 else {
@@ -175,6 +182,9 @@ public enum PolicyLoader {
             case .scalar(let scalar):
                 let value = node.any
                 if let number = value as? Int, String(number) != scalar.string { return scalar.string }
+                // YAML 1.1's other booleans (yes, no, on, off, y, n) stay text, as YAML 1.2 reads
+                // them: `istio.io/dry-run: yes` is then refused instead of read as true.
+                if value is Bool, !["true", "false", "True", "False", "TRUE", "FALSE"].contains(scalar.string) { return scalar.string }
                 return value
             case .sequence(let items):
                 var out: [Any] = []
@@ -198,16 +208,40 @@ public enum PolicyLoader {
             }
         }
 
-        /// `metadata.annotations["istio.io/dry-run"]`: "true" loads the policy without enforcing it.
-        func dryRun(_ metadata: [String: Any]) throws(PolicyLoadError) -> Bool {
+        /// `metadata.annotations["istio.io/dry-run"]`: true loads the policy without enforcing it.
+        /// Read as Istio's validation reads it (Go's `strconv.ParseBool`: 1, t, T, TRUE, true,
+        /// True and their false forms; anything else is refused), and only on ALLOW and DENY
+        /// policies, as Istio allows.
+        func dryRun(_ metadata: [String: Any], action: AuthorizationPolicy.Action) throws(PolicyLoadError) -> Bool {
+            let field = "metadata.annotations.istio.io/dry-run"
             guard let annotations = try optionalMap(metadata["annotations"], "metadata.annotations") else { return false }
             guard let value = annotations["istio.io/dry-run"] else { return false }
-            if let flag = value as? Bool { return flag }
-            switch try string(value, "metadata.annotations.istio.io/dry-run").lowercased() {
-            case "true": return true
-            case "false": return false
-            case let other: throw error("metadata.annotations.istio.io/dry-run", "'\(other)' is not \"true\" or \"false\"")
+            guard action == .allow || action == .deny else {
+                throw error(field, "dry-run is supported only on ALLOW and DENY policies, not \(action.rawValue)")
             }
+            if let flag = value as? Bool { return flag }
+            let text = try string(value, field)
+            switch text {
+            case "1", "t", "T", "TRUE", "true", "True": return true
+            case "0", "f", "F", "FALSE", "false", "False": return false
+            default: throw error(field, "'\(text)' is not a boolean (write \"true\" or \"false\")")
+            }
+        }
+
+        /// `metadata.creationTimestamp` (RFC 3339) in seconds since 1970, nil when absent: of two
+        /// PeerAuthentications at one level, Istio applies the older.
+        func creationTimestamp(_ metadata: [String: Any]) throws(PolicyLoadError) -> Double? {
+            let field = "metadata.creationTimestamp"
+            guard let value = metadata["creationTimestamp"], !(value is NSNull) else { return nil }
+            if let date = value as? Date { return date.timeIntervalSince1970 }
+            let text = try string(value, field)
+            let plain = ISO8601DateFormatter()
+            let fractional = ISO8601DateFormatter()
+            fractional.formatOptions.insert(.withFractionalSeconds)
+            guard let date = plain.date(from: text) ?? fractional.date(from: text) else {
+                throw error(field, "'\(text)' is not an RFC 3339 time such as 2026-01-31T12:00:00Z")
+            }
+            return date.timeIntervalSince1970
         }
 
         func allow(_ map: [String: Any], _ keys: Set<String>, at path: String) throws(PolicyLoadError) {
@@ -284,6 +318,10 @@ public enum PolicyLoader {
             var rules: [AuthorizationPolicy.Rule] = []
             for (i, item) in (try list(spec["rules"], "spec.rules") ?? []).enumerated() {
                 rules.append(try rule(item, "spec.rules[\(i)]"))
+            }
+            if action == .deny, rules.isEmpty {
+                // As Istio's validation: it would never match, though it reads as "deny everything".
+                throw error("spec.rules", "a DENY policy without rules never matches; add an empty rule `rules: [{}]` to deny every request")
             }
             return AuthorizationPolicy(name: name, namespace: namespace, matchLabels: try labels(spec, "spec.selector"), action: action, rules: rules)
         }

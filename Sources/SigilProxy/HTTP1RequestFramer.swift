@@ -359,6 +359,11 @@ public struct HTTP1RequestFramer: Sendable {
         var i = 0
         while i < lineContent, raw[i] != 0x20 {
             guard HTTPBytes.isTokenByte(raw[i]) else { throw FramingError(400, "invalid request method") }
+            // As Istio's sidecar: a method not in upper case is refused, since policies match
+            // methods case-sensitively and many apps upper-case the method they are given.
+            guard raw[i] < UInt8(ascii: "a") || raw[i] > UInt8(ascii: "z") else {
+                throw FramingError(400, "request method not in upper case")
+            }
             i += 1
         }
         guard i > 0, i < lineContent else { throw FramingError(400, "malformed request line") }

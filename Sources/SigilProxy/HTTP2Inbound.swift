@@ -604,6 +604,8 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
             }
         }
         guard let method, let path else { return nil }
+        // A method not in upper case: 400, as on HTTP/1.1 (policies match methods case-sensitively).
+        guard !method.utf8.contains(where: { $0 >= UInt8(ascii: "a") && $0 <= UInt8(ascii: "z") }) else { return nil }
         if !hostAdded, let authority { out.add(name: "host", value: authority) }
         guard authority != nil || out.contains(name: "host") else { return nil }  // no Host: 400, as on HTTP/1.1
         guard hosts <= 1 else { return nil }  // two Host fields: 400, as on HTTP/1.1 (authorization reads one)

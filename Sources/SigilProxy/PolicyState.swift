@@ -20,7 +20,7 @@ public struct EnforcementState: Sendable {
     public var mode: PeerAuthentication.Mode { killSwitch != nil ? .permissive : baseMode }
     /// Set when the kill switch is on: PERMISSIVE and allow-all, whatever the policies say.
     public let killSwitch: String?
-    /// Lowercased names of request headers that `when` conditions read (only these are collected).
+    /// Lowercased names of request headers that rules read (only these are collected).
     public let headerNames: [String]
     /// Counts loads, starting at 1.
     public let generation: Int
@@ -36,15 +36,7 @@ public struct EnforcementState: Sendable {
             .mode(for: workload, port: appPort)
         self.killSwitch = killSwitch
         self.baseMode = modeOverride ?? resolved
-        var names = Set<String>()
-        for policy in applicable {
-            for rule in policy.rules {
-                for condition in rule.when {
-                    if let name = AuthorizationPolicy.Condition.headerName(condition.key) { names.insert(name.lowercased()) }
-                }
-            }
-        }
-        self.headerNames = names.sorted()
+        self.headerNames = AuthorizationPolicy.headerNamesRead(by: applicable)
         self.generation = generation
     }
 
@@ -159,7 +151,7 @@ public final class PolicyStore: Sendable {
     /// file `--policies` names) and the kill switch, what `stat(2)` says of the file it resolves to.
     static func fingerprint(_ settings: Settings) -> [FileStamp] {
         var stamps: [FileStamp] = []
-        if let names = FileStamp.yamlNames(inDirectory: settings.policiesPath) {
+        if let names = FileStamp.policyFileNames(inDirectory: settings.policiesPath) {
             for name in names { stamps.append(FileStamp(path: settings.policiesPath + "/" + name)) }
         } else {
             stamps.append(FileStamp(path: settings.policiesPath))

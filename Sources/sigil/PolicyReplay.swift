@@ -125,7 +125,14 @@ struct PolicyReplay: AsyncParsableCommand {
     }
 
     /// Condition keys the ledger keeps what they read.
-    static let replayableKeys: Set<String> = ["source.ip", "remote.ip", "source.namespace", "source.principal", "destination.port"]
+    /// The `when` keys a row's recorded fields answer. `remote.ip` is not one: the live proxy
+    /// reads it from X-Forwarded-For, which the ledger does not record (nor `remoteIpBlocks`).
+    static let replayableKeys: Set<String> = ["source.ip", "source.namespace", "source.principal", "destination.port"]
+
+    static func readsUnrecordedFields(_ rule: AuthorizationPolicy.Rule) -> Bool {
+        rule.when.contains { !replayableKeys.contains($0.key) }
+            || rule.from.contains { $0.remoteIpBlocks != nil || $0.notRemoteIpBlocks != nil }
+    }
 
     static func replay(_ rows: [LedgerRow], against set: PolicySet, rootNamespace: String) -> Summary {
         let evaluator = PolicyEvaluator(policies: set.authorizationPolicies, rootNamespace: rootNamespace)
@@ -143,7 +150,7 @@ struct PolicyReplay: AsyncParsableCommand {
             let (prepared, approximate) = replayFor[workload] ?? {
                 let applicable = evaluator.applicable(to: workload)
                 let approximate = applicable.contains { policy in
-                    policy.rules.contains { $0.when.contains { !replayableKeys.contains($0.key) } }
+                    policy.rules.contains(where: readsUnrecordedFields)
                 }
                 let value = (PreparedPolicies(applicable), approximate)
                 replayFor[workload] = value

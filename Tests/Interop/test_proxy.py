@@ -761,6 +761,8 @@ SMUGGLING = {
     "te-empty-element": ("POST /ok HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: ,chunked\r\n\r\n0\r\n\r\n", 400, "empty Transfer-Encoding"),
     # A fragment is no part of a request target: authorization would see /ok, an app might see /admin.
     "fragment": ("GET /ok#/../admin HTTP/1.1\r\nHost: api\r\n\r\n", 400, "request target"),
+    # Policies match methods case-sensitively, and many apps upper-case the method: Istio answers 400.
+    "lowercase-method": ("delete /ok HTTP/1.1\r\nHost: api\r\n\r\n", 400, "upper case"),
 }
 
 
@@ -776,6 +778,13 @@ def test_ambiguous_request_framing_is_refused_and_nothing_is_smuggled(mesh, case
         s.settimeout(10)
         assert s.recv(100) == b"", "the connection stayed open after a framing error"
     assert not any(seen["path"] == smuggled for seen in list(mesh.app.seen))
+
+
+def test_a_lowercase_method_over_http2_is_refused(mesh):
+    path = tag("lower-h2")
+    replies, res = curl("--http2", *mesh.idents["web"].curl, "-X", "delete", f"https://127.0.0.1:{mesh.api_in}{path}")
+    assert [r.code for r in replies] == [400], res.describe()
+    assert not any(seen["path"] == path for seen in list(mesh.app.seen))
 
 
 def test_head_then_get_on_one_connection(mesh):

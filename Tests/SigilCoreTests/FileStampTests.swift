@@ -17,8 +17,9 @@ struct FileStampTests {
         try fm.createSymbolicLink(atPath: "\(dir)/..data", withDestinationPath: "v1")
         try fm.createSymbolicLink(atPath: "\(dir)/a.yaml", withDestinationPath: "..data/a.yaml")
         try "x".write(toFile: "\(dir)/notes.txt", atomically: false, encoding: .utf8)
-        #expect(FileStamp.yamlNames(inDirectory: dir) == ["a.yaml"])
-        #expect(FileStamp.yamlNames(inDirectory: "\(dir)/notes.txt") == nil)
+        try "{}".write(toFile: "\(dir)/b.json", atomically: false, encoding: .utf8)
+        #expect(FileStamp.policyFileNames(inDirectory: dir) == ["a.yaml", "b.json"])
+        #expect(FileStamp.policyFileNames(inDirectory: "\(dir)/notes.txt") == nil)
 
         let first = FileStamp(path: "\(dir)/a.yaml")
         #expect(FileStamp(path: "\(dir)/a.yaml") == first)

@@ -61,7 +61,25 @@ let cases: [PolicyCase] = [
     PolicyCase(name: "spec {} ALLOW denies all", yaml: ap(rules: nil), request: http(), allowed: false, policy: nil, rule: nil),
     PolicyCase(name: "rules [{}] allows all", yaml: ap(rules: "- {}"), request: http(), allowed: true, policy: "prod/p", rule: 0),
     PolicyCase(name: "rules [{}] allows plaintext too", yaml: ap(rules: "- {}"), request: http(nil), allowed: true, policy: "prod/p", rule: 0),
-    PolicyCase(name: "DENY with no rules denies nothing", yaml: ap(action: "DENY", rules: nil), request: http(), allowed: true, policy: nil, rule: nil),
+    // namespaces: Istio's regex `.*/ns/<value, * as .*>/.*`, so `*` anywhere
+    PolicyCase(name: "namespace * in the middle", yaml: ap(action: "DENY", rules: "- from:\n  - source:\n      namespaces: [\"team-*-dev\"]"), request: http("td/ns/team-a-dev/sa/x"), allowed: false, policy: "prod/p", rule: 0),
+    PolicyCase(name: "namespace * in the middle, no match", yaml: ap(action: "DENY", rules: "- from:\n  - source:\n      namespaces: [\"team-*-dev\"]"), request: http("td/ns/team-a-prod/sa/x"), allowed: true, policy: nil, rule: nil),
+    PolicyCase(name: "namespace *dev* contains", yaml: ap(action: "DENY", rules: "- from:\n  - source:\n      namespaces: [\"*dev*\"]"), request: http("td/ns/a-dev-b/sa/x"), allowed: false, policy: "prod/p", rule: 0),
+    PolicyCase(name: "notNamespaces * in the middle", yaml: ap(rules: "- from:\n  - source:\n      principals: [\"*\"]\n      notNamespaces: [\"team-*-dev\"]"), request: http("td/ns/team-a-dev/sa/x"), allowed: false, policy: nil, rule: nil),
+    PolicyCase(name: "source.namespace * in the middle", yaml: ap(rules: "- when:\n  - key: source.namespace\n    values: [\"t*m\"]"), request: http("td/ns/team/sa/x"), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "namespace * needs a peer namespace", yaml: ap(rules: "- from:\n  - source:\n      namespaces: [\"*\"]"), request: http(nil), allowed: false, policy: nil, rule: nil),
+    // pseudo-headers are the request's own fields (Envoy holds requests in HTTP/2 form); `host` is `:authority`
+    PolicyCase(name: "when :method", yaml: ap(action: "DENY", rules: "- when:\n  - key: request.headers[:method]\n    values: [\"DELETE\"]"), request: http(method: "DELETE"), allowed: false, policy: "prod/p", rule: 0),
+    PolicyCase(name: "when :authority", yaml: ap(action: "DENY", rules: "- when:\n  - key: request.headers[:authority]\n    values: [\"admin.*\"]"), request: http(host: "admin.local"), allowed: false, policy: "prod/p", rule: 0),
+    PolicyCase(name: "when :path", yaml: ap(action: "DENY", rules: "- when:\n  - key: request.headers[:path]\n    values: [\"/a?*\"]"), request: http(path: "/a?x=1"), allowed: false, policy: "prod/p", rule: 0),
+    PolicyCase(name: "when :scheme over mTLS", yaml: ap(rules: "- when:\n  - key: request.headers[:scheme]\n    values: [\"https\"]"), request: http(), allowed: true, policy: "prod/p", rule: 0),
+    PolicyCase(name: "when [host] is never present", yaml: ap(rules: "- when:\n  - key: request.headers[host]\n    values: [\"*\"]"), request: http(headers: ["host": ["web.prod.svc"]]), allowed: false, policy: nil, rule: nil),
+    // remote.ip / remoteIpBlocks: the last X-Forwarded-For address (Envoy, use_remote_address false)
+    PolicyCase(name: "remoteIpBlocks from X-Forwarded-For", yaml: ap(action: "DENY", rules: "- from:\n  - source:\n      remoteIpBlocks: [\"203.0.113.0/24\"]"), request: http(headers: ["x-forwarded-for": ["203.0.113.7"]]), allowed: false, policy: "prod/p", rule: 0),
+    PolicyCase(name: "remote.ip is the last X-Forwarded-For address", yaml: ap(action: "DENY", rules: "- when:\n  - key: remote.ip\n    values: [\"198.51.100.9\"]"), request: http(headers: ["x-forwarded-for": ["10.0.0.1, 198.51.100.9"]]), allowed: false, policy: "prod/p", rule: 0),
+    PolicyCase(name: "remote.ip: an earlier X-Forwarded-For address is not it", yaml: ap(action: "DENY", rules: "- when:\n  - key: remote.ip\n    values: [\"10.0.0.1\"]"), request: http(headers: ["x-forwarded-for": ["10.0.0.1, 198.51.100.9"]]), allowed: true, policy: nil, rule: nil),
+    PolicyCase(name: "remote.ip without X-Forwarded-For is the peer", yaml: ap(action: "DENY", rules: "- from:\n  - source:\n      remoteIpBlocks: [\"10.1.2.0/24\"]"), request: http(), allowed: false, policy: "prod/p", rule: 0),
+    PolicyCase(name: "remote.ip: a last entry that is no address falls back to the peer", yaml: ap(action: "DENY", rules: "- from:\n  - source:\n      remoteIpBlocks: [\"10.1.2.0/24\"]"), request: http(headers: ["x-forwarded-for": ["203.0.113.7, unknown"]]), allowed: false, policy: "prod/p", rule: 0),
     PolicyCase(name: "DENY rules [{}] denies all", yaml: ap(action: "DENY", rules: "- {}"), request: http(), allowed: false, policy: "prod/p", rule: 0),
     // principals
     PolicyCase(name: "principal match", yaml: allowGETFromSleep, request: http(), allowed: true, policy: "prod/p", rule: 0),
@@ -284,6 +302,10 @@ struct PolicyLoadingTests {
     @Test func refusedLikeIstio() throws {
         let refusals: [(String, String, String)] = [
             (ap(rules: "- ~"), "spec.rules[0]", "must not be null"),
+            (ap(action: "DENY", rules: nil), "spec.rules", "never matches"),
+            (ap(rules: "- {}").replacingOccurrences(of: "metadata:\n", with: "metadata:\n  annotations: {istio.io/dry-run: \"tRuE\"}\n"), "metadata.annotations.istio.io/dry-run", "not a boolean"),
+            (ap(rules: "- {}").replacingOccurrences(of: "metadata:\n", with: "metadata:\n  annotations: {istio.io/dry-run: yes}\n"), "metadata.annotations.istio.io/dry-run", "not a boolean"),
+            (ap(action: "AUDIT", rules: "- {}").replacingOccurrences(of: "metadata:\n", with: "metadata:\n  annotations: {istio.io/dry-run: \"true\"}\n"), "metadata.annotations.istio.io/dry-run", "only on ALLOW and DENY"),
             (ap(rules: "-"), "spec.rules[0]", "must not be null"),
             (ap(rules: "- from:\n  - source: {}"), "spec.rules[0].from[0].source", "must not be empty"),
             (ap(rules: "- from:\n  - source:\n      principals: []"), "spec.rules[0].from[0].source", "must not be empty"),
@@ -317,6 +339,34 @@ struct PolicyLoadingTests {
         var out = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
         for i in 1...6 { out += "a\(i): &a\(i) [" + Array(repeating: "*a\(i - 1)", count: 10).joined(separator: ", ") + "]\n" }
         return out + "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: prod}\nspec: {rules: [{}]}\nboom: *a6\n"
+    }
+
+    /// A directory's `.json` files load with its YAML (as `kubectl apply -f DIR` reads them); a
+    /// file that is not UTF-8 is refused, not read with its bad bytes replaced.
+    @Test func directoryReadsJSONAndRefusesBadUTF8() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("policies-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try ap("allow", rules: "- {}").write(toFile: "\(dir)/a.yaml", atomically: false, encoding: .utf8)
+        let json = #"{"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy", "metadata": {"name": "deny-json", "namespace": "prod"}, "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/json"]}}]}]}}"#
+        try json.write(toFile: "\(dir)/b.json", atomically: false, encoding: .utf8)
+        let set = try PolicyLoader.load(path: dir)
+        #expect(set.authorizationPolicies.map(\.qualifiedName) == ["prod/allow", "prod/deny-json"])
+        #expect(!PolicyEvaluator(policies: set.authorizationPolicies).evaluate(http(path: "/json"), for: web).allowed)
+
+        var bad = Data(ap("ev", action: "DENY", rules: "- from:\n  - source:\n      namespaces: [\"evXil\"]").utf8)
+        bad[bad.firstIndex(of: UInt8(ascii: "X"))!] = 0xFF
+        try bad.write(to: URL(fileURLWithPath: "\(dir)/c.yaml"))
+        #expect { try PolicyLoader.load(path: dir) } throws: { ($0 as? PolicyLoadError)?.problem.contains("not valid UTF-8") == true }
+    }
+
+    /// What a proxy collects from each request: headers that rules read, X-Forwarded-For when a
+    /// rule reads the remote address, never pseudo-headers or `host` (the request's own fields).
+    @Test func headerNamesAProxyCollects() throws {
+        let set = try PolicyLoader.parse(ap(rules: "- when:\n  - key: request.headers[X-Env]\n    values: [\"a\"]\n  - key: request.headers[:method]\n    values: [\"GET\"]\n  - key: request.headers[Host]\n    values: [\"a\"]")
+            + "---\n" + ap("r", rules: "- from:\n  - source:\n      notRemoteIpBlocks: [\"10.0.0.0/8\"]"), file: "h.yaml")
+        #expect(AuthorizationPolicy.headerNamesRead(by: set.authorizationPolicies) == ["x-env", "x-forwarded-for"])
+        #expect(AuthorizationPolicy.headerNamesRead(by: [set.authorizationPolicies[0]]) == ["x-env"])
     }
 
     @Test func ampersandsInValuesStillLoad() throws {
@@ -418,6 +468,22 @@ struct PeerAuthenticationTests {
         #expect(set.peerAuthentications.first?.matchLabels == nil)
         // Namespace-wide, so a workload policy still overrides it.
         #expect(try mode([empty, pa("w", ns: "prod", selector: "app: web", mode: "STRICT")]) == .strict)
+    }
+    /// Two policies at one level: the older applies (Istio's `creationTimestamp` order; name only
+    /// breaks a tie), so a newer PERMISSIVE cannot undo an older STRICT.
+    @Test func oldestAtOneLevelWins() throws {
+        func stamped(_ name: String, _ time: String, _ mode: String) -> String {
+            pa(name, ns: "prod", mode: mode).replacingOccurrences(of: "  namespace: prod\n", with: "  namespace: prod\n  creationTimestamp: \"\(time)\"\n")
+        }
+        #expect(try mode([stamped("a-permissive", "2025-06-01T00:00:00Z", "PERMISSIVE"), stamped("b-strict", "2024-01-01T00:00:00Z", "STRICT")]) == .strict)
+        #expect(try mode([stamped("a-permissive", "2023-06-01T00:00:00.5Z", "PERMISSIVE"), stamped("b-strict", "2024-01-01T00:00:00Z", "STRICT")]) == .permissive)
+        // unquoted (YAML reads a timestamp), and no time at all counts as oldest
+        let unquoted = pa("z", ns: "prod", mode: "DISABLE").replacingOccurrences(of: "  namespace: prod\n", with: "  namespace: prod\n  creationTimestamp: 2020-01-01T00:00:00Z\n")
+        #expect(try mode([stamped("a", "2021-01-01T00:00:00Z", "STRICT"), unquoted]) == .disable)
+        #expect(try mode([stamped("a", "2021-01-01T00:00:00Z", "STRICT"), pa("b", ns: "prod", mode: "PERMISSIVE")]) == .permissive)
+        #expect(try mode([pa("b", ns: "prod", mode: "STRICT"), pa("a", ns: "prod", mode: "PERMISSIVE")]) == .permissive)
+        let bad = stamped("a", "yesterday", "STRICT")
+        #expect(throws: PolicyLoadError.self) { try PolicyLoader.parse(bad, file: "pa.yaml") }
     }
     @Test func rootNamespaceSelectorIsIgnored() throws {
         let root = WorkloadSelector(namespace: "istio-system", labels: ["app": "web"])

@@ -105,6 +105,27 @@ public struct AuthorizationPolicy: Sendable, Hashable {
     }
 }
 
+extension AuthorizationPolicy {
+    /// The lowercased names of the request headers `policies` read, sorted: what a proxy collects
+    /// from each request for ``AuthorizationRequest/headers``. Pseudo-headers and `host` are not
+    /// among them (they are the request's own fields); `X-Forwarded-For` is when a rule reads the
+    /// remote address (``AuthorizationRequest/remoteAddress``).
+    public static func headerNamesRead(by policies: [AuthorizationPolicy]) -> [String] {
+        var names = Set<String>()
+        for rule in policies.lazy.flatMap(\.rules) {
+            for condition in rule.when {
+                if condition.key == "remote.ip" { names.insert("x-forwarded-for") }
+                guard let name = Condition.headerName(condition.key)?.lowercased() else { continue }
+                if name.utf8.first != UInt8(ascii: ":"), name != "host" { names.insert(name) }
+            }
+            if rule.from.contains(where: { $0.remoteIpBlocks != nil || $0.notRemoteIpBlocks != nil }) {
+                names.insert("x-forwarded-for")
+            }
+        }
+        return names.sorted()
+    }
+}
+
 /// Istio's PeerAuthentication: mTLS mode for a workload, optionally per port.
 public struct PeerAuthentication: Sendable, Hashable {
     public enum Mode: String, Sendable, Hashable {
@@ -115,13 +136,17 @@ public struct PeerAuthentication: Sendable, Hashable {
     public var matchLabels: [String: String]?
     public var mode: Mode
     public var portLevelMtls: [Int: Mode]
+    /// `metadata.creationTimestamp` in seconds since 1970 (nil: absent, older than any time).
+    public var createdAt: Double?
 
-    public init(name: String, namespace: String, matchLabels: [String: String]? = nil, mode: Mode = .unset, portLevelMtls: [Int: Mode] = [:]) {
+    public init(name: String, namespace: String, matchLabels: [String: String]? = nil, mode: Mode = .unset,
+                portLevelMtls: [Int: Mode] = [:], createdAt: Double? = nil) {
         self.name = name
         self.namespace = namespace
         self.matchLabels = matchLabels
         self.mode = mode
         self.portLevelMtls = portLevelMtls
+        self.createdAt = createdAt
     }
 }
 

@@ -3,7 +3,7 @@ public struct AuthorizationRequest: Sendable, Hashable {
     /// The peer's principal in Istio's form (`td/ns/x/sa/y`), nil for a plaintext peer.
     public var principal: String?
     public var sourceIP: String?
-    /// The original client (X-Forwarded-For), if different from the peer; defaults to `sourceIP`.
+    /// The original client, when known otherwise than from the request (see ``remoteAddress``).
     public var remoteIP: String?
     public var destinationIP: String?
     public var destinationPort: Int?
@@ -30,6 +30,40 @@ public struct AuthorizationRequest: Sendable, Hashable {
         self.headers = Dictionary(headers.map { ($0.key.lowercased(), $0.value) }, uniquingKeysWith: +)
         self.sni = sni
         self.isTCP = isTCP
+    }
+
+    /// A header's value as Envoy's RBAC filter reads it, by lowercased name: its values joined
+    /// with ","; nil when absent. Envoy holds requests in HTTP/2 form, so the pseudo-headers
+    /// `:method`, `:path`, `:authority` and `:scheme` are the request's method, target, host and
+    /// scheme, and `host` is never present (HTTP/1.1's Host is `:authority` there).
+    public func headerValue(_ name: String) -> String? {
+        if name.utf8.first == UInt8(ascii: ":") {
+            switch name {
+            case ":method": return method
+            case ":path": return path
+            case ":authority": return host
+            case ":scheme": return isTCP ? nil : (principal != nil ? "https" : "http")
+            default: return nil
+            }
+        }
+        if name == "host" { return nil }
+        guard let values = headers[name], !values.isEmpty else { return nil }
+        return values.count == 1 ? values[0] : values.joined(separator: ",")
+    }
+
+    /// `remote.ip` / `remoteIpBlocks`: the original client as Istio's sidecar determines it (Envoy
+    /// with `use_remote_address: false` and no trusted hops): the last address of
+    /// `X-Forwarded-For` when that is an IP address, else the peer. ``remoteIP`` overrides both.
+    /// The header is whatever the caller sent: as in Istio, these fields are only as trustworthy
+    /// as the hop that set it (use `ipBlocks` / `source.ip` for the connection's own peer).
+    public var remoteAddress: String? {
+        if let remoteIP { return remoteIP }
+        if !isTCP, let xff = headerValue("x-forwarded-for"),
+           let last = xff.split(separator: ",", omittingEmptySubsequences: false).last {
+            let trimmed = String(last.drop { $0 == " " || $0 == "\t" }.reversed().drop { $0 == " " || $0 == "\t" }.reversed())
+            if IPBlock.parse(trimmed) != nil { return trimmed }
+        }
+        return sourceIP
     }
 
     /// `source.namespace`: the segment after the first `ns` segment past the trust domain, when
@@ -159,12 +193,12 @@ public struct PolicyEvaluator: Sendable {
     func matches(_ s: AuthorizationPolicy.Source, _ r: AuthorizationRequest) -> Bool {
         // Per request, so derived values (the namespace) are computed only when a field needs them.
         let principal = r.principal ?? ""
-        let remote = r.remoteIP ?? r.sourceIP
         return Self.field(s.principals, s.notPrincipals) { Self.principalMatches($0, principal) }
             && (s.namespaces == nil && s.notNamespaces == nil
                 || Self.namespaceField(s.namespaces, s.notNamespaces, r.sourceNamespace ?? ""))
             && Self.field(s.ipBlocks, s.notIpBlocks) { IPBlock.contains($0, r.sourceIP) }
-            && Self.field(s.remoteIpBlocks, s.notRemoteIpBlocks) { IPBlock.contains($0, remote) }
+            && (s.remoteIpBlocks == nil && s.notRemoteIpBlocks == nil
+                || Self.field(s.remoteIpBlocks, s.notRemoteIpBlocks) { [remote = r.remoteAddress] in IPBlock.contains($0, remote) })
     }
 
     func matches(_ o: AuthorizationPolicy.Operation, _ r: AuthorizationRequest, ignoreHTTP: Bool) -> Bool {
@@ -188,15 +222,14 @@ public struct PolicyEvaluator: Sendable {
             if ignoreHTTP { return true }
             // As Envoy: a repeated header is matched as its values joined with ","; `*` means the
             // header is present (even empty).
-            guard let values = r.headers[header.lowercased()], !values.isEmpty else {
+            guard let joined = r.headerValue(header.lowercased()) else {
                 return Self.field(c.values, c.notValues) { _ in false }
             }
-            let joined = values.count == 1 ? values[0] : values.joined(separator: ",")
             return Self.field(c.values, c.notValues) { $0 == "*" || StringMatch.matches($0, joined) }
         }
         switch c.key {
         case "source.ip": return Self.field(c.values, c.notValues) { IPBlock.contains($0, r.sourceIP) }
-        case "remote.ip": return Self.field(c.values, c.notValues) { IPBlock.contains($0, r.remoteIP ?? r.sourceIP) }
+        case "remote.ip": return Self.field(c.values, c.notValues) { [remote = r.remoteAddress] in IPBlock.contains($0, remote) }
         case "destination.ip": return Self.field(c.values, c.notValues) { IPBlock.contains($0, r.destinationIP) }
         case "destination.port": return Self.field(c.values, c.notValues) { $0 == (r.destinationPort.map(String.init) ?? "") }
         case "source.namespace": return Self.namespaceField(c.values, c.notValues, r.sourceNamespace ?? "")
@@ -207,7 +240,7 @@ public struct PolicyEvaluator: Sendable {
 
     /// A namespace field against the request's namespace, derived once (not once per pattern).
     static func namespaceField(_ values: [String]?, _ notValues: [String]?, _ namespace: String) -> Bool {
-        field(values, notValues) { StringMatch.matches($0, namespace) }
+        field(values, notValues) { NamespacePattern.matches($0, namespace) }
     }
 
     /// A field and its not-field: some value must match (if set); no not-value may match (if set).
@@ -270,6 +303,42 @@ public struct PreparedPolicies: Sendable {
         audit = policies.filter { $0.action == .audit || $0.dryRun }.map(Entry.init)
         deny = policies.filter { $0.action == .deny && !$0.dryRun }.map(Entry.init)
         allow = policies.filter { $0.action == .allow && !$0.dryRun }.map(Entry.init)
+    }
+}
+
+/// Istio's namespace match (`namespaces`, `notNamespaces`, `source.namespace`): every `*` stands
+/// for any run of characters, wherever it is (`team-*-dev`), because Istio turns the value into
+/// the regular expression `.*/ns/<value with * as .*>/.*` over the peer's principal. A peer
+/// without a namespace (plaintext, or an ID not of the `ns/<ns>/sa/<sa>` form) matches no
+/// pattern. No allocation.
+public enum NamespacePattern {
+    public static func matches(_ pattern: String, _ namespace: String) -> Bool {
+        guard !namespace.isEmpty else { return false }
+        let star = UInt8(ascii: "*")
+        let p = pattern.utf8
+        guard p.contains(star) else { return pattern == namespace }
+        var parts = p.split(separator: star, omittingEmptySubsequences: false)[...]
+        var rest = namespace.utf8[...]
+        // The first literal is a prefix, the last a suffix, the ones between found in order.
+        let first = parts.removeFirst(), last = parts.removeLast()
+        guard rest.starts(with: first) else { return false }
+        rest = rest.dropFirst(first.count)
+        guard rest.count >= last.count, rest.suffix(last.count).elementsEqual(last) else { return false }
+        rest = rest.dropLast(last.count)
+        for part in parts where !part.isEmpty {
+            guard let at = firstRange(of: part, in: rest) else { return false }
+            rest = rest[at...].dropFirst(part.count)
+        }
+        return true
+    }
+
+    static func firstRange(of needle: Substring.UTF8View, in haystack: Substring.UTF8View) -> Substring.UTF8View.Index? {
+        var start = haystack.startIndex
+        while haystack.distance(from: start, to: haystack.endIndex) >= needle.count {
+            if haystack[start...].starts(with: needle) { return start }
+            start = haystack.index(after: start)
+        }
+        return nil
     }
 }
 
@@ -371,13 +440,18 @@ public enum IPBlock {
 /// (a selector matching its labels, in its namespace) over the namespace-wide one (no selector)
 /// over the mesh-wide one (root namespace, no selector); `UNSET` inherits from the level above;
 /// `portLevelMtls` (honoured only on a policy with a selector, as in Istio) overrides its policy
-/// for that port. Nothing set anywhere means PERMISSIVE.
+/// for that port. Nothing set anywhere means PERMISSIVE. Of several policies at one level, the
+/// oldest (`metadata.creationTimestamp`) applies, as in Istio.
 public struct PeerAuthenticationResolver: Sendable {
     public let policies: [PeerAuthentication]
     public let rootNamespace: String
 
     public init(policies: [PeerAuthentication], rootNamespace: String = PolicyEvaluator.defaultRootNamespace) {
-        self.policies = policies.sorted { ($0.namespace, $0.name) < ($1.namespace, $1.name) }
+        // Of several policies at one level the oldest applies, then the first by name (Istio's
+        // order: creation time, name, namespace); a policy without a time counts as oldest.
+        self.policies = policies.sorted {
+            ($0.createdAt ?? -.infinity, $0.name, $0.namespace) < ($1.createdAt ?? -.infinity, $1.name, $1.namespace)
+        }
         self.rootNamespace = rootNamespace
     }
 
