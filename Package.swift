@@ -88,6 +88,7 @@ let package = Package(
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 grpcHTTP2,
                 lifecycle,
+                logging,
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ],
@@ -216,7 +217,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "sigil-proxy",
-            dependencies: ["SigilProxy", logging],
+            dependencies: ["SigilProxy", "SigilRPC", logging],
             swiftSettings: swiftSettings
         ),
         .executableTarget(

@@ -49,7 +49,11 @@ actor AgentState: WorkloadIdentitySource {
     /// Wakes the reconciler when entries or the bundle change.
     nonisolated let changes: AsyncStream<Void>
     private let changesContinuation: AsyncStream<Void>.Continuation
-    var jwtSigner: (@Sendable (_ entryID: String, _ audience: [String]) async throws -> String)?
+    var jwtSigner: (@Sendable (_ entryID: String, _ audience: [String]) async throws -> (token: String, expiresAt: Date))?
+    /// JWT-SVIDs already signed, by entry and audience, reused while more than half their life
+    /// remains (as SPIRE's agent does): fewer round trips, and a workload keeps getting tokens
+    /// through a short server outage.
+    var jwtCache: [String: (token: String, issuedAt: Date, expiresAt: Date)] = [:]
 
     init(trustDomain: TrustDomain) {
         self.trustDomain = trustDomain
@@ -91,7 +95,7 @@ actor AgentState: WorkloadIdentitySource {
         publish()
     }
 
-    func setJWTSigner(_ signer: @escaping @Sendable (_ entryID: String, _ audience: [String]) async throws -> String) {
+    func setJWTSigner(_ signer: @escaping @Sendable (_ entryID: String, _ audience: [String]) async throws -> (token: String, expiresAt: Date)) {
         jwtSigner = signer
     }
 
@@ -169,8 +173,17 @@ actor AgentState: WorkloadIdentitySource {
         }
         var out: [WorkloadJWTSVID] = []
         for entry in matching {
+            let key = entry.id + "\n" + audience.joined(separator: "\n")
+            let now = Date()
+            if let cached = jwtCache[key], cached.expiresAt.timeIntervalSince(now) > cached.expiresAt.timeIntervalSince(cached.issuedAt) / 2 {
+                out.append(WorkloadJWTSVID(spiffeID: entry.spiffeID, token: cached.token))
+                continue
+            }
             do {
-                out.append(WorkloadJWTSVID(spiffeID: entry.spiffeID, token: try await signer(entry.id, audience)))
+                let signed = try await signer(entry.id, audience)
+                out.append(WorkloadJWTSVID(spiffeID: entry.spiffeID, token: signed.token))
+                if jwtCache.count >= 1024 { jwtCache = jwtCache.filter { $0.value.expiresAt > now } }
+                if jwtCache.count < 1024 { jwtCache[key] = (signed.token, now, signed.expiresAt) }
             } catch {
                 throw WorkloadAPIError(.unavailable, "JWT-SVID signing failed: \(error)")
             }

@@ -130,7 +130,13 @@ public enum SigilAgentRole {
             var request = SigilSignJWTSVIDRequest()
             request.entryID = entryID
             request.audience = audience
-            return try await client.signJWTSVID(request).token
+            // Bounded, and failing fast while the server is away: the workload gets Unavailable
+            // (and retries) instead of a call that never returns.
+            var options = CallOptions.defaults
+            options.timeout = .seconds(10)
+            options.waitForReady = false
+            let response = try await client.signJWTSVID(request, options: options)
+            return (response.token, Date(timeIntervalSince1970: TimeInterval(response.expiresAt)))
         }
 
         let worker = AgentWorker(client: client, state: state, cache: cache, reloader: reloader, bundleBox: bundleBox,

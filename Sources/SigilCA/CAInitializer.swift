@@ -108,11 +108,20 @@ extension CertificateAuthority {
         }
     }
 
-    /// Moves the files of an existing CA into `replaced-<time>/` inside the data directory.
+    /// Moves the files of an existing CA into a new `replaced-<time>[-N]/` inside the data
+    /// directory: always a directory of its own (created here, never an earlier one reused), so a
+    /// second `--force` in the same second cannot overwrite what the first put aside.
     static func moveAside(_ directory: DataDirectory, now: Date) throws(CAError) -> String {
         let stamp = Int(now.timeIntervalSince1970)
-        let target = directory.path + "/replaced-\(stamp)"
-        try KeyFiles.ensurePrivateDirectory(target)
+        var target = directory.path + "/replaced-\(stamp)"
+        var attempt = 1
+        while mkdir(target, 0o700) != 0 {
+            guard errno == EEXIST, attempt < 1000 else {
+                throw CAError(.dataDirectory, "cannot create '\(target)' to move the old CA aside: \(String(cString: strerror(errno)))")
+            }
+            attempt += 1
+            target = directory.path + "/replaced-\(stamp)-\(attempt)"
+        }
         for name in ["sigil.db", "sigil.db-wal", "sigil.db-shm", "keys", "bundle.pem"] {
             let from = directory.path + "/" + name
             guard FileManager.default.fileExists(atPath: from) else { continue }

@@ -597,7 +597,8 @@ public actor CertificateAuthority {
                 let leaf = try profile.encodeLeaf(publicKey: request.publicKey, issuer: signer, now: now)
                 let row = IssuedCertificate(
                     serial: leaf.serialHex, spiffeID: profile.spiffeID.description, authorityID: signerID,
-                    notBefore: leaf.notBefore, notAfter: leaf.notAfter, issuedAt: now, requester: requester)
+                    notBefore: leaf.notBefore, notAfter: leaf.notAfter, issuedAt: now, requester: requester,
+                    sha256: hex(SHA256.hash(data: leaf.der)))
                 rows.append(row)
                 results.append(.success(IssuedSVID(chainDER: [leaf.der] + chainTailDER, record: row)))
             } catch {
@@ -682,11 +683,35 @@ public actor CertificateAuthority {
 
     /// Reads bundle and status without loading any private key (for `bundle show`, `ca status`).
     public static func inspect(_ directory: DataDirectory) async throws(CAError) -> (TrustBundle, [AuthorityStatus]) {
-        guard FileManager.default.fileExists(atPath: directory.databasePath) else {
+        guard access(directory.databasePath, F_OK) == 0 else {
+            if errno == EACCES {
+                throw CAError(.dataDirectory, "cannot read '\(directory.databasePath)': permission denied (run as the user that owns '\(directory.path)')")
+            }
             throw CAError(.notInitialized, "no CA in '\(directory.path)': run 'sigil ca init --trust-domain <td> --data-dir \(directory.path)' first")
         }
         let store = try openStore(directory)
         return (try await bundle(store: store, directory: directory), try await status(store: store, directory: directory))
+    }
+
+    /// The JWT-SVID verification keys of the CA in `directory`: the public halves of its
+    /// `keys/jwt-<kid>.key.pem` files (the server makes one on its first start).
+    public static func jwtBundle(_ directory: DataDirectory, trustDomain: TrustDomain) throws(CAError) -> JWTBundle {
+        var bundle = JWTBundle(trustDomain: trustDomain)
+        let names = ((try? FileManager.default.contentsOfDirectory(atPath: directory.keysPath)) ?? []).sorted()
+        for name in names where name.hasPrefix("jwt-") && name.hasSuffix(".key.pem") {
+            let path = directory.keysPath + "/" + name
+            _ = try KeyFiles.read(path)  // checks the file's mode
+            guard let data = FileManager.default.contents(atPath: path),
+                  let key = try? P256.Signing.PrivateKey(pemRepresentation: String(decoding: data, as: UTF8.self)) else {
+                throw CAError(.keyFile, "JWT signing key '\(path)' is not a P-256 PEM private key")
+            }
+            do {
+                try bundle.add(keyID: String(name.dropFirst(4).dropLast(8)), publicKey: JWTPublicKey(key.publicKey))
+            } catch {
+                throw CAError(.keyFile, "JWT signing key '\(path)': \(error.message)")
+            }
+        }
+        return bundle
     }
 }
 

@@ -136,7 +136,9 @@ public struct SVIDProfile: Sendable {
             self.rsaKeyUsage = try Certificate.Extension(KeyUsage(digitalSignature: true, keyEncipherment: true), critical: true)
             self.subject = try DistinguishedName {
                 OrganizationName("Sigil")
-                if let first = dnsNames.first { CommonName(first) }
+                // RFC 5280's upper bound for a CN is 64 characters: the first DNS name that fits
+                // (the SAN carries every name anyway).
+                if let name = dnsNames.first(where: { $0.utf8.count <= 64 }) { CommonName(name) }
             }
             var serializer = DER.Serializer()
             try serializer.serialize(subject)

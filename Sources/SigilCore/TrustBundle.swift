@@ -48,9 +48,9 @@ public struct TrustBundle: Sendable, Hashable {
     public var pemEncoded: String { authorities.map(\.pemString).joined() }
 
     /// The SPIFFE bundle document (JSON, keys sorted, one line).
-    public func spiffeBundleJSON(prettyPrinted: Bool = false) -> String {
+    public func spiffeBundleJSON(prettyPrinted: Bool = false, jwtBundle: JWTBundle? = nil) -> String {
         let document = SpiffeBundleDocument(
-            keys: authorities.map(JWK.init(x509Authority:)),
+            keys: authorities.map(JWK.init(x509Authority:)) + (jwtBundle?.jwkElements ?? []),
             spiffe_sequence: sequenceNumber,
             spiffe_refresh_hint: refreshHint.map { $0.components.seconds })
         let encoder = JSONEncoder()

@@ -66,13 +66,26 @@ public final class IdentityStore: Sendable {
         box.withLockedValue { $0 = material }
     }
 
+    /// Stops serving the current identity (the Workload API withdrew it): new handshakes fail
+    /// closed until an SVID is issued again; open connections keep theirs. Returns whether there
+    /// was one.
+    @discardableResult
+    func withdraw() -> Bool {
+        box.withLockedValue { current in
+            defer { current = nil }
+            return current != nil
+        }
+    }
+
     /// The bundle for SPIFFE peer verification, read on every handshake.
     @Sendable public func bundle() -> TrustBundle? { current?.bundle }
 }
 
 /// Follows the Workload API stream and keeps the ``IdentityStore`` current. Reconnects (with
 /// backoff) when the agent restarts; the proxy keeps serving its last identity meanwhile, and new
-/// handshakes fail closed once that identity has expired.
+/// handshakes fail closed once that identity has expired. An SVID the Workload API withdraws (an
+/// update without the SVID this proxy serves, or PermissionDenied: every SVID withdrawn) stops
+/// being served at once, as the Workload API spec asks of clients (5.2.1).
 struct IdentityWatcher: Sendable {
     let socketPath: String
     let wantedID: String?
@@ -93,6 +106,12 @@ struct IdentityWatcher: Sendable {
                 logger.warning("Workload API stream ended; reconnecting", metadata: ["socket": "\(socketPath)"])
             } catch let error as ProxyError {
                 logger.error("\(error.message)")
+            } catch let error as WorkloadAPIError where error.code == .permissionDenied {
+                if store.withdraw() {
+                    logger.error("the Workload API withdrew every SVID of this workload (PermissionDenied); no longer serving one, refusing new mTLS connections until an SVID is issued again")
+                } else {
+                    logger.warning("\(error.message)")
+                }
             } catch is CancellationError {
                 return
             } catch {
@@ -108,7 +127,8 @@ struct IdentityWatcher: Sendable {
         if let wantedID {
             guard let match = context.svids.first(where: { $0.spiffeID == wantedID }) else {
                 let offered = context.svids.map(\.spiffeID).joined(separator: ", ")
-                throw ProxyError(.identity, "the Workload API offers no SVID for --spiffe-id \(wantedID) (it offers: \(offered)); register an entry for it")
+                let withdrawn = store.withdraw() ? " (withdrawn: no longer serving it, refusing new mTLS connections)" : ""
+                throw ProxyError(.identity, "the Workload API offers no SVID for --spiffe-id \(wantedID)\(withdrawn) (it offers: \(offered)); register an entry for it")
             }
             svid = match
         } else {

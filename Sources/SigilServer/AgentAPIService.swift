@@ -131,8 +131,24 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
         return SigilConfirmBundleResponse()
     }
 
+    /// The most SVID requests one call may carry (the agent sends at most 100): one call's work,
+    /// answer and issuance-log writes stay bounded.
+    static let maximumBatch = 1000
+
+    /// Whether `id` has the form of an entry ID (the server makes 32 hex digits): anything else is
+    /// refused before it is looked up, logged or recorded.
+    static func isWellFormedEntryID(_ id: String) -> Bool {
+        !id.isEmpty && id.utf8.count <= 64 && id.utf8.allSatisfy { $0 == UInt8(ascii: "-") || (0x30...0x39).contains($0) || (0x41...0x5A).contains($0) || (0x61...0x7A).contains($0) }
+    }
+
     public func signX509SVIDs(request: SigilSignX509SVIDsRequest, context: ServerContext) async throws -> SigilSignX509SVIDsResponse {
         let agentID = try await authenticate(context)
+        guard request.requests.count <= Self.maximumBatch else {
+            throw RPCError(code: .invalidArgument, message: "at most \(Self.maximumBatch) SVID requests per call (this one has \(request.requests.count))")
+        }
+        if let bad = request.requests.firstIndex(where: { !Self.isWellFormedEntryID($0.entryID) }) {
+            throw RPCError(code: .invalidArgument, message: "request \(bad): an entry ID is 1-64 letters, digits or '-'")
+        }
         var results = [SigilSVIDResult](repeating: SigilSVIDResult(), count: request.requests.count)
         var batch: [(Int, SigningRequest, SVIDProfile)] = []
         // One read for the whole batch's entries.
@@ -186,6 +202,12 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
         guard !request.audience.isEmpty, request.audience.allSatisfy({ !$0.isEmpty }) else {
             throw RPCError(code: .invalidArgument, message: "a JWT-SVID needs at least one non-empty audience")
         }
+        guard request.audience.count <= 32, request.audience.allSatisfy({ $0.utf8.count <= 1024 }) else {
+            throw RPCError(code: .invalidArgument, message: "at most 32 audiences of at most 1024 bytes each")
+        }
+        guard Self.isWellFormedEntryID(request.entryID) else {
+            throw RPCError(code: .invalidArgument, message: "an entry ID is 1-64 letters, digits or '-'")
+        }
         guard let entry = try? await core.store.entry(id: request.entryID), entry.parentID == agentID else {
             let reason = "entry \(request.entryID) is not parented to \(agentID)"
             await refuse(agentID: agentID, entryID: request.entryID, reason: reason)
@@ -217,11 +239,12 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
             throw RPCError(code: .unauthenticated, message: "this call needs an agent SVID as the TLS client certificate")
         }
         let agentID = id.description
+        let serial = leaf.serialHex, fingerprint = leaf.sha256Fingerprint
         let agent: AgentRecord?
         let live: Bool
         do {
             agent = try await core.store.agent(id: agentID)
-            live = try await core.store.isLiveCertificate(serial: leaf.serialHex, spiffeID: agentID,
+            live = try await core.store.isLiveCertificate(serial: serial, sha256: fingerprint, spiffeID: agentID,
                                                           issuedSince: agent?.attestedAt ?? .distantFuture, now: core.clock.now)
         } catch {
             throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
@@ -235,7 +258,7 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
             // current SVID. Anything else (unknown, or from before a re-attestation) is final.
             let expiredOnly: Bool
             do {
-                expiredOnly = try await core.store.isLiveCertificate(serial: leaf.serialHex, spiffeID: agentID,
+                expiredOnly = try await core.store.isLiveCertificate(serial: serial, sha256: fingerprint, spiffeID: agentID,
                                                                      issuedSince: agent.attestedAt, now: .distantPast)
             } catch {
                 throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
@@ -244,6 +267,25 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
                 throw RPCError(code: .unauthenticated, message: "the certificate presented by \(agentID) has expired; connect again with the current agent SVID")
             }
             throw RPCError(code: .permissionDenied, message: "the certificate presented by \(agentID) was not issued by this server to this incarnation of the agent")
+        }
+        // Only the agent's current SVID authenticates it, or the renewed one it has not used yet,
+        // which becomes current now (as SPIRE's agent authorizer): an older SVID, say from a
+        // stolen backup, stops working once the agent has moved on.
+        if serial != agent.serial {
+            var current = false
+            do throws(StoreError) {
+                if serial == agent.nextSerial {
+                    current = try await core.store.promoteAgentSVID(id: agentID, serial: serial, at: core.clock.now)
+                    // promoted by a concurrent call
+                    if !current { current = try await core.store.agent(id: agentID)?.serial == serial }
+                }
+            } catch {
+                throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+            }
+            guard current else {
+                // A connection opened before the agent renewed: it reconnects with its newest SVID.
+                throw RPCError(code: .unauthenticated, message: "the certificate presented by \(agentID) was superseded by a newer agent SVID; connect again with the current one")
+            }
         }
         return agentID
     }

@@ -102,7 +102,7 @@ public struct LedgerAPIService: SigilLedgerAPI.SimpleServiceProtocol {
         }
         let live: Bool
         do {
-            live = try await core.store.isLiveCertificate(serial: leaf.serialHex, spiffeID: id.description, issuedSince: .distantPast, now: core.clock.now)
+            live = try await core.store.isLiveCertificate(serial: leaf.serialHex, sha256: leaf.sha256Fingerprint, spiffeID: id.description, issuedSince: .distantPast, now: core.clock.now)
         } catch {
             throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
         }

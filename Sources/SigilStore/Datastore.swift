@@ -81,10 +81,15 @@ public protocol Datastore: LedgerStore {
     func agents() async throws(StoreError) -> [AgentRecord]
     /// Marks an agent evicted; returns it, or nil if unknown.
     func evictAgent(id: String, at: Date) async throws(StoreError) -> AgentRecord?
-    /// Whether `serial` was issued to `spiffeID` no earlier than `issuedSince` and is unexpired at `now`.
-    func isLiveCertificate(serial: String, spiffeID: String, issuedSince: Date, now: Date) async throws(StoreError) -> Bool
-    /// Records an agent's renewed SVID unless the agent is (or just became) evicted; returns whether it did.
+    /// Whether the certificate with `serial` and SHA-256 fingerprint `sha256` (of its DER) was issued
+    /// to `spiffeID` no earlier than `issuedSince` and is unexpired at `now`. (A row recorded before
+    /// fingerprints were kept matches by serial alone.)
+    func isLiveCertificate(serial: String, sha256: String, spiffeID: String, issuedSince: Date, now: Date) async throws(StoreError) -> Bool
+    /// Records an agent's renewed SVID as its next one (it becomes current when the agent first
+    /// uses it) unless the agent is (or just became) evicted; returns whether it did.
     func updateAgentSVID(id: String, serial: String, notAfter: Date, at: Date) async throws(StoreError) -> Bool
+    /// Makes the agent's next SVID (`serial`) its current one; false unless `serial` is its next.
+    func promoteAgentSVID(id: String, serial: String, at: Date) async throws(StoreError) -> Bool
 
     /// Creates an entry (assigning its revision); throws `.conflict` for a duplicate.
     func createEntry(_ entry: EntryRecord) async throws(StoreError) -> EntryRecord

@@ -41,6 +41,8 @@ public struct AgentRecord: Sendable, Hashable, Codable {
     public var lastSeen: Date
     /// The trust bundle sequence the agent last confirmed holding (0: none yet).
     public var bundleSequence: UInt64
+    /// Serial of a renewed SVID the agent has not used yet (it then replaces ``serial``).
+    public var nextSerial: String?
 
     public init(id: String, serial: String, notAfter: Date, attestedAt: Date, evicted: Bool = false, lastSeen: Date, bundleSequence: UInt64 = 0) {
         self.id = id

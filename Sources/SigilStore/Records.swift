@@ -68,8 +68,12 @@ public struct IssuedCertificate: Sendable, Hashable, Codable {
     public var issuedAt: Date
     /// Who asked: `cli:uid:0`, `agent:spiffe://...`.
     public var requester: String
+    /// SHA-256 of the certificate's DER, lowercase hex (nil for rows from before it was kept).
+    public var sha256: String?
 
-    public init(serial: String, spiffeID: String, authorityID: String, notBefore: Date, notAfter: Date, issuedAt: Date, requester: String) {
+    public init(serial: String, spiffeID: String, authorityID: String, notBefore: Date, notAfter: Date, issuedAt: Date, requester: String,
+                sha256: String? = nil) {
+        self.sha256 = sha256
         self.serial = serial
         self.spiffeID = spiffeID
         self.authorityID = authorityID

@@ -141,6 +141,17 @@ public final class SQLiteDatastore: Datastore {
             // SVIDs in service (the newest per holder) for `sigil ca status`, retire and revoke.
             try db.create(index: "issued_certificates_by_holder", on: "issued_certificates", columns: ["spiffe_id", "requester", "issued_at"])
         }
+        migrator.registerMigration("v6-certificate-binding") { db in
+            // A caller is its exact certificate (SHA-256 of the DER), not a serial anyone can read
+            // and a stolen signing key could reuse. Rows from before this have none.
+            try db.alter(table: "issued_certificates") { t in t.add(column: "sha256", .text) }
+            // An agent's renewed SVID waits here until the agent first uses it (then it becomes
+            // `serial`): only the current and that next SVID authenticate the agent.
+            try db.alter(table: "agents") { t in
+                t.add(column: "next_serial", .text)
+                t.add(column: "next_not_after", .double)
+            }
+        }
         return migrator
     }
 
@@ -185,15 +196,15 @@ public final class SQLiteDatastore: Datastore {
         guard !certificates.isEmpty else { return }
         try await write { db in
             let insertCert = try db.cachedStatement(sql: """
-                INSERT INTO issued_certificates (serial, spiffe_id, authority_id, not_before, not_after, issued_at, requester)
-                VALUES (?, ?, ?, ?, ?, ?, ?)
+                INSERT INTO issued_certificates (serial, spiffe_id, authority_id, not_before, not_after, issued_at, requester, sha256)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                 """)
             var events: [IssuanceEvent] = []
             events.reserveCapacity(certificates.count)
             for c in certificates {
                 do {
                     try insertCert.execute(arguments: [c.serial, c.spiffeID, c.authorityID, c.notBefore.timeIntervalSince1970,
-                                                       c.notAfter.timeIntervalSince1970, c.issuedAt.timeIntervalSince1970, c.requester])
+                                                       c.notAfter.timeIntervalSince1970, c.issuedAt.timeIntervalSince1970, c.requester, c.sha256])
                 } catch let error as DatabaseError where error.extendedResultCode == .SQLITE_CONSTRAINT_PRIMARYKEY {
                     throw StoreError(.duplicateSerial, "serial \(c.serial) was already issued; nothing from this batch was stored")
                 } catch let error as DatabaseError where error.extendedResultCode == .SQLITE_CONSTRAINT_FOREIGNKEY {
@@ -223,7 +234,7 @@ public final class SQLiteDatastore: Datastore {
                 IssuedCertificate(
                     serial: row["serial"], spiffeID: row["spiffe_id"], authorityID: row["authority_id"],
                     notBefore: Date(timeIntervalSince1970: row["not_before"]), notAfter: Date(timeIntervalSince1970: row["not_after"]),
-                    issuedAt: Date(timeIntervalSince1970: row["issued_at"]), requester: row["requester"])
+                    issuedAt: Date(timeIntervalSince1970: row["issued_at"]), requester: row["requester"], sha256: row["sha256"])
             }
         }
     }
@@ -299,15 +310,18 @@ public final class SQLiteDatastore: Datastore {
             try db.execute(sql: """
                 INSERT INTO agents (id, serial, not_after, attested_at, evicted, last_seen) VALUES (?, ?, ?, ?, ?, ?)
                 ON CONFLICT(id) DO UPDATE SET serial = excluded.serial, not_after = excluded.not_after,
-                    attested_at = excluded.attested_at, evicted = excluded.evicted, last_seen = excluded.last_seen
+                    attested_at = excluded.attested_at, evicted = excluded.evicted, last_seen = excluded.last_seen,
+                    next_serial = NULL, next_not_after = NULL
                 """, arguments: [a.id, a.serial, a.notAfter.timeIntervalSince1970, a.attestedAt.timeIntervalSince1970, a.evicted, a.lastSeen.timeIntervalSince1970])
         }
     }
 
     static func agentRecord(_ row: Row) -> AgentRecord {
-        AgentRecord(id: row["id"], serial: row["serial"], notAfter: Date(timeIntervalSince1970: row["not_after"]),
-                    attestedAt: Date(timeIntervalSince1970: row["attested_at"]), evicted: row["evicted"],
-                    lastSeen: Date(timeIntervalSince1970: row["last_seen"]), bundleSequence: UInt64((row["bundle_sequence"] as Int64?) ?? 0))
+        var record = AgentRecord(id: row["id"], serial: row["serial"], notAfter: Date(timeIntervalSince1970: row["not_after"]),
+                                 attestedAt: Date(timeIntervalSince1970: row["attested_at"]), evicted: row["evicted"],
+                                 lastSeen: Date(timeIntervalSince1970: row["last_seen"]), bundleSequence: UInt64((row["bundle_sequence"] as Int64?) ?? 0))
+        record.nextSerial = row["next_serial"]
+        return record
     }
 
     public func agent(id: String) async throws(StoreError) -> AgentRecord? {
@@ -327,17 +341,29 @@ public final class SQLiteDatastore: Datastore {
         }
     }
 
-    public func isLiveCertificate(serial: String, spiffeID: String, issuedSince: Date, now: Date) async throws(StoreError) -> Bool {
+    public func isLiveCertificate(serial: String, sha256: String, spiffeID: String, issuedSince: Date, now: Date) async throws(StoreError) -> Bool {
         try await read { db in
-            try Bool.fetchOne(db, sql: "SELECT 1 FROM issued_certificates WHERE serial = ? AND spiffe_id = ? AND not_after > ? AND issued_at >= ?",
-                              arguments: [serial, spiffeID, now.timeIntervalSince1970, issuedSince.timeIntervalSince1970]) ?? false
+            try Bool.fetchOne(db, sql: """
+                SELECT 1 FROM issued_certificates WHERE serial = ? AND spiffe_id = ? AND not_after > ? AND issued_at >= ?
+                    AND (sha256 IS NULL OR sha256 = ?)
+                """, arguments: [serial, spiffeID, now.timeIntervalSince1970, issuedSince.timeIntervalSince1970, sha256]) ?? false
         }
     }
 
     public func updateAgentSVID(id: String, serial: String, notAfter: Date, at: Date) async throws(StoreError) -> Bool {
         try await write { db in
-            try db.execute(sql: "UPDATE agents SET serial = ?, not_after = ?, last_seen = ? WHERE id = ? AND evicted = 0",
+            try db.execute(sql: "UPDATE agents SET next_serial = ?, next_not_after = ?, last_seen = ? WHERE id = ? AND evicted = 0",
                            arguments: [serial, notAfter.timeIntervalSince1970, at.timeIntervalSince1970, id])
+            return db.changesCount == 1
+        }
+    }
+
+    public func promoteAgentSVID(id: String, serial: String, at: Date) async throws(StoreError) -> Bool {
+        try await write { db in
+            try db.execute(sql: """
+                UPDATE agents SET serial = next_serial, not_after = next_not_after, next_serial = NULL, next_not_after = NULL,
+                    last_seen = ? WHERE id = ? AND evicted = 0 AND next_serial = ?
+                """, arguments: [at.timeIntervalSince1970, id, serial])
             return db.changesCount == 1
         }
     }

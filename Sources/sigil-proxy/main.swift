@@ -6,6 +6,7 @@ import Glibc
 #endif
 import Logging
 import SigilProxy
+import SigilRPC
 
 func failWith(_ message: String) {
     let bytes = Array((message + "\n").utf8)
@@ -20,11 +21,7 @@ if arguments.first == "--help" || arguments.first == "-h" {
 do {
     let (config, level) = try ProxyArguments.parse(arguments)
     let parsed = level.flatMap { Logger.Level(rawValue: $0.lowercased()) } ?? .info
-    LoggingSystem.bootstrap { label in
-        var handler = StreamLogHandler.standardError(label: label)
-        handler.logLevel = parsed
-        return handler
-    }
+    LoggingSystem.bootstrap { label in OneLineLogHandler(label: label, level: parsed) }
     try await SigilProxyRole.run(config, logger: Logger(label: "sigil.proxy"))
 } catch let error as ProxyArguments.UsageError {
     failWith("error: \(error.description)")

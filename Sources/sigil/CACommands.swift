@@ -240,23 +240,29 @@ struct BundleShow: AsyncParsableCommand {
 
     func run() async throws {
         let bundle: TrustBundle
+        let jwtBundle: JWTBundle
         if let adminSocket {
             let response = try await AdminSocketOption(adminSocket: adminSocket).call { client in
                 try await client.getBundle(SigilGetBundleRequest(), options: adminCallOptions)
             }
             do {
-                bundle = try TrustBundle(trustDomain: TrustDomain(response.trustDomain),
+                let trustDomain = try TrustDomain(response.trustDomain)
+                bundle = try TrustBundle(trustDomain: trustDomain,
                                          authorities: response.roots.map { try Certificate(derEncoded: Array($0)) },
                                          sequenceNumber: response.sequence, refreshHint: .seconds(300))
+                jwtBundle = response.jwtBundle.isEmpty ? JWTBundle(trustDomain: trustDomain)
+                    : try JWTBundle(jwksJSON: Array(response.jwtBundle), trustDomain: trustDomain)
             } catch {
                 throw CLIError.usage("the server sent a bundle that cannot be read: \(error)")
             }
         } else {
             (bundle, _) = try await CertificateAuthority.inspect(data.directory)
+            jwtBundle = try CertificateAuthority.jwtBundle(data.directory, trustDomain: bundle.trustDomain)
         }
         switch format {
         case .pem: print(bundle.pemEncoded, terminator: "")
-        case .spiffe: print(bundle.spiffeBundleJSON(prettyPrinted: true))
+        // The SPIFFE bundle holds both kinds of keys (`x509-svid` roots, `jwt-svid` signing keys).
+        case .spiffe: print(bundle.spiffeBundleJSON(prettyPrinted: true, jwtBundle: jwtBundle))
         }
     }
 }

@@ -52,11 +52,7 @@ func bootstrapLogging(level: String?) throws {
         throw CLIError.usage("log level '\(name)' is not one of trace, debug, info, notice, warning, error, critical"
                              + (level == nil ? " (from SIGIL_LOG_LEVEL)" : ""))
     }
-    LoggingSystem.bootstrap { label in
-        var handler = StreamLogHandler.standardError(label: label)
-        handler.logLevel = parsed
-        return handler
-    }
+    LoggingSystem.bootstrap { label in OneLineLogHandler(label: label, level: parsed) }
 }
 
 /// A YAML config file: a flat map of the long flag names (`data_dir`, `listen`, ...); `allowed`:

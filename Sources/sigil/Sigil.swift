@@ -156,23 +156,3 @@ func printTable(_ header: [String], _ rows: [[String]]) {
     for row in rows { print(line(row)) }
 }
 
-/// Recorded text as one safe line for a terminal: control characters (C0, DEL, C1: escape
-/// sequences that clear the screen or retitle the window, line breaks that would print a fake
-/// row) are shown as `\u{1b}`-style escapes. Ledger fields such as a request's path are chosen
-/// by whoever made the call.
-func terminalSafe(_ text: String) -> String {
-    guard text.unicodeScalars.contains(where: isControl) else { return text }
-    var out = ""
-    for scalar in text.unicodeScalars {
-        if isControl(scalar) {
-            out += "\\u{" + String(scalar.value, radix: 16) + "}"
-        } else {
-            out.unicodeScalars.append(scalar)
-        }
-    }
-    return out
-}
-
-private func isControl(_ scalar: Unicode.Scalar) -> Bool {
-    scalar.value < 0x20 || (0x7F...0x9F).contains(scalar.value)
-}

@@ -104,3 +104,82 @@ def test_unattested_and_evicted_callers_are_refused(cluster, sigil_pb, tmp_path)
         assert pb_grpc.AgentAPIStub(new).SignX509SVIDs(pb.SignX509SVIDsRequest(), timeout=30) is not None
     finally:
         new.close()
+
+
+def mtls_channel(cluster, chain_pem: bytes, key_pem: bytes):
+    creds = grpc.ssl_channel_credentials(root_certificates=(cluster.ca_dir / "bundle.pem").read_bytes(),
+                                         private_key=key_pem, certificate_chain=chain_pem)
+    return grpc.secure_channel(f"127.0.0.1:{cluster.port}", creds, options=[("grpc.ssl_target_name_override", "localhost")])
+
+
+def stopped_agent_identity(cluster, name):
+    """An attested agent's SVID chain and key, with the agent process stopped (so that only this
+    test renews it)."""
+    cluster.start_agent(name, cluster.token(name))
+    path = cluster.agent_paths(name)[0] / "agent.json"
+    wait_for(path.exists, 30, "agent identity on disk")
+    cluster.agents[name].stop()
+    identity = json.loads(path.read_text())
+    chain = "".join(pem_block("CERTIFICATE", bytes(der)) for der in identity["chainDER"]).encode()
+    return chain, pem_block("PRIVATE KEY", bytes(identity["keyPKCS8DER"])).encode()
+
+
+def call_code(channel, pb, pb_grpc):
+    try:
+        pb_grpc.AgentAPIStub(channel).SignX509SVIDs(pb.SignX509SVIDsRequest(), timeout=30)
+        return grpc.StatusCode.OK
+    except grpc.RpcError as e:
+        return e.code()
+    finally:
+        channel.close()
+
+
+def test_only_the_current_agent_svid_authenticates(cluster, sigil_pb, tmp_path):
+    """As SPIRE's agent authorizer: after the agent renews and uses its new SVID, the old one (say
+    from a stolen backup) no longer authenticates. It used to stay valid for its whole lifetime."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    pb, pb_grpc = sigil_pb
+    old_chain, old_key = stopped_agent_identity(cluster, "node-1")
+    csr, key = make_csr(tmp_path, "renewed", "p256")
+    der = x509.load_pem_x509_csr(csr.read_bytes()).public_bytes(Encoding.DER)
+    channel = mtls_channel(cluster, old_chain, old_key)
+    try:
+        renewed = pb_grpc.AgentAPIStub(channel).RenewAgent(pb.RenewAgentRequest(csr=der), timeout=30)
+    finally:
+        channel.close()
+    new_chain = "".join(pem_block("CERTIFICATE", bytes(d)) for d in renewed.svid_chain).encode()
+    # Until the renewed SVID is used, the current one still works (a lost answer strands nobody).
+    assert call_code(mtls_channel(cluster, old_chain, old_key), pb, pb_grpc) == grpc.StatusCode.OK
+    assert call_code(mtls_channel(cluster, new_chain, key.read_bytes()), pb, pb_grpc) == grpc.StatusCode.OK
+    assert call_code(mtls_channel(cluster, old_chain, old_key), pb, pb_grpc) == grpc.StatusCode.UNAUTHENTICATED
+    assert call_code(mtls_channel(cluster, new_chain, key.read_bytes()), pb, pb_grpc) == grpc.StatusCode.OK
+
+
+def test_a_certificate_forged_with_a_stolen_signing_key_does_not_authenticate(cluster, sigil_pb):
+    """Someone holding the intermediate's key mints an agent certificate that reuses the agent's
+    current (public) serial with a key of their own: the server binds callers to the exact
+    certificate it issued (its SHA-256), not to a serial, so this is refused."""
+    import datetime
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    pb, pb_grpc = sigil_pb
+    chain, _ = stopped_agent_identity(cluster, "node-1")
+    leaf, intermediate = x509.load_pem_x509_certificates(chain)[:2]
+    key_file = next(p for p in (cluster.ca_dir / "keys").glob("*.key.pem")
+                    if serialization.load_pem_private_key(p.read_bytes(), None).public_key().public_numbers()
+                    == intermediate.public_key().public_numbers())
+    stolen = serialization.load_pem_private_key(key_file.read_bytes(), None)
+    mine = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(leaf.subject).issuer_name(intermediate.subject)
+               .public_key(mine.public_key()).serial_number(leaf.serial_number)
+               .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(hours=1)))
+    for extension in leaf.extensions:
+        if extension.oid != x509.oid.ExtensionOID.SUBJECT_KEY_IDENTIFIER:
+            builder = builder.add_extension(extension.value, extension.critical)
+    forged = builder.sign(stolen, hashes.SHA256())
+    forged_chain = forged.public_bytes(serialization.Encoding.PEM) + intermediate.public_bytes(serialization.Encoding.PEM)
+    forged_key = mine.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    assert call_code(mtls_channel(cluster, forged_chain, forged_key), pb, pb_grpc) == grpc.StatusCode.PERMISSION_DENIED

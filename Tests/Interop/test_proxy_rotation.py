@@ -134,3 +134,47 @@ def test_rotation_under_load_drops_nothing(sigil_bin):
         for p in procs:
             p.stop()
         c.close()
+
+
+def served_id(port: int) -> str | None:
+    """The SPIFFE ID of the certificate the proxy presents on a new handshake (None: refused)."""
+    import socket
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, ctx.wrap_socket(raw) as s:
+            der = s.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError):
+        return None
+    if not der:
+        return None
+    cert = x509.load_der_x509_certificate(der)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return sans.get_values_for_type(x509.UniformResourceIdentifier)[0]
+
+
+def test_an_svid_the_workload_api_withdraws_is_no_longer_served(sigil_bin):
+    """Workload API spec 5.2.1: a client SHOULD cease using SVIDs the server redacts. Deleting the
+    proxy's entry makes it stop presenting that SVID on new handshakes (it used to keep serving it
+    until it expired, an hour by default); registering it again brings it back."""
+    from cluster import HTTPEchoApp
+    c = Cluster(sigil_bin)
+    app = HTTPEchoApp()
+    try:
+        workload_api, policies = c.start_shop("")
+        port = free_port()
+        c.start_proxy("api", "--workload-api", workload_api, "--inbound", f"127.0.0.1:{port}", "--app", app.address,
+                      "--namespace", "shop", "--labels", "app=api", "--policies", policies, "--mtls", "STRICT", "--spiffe-id", API)
+        assert served_id(port) == API
+        entries = json.loads(c.admin_ok("entry", "list", "--json"))
+        (api_entry,) = [e["id"] for e in entries if e["spiffe_id"] == API]
+        c.admin_ok("entry", "delete", api_entry)
+        wait_for(lambda: served_id(port) is None, 30, "the withdrawn SVID to stop being served", interval=0.5)
+        assert c.proxies["api"].alive()
+        c.entry(API, "node-1", [f"unix:uid:{os.getuid()}"])
+        wait_for(lambda: served_id(port) == API, 60, "the SVID to be served again", interval=0.5)
+    finally:
+        c.close()
+        app.close()

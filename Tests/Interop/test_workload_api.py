@@ -268,3 +268,48 @@ def test_workloads_keep_fresh_svids_past_the_agents_own_svid_lifetime(sigil_bin)
         assert "agent SVID renewed" in c.agents["node-1"].output()
     finally:
         c.close()
+
+
+def fetch_jwt(sock, audience, timeout=60):
+    channel = grpc.insecure_channel(f"unix://{sock}")
+    try:
+        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+        return stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=[audience]),
+                                 metadata=[("workload.spiffe.io", "true")], timeout=timeout).svids[0].svid
+    finally:
+        channel.close()
+
+
+def test_published_spiffe_bundle_verifies_jwt_svids(node, sigil_bin):
+    """JWT-SVID spec 6: the trust domain's SPIFFE bundle carries its JWT signing keys (use
+    jwt-svid), so a relying party holding only the published bundle can verify a JWT-SVID."""
+    import json
+    from spiffe import JwtBundle, JwtSvid, TrustDomain
+    token = wait_for(lambda: fetch_jwt(node.socket("node-1"), "spiffe://example.org/ns/default/sa/api"), 30, "a JWT-SVID")
+    for source in (["--admin-socket", node.admin_socket], ["--data-dir", node.ca_dir]):
+        res = subprocess.run([sigil_bin, "bundle", "show", "--format", "spiffe", *source], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+        uses = sorted(k["use"] for k in json.loads(res.stdout)["keys"])
+        assert "jwt-svid" in uses and "x509-svid" in uses, uses
+        # py-spiffe reads a JWKS of JWT keys (it does not skip other uses): the bundle's jwt-svid part
+        jwt_keys = [k for k in json.loads(res.stdout)["keys"] if k["use"] == "jwt-svid"]
+        bundle = JwtBundle.parse(TrustDomain("example.org"), json.dumps({"keys": jwt_keys}).encode())
+        svid = JwtSvid.parse_and_validate(token, bundle, {"spiffe://example.org/ns/default/sa/api"})
+        assert str(svid.spiffe_id) == WEB
+
+
+def test_jwt_svids_are_reused_and_a_stalled_server_is_unavailable_not_a_hang(node):
+    """A JWT-SVID is reused while more than half its life remains (as SPIRE's agent does), so a
+    workload keeps getting it while the server is away; a new one that needs a server that has
+    stopped answering is Unavailable (retry), not a call that never returns."""
+    import signal
+    sock = node.socket("node-1")
+    first = wait_for(lambda: fetch_jwt(sock, "spiffe://example.org/ns/default/sa/api"), 30, "a JWT-SVID")
+    node.server.p.send_signal(signal.SIGSTOP)
+    try:
+        assert fetch_jwt(sock, "spiffe://example.org/ns/default/sa/api") == first
+        with pytest.raises(grpc.RpcError) as info:
+            fetch_jwt(sock, "spiffe://example.org/ns/default/sa/other", timeout=60)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        node.server.p.send_signal(signal.SIGCONT)

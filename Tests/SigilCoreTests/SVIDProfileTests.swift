@@ -28,6 +28,16 @@ struct SVIDProfileTests {
         #expect(sans.count == 2)
     }
 
+    /// The subject's CN is the first DNS name of at most 64 characters (RFC 5280's bound).
+    @Test func commonNameStaysWithinRFC5280Bound() throws {
+        let long = String(repeating: "a", count: 63) + "." + String(repeating: "b", count: 40)
+        let (leaf, _) = try issue(dns: [long, "web.default.svc"])
+        #expect(leaf.subject.description.contains("CN=web.default.svc"))
+        let (only, _) = try issue(dns: [long])
+        #expect(!only.subject.description.contains("CN="))
+        #expect(try only.extensions.subjectAlternativeNames?.contains(.dnsName(long)) == true)
+    }
+
     @Test func basicConstraintsCriticalNotCA() throws {
         let (leaf, _) = try issue()
         let ext = try #require(leaf.extensions[oid: .X509ExtensionID.basicConstraints])
