@@ -68,7 +68,7 @@ public struct SigningAuthority: Sendable {
             throw SigilError(.invalidCertificate, "'\(certificate.subject)' is not a CA certificate with keyCertSign (basicConstraints cA true); it cannot sign")
         }
         guard certificate.notValidAfter > now else {
-            throw SigilError(.invalidCertificate, "the signing CA '\(certificate.subject)' expired at \(certificate.notValidAfter); rotate it (sigil ca rotate) before signing")
+            throw SigilError(.invalidCertificate, "the signing CA '\(certificate.subject)' expired at \(certificate.notValidAfter); rotate it (sigil ca rotate) before signing, or, if the root has expired too (sigil ca status), see docs/operations.md, \"Root expiry\"")
         }
         guard certificate.notValidBefore <= now else {
             throw SigilError(.invalidCertificate, "the signing CA '\(certificate.subject)' is not valid before \(certificate.notValidBefore)")

@@ -68,10 +68,14 @@ public struct WorkloadAPIClient: Sendable {
         func refuse(_ why: String) -> WorkloadAPIError {
             WorkloadAPIError(.invalidArgument, "Workload API endpoint '\(endpoint)' \(why); use unix:///path/to/agent.sock or an absolute path")
         }
-        if endpoint.hasPrefix("tcp:") {
+        // A URI scheme is case-insensitive (RFC 3986, 3.1): UNIX:///path is unix:///path.
+        let scheme = endpoint.prefix { $0 != ":" && $0 != "/" }.lowercased()
+        let hasScheme = endpoint.dropFirst(scheme.count).hasPrefix(":")
+        if hasScheme, scheme == "tcp" {
             throw refuse("is a TCP address, and the Sigil agent serves the Workload API only on a Unix socket")
         }
-        guard endpoint.hasPrefix("unix:") else {
+        guard hasScheme, scheme == "unix" else {
+            if hasScheme, !scheme.isEmpty { throw refuse("has the scheme '\(scheme):', not unix:") }
             guard endpoint.hasPrefix("/") else { throw refuse("is neither a unix: address nor an absolute path") }
             return endpoint
         }
@@ -89,7 +93,11 @@ public struct WorkloadAPIClient: Sendable {
     /// The socket path of a `--socket` option: a plain path as given (relative or not), or an
     /// endpoint address (`unix:`, `tcp:`) read by ``socketPath(fromEndpoint:)``.
     public static func socketPath(fromOption value: String) throws(WorkloadAPIError) -> String {
-        guard value.hasPrefix("unix:") || value.hasPrefix("tcp:") else { return value }
+        let lowered = value.prefix(5).lowercased()
+        // An address with a scheme (`http://x`) is an endpoint address too, refused for its scheme.
+        let scheme = value.prefix { $0.isLetter || $0.isNumber || "+.-".contains($0) }
+        let hasURIScheme = !scheme.isEmpty && value.dropFirst(scheme.count).hasPrefix("://")
+        guard lowered.hasPrefix("unix:") || lowered.hasPrefix("tcp:") || hasURIScheme else { return value }
         return try socketPath(fromEndpoint: value)
     }
 

@@ -12,7 +12,7 @@ public struct AdminAPIService: SigilAdminAPI.SimpleServiceProtocol {
 
     public static let defaultTokenTTL: Duration = .seconds(600)
     /// Selector types the Unix workload attestor produces.
-    static let selectorTypes: Set<String> = ["uid", "gid", "user", "group", "path", "supplementary_gid"]
+    static let selectorTypes: Set<String> = ["uid", "gid", "user", "group", "path", "supplementary_gid", "supplementary_group"]
 
     public init(core: ServerCore) {
         self.core = core
@@ -136,7 +136,7 @@ public struct AdminAPIService: SigilAdminAPI.SimpleServiceProtocol {
             }
             let parts = selector.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
             guard parts.count == 3, parts[0] == "unix", Self.selectorTypes.contains(String(parts[1])), !parts[2].isEmpty else {
-                throw RPCError(code: .invalidArgument, message: "selector '\(selector)' is not one of unix:uid:<n>, unix:gid:<n>, unix:user:<name>, unix:group:<name>, unix:path:<absolute path>, unix:supplementary_gid:<n>")
+                throw RPCError(code: .invalidArgument, message: "selector '\(selector)' is not one of unix:uid:<n>, unix:gid:<n>, unix:user:<name>, unix:group:<name>, unix:path:<absolute path>, unix:supplementary_gid:<n>, unix:supplementary_group:<name>")
             }
             guard selector.utf8.count <= Self.maximumSelectorBytes else {
                 throw RPCError(code: .invalidArgument, message: "selector '\(selector.prefix(40))...' is longer than \(Self.maximumSelectorBytes) bytes")

@@ -20,7 +20,15 @@ struct RotationService: Service {
     func run() async throws {
         await cancelWhenGracefulShutdown {
             var warned = false
+            var rootWarnedAt: ContinuousClock.Instant?
             while !Task.isCancelled {
+                // The root is not rotated on a schedule (its successor must reach every agent
+                // first: `sigil ca rotate --root`): say so, hourly, in its last tenth of life.
+                if let warning = await rootExpiryWarning(now: core.clock.now),
+                   rootWarnedAt.map({ ContinuousClock.now - $0 >= .seconds(3600) }) ?? true {
+                    core.logger.warning("\(warning)")
+                    rootWarnedAt = ContinuousClock.now
+                }
                 do {
                     // Bundle and taint changes may come from `sigil ca` commands on the data directory too.
                     try await core.refreshBundle()
@@ -48,6 +56,21 @@ struct RotationService: Service {
                 }
             }
         }
+    }
+
+    /// A warning when the active root (of a CA that made its own) is in the last tenth of its
+    /// life, or 30 days, with no successor prepared; nil otherwise.
+    func rootExpiryWarning(now: Date) async -> String? {
+        guard let authorities = try? await core.store.authorities(),
+              let root = authorities.first(where: { $0.kind == .root && $0.state == .active }),
+              !authorities.contains(where: { $0.kind == .root && $0.state == .prepared }) else { return nil }
+        let left = root.notAfter.timeIntervalSince(now)
+        let life = root.notAfter.timeIntervalSince(root.notBefore)
+        guard left < max(life / 10, 30 * 86_400) else { return nil }
+        if left <= 0 {
+            return "the trust root \(root.id) expired at \(root.notAfter): no SVID verifies any more; see docs/operations.md, \"Root expiry\""
+        }
+        return "the trust root \(root.id) expires at \(root.notAfter) and no successor is prepared: run `sigil ca rotate --root` now (its new root must reach every agent before the switch)"
     }
 
     func interval() async -> Duration {

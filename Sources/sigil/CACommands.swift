@@ -72,11 +72,18 @@ struct CAInit: AsyncParsableCommand {
     }
 
     func run() async throws {
+        if let scheme = trustDomain.range(of: "://"), trustDomain[scheme.upperBound...].contains("/") {
+            throw CLIError.usage("--trust-domain '\(trustDomain)' has a path; give the trust domain name alone, e.g. example.org")
+        }
         let td = try TrustDomain(trustDomain)
+        let rootTTL = try parseDuration(rootTtl, flag: "--root-ttl"), caTTL = try parseDuration(caTtl, flag: "--ca-ttl")
+        guard caTTL < rootTTL || upstreamCert != nil else {
+            throw CLIError.usage("--ca-ttl \(caTtl) must be shorter than --root-ttl \(rootTtl): an intermediate cannot outlive the root that signs it")
+        }
         var options = CAInitOptions(
             trustDomain: td,
-            rootTTL: try parseDuration(rootTtl, flag: "--root-ttl"),
-            caTTL: try parseDuration(caTtl, flag: "--ca-ttl"),
+            rootTTL: rootTTL,
+            caTTL: caTTL,
             force: force)
         if let upstreamCert, let upstreamKey {
             options.upstream = try UpstreamCA.load(certificatePath: upstreamCert, keyPath: upstreamKey, bundlePath: upstreamBundle)

@@ -205,7 +205,8 @@ struct EntryCreate: AsyncParsableCommand {
         discussion: """
             A workload on the node of agent --parent whose process matches every --selector gets
             --spiffe-id. Selectors: unix:uid:<n>, unix:gid:<n>, unix:user:<name>, unix:group:<name>,
-            unix:path:<absolute executable path>, unix:supplementary_gid:<n>.
+            unix:path:<absolute executable path>, unix:supplementary_gid:<n>,
+            unix:supplementary_group:<name>.
 
             Example:
               sigil entry create --spiffe-id spiffe://example.org/ns/default/sa/web \\

@@ -126,15 +126,19 @@ func writeSVIDs(_ context: FetchedX509Context, to directory: String) throws {
     } catch {
         throw CLIError.usage("cannot create --write directory '\(directory)': \(error.localizedDescription)")
     }
+    // spire-agent's names (`api fetch x509 -write`): svid.N.pem, svid.N.key, bundle.N.pem for the
+    // Nth SVID; the first is also written as svid.pem, svid.key, bundle.pem (Sigil's first names).
     for (index, svid) in context.svids.enumerated() {
-        let suffix = index == 0 ? "" : ".\(index)"
         let chain = svid.certificates.map(\.pemString).joined()
         let key = pemEncode(svid.privateKeyPKCS8DER, label: "PRIVATE KEY")
         let bundle = svid.bundle.map(\.pemString).joined()
-        try writeFile(directory + "/svid\(suffix).pem", chain, mode: 0o644)
-        try writeFile(directory + "/svid\(suffix).key", key, mode: 0o600)
-        try writeFile(directory + "/bundle\(suffix).pem", bundle, mode: 0o644)
-        FileHandle.standardError.write(Data("wrote \(directory)/svid\(suffix).pem, svid\(suffix).key, bundle\(suffix).pem for \(svid.spiffeID)\n".utf8))
+        for suffix in index == 0 ? [".0", ""] : [".\(index)"] {
+            try writeFile(directory + "/svid\(suffix).pem", chain, mode: 0o644)
+            try writeFile(directory + "/svid\(suffix).key", key, mode: 0o600)
+            try writeFile(directory + "/bundle\(suffix).pem", bundle, mode: 0o644)
+        }
+        let names = index == 0 ? "svid.0.pem, svid.0.key, bundle.0.pem (and svid.pem, svid.key, bundle.pem)" : "svid.\(index).pem, svid.\(index).key, bundle.\(index).pem"
+        FileHandle.standardError.write(Data("wrote \(directory)/\(names) for \(svid.spiffeID)\n".utf8))
     }
 }
 

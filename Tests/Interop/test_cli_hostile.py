@@ -168,6 +168,13 @@ def test_selectors_that_could_never_match_are_refused(cluster, selector, words):
     assert res.returncode == 2 and words in res.stderr, res.describe()
 
 
+def test_every_selector_kind_the_attestor_produces_can_be_registered(cluster):
+    for selector in ["unix:uid:0", "unix:gid:0", "unix:user:root", "unix:group:root", "unix:path:/usr/bin/env",
+                     "unix:supplementary_gid:0", "unix:supplementary_group:root"]:
+        res = cluster.admin("entry", "create", "--spiffe-id", WORKLOAD, "--parent", AGENT, "--selector", selector)
+        assert res.returncode == 0, res.describe()
+
+
 def test_entries_are_bounded(cluster):
     args = ["entry", "create", "--spiffe-id", WORKLOAD, "--parent", AGENT]
     for uid in range(33):

@@ -308,6 +308,26 @@ def test_init_twice_refuses_then_force_replaces(sigil, ca, sign):
     res = openssl("verify", "-CAfile", bundle, "-untrusted", issued.chain_path, issued.chain_path, check=False)
     assert res.returncode != 0
 
+    # Two more --force in quick succession (the same second, as a script would): each CA put aside
+    # keeps a directory of its own. The second used to overwrite the first's database and fail
+    # half-way, leaving no CA in place.
+    second_keys = sorted(p.name for p in (ca / "keys").iterdir())
+    for _ in range(2):
+        res = sigil.init(ca, "--force")
+        assert res.returncode == 0, res.describe()
+    replaced = sorted(ca.glob("replaced-*"))
+    assert len(replaced) == 3, tree_listing(ca)
+    assert all((d / "sigil.db").exists() and (d / "keys").is_dir() for d in replaced), tree_listing(ca)
+    assert any(sorted(p.name for p in (d / "keys").iterdir()) == second_keys for d in replaced)
+
+
+def test_ca_init_refuses_a_trust_domain_with_a_path_and_an_intermediate_outliving_its_root(sigil, tmp_path):
+    res = sigil.init(tmp_path / "a", trust_domain="spiffe://example.org/foo")
+    assert_refused(res, "has a path")
+    res = sigil.init(tmp_path / "b", "--ca-ttl", "2h", "--root-ttl", "1h")
+    assert_refused(res, "--ca-ttl")
+    assert not (tmp_path / "a" / "sigil.db").exists() and not (tmp_path / "b" / "sigil.db").exists()
+
 
 def test_sign_without_ca(sigil, tmp_path, good_csr):
     empty = tmp_path / "empty"

@@ -94,7 +94,17 @@ def test_sigil_svid_fetch_takes_endpoint_addresses(node, sigil_bin):
     assert WEB in first.stdout
     via_env = fetch([], env={"SPIFFE_ENDPOINT_SOCKET": f"unix:{sock}"})
     assert via_env.returncode == 0 and WEB in via_env.stdout, via_env.stderr
-    for bad, why in [("tcp://127.0.0.1:1", "TCP address"), ("unix:agent.sock", "relative path"),
+    upper = fetch(["--socket", f"UNIX://{sock}"])  # a URI scheme is case-insensitive
+    assert upper.returncode == 0 and WEB in upper.stdout, upper.stderr
+    # --write uses spire-agent's names (svid.0.pem, svid.0.key, bundle.0.pem); keys are 0600
+    out = node.root / "written"
+    written = fetch(["--socket", str(sock), "--write", str(out)])
+    assert written.returncode == 0, written.stderr
+    for name in ["svid.0.pem", "svid.0.key", "bundle.0.pem", "svid.pem", "svid.key", "bundle.pem"]:
+        assert (out / name).exists(), name
+    assert (out / "svid.0.key").stat().st_mode & 0o777 == 0o600
+    assert (out / "svid.0.pem").read_bytes() == (out / "svid.pem").read_bytes()
+    for bad, why in [("tcp://127.0.0.1:1", "TCP address"), ("unix:agent.sock", "relative path"), ("http://x", "scheme 'http:'"),
                      (f"unix://{sock}?x=1", "query or fragment")]:
         res = fetch(["--socket", bad])
         assert res.returncode != 0 and why in res.stderr, (bad, res.returncode, res.stderr)
