@@ -30,13 +30,10 @@ extension CertificateAuthority {
         let lock = try DirectoryLock(directory.path + "/.init.lock")
         defer { lock.release() }
         var replacedTo: String?
-        if directory.holdsCA {
-            guard options.force else {
-                let store = FileManager.default.fileExists(atPath: directory.databasePath) ? try? SQLiteDatastore(path: directory.databasePath) : nil
-                let td: String?? = try? await store?.trustDomain()
-                throw CAError(.alreadyInitialized, "a CA already exists in '\(directory.path)'\((td ?? nil).map { " (trust domain \($0))" } ?? ""); refusing to overwrite it. Pass --force to move it aside and create a new one")
-            }
-            replacedTo = try moveAside(directory, now: now)
+        if directory.holdsCA, !options.force {
+            let store = FileManager.default.fileExists(atPath: directory.databasePath) ? try? SQLiteDatastore(path: directory.databasePath) : nil
+            let td: String?? = try? await store?.trustDomain()
+            throw CAError(.alreadyInitialized, "a CA already exists in '\(directory.path)'\((td ?? nil).map { " (trust domain \($0))" } ?? ""); refusing to overwrite it. Pass --force to move it aside and create a new one")
         }
 
         // 1. Build every key and certificate in memory.
@@ -52,6 +49,7 @@ extension CertificateAuthority {
         if let upstream = options.upstream {
             try await checkUpstream(upstream, trustDomain: td, now: now)
         }
+        var upstreamIntermediate: Certificate?
         do throws(SigilError) {
             let intermediateProfile = try CAProfile(trustDomain: td, ttl: options.caTTL, commonName: "Sigil Intermediate CA \(td)", maxPathLength: 0)
             if let upstream = options.upstream {
@@ -65,6 +63,7 @@ extension CertificateAuthority {
                     records.append(record(cert, kind: .upstream, parent: cert.issuer == cert.subject ? nil : parent, inBundle: inBundle))
                 }
                 records.append(record(intermediate, kind: .intermediate, parent: upstream.chain[0].authorityID, inBundle: false))
+                upstreamIntermediate = intermediate
             } else {
                 let rootKey = Certificate.PrivateKey(P256.Signing.PrivateKey())
                 let rootProfile = try CAProfile(trustDomain: td, ttl: options.rootTTL, commonName: "Sigil Root CA \(td)", maxPathLength: 1)
@@ -79,6 +78,11 @@ extension CertificateAuthority {
             throw CAError(.invalidUpstream, error.message)
         }
         keys.append((records.last!.id, intermediateKey))
+        if let upstream = options.upstream, let upstreamIntermediate {
+            try await checkIssuedUnder(upstream, intermediate: upstreamIntermediate, key: intermediateKey, trustDomain: td, now: now)
+        }
+        // Everything is checked: only now is an existing CA (--force) moved aside.
+        if directory.holdsCA { replacedTo = try moveAside(directory, now: now) }
 
         // 2. Keys to disk (0600 in 0700), then 3. the store in one transaction; undo on failure.
         try KeyFiles.ensurePrivateDirectory(directory.keysPath)
@@ -130,6 +134,30 @@ extension CertificateAuthority {
             }
         }
         return target
+    }
+
+    /// An SVID issued under the new intermediate must validate up to an upstream root by RFC 5280
+    /// path validation (as every peer will check it): a path length or name constraint above the
+    /// upstream certificate that excludes Sigil's intermediate or its SVIDs is found here, before
+    /// anything is written, not when the first agent cannot attest.
+    static func checkIssuedUnder(_ upstream: UpstreamCA, intermediate: Certificate, key: Certificate.PrivateKey,
+                                 trustDomain: TrustDomain, now: Date) async throws(CAError) {
+        let probe: Certificate
+        do throws(SigilError) {
+            let authority = try SigningAuthority(certificate: intermediate, privateKey: key)
+            let profile = try SVIDProfile(spiffeID: SpiffeID("spiffe://\(trustDomain.name)/ns/default/sa/probe"), ttl: .seconds(600))
+            probe = try profile.makeCertificate(publicKey: Certificate.PrivateKey(P256.Signing.PrivateKey()).publicKey, issuer: authority, now: now)
+        } catch {
+            throw CAError(.invalidUpstream, "cannot issue a test SVID under the new intermediate: \(error.message)")
+        }
+        var verifier = Verifier(rootCertificates: CertificateStore(upstream.roots)) {
+            RFC5280Policy(fixedExpiryValidationTime: now)
+        }
+        let result = await verifier.validate(leaf: probe, intermediates: CertificateStore([intermediate] + upstream.chain))
+        if case .couldNotValidate(let failures) = result {
+            let reason = failures.first.map { "\($0.policyFailureReason)" } ?? "no path to a root"
+            throw CAError(.invalidUpstream, "SVIDs issued under this upstream would not validate (RFC 5280 path validation, as every peer checks them): \(reason); check the path length and name constraints of the upstream chain")
+        }
     }
 
     /// The upstream signing certificate must be a CA that may sign an intermediate, be valid now,

@@ -88,20 +88,22 @@ def make_csr(directory: Path, name: str, kind: str = "p256", subject: str = "/CN
 
 def make_ca_cert(directory: Path, name: str, subject: str, *, issuer: tuple[Path, Path] | None = None,
                  basic: str = "critical,CA:TRUE", key_usage: str = "critical,keyCertSign,cRLSign",
-                 days: int = 3650) -> tuple[Path, Path]:
-    """A corporate CA made by openssl: self-signed when issuer is None, else signed by issuer (cert, key)."""
+                 days: int = 3650, extensions: Sequence[str] = ()) -> tuple[Path, Path]:
+    """A corporate CA made by openssl: self-signed when issuer is None, else signed by issuer (cert, key).
+    `extensions`: more extension lines (`nameConstraints=...`)."""
     cert, key = directory / f"{name}.pem", directory / f"{name}.key"
     if issuer is None:
+        more = [arg for e in extensions for arg in ("-addext", e)]
         openssl("req", "-x509", "-new", *newkey_args("p256"), "-nodes", "-keyout", key, "-out", cert,
                 "-subj", subject, "-days", str(days),
                 "-addext", f"basicConstraints={basic}", "-addext", f"keyUsage={key_usage}",
-                "-addext", "subjectKeyIdentifier=hash")
+                "-addext", "subjectKeyIdentifier=hash", *more)
     else:
         csr = directory / f"{name}.csr"
         openssl("req", "-new", *newkey_args("p256"), "-nodes", "-keyout", key, "-out", csr, "-subj", subject)
         ext = directory / f"{name}.ext"
         ext.write_text(f"basicConstraints={basic}\nkeyUsage={key_usage}\n"
-                       "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
+                       "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n" + "".join(e + "\n" for e in extensions))
         openssl("x509", "-req", "-in", csr, "-CA", issuer[0], "-CAkey", issuer[1], "-set_serial",
                 str(int.from_bytes(os.urandom(8), "big")), "-days", str(days), "-extfile", ext, "-out", cert)
     return cert, key

@@ -285,6 +285,35 @@ def test_upstream_two_level_with_bundle(sigil, sign, tmp_path):
     assert res.returncode != 0, res.describe()
 
 
+@pytest.mark.parametrize("case", ["root-pathlen-1", "name-constraints"])
+def test_an_upstream_under_which_no_svid_could_validate_is_refused(sigil, tmp_path, case):
+    """RFC 5280 path validation of an SVID under the new intermediate runs at init: a root with
+    pathlen:1 above a corporate intermediate leaves no room for Sigil's intermediate, and a root
+    that permits only other URI names excludes every SPIFFE ID. Both used to be accepted, and then
+    no SVID ever verified (openssl: path length exceeded / permitted subtree violation)."""
+    if case == "root-pathlen-1":
+        root, root_key = make_ca_cert(tmp_path, "corp-root", "/O=Corp/CN=Corp Root", basic="critical,CA:TRUE,pathlen:1")
+        upstream, upstream_key = make_ca_cert(tmp_path, "corp-int", "/O=Corp/CN=Corp Issuing", issuer=(root, root_key), days=365)
+        extra = ["--upstream-bundle", root]
+    else:
+        upstream, upstream_key = make_ca_cert(tmp_path, "corp-root", "/O=Corp/CN=Corp Root",
+                                              extensions=["nameConstraints=critical,permitted;URI:.other.org"])
+        extra = []
+    data = tmp_path / "ca"
+    res = sigil("ca", "init", "--trust-domain", "example.org", "--data-dir", data,
+                "--upstream-cert", upstream, "--upstream-key", upstream_key, *extra)
+    assert res.returncode == 2, res.describe()
+    assert "would not validate" in res.stderr, res.describe()
+    assert not (data / "sigil.db").exists() and not (data / "bundle.pem").exists(), tree_listing(data)
+    # With --force over a working CA, the refusal leaves that CA in place (nothing moved aside).
+    sigil.ok("ca", "init", "--trust-domain", "example.org", "--data-dir", data)
+    before = (data / "bundle.pem").read_bytes()
+    res = sigil("ca", "init", "--trust-domain", "example.org", "--data-dir", data, "--force",
+                "--upstream-cert", upstream, "--upstream-key", upstream_key, *extra)
+    assert res.returncode == 2, res.describe()
+    assert (data / "bundle.pem").read_bytes() == before and not list(data.glob("replaced-*")), tree_listing(data)
+
+
 def test_upstream_two_level_without_bundle_is_refused(sigil, tmp_path):
     root, root_key = make_ca_cert(tmp_path, "corp-root", "/O=Corp/CN=Corp Root")
     corp_int, corp_int_key = make_ca_cert(tmp_path, "corp-int", "/O=Corp/CN=Corp Issuing",
