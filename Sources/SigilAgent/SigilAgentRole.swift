@@ -164,12 +164,23 @@ public enum SigilAgentRole {
                        logger: Logger) async throws -> AgentCache.AgentIdentity {
         let key = P256.Signing.PrivateKey()
         let bootstrap = try KeyMaterial.selfSigned(key: key)
+        // Whether this agent refused the server's certificate: then the failure is named for what
+        // it is (a --trust-bundle of another CA, or not the server), not as a closed connection.
+        let refusedServer = LockedBox(false)
+        let watchedVerify: @Sendable ([NIOSSLCertificate], EventLoopPromise<NIOSSLVerificationResultWithMetadata>) -> Void = { chain, promise in
+            let inner = promise.futureResult.eventLoop.makePromise(of: NIOSSLVerificationResultWithMetadata.self)
+            inner.futureResult.whenComplete { result in
+                if case .success(.failed) = result { refusedServer.withLock { $0 = true } }
+                promise.completeWith(result)
+            }
+            verify(chain, inner)
+        }
         let transport = try HTTP2ClientTransport.Posix(
             target: ServerTarget.resolvable(host: config.serverHost, port: config.serverPort),
             transportSecurity: .mTLS(certificateChain: [.bytes(bootstrap, format: .der)], privateKey: .bytes(Array(key.derRepresentation), format: .der)) { tls in
                 tls.serverCertificateVerification = .noHostnameVerification
                 tls.trustRoots = .certificates([])
-                tls.customVerificationCallback = verify
+                tls.customVerificationCallback = watchedVerify
             },
             config: .defaults { $0.backoff = .init(initial: .milliseconds(200), max: .seconds(2), multiplier: 1.6, jitter: 0.2) })
         var request = SigilAttestRequest()
@@ -183,6 +194,9 @@ public enum SigilAgentRole {
                 return try await SigilAgentAPI.Client(wrapping: grpc).attest(request, options: options)
             }
         } catch let error as RPCError {
+            if refusedServer.withLock({ $0 }) {
+                throw AgentError(usage: "the server at \(config.serverHost):\(config.serverPort) presented a certificate that does not verify against --trust-bundle \(config.trustBundlePath ?? "(the cached bundle)") as \(trustDomain)'s Sigil server: is that file this server CA's bundle.pem?")
+            }
             switch error.code {
             case .permissionDenied, .invalidArgument:
                 throw AgentError("the server refused attestation: \(error.message)")

@@ -53,6 +53,18 @@ def assert_agent_attests(cluster: Cluster, token: str, server: str, directory: P
         agent.stop()
 
 
+def test_an_agent_given_another_cas_bundle_says_so(cluster, sigil_bin, tmp_path):
+    """A --trust-bundle of another CA: the agent refuses the server's certificate and says that,
+    not that the server closed the connection; the token is not used up."""
+    other = tmp_path / "other"
+    assert run([sigil_bin, "ca", "init", "--trust-domain", TRUST_DOMAIN, "--data-dir", other]).returncode == 0
+    token = cluster.token("node-bundle")
+    res = run([sigil_bin, "agent", "run", "--server", f"127.0.0.1:{cluster.port}", "--join-token", token,
+               "--trust-bundle", other / "bundle.pem", "--socket", tmp_path / "a.sock", "--data-dir", tmp_path / "a"], timeout=60)
+    assert res.returncode == 2 and "does not verify against --trust-bundle" in res.stderr, res.describe()
+    assert_agent_attests(cluster, token, f"127.0.0.1:{cluster.port}", tmp_path)
+
+
 def test_agent_attests_with_a_named_server(cluster, tmp_path):
     """With a real server, `--server localhost:PORT` attests: the name is resolved."""
     assert_agent_attests(cluster, cluster.token("node-1"), f"localhost:{cluster.port}", tmp_path)
