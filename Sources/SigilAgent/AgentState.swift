@@ -163,7 +163,7 @@ actor AgentState: WorkloadIdentitySource {
     }
 
     func jwtSVIDs(selectors: Set<String>, spiffeID: String?, audience: [String]) async throws(WorkloadAPIError) -> [WorkloadJWTSVID] {
-        var matching = entries.values.filter { $0.matches(selectors) }.sorted { $0.id < $1.id }
+        var matching = entries(matching: selectors)
         if let spiffeID, !spiffeID.isEmpty { matching = matching.filter { $0.spiffeID == spiffeID } }
         guard !matching.isEmpty else {
             throw WorkloadAPIError(.permissionDenied, spiffeID.map { "no identity \($0) issued to this caller" } ?? "no identity issued")
@@ -244,8 +244,15 @@ actor AgentState: WorkloadIdentitySource {
         currentBundle = WorkloadBundle(trustDomain: trustDomain.name, rootsDER: rootsDER, jwtKeysJSON: jwtKeysJSON)
     }
 
+    /// A caller's entries, oldest registration first (by revision): the Workload API's first SVID
+    /// is the default one (a proxy without --spiffe-id serves it), and registering another
+    /// identity for the same workload must not change which one that is.
+    func entries(matching selectors: Set<String>) -> [AgentEntry] {
+        entries.values.filter { $0.matches(selectors) }.sorted { ($0.revision, $0.id) < ($1.revision, $1.id) }
+    }
+
     func makeSnapshot(for selectors: Set<String>) -> WorkloadX509Snapshot {
-        let matching = entries.values.filter { $0.matches(selectors) }.sorted { $0.id < $1.id }
+        let matching = entries(matching: selectors)
         let now = Date()
         let held = matching.compactMap { entry -> WorkloadX509SVID? in
             // Never hand out an expired SVID.

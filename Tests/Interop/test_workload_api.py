@@ -323,3 +323,16 @@ def test_jwt_svids_are_reused_and_a_stalled_server_is_unavailable_not_a_hang(nod
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         node.server.p.send_signal(signal.SIGCONT)
+
+
+def test_the_default_svid_is_the_oldest_registration_and_stays_so(node):
+    """The first SVID of a Workload API answer is the default (what a client, or a proxy without
+    --spiffe-id, uses). It is the caller's oldest registration, so registering another identity
+    for the same workload does not switch it (the order used to follow random entry IDs)."""
+    sock = node.socket("node-1")
+    wait_for(lambda: grpc_fetch(sock).svids[0].spiffe_id == WEB, 30, "the first SVID")
+    others = [f"spiffe://{TRUST_DOMAIN}/ns/default/sa/extra-{i}" for i in range(6)]
+    for other in others:
+        node.entry(other, "node-1", [f"unix:uid:{os.getuid()}"])
+    wait_for(lambda: len(grpc_fetch(sock).svids) == 1 + len(others), 60, "every SVID", interval=0.5)
+    assert [s.spiffe_id for s in grpc_fetch(sock).svids] == [WEB, *others]
