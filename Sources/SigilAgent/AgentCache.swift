@@ -88,6 +88,9 @@ struct AgentCache: Sendable {
         let written = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
         guard written == data.count, fsync(fd) == 0 else { throw AgentError("cannot write \(temporary): \(String(cString: strerror(errno)))") }
         guard rename(temporary, path) == 0 else { throw AgentError("cannot rename \(temporary): \(String(cString: strerror(errno)))") }
+        // The rename itself survives a crash only once the directory is synced.
+        let dir = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if dir >= 0 { fsync(dir); close(dir) }
     }
 }
 

@@ -173,7 +173,9 @@ actor AgentState: WorkloadIdentitySource {
         }
         var out: [WorkloadJWTSVID] = []
         for entry in matching {
-            let key = entry.id + "\n" + audience.joined(separator: "\n")
+            // By entry and audience set (order aside), each length-prefixed: no two requests share
+            // a key unless they ask for the same token.
+            let key = ([entry.id] + audience.sorted()).map { "\($0.utf8.count):\($0)" }.joined()
             let now = Date()
             if let cached = jwtCache[key], cached.expiresAt.timeIntervalSince(now) > cached.expiresAt.timeIntervalSince(cached.issuedAt) / 2 {
                 out.append(WorkloadJWTSVID(spiffeID: entry.spiffeID, token: cached.token))
@@ -182,8 +184,9 @@ actor AgentState: WorkloadIdentitySource {
             do {
                 let signed = try await signer(entry.id, audience)
                 out.append(WorkloadJWTSVID(spiffeID: entry.spiffeID, token: signed.token))
+                // Bounded: at most 1,024 tokens, none for an audience list over 4 KiB (~10 MB at most).
                 if jwtCache.count >= 1024 { jwtCache = jwtCache.filter { $0.value.expiresAt > now } }
-                if jwtCache.count < 1024 { jwtCache[key] = (signed.token, now, signed.expiresAt) }
+                if jwtCache.count < 1024, key.utf8.count <= 4096 { jwtCache[key] = (signed.token, now, signed.expiresAt) }
             } catch {
                 throw WorkloadAPIError(.unavailable, "JWT-SVID signing failed: \(error)")
             }

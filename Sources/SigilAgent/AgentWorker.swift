@@ -241,11 +241,21 @@ final class AgentWorker: Service, Sendable {
                     try? await Task.sleep(for: .seconds(2))
                     continue
                 }
-                try reloader.update(chainDER: chain, keyPKCS8DER: Array(key.derRepresentation))
                 let renewed = AgentCache.AgentIdentity(agentID: current.agentID, chainDER: chain, keyPKCS8DER: Array(key.derRepresentation),
                                                        notAfter: leaf.notValidAfter, trustDomain: current.trustDomain, receivedAt: Date())
+                // On disk first: the server makes the renewed SVID the agent's only one once it is
+                // used, so the agent must never use one it could not keep across a restart. If the
+                // save fails the current SVID stays in use (the server still takes it) and renewal
+                // is retried.
+                do {
+                    try cache.saveIdentity(renewed)
+                } catch {
+                    logger.error("cannot save the renewed agent SVID; keeping the current one and retrying", metadata: ["error": "\(error.message)"])
+                    try? await Task.sleep(for: .seconds(2))
+                    continue
+                }
+                try reloader.update(chainDER: chain, keyPKCS8DER: Array(key.derRepresentation))
                 identity.withLock { $0 = renewed }
-                try? cache.saveIdentity(renewed)
                 logger.info("agent SVID renewed", metadata: ["agent_id": "\(current.agentID)", "serial": "\(leaf.serialHex)"])
                 retry = Self.firstRenewalRetry
             } catch {

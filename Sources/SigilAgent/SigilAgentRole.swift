@@ -47,6 +47,9 @@ public struct AgentConfig: Sendable {
 public enum SigilAgentRole {
     public static func run(_ config: AgentConfig, logger: Logger) async throws {
         let cache = try AgentCache(directory: config.dataDirectory)
+        do { try InstanceLock.acquire(directory: config.dataDirectory, name: ".agent.lock", role: "agent") } catch {
+            throw AgentError(usage: error.message)
+        }
         let cachedIdentity = cache.loadIdentity()
         let cachedSnapshot = cache.loadSnapshot()
 
@@ -194,7 +197,7 @@ public enum SigilAgentRole {
                 return try await SigilAgentAPI.Client(wrapping: grpc).attest(request, options: options)
             }
         } catch let error as RPCError {
-            if refusedServer.withLock({ $0 }) {
+            if error.code != .permissionDenied, error.code != .invalidArgument, refusedServer.withLock({ $0 }) {
                 throw AgentError(usage: "the server at \(config.serverHost):\(config.serverPort) presented a certificate that does not verify against --trust-bundle \(config.trustBundlePath ?? "(the cached bundle)") as \(trustDomain)'s Sigil server: is that file this server CA's bundle.pem?")
             }
             switch error.code {

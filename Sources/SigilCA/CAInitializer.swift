@@ -108,9 +108,24 @@ extension CertificateAuthority {
             if !databaseExisted {
                 for suffix in ["", "-wal", "-shm"] { unlink(directory.databasePath + suffix) }
             }
+            // The CA that --force moved aside goes back where it was.
+            if let replacedTo {
+                unlink(directory.bundlePEMPath)
+                rmdir(directory.keysPath)  // empty again: the new keys were removed above
+                var restored = true
+                for name in movedNames where FileManager.default.fileExists(atPath: replacedTo + "/" + name) {
+                    if rename(replacedTo + "/" + name, directory.path + "/" + name) != 0 { restored = false }
+                }
+                if restored { rmdir(replacedTo) }
+                throw CAError(error.code, error.message + (restored ? " (the previous CA is back in place)"
+                                                                    : " (the previous CA is in '\(replacedTo)'; move its files back)"))
+            }
             throw error
         }
     }
+
+    /// What a CA's data directory holds, moved aside by `--force`.
+    static let movedNames = ["sigil.db", "sigil.db-wal", "sigil.db-shm", "keys", "bundle.pem"]
 
     /// Moves the files of an existing CA into a new `replaced-<time>[-N]/` inside the data
     /// directory: always a directory of its own (created here, never an earlier one reused), so a
@@ -126,7 +141,7 @@ extension CertificateAuthority {
             attempt += 1
             target = directory.path + "/replaced-\(stamp)-\(attempt)"
         }
-        for name in ["sigil.db", "sigil.db-wal", "sigil.db-shm", "keys", "bundle.pem"] {
+        for name in movedNames {
             let from = directory.path + "/" + name
             guard FileManager.default.fileExists(atPath: from) else { continue }
             guard rename(from, target + "/" + name) == 0 else {

@@ -23,6 +23,19 @@ public struct PolicySet: Sendable {
         self.authorizationPolicies = authorizationPolicies
         self.peerAuthentications = peerAuthentications
     }
+
+    /// What loads but may not mean what its author thinks: an ALLOW policy that admits by
+    /// `remoteIpBlocks` or `remote.ip`, which (as in Istio) read the last X-Forwarded-For address,
+    /// something any caller can send.
+    public var warnings: [String] {
+        authorizationPolicies.filter { policy in
+            policy.action == .allow && policy.rules.contains { rule in
+                rule.from.contains { $0.remoteIpBlocks != nil } || rule.when.contains { $0.key == "remote.ip" && $0.values != nil }
+            }
+        }.map {
+            "ALLOW policy \($0.qualifiedName) admits by remoteIpBlocks/remote.ip: as in Istio, that is the last X-Forwarded-For address, which any caller can set; use ipBlocks/source.ip for the connection's own peer"
+        }
+    }
 }
 
 /// Reads Istio YAML (security.istio.io/v1 and v1beta1: AuthorizationPolicy, PeerAuthentication)

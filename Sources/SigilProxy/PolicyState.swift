@@ -85,6 +85,7 @@ public final class PolicyStore: Sendable {
                                                  modeOverride: settings.modeOverride, appPort: settings.appPort,
                                                  killSwitch: kill, generation: 1))
         fingerprint = NIOLockedValueBox(Self.fingerprint(settings))
+        for warning in set.warnings { logger.warning("\(warning)") }
         if let kill {
             logger.warning("kill switch is ON: PERMISSIVE and allow-all", metadata: ["reason": "\(kill)"])
         }
@@ -127,6 +128,7 @@ public final class PolicyStore: Sendable {
                                         modeOverride: settings.modeOverride, appPort: settings.appPort,
                                         killSwitch: kill, generation: previous.generation + 1)
             box.withLockedValue { $0 = next }
+            for warning in set.warnings { logger.warning("\(warning)") }
             let names = next.applicable.map(\.qualifiedName).joined(separator: ",")
             logger.info("policies reloaded", metadata: ["policy": "\(names)", "mode": "\(next.mode.rawValue)"])
             record(LedgerRecord(kind: .policyReload, timeMicros: now,

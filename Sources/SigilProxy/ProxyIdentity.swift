@@ -84,8 +84,9 @@ public final class IdentityStore: Sendable {
 /// Follows the Workload API stream and keeps the ``IdentityStore`` current. Reconnects (with
 /// backoff) when the agent restarts; the proxy keeps serving its last identity meanwhile, and new
 /// handshakes fail closed once that identity has expired. An SVID the Workload API withdraws (an
-/// update without the SVID this proxy serves, or PermissionDenied: every SVID withdrawn) stops
-/// being served at once, as the Workload API spec asks of clients (5.2.1).
+/// update without the SVID this proxy serves, or a stream that delivered SVIDs ending with
+/// PermissionDenied: every SVID withdrawn) stops being served at once, as the Workload API spec
+/// asks of clients (5.2.1).
 struct IdentityWatcher: Sendable {
     let socketPath: String
     let wantedID: String?
@@ -99,14 +100,20 @@ struct IdentityWatcher: Sendable {
     func run() async {
         var backoff: Duration = .milliseconds(200)
         while !Task.isCancelled {
+            // Whether this stream delivered SVIDs before it ended: a PermissionDenied then is the
+            // agent withdrawing them (an entry deleted); one at (re)connect may be a passing
+            // attestation failure (an agent restarting, a binary being replaced), so the current
+            // SVID is kept until it expires, as while the agent is away.
+            let delivered = NIOLockedValueBox(false)
             do {
                 try await WorkloadAPIClient(eventLoopGroup: group).watchX509(socketPath: socketPath) { context in
-                    try self.apply(context)
+                    try self.apply(context, streamDelivered: delivered.withLockedValue { $0 })
+                    delivered.withLockedValue { $0 = true }
                 }
                 logger.warning("Workload API stream ended; reconnecting", metadata: ["socket": "\(socketPath)"])
             } catch let error as ProxyError {
                 logger.error("\(error.message)")
-            } catch let error as WorkloadAPIError where error.code == .permissionDenied {
+            } catch let error as WorkloadAPIError where error.code == .permissionDenied && delivered.withLockedValue({ $0 }) {
                 if store.withdraw() {
                     logger.error("the Workload API withdrew every SVID of this workload (PermissionDenied); no longer serving one, refusing new mTLS connections until an SVID is issued again")
                 } else {
@@ -115,19 +122,23 @@ struct IdentityWatcher: Sendable {
             } catch is CancellationError {
                 return
             } catch {
-                logger.warning("Workload API unavailable; keeping the current identity and retrying", metadata: ["error": "\(error)"])
+                logger.warning(store.current == nil ? "Workload API unavailable; no identity yet, retrying"
+                                                     : "Workload API unavailable; keeping the current identity and retrying",
+                               metadata: ["error": "\(error)"])
             }
             try? await Task.sleep(for: backoff)
             backoff = min(backoff * 2, .seconds(5))
         }
     }
 
-    func apply(_ context: FetchedX509Context) throws {
+    /// Serves the SVID `context` offers this proxy. `streamDelivered`: this stream already gave
+    /// one, so an update without it is a withdrawal (not a first answer that may be partial).
+    func apply(_ context: FetchedX509Context, streamDelivered: Bool = true) throws {
         let svid: FetchedX509SVID
         if let wantedID {
             guard let match = context.svids.first(where: { $0.spiffeID == wantedID }) else {
                 let offered = context.svids.map(\.spiffeID).joined(separator: ", ")
-                let withdrawn = store.withdraw() ? " (withdrawn: no longer serving it, refusing new mTLS connections)" : ""
+                let withdrawn = streamDelivered && store.withdraw() ? " (withdrawn: no longer serving it, refusing new mTLS connections)" : ""
                 throw ProxyError(.identity, "the Workload API offers no SVID for --spiffe-id \(wantedID)\(withdrawn) (it offers: \(offered)); register an entry for it")
             }
             svid = match

@@ -202,9 +202,15 @@ struct ProxyService: Service {
             if let shipper { tasks.addTask { await shipper.run() } }
             tasks.addTask { await IdleTrimmer().run() }
 
-            // Serve only with an identity: wait for the first SVID.
+            // Serve only with an identity: wait for the first SVID (SIGTERM/SIGINT still stop the
+            // proxy meanwhile: no agent, no entry, a wrong --spiffe-id must not make it unkillable).
             var waited = 0
             while environment.identity.current == nil {
+                if Task.isShuttingDownGracefully || Task.isCancelled {
+                    logger.notice("proxy stopping before it had an X509-SVID")
+                    tasks.cancelAll()
+                    return
+                }
                 try await Task.sleep(for: .milliseconds(100))
                 waited += 1
                 if waited % 50 == 0 {

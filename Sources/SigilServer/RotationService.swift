@@ -58,15 +58,15 @@ struct RotationService: Service {
         }
     }
 
-    /// A warning when the active root (of a CA that made its own) is in the last tenth of its
-    /// life, or 30 days, with no successor prepared; nil otherwise.
+    /// A warning when the active root (of a CA that made its own) is in its last 30 days (or its
+    /// last tenth of life, if shorter) with no successor prepared; nil otherwise.
     func rootExpiryWarning(now: Date) async -> String? {
         guard let authorities = try? await core.store.authorities(),
               let root = authorities.first(where: { $0.kind == .root && $0.state == .active }),
               !authorities.contains(where: { $0.kind == .root && $0.state == .prepared }) else { return nil }
         let left = root.notAfter.timeIntervalSince(now)
         let life = root.notAfter.timeIntervalSince(root.notBefore)
-        guard left < max(life / 10, 30 * 86_400) else { return nil }
+        guard left < min(life / 10, 30 * 86_400) else { return nil }
         if left <= 0 {
             return "the trust root \(root.id) expired at \(root.notAfter): no SVID verifies any more; see docs/operations.md, \"Root expiry\""
         }

@@ -56,6 +56,11 @@ public enum SigilServer {
     static let handshakeDeadlineSeconds: Int64 = 10
 
     public static func run(_ config: ServerConfig, logger: Logger, clock: any SigilClock = SystemClock()) async throws {
+        if FileManager.default.fileExists(atPath: config.dataDirectory.path) {
+            do { try InstanceLock.acquire(directory: config.dataDirectory.path, name: ".server.lock", role: "server") } catch {
+                throw ServerError(message: error.message)
+            }
+        }
         let ca: CertificateAuthority
         do {
             ca = try await CertificateAuthority.open(config.dataDirectory, clock: clock, logger: logger)

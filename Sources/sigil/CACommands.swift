@@ -264,7 +264,9 @@ struct BundleShow: AsyncParsableCommand {
             }
         } else {
             (bundle, _) = try await CertificateAuthority.inspect(data.directory)
-            jwtBundle = try CertificateAuthority.jwtBundle(data.directory, trustDomain: bundle.trustDomain)
+            // The JWT keys are read (from their key files) only when the SPIFFE bundle is asked for.
+            jwtBundle = format == .spiffe ? try CertificateAuthority.jwtBundle(data.directory, trustDomain: bundle.trustDomain)
+                                          : JWTBundle(trustDomain: bundle.trustDomain)
         }
         switch format {
         case .pem: print(bundle.pemEncoded, terminator: "")

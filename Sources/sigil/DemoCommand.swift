@@ -30,6 +30,21 @@ struct DemoCommand: AsyncParsableCommand {
     func run() async throws {
         let work = try dir ?? makeTempDirectory()
         let demo = try DemoRun(work: work)
+        // Signals are trapped from the start: Ctrl-C, SIGTERM or a closed terminal (SIGHUP) at any
+        // moment stops every process the demo started (they run in process groups of their own,
+        // so a terminal's signal does not reach them).
+        let signals = await UnixSignalsSequence(trapping: .sigint, .sigterm, .sighup)
+        let interrupted = DemoInterrupt()
+        let watcher = Task {
+            for await signal in signals {
+                if interrupted.signal(signal) { continue }
+                // Before the system is up: stop what has started, and end as a signal would.
+                if signal != .sighup { demo.say("\ninterrupted: stopping what was started") }
+                demo.stop(quiet: signal == .sighup)
+                Glibc.exit(128 + signal.rawValue)
+            }
+        }
+        defer { watcher.cancel() }
         var failure: (any Error)?
         do {
             try await demo.start()
@@ -37,8 +52,7 @@ struct DemoCommand: AsyncParsableCommand {
             let interactive = isatty(STDIN_FILENO) == 1
             if !noWait && (keepRunning || interactive) {
                 demo.say("\nThe system is up. Try:\n  curl http://127.0.0.1:\(demo.ports.webOutbound)/api/orders\n  curl http://127.0.0.1:\(demo.ports.webOutbound)/admin\n  tail -f \(work)/api-ledger.jsonl\nCtrl-C stops everything.")
-                let signals = await UnixSignalsSequence(trapping: .sigint, .sigterm)
-                for await _ in signals { break }
+                await interrupted.wait()
                 demo.say("")
             }
         } catch {
@@ -59,6 +73,35 @@ struct DemoCommand: AsyncParsableCommand {
     }
 }
 
+/// Where a signal goes: to the waiting demo once the system is up (a clean stop), else nowhere
+/// (the caller stops everything and exits).
+final class DemoInterrupt: @unchecked Sendable {
+    private let lock = NSLock()
+    private var waiter: CheckedContinuation<Void, Never>?
+    private var fired = false
+
+    /// Whether a waiting demo took the signal.
+    func signal(_ signal: UnixSignal) -> Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        guard let waiter else { return false }
+        self.waiter = nil
+        fired = true
+        waiter.resume()
+        return true
+    }
+
+    /// Waits for a signal (Ctrl-C, SIGTERM, SIGHUP).
+    func wait() async {
+        await withCheckedContinuation { continuation in
+            lock.lock()
+            if fired { lock.unlock(); continuation.resume(); return }
+            waiter = continuation
+            lock.unlock()
+        }
+    }
+}
+
 /// The running demo: child processes of this same binary, and what it prints.
 final class DemoRun: @unchecked Sendable {
     struct Ports {
@@ -74,7 +117,9 @@ final class DemoRun: @unchecked Sendable {
     let ports = Ports()
     let binary: String
     let trustDomain = "demo.sigil"
-    var children: [(name: String, process: Process)] = []
+    private var children: [(name: String, process: Process)] = []
+    private var stopped = false
+    private let childLock = NSLock()
 
     init(work: String) throws {
         self.work = work
@@ -188,19 +233,29 @@ final class DemoRun: @unchecked Sendable {
         for line in try runOnce(["audit", "graph", "--data-dir", work + "/ca"]).split(separator: "\n") { say("    \(line)") }
     }
 
-    func stop() {
-        for (_, process) in children.reversed() where process.isRunning {
+    func runningChildren() -> [(name: String, process: Process)] {
+        childLock.withLock { children }
+    }
+
+    /// Stops every child (SIGTERM, then SIGKILL after 10 s). Safe from a signal handler's task
+    /// while the demo is starting: the list of children is taken under a lock.
+    func stop(quiet: Bool = false) {
+        childLock.lock()
+        let running = children
+        children.removeAll()
+        stopped = true
+        childLock.unlock()
+        for (_, process) in running.reversed() where process.isRunning {
             process.terminate()
         }
         let deadline = Date().addingTimeInterval(10)
-        for (name, process) in children.reversed() {
+        for (name, process) in running.reversed() {
             while process.isRunning && Date() < deadline { usleep(50_000) }
             if process.isRunning {
                 kill(process.processIdentifier, SIGKILL)
-                say("    \(name) did not stop in time; killed")
+                if !quiet { say("    \(name) did not stop in time; killed") }
             }
         }
-        children.removeAll()
     }
 
     @discardableResult
@@ -231,6 +286,10 @@ final class DemoRun: @unchecked Sendable {
         let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
         process.standardOutput = handle
         process.standardError = handle
+        childLock.lock()
+        defer { childLock.unlock() }
+        // Stopping (a signal during start-up): start nothing more.
+        guard !stopped else { throw CLIError.negative("the demo is stopping") }
         try process.run()
         children.append((name, process))
     }
@@ -240,7 +299,7 @@ final class DemoRun: @unchecked Sendable {
         let deadline = clock.now + timeout
         while clock.now < deadline {
             if check() { return }
-            for (name, process) in children where !process.isRunning {
+            for (name, process) in runningChildren() where !process.isRunning {
                 throw CLIError.negative("\(name) exited (status \(process.terminationStatus)); see \(work)/\(name).log")
             }
             try await Task.sleep(for: .milliseconds(100))

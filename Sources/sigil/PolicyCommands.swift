@@ -62,13 +62,15 @@ struct PolicyCheck: AsyncParsableCommand {
         } catch {
             throw CLIError.usage("policy load error: \(error.description)")
         }
+        for warning in set.warnings { FileHandle.standardError.write(Data("warning: \(warning)\n".utf8)) }
         // The path as the proxy would see it after Istio's BASE normalization (%-decoding of
         // unreserved characters, backslashes, dot segments): `/%61dmin` is checked as `/admin`.
         guard let target = RequestTarget.normalize(path) else {
             throw CLIError.usage("--path '\(path)' is not a valid request target (the proxy answers it with 400)")
         }
         let path = target.uri
-        let host = target.authority ?? host
+        // `--header host:H` (or `:authority:H`) is the host, as the proxy reads it.
+        let host = target.authority ?? host ?? headers["host"]?.first ?? headers[":authority"]?.first
         let request = AuthorizationRequest(principal: istioPrincipal, sourceIP: sourceIp, destinationPort: port, host: tcp ? nil : host,
                                            method: tcp ? nil : method, path: tcp ? nil : path, headers: tcp ? [:] : headers, isTCP: tcp)
         let decision = PolicyEvaluator(policies: set.authorizationPolicies, rootNamespace: rootNamespace)

@@ -207,3 +207,41 @@ def test_a_connection_that_never_starts_tls_is_closed_by_the_server(cluster):
 def test_audit_report_refuses_an_empty_period(cluster):
     res = run([cluster.bin, "audit", "report", "--since", "1h", "--until", "2h", "--data-dir", cluster.ca_dir])
     assert res.returncode == 2 and "not before" in res.stderr, res.describe()
+
+
+def test_a_proxy_still_waiting_for_its_svid_stops_on_sigterm(sigil_bin, tmp_path):
+    """No agent yet (or no entry, or a wrong --spiffe-id): the proxy waits for an SVID, and SIGTERM
+    must still stop it (it used to run on until SIGKILL: a pod's whole grace period)."""
+    import signal
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    proxy = Proc([sigil_bin, "proxy", "run", "--workload-api", f"unix://{tmp_path}/none.sock", "--app", f"127.0.0.1:{free_port()}",
+                  "--inbound", f"127.0.0.1:{free_port()}", "--namespace", "shop", "--labels", "app=web", "--policies", policies],
+                 tmp_path / "proxy.log")
+    try:
+        wait_for(lambda: "Workload API unavailable" in proxy.output() or not proxy.alive(), 30, "the proxy to wait for an SVID")
+        assert proxy.alive(), proxy.output()
+        proxy.p.send_signal(signal.SIGTERM)
+        assert proxy.p.wait(30) == 0, proxy.output()
+    finally:
+        proxy.kill()
+
+
+def test_a_second_server_or_agent_on_one_data_directory_is_refused(cluster, sigil_bin, tmp_path):
+    """Two servers on one data directory both rotated the CA (two prepared intermediates, each
+    switching to its own); two agents on one renewed one identity twice. The second is refused."""
+    res = run([sigil_bin, "server", "run", "--data-dir", cluster.ca_dir, "--listen", f"127.0.0.1:{free_port()}",
+               "--admin-socket", tmp_path / "admin.sock"], timeout=30)
+    assert res.returncode != 0 and "another sigil server" in res.stderr and "is running on" in res.stderr, res.describe()
+    data = tmp_path / "agent"
+    first = Proc([sigil_bin, "agent", "run", "--server", f"127.0.0.1:{cluster.port}", "--join-token", cluster.token("node-lock"),
+                  "--trust-bundle", cluster.ca_dir / "bundle.pem", "--socket", tmp_path / "a.sock", "--data-dir", data],
+                 tmp_path / "agent.log")
+    try:
+        wait_for(lambda: (data / "agent.json").exists() or not first.alive(), 30, "the first agent to attest")
+        assert first.alive(), first.output()
+        res = run([sigil_bin, "agent", "run", "--server", f"127.0.0.1:{cluster.port}", "--trust-bundle", cluster.ca_dir / "bundle.pem",
+                   "--socket", tmp_path / "b.sock", "--data-dir", data], timeout=30)
+        assert res.returncode == 2 and "another sigil agent" in res.stderr, res.describe()
+    finally:
+        first.stop()

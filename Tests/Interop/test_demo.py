@@ -25,3 +25,49 @@ def test_demo_runs_the_whole_system_and_the_audit_sees_it(sigil_bin, tmp_path):
     assert f"(plaintext) -> {API}  1  1  0.0%" in out, out
     work = re.search(r"files and logs are in (\S+)", out).group(1)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def demo_processes(work) -> list[int]:
+    """PIDs of processes whose command line names the demo's directory (what it started)."""
+    import os
+    from pathlib import Path
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(work).encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return [p for p in found if p != os.getpid()]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGHUP"])
+def test_a_demo_stopped_while_starting_leaves_nothing_running(sigil_bin, tmp_path, signal_name):
+    """A signal while the demo is still starting (SIGTERM, or SIGHUP from a closed terminal) stops
+    everything it started; its children run in process groups of their own, and used to be left
+    running (owned by init) when the demo ended that way."""
+    import signal
+    import subprocess
+    import time
+    from cluster import wait_for
+    work = tmp_path / "demo"
+    proc = subprocess.Popen([sigil_bin, "demo", "--dir", work, "--keep-running"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (work / "server.log").exists(), 60, "the demo to start its server")
+        proc.send_signal(getattr(signal, signal_name))
+        assert proc.wait(60) == 128 + getattr(signal, signal_name)
+        wait_for(lambda: not demo_processes(work), 30, "every process of the demo to end", interval=0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in demo_processes(work):
+            try:
+                import os
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass

@@ -321,6 +321,23 @@ def test_init_twice_refuses_then_force_replaces(sigil, ca, sign):
     assert any(sorted(p.name for p in (d / "keys").iterdir()) == second_keys for d in replaced)
 
 
+def test_a_force_init_that_fails_puts_the_previous_ca_back(sigil, sigil_bin, tmp_path):
+    """--force moves the CA aside before writing the new one; a failure while writing (here the
+    bundle's temporary file name is taken) used to leave the data directory with no CA at all."""
+    import subprocess
+    ca = tmp_path / "ca"
+    assert sigil.init(ca).returncode == 0
+    before = sha256_file(ca / "bundle.pem")
+    proc = subprocess.Popen([sigil_bin, "ca", "init", "--force", "--trust-domain", "other.org", "--data-dir", ca],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    (ca / f"bundle.pem.tmp-{proc.pid}").mkdir()  # long before the process gets to write the bundle
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "previous CA is back in place" in err, err
+    assert sha256_file(ca / "bundle.pem") == before and not list(ca.glob("replaced-*")), tree_listing(ca)
+    status = sigil("ca", "status", "--data-dir", ca)
+    assert status.returncode == 0 and "trust domain example.org" in status.stdout, status.describe()
+
+
 def test_ca_init_refuses_a_trust_domain_with_a_path_and_an_intermediate_outliving_its_root(sigil, tmp_path):
     res = sigil.init(tmp_path / "a", trust_domain="spiffe://example.org/foo")
     assert_refused(res, "has a path")

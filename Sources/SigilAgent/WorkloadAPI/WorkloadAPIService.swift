@@ -104,6 +104,10 @@ struct WorkloadAPIService: SPIFFESpiffeWorkloadAPI.ServiceProtocol {
         guard !audience.isEmpty else {
             throw RPCError(code: .invalidArgument, message: "audience must be specified")
         }
+        // The server's bounds, answered here as the caller's error (not an Unavailable to retry).
+        guard audience.count <= 32, audience.allSatisfy({ $0.utf8.count <= 1024 }) else {
+            throw RPCError(code: .invalidArgument, message: "at most 32 audiences of at most 1024 bytes each")
+        }
         var requestedID: String?
         if !request.message.spiffeID.isEmpty {
             do {

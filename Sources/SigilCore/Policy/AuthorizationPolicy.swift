@@ -108,7 +108,8 @@ public struct AuthorizationPolicy: Sendable, Hashable {
 extension AuthorizationPolicy {
     /// The lowercased names of the request headers `policies` read, sorted: what a proxy collects
     /// from each request for ``AuthorizationRequest/headers``. Pseudo-headers and `host` are not
-    /// among them (they are the request's own fields); `X-Forwarded-For` is when a rule reads the
+    /// among them (they are the request's own fields: ``AuthorizationRequest/headerValue(_:)``);
+    /// `X-Forwarded-For` is when a rule reads the
     /// remote address (``AuthorizationRequest/remoteAddress``).
     public static func headerNamesRead(by policies: [AuthorizationPolicy]) -> [String] {
         var names = Set<String>()

@@ -35,7 +35,8 @@ public struct AuthorizationRequest: Sendable, Hashable {
     /// A header's value as Envoy's RBAC filter reads it, by lowercased name: its values joined
     /// with ","; nil when absent. Envoy holds requests in HTTP/2 form, so the pseudo-headers
     /// `:method`, `:path`, `:authority` and `:scheme` are the request's method, target, host and
-    /// scheme, and `host` is never present (HTTP/1.1's Host is `:authority` there).
+    /// scheme; a lookup of `host` is answered with `:authority` (Envoy's legacy-host mapping), so
+    /// it is the request's host too.
     public func headerValue(_ name: String) -> String? {
         if name.utf8.first == UInt8(ascii: ":") {
             switch name {
@@ -46,7 +47,7 @@ public struct AuthorizationRequest: Sendable, Hashable {
             default: return nil
             }
         }
-        if name == "host" { return nil }
+        if name == "host" { return host }
         guard let values = headers[name], !values.isEmpty else { return nil }
         return values.count == 1 ? values[0] : values.joined(separator: ",")
     }
@@ -64,16 +65,6 @@ public struct AuthorizationRequest: Sendable, Hashable {
             if IPBlock.parse(trimmed) != nil { return trimmed }
         }
         return sourceIP
-    }
-
-    /// `source.namespace`: the segment after the first `ns` segment past the trust domain, when
-    /// another segment follows it (Istio matches `.*/ns/<ns>/.*`; of several `/ns/` segments
-    /// Sigil takes the first). The trust domain is skipped, whatever it is named.
-    var sourceNamespace: String? {
-        guard let principal else { return nil }
-        let parts = principal.split(separator: "/", omittingEmptySubsequences: false)
-        guard let i = parts.dropFirst().firstIndex(of: "ns"), i + 2 < parts.count else { return nil }
-        return String(parts[i + 1])
     }
 }
 
@@ -195,7 +186,7 @@ public struct PolicyEvaluator: Sendable {
         let principal = r.principal ?? ""
         return Self.field(s.principals, s.notPrincipals) { Self.principalMatches($0, principal) }
             && (s.namespaces == nil && s.notNamespaces == nil
-                || Self.namespaceField(s.namespaces, s.notNamespaces, r.sourceNamespace ?? ""))
+                || Self.namespaceField(s.namespaces, s.notNamespaces, r.principal))
             && Self.field(s.ipBlocks, s.notIpBlocks) { IPBlock.contains($0, r.sourceIP) }
             && (s.remoteIpBlocks == nil && s.notRemoteIpBlocks == nil
                 || Self.field(s.remoteIpBlocks, s.notRemoteIpBlocks) { [remote = r.remoteAddress] in IPBlock.contains($0, remote) })
@@ -232,15 +223,15 @@ public struct PolicyEvaluator: Sendable {
         case "remote.ip": return Self.field(c.values, c.notValues) { [remote = r.remoteAddress] in IPBlock.contains($0, remote) }
         case "destination.ip": return Self.field(c.values, c.notValues) { IPBlock.contains($0, r.destinationIP) }
         case "destination.port": return Self.field(c.values, c.notValues) { $0 == (r.destinationPort.map(String.init) ?? "") }
-        case "source.namespace": return Self.namespaceField(c.values, c.notValues, r.sourceNamespace ?? "")
+        case "source.namespace": return Self.namespaceField(c.values, c.notValues, r.principal)
         case "source.principal": return Self.field(c.values, c.notValues) { Self.principalMatches($0, r.principal ?? "") }
         default: return false  // unknown keys (and connection.sni) are refused at load time; fail closed here too
         }
     }
 
-    /// A namespace field against the request's namespace, derived once (not once per pattern).
-    static func namespaceField(_ values: [String]?, _ notValues: [String]?, _ namespace: String) -> Bool {
-        field(values, notValues) { NamespacePattern.matches($0, namespace) }
+    /// A namespace field against the request's principal (see ``NamespacePattern``).
+    static func namespaceField(_ values: [String]?, _ notValues: [String]?, _ principal: String?) -> Bool {
+        field(values, notValues) { NamespacePattern.matches($0, principal: principal) }
     }
 
     /// A field and its not-field: some value must match (if set); no not-value may match (if set).
@@ -306,19 +297,37 @@ public struct PreparedPolicies: Sendable {
     }
 }
 
-/// Istio's namespace match (`namespaces`, `notNamespaces`, `source.namespace`): every `*` stands
-/// for any run of characters, wherever it is (`team-*-dev`), because Istio turns the value into
-/// the regular expression `.*/ns/<value with * as .*>/.*` over the peer's principal. A peer
-/// without a namespace (plaintext, or an ID not of the `ns/<ns>/sa/<sa>` form) matches no
-/// pattern. No allocation.
+/// Istio's namespace match (`namespaces`, `notNamespaces`, `source.namespace`), exactly as
+/// Istio builds it: the value becomes the regular expression `.*/ns/<value, each * as .*>/.*`,
+/// matched against the peer's whole principal. So a `*` stands for any run of characters,
+/// wherever it is (`team-*-dev`), even across `/` (`*a` matches `td/ns/prod/sa/x` through
+/// `/sa/`), and any `/ns/<ns>/` in the principal counts. A plaintext peer (no principal) matches
+/// no pattern. No allocation.
 public enum NamespacePattern {
-    public static func matches(_ pattern: String, _ namespace: String) -> Bool {
-        guard !namespace.isEmpty else { return false }
+    public static func matches(_ pattern: String, principal: String?) -> Bool {
+        guard let principal else { return false }
+        let p = principal.utf8, g = pattern.utf8
+        let slash = UInt8(ascii: "/")
+        var from = p.startIndex
+        while let at = firstRange(of: "/ns/".utf8, in: p[from...]) {
+            let rest = p[p.index(at, offsetBy: 4)...]
+            // <value> must match up to some later "/" (the `/.*` after it takes the rest).
+            var end = rest.startIndex
+            while end < rest.endIndex {
+                if rest[end] == slash, glob(g, rest[rest.startIndex..<end]) { return true }
+                end = rest.index(after: end)
+            }
+            from = p.index(after: at)
+        }
+        return false
+    }
+
+    /// `text` against `pattern` where each `*` matches any run of bytes and the rest is literal.
+    static func glob(_ pattern: String.UTF8View, _ text: Substring.UTF8View) -> Bool {
         let star = UInt8(ascii: "*")
-        let p = pattern.utf8
-        guard p.contains(star) else { return pattern == namespace }
-        var parts = p.split(separator: star, omittingEmptySubsequences: false)[...]
-        var rest = namespace.utf8[...]
+        guard pattern.contains(star) else { return pattern.elementsEqual(text) }
+        var parts = pattern.split(separator: star, omittingEmptySubsequences: false)[...]
+        var rest = text
         // The first literal is a prefix, the last a suffix, the ones between found in order.
         let first = parts.removeFirst(), last = parts.removeLast()
         guard rest.starts(with: first) else { return false }
@@ -332,7 +341,7 @@ public enum NamespacePattern {
         return true
     }
 
-    static func firstRange(of needle: Substring.UTF8View, in haystack: Substring.UTF8View) -> Substring.UTF8View.Index? {
+    static func firstRange<Needle: Collection<UInt8>>(of needle: Needle, in haystack: Substring.UTF8View) -> Substring.UTF8View.Index? {
         var start = haystack.startIndex
         while haystack.distance(from: start, to: haystack.endIndex) >= needle.count {
             if haystack[start...].starts(with: needle) { return start }
