@@ -52,6 +52,11 @@ public enum SigilAgentRole {
         }
         let cachedIdentity = cache.loadIdentity()
         let cachedSnapshot = cache.loadSnapshot()
+        if cachedSnapshot == nil, FileManager.default.fileExists(atPath: cache.cachePath) {
+            logger.warning("the SVID cache cannot be read (damaged?) and is ignored: until the server is reached, workloads get nothing from it",
+                           metadata: ["path": "\(cache.cachePath)"])
+        }
+        let identityUnreadable = cachedIdentity == nil && FileManager.default.fileExists(atPath: cache.identityPath)
 
         // Trust: the bundle file, or what the last sync left in the cache.
         var roots: [Certificate] = []
@@ -96,7 +101,9 @@ public enum SigilAgentRole {
             logger.info("using cached agent SVID", metadata: ["agent_id": "\(cached.agentID)"])
         } else {
             guard let token = config.joinToken, !token.isEmpty else {
-                throw AgentError(usage: cachedIdentity == nil
+                throw AgentError(usage: identityUnreadable
+                    ? "the cached agent identity \(cache.identityPath) cannot be read (damaged?): attest again with a new --join-token"
+                    : cachedIdentity == nil
                     ? "this agent has not attested yet: pass --join-token (sigil token create --agent-id <name>)"
                     : "the cached agent SVID has expired: attest again with a new --join-token")
             }

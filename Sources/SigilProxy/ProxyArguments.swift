@@ -59,6 +59,11 @@ public enum ProxyArguments {
         }
         let (inHost, inPort) = try hostPort(try required("inbound", "127.0.0.1:15006"), flag: "--inbound")
         let (appHost, appPort) = try hostPort(try required("app", "127.0.0.1:8080"), flag: "--app")
+        // The app is reached in plaintext, after the proxy has taken TLS off: only over loopback,
+        // never across a network where the decrypted traffic (and the XFCC header) could be read.
+        guard isLoopback(appHost) else {
+            throw UsageError("--app '\(appHost):\(appPort)' must be on loopback (127.0.0.1, ::1 or localhost): the proxy forwards decrypted traffic to it in plaintext")
+        }
         let namespace = try required("namespace", "default")
         let policies = try required("policies", "deploy/policies")
         guard FileManager.default.fileExists(atPath: policies) else {

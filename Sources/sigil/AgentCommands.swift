@@ -35,8 +35,8 @@ struct AgentRun: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Single-use join token (first start only).", valueName: "token")) var joinToken: String?
     @Option(name: .long, help: ArgumentHelp("PEM roots to trust the server with (the server's bundle.pem).", valueName: "file")) var trustBundle: String?
     @Option(name: .long, help: ArgumentHelp("Trust domain, if the bundle does not name it.", valueName: "td")) var trustDomain: String?
-    @Option(name: .long, help: ArgumentHelp("Workload API socket: a path or unix:///path.", valueName: "path")) var socket: String?
-    @Option(name: .long, help: ArgumentHelp("Where the agent keeps its SVID and cache (0700).", valueName: "dir")) var dataDir: String?
+    @Option(name: .long, help: ArgumentHelp("Workload API socket: a path or unix:///path (default /tmp/sigil/agent.sock).", valueName: "path")) var socket: String?
+    @Option(name: .long, help: ArgumentHelp("Where the agent keeps its SVID and cache, 0700 (default /tmp/sigil/agent: give a persistent directory in production, or a reboot costs a new join token).", valueName: "dir")) var dataDir: String?
     @Option(name: .long, help: ArgumentHelp("trace, debug, info, notice, warning, error.", valueName: "level")) var logLevel: String?
 
     func run() async throws {

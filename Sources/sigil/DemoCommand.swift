@@ -11,6 +11,7 @@ struct DemoCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "demo",
         abstract: "Run the whole system on loopback: CA server, agent, two services behind proxies, calls, and the ledger.",
+        usage: "sigil demo [--dir <dir>] [--keep-running] [--no-wait]",
         discussion: """
             Starts, in a fresh directory (embedded SQLite, loopback only):
               a CA server and a node agent (attested with a single-use join token);
@@ -139,6 +140,9 @@ final class DemoRun: @unchecked Sendable {
 
     func start() async throws {
         say("==> working directory \(work) (SQLite, keys 0600, sockets; all on 127.0.0.1)")
+        guard !FileManager.default.fileExists(atPath: work + "/ca/sigil.db") else {
+            throw CLIError.usage("--dir '\(work)' already holds a demo: give a new directory (or leave out --dir for a fresh one)")
+        }
         say("==> sigil ca init --trust-domain \(trustDomain)")
         try runOnce(["ca", "init", "--trust-domain", trustDomain, "--data-dir", work + "/ca"])
         say("==> sigil server run (agent API 127.0.0.1:\(ports.server))")

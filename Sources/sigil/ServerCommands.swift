@@ -101,9 +101,9 @@ struct ServerRun: AsyncParsableCommand {
             """)
 
     @Option(name: .long, help: ArgumentHelp("YAML config file.", valueName: "file")) var config: String?
-    @Option(name: .long, help: ArgumentHelp("The CA's data directory (default ./pki).", valueName: "dir")) var dataDir: String?
+    @Option(name: .long, help: ArgumentHelp("The CA's data directory (default: $SIGIL_DATA_DIR or ./pki).", valueName: "dir")) var dataDir: String?
     @Option(name: .long, help: ArgumentHelp("Agent API address (default 127.0.0.1:8081).", valueName: "host:port")) var listen: String?
-    @Option(name: .long, help: ArgumentHelp("Admin API socket (default \(ServerConfig.defaultAdminSocket)).", valueName: "path")) var adminSocket: String?
+    @Option(name: .long, help: ArgumentHelp("Admin API socket (default: $SIGIL_ADMIN_SOCKET or \(ServerConfig.defaultAdminSocket)).", valueName: "path")) var adminSocket: String?
     @Option(name: .long, help: ArgumentHelp("Lifetime of agent SVIDs (default 1h).", valueName: "duration")) var agentSvidTtl: String?
     @Option(name: .long, help: ArgumentHelp("trace, debug, info, notice, warning, error.", valueName: "level")) var logLevel: String?
     @Option(name: .long, help: ArgumentHelp("Keep ledger rows this long (e.g. 400d); older rows are removed, leaving a signed checkpoint so the rest still verifies (default: keep everything).", valueName: "duration"))

@@ -26,20 +26,30 @@ struct Sigil: AsyncParsableCommand {
     )
 
     static func main() async {
+        var command: any ParsableCommand
         do {
-            var command = try parseAsRoot()
+            command = try parseAsRoot()
+        } catch {
+            exit(with: error)
+        }
+        do {
             if var asyncCommand = command as? any AsyncParsableCommand {
                 try await asyncCommand.run()
             } else {
                 try command.run()
             }
+        } catch let error as ValidationError {
+            // Found while running: the command line parsed, so the root's usage would only mislead.
+            FileHandle.standardError.write(Data("error: \(error.message)\n".utf8))
+            Foundation.exit(2)
         } catch {
-            exit(with: error)
+            // `--help` and the like also arrive here (ArgumentParser's help command throws them).
+            exit(with: error, parsed: true)
         }
     }
 
     /// Prints the error and exits: 0 for help/version, 1 for a negative answer, 2 for usage or input errors.
-    static func exit(with error: any Error) -> Never {
+    static func exit(with error: any Error, parsed: Bool = false) -> Never {
         let code: Int32
         switch error {
         case let e as CAError:
@@ -60,6 +70,11 @@ struct Sigil: AsyncParsableCommand {
         case let e as NegativeAnswer:
             if !e.message.isEmpty { FileHandle.standardError.write(Data("\(e.message)\n".utf8)) }
             code = 1
+        case _ where parsed && !String(reflecting: type(of: error)).hasPrefix("ArgumentParser."):
+            // A role's own error (server, agent, proxy), after the command line parsed: its message
+            // alone, without the root command's usage.
+            FileHandle.standardError.write(Data("error: \(error)\n".utf8))
+            code = 2
         default:
             let parserCode = Sigil.exitCode(for: error)
             let message = Sigil.fullMessage(for: error)

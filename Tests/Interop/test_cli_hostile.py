@@ -245,3 +245,10 @@ def test_a_second_server_or_agent_on_one_data_directory_is_refused(cluster, sigi
         assert res.returncode == 2 and "another sigil agent" in res.stderr, res.describe()
     finally:
         first.stop()
+
+
+@pytest.mark.parametrize("app", ["10.1.2.3:80", "example.com:80", "0.0.0.0:8080"])
+def test_a_proxy_forwards_decrypted_traffic_only_over_loopback(sigil_bin, tmp_path, app):
+    res = run([sigil_bin, "proxy", "run", "--workload-api", f"unix://{tmp_path}/none.sock", "--app", app,
+               "--inbound", f"127.0.0.1:{free_port()}", "--namespace", "shop", "--labels", "app=web", "--policies", tmp_path], timeout=30)
+    assert res.returncode == 2 and "must be on loopback" in res.stderr, res.describe()
