@@ -18,6 +18,33 @@ public final class SQLiteDatastore: Datastore {
             throw StoreError(.cannotOpen, "cannot open the database: directory '\(directory)' does not exist or is not a directory")
         }
         let existed = FileManager.default.fileExists(atPath: path)
+        // A database this user may read but not write (an auditor's read-only copy): opened
+        // read-only, for the commands that only read (status, bundle, audit); writes fail.
+        if existed, access(path, W_OK) != 0, access(path, R_OK) == 0 {
+            do {
+                var config = Configuration()
+                config.readonly = true
+                config.busyMode = .timeout(10)
+                // A copy in WAL mode whose directory this user cannot write (no -shm can be made)
+                // opens only as immutable: nothing else may be writing it, which holds for a copy.
+                func open(_ name: String) throws -> DatabaseQueue {
+                    let queue = try DatabaseQueue(path: name, configuration: config)
+                    _ = try queue.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM sqlite_master") }
+                    return queue
+                }
+                let queue: DatabaseQueue
+                if let plain = try? open(path) { queue = plain } else { queue = try open("file:" + path + "?immutable=1") }
+                guard try queue.read({ try SQLiteDatastore.migrator.hasCompletedMigrations($0) }) else {
+                    throw StoreError(.cannotOpen, "the database at '\(path)' is read-only and from an older version of Sigil; open it once with write access to upgrade it")
+                }
+                self.writer = queue
+                return
+            } catch let error as StoreError {
+                throw error
+            } catch {
+                throw StoreError(.cannotOpen, "cannot open the read-only database at '\(path)': \(SQLiteDatastore.describe(error))")
+            }
+        }
         do {
             var config = Configuration()
             config.foreignKeysEnabled = true

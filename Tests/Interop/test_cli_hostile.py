@@ -252,3 +252,42 @@ def test_a_proxy_forwards_decrypted_traffic_only_over_loopback(sigil_bin, tmp_pa
     res = run([sigil_bin, "proxy", "run", "--workload-api", f"unix://{tmp_path}/none.sock", "--app", app,
                "--inbound", f"127.0.0.1:{free_port()}", "--namespace", "shop", "--labels", "app=web", "--policies", tmp_path], timeout=30)
     assert res.returncode == 2 and "must be on loopback" in res.stderr, res.describe()
+
+
+def test_an_auditor_reads_a_read_only_copy_of_the_database(cluster, sigil_bin):
+    """A copy of sigil.db the auditor may read but not write (mode 0400, in a directory they
+    cannot write): the read-only commands work on it. They used to fail with "attempt to write a
+    readonly database"."""
+    import os
+    import shutil
+    import sqlite3
+    import tempfile
+    if os.getuid() != 0:
+        pytest.skip("needs root to run a process as another uid")
+    if not all(os.access(p, os.X_OK) for p in [sigil_bin] + [str(q) for q in Path(sigil_bin).parents]):
+        pytest.skip("sigil binary not reachable by other users")
+    outer = Path(tempfile.mkdtemp(prefix="sigil-ro-", dir="/tmp"))
+    try:
+        os.chmod(outer, 0o755)
+        copy = outer / "copy"
+        copy.mkdir()
+        source, target = sqlite3.connect(cluster.ca_dir / "sigil.db"), sqlite3.connect(copy / "sigil.db")
+        source.backup(target)
+        source.close()
+        target.close()
+        shutil.copy(cluster.ca_dir / "bundle.pem", copy / "bundle.pem")
+        for path in [copy, copy / "sigil.db", copy / "bundle.pem"]:
+            os.chown(path, 65534, 65534)
+        os.chmod(copy / "sigil.db", 0o400)
+        os.chmod(copy, 0o500)
+
+        def as_nobody():
+            os.setgid(65534)
+            os.setuid(65534)
+        for command in (["audit", "verify"], ["ca", "status"], ["audit", "graph"], ["bundle", "show"]):
+            import subprocess
+            res = subprocess.run([str(sigil_bin), *command, "--data-dir", str(copy)], capture_output=True, text=True,
+                                 timeout=60, preexec_fn=as_nobody, cwd="/tmp")
+            assert res.returncode == 0, (command, res.stdout, res.stderr)
+    finally:
+        shutil.rmtree(outer, ignore_errors=True)
