@@ -336,3 +336,39 @@ def test_the_default_svid_is_the_oldest_registration_and_stays_so(node):
         node.entry(other, "node-1", [f"unix:uid:{os.getuid()}"])
     wait_for(lambda: len(grpc_fetch(sock).svids) == 1 + len(others), 60, "every SVID", interval=0.5)
     assert [s.spiffe_id for s in grpc_fetch(sock).svids] == [WEB, *others]
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_grpc_server_reflection_describes_the_workload_api(node, version):
+    """Workload Endpoint spec, section 7: endpoints SHOULD support gRPC Server Reflection, so that
+    generic tools (grpcurl, grpc_cli) can call the Workload API without its .proto. Both names tools
+    use are served; the descriptors are SPIFFE's workload.proto (no package, as real clients need)."""
+    from google.protobuf import descriptor_pb2
+    # grpcio-reflection ships the v1alpha messages; v1's are the same on the wire.
+    from grpc_reflection.v1alpha import reflection_pb2 as pb
+    sock = node.socket("node-1")
+    wait_for(lambda: grpc_fetch(sock), 30, "agent serving")
+    channel = grpc.insecure_channel(f"unix://{sock}")
+    try:
+        call = channel.stream_stream(f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+                                     request_serializer=pb.ServerReflectionRequest.SerializeToString,
+                                     response_deserializer=pb.ServerReflectionResponse.FromString)
+        requests = [pb.ServerReflectionRequest(list_services=""),
+                    pb.ServerReflectionRequest(file_containing_symbol="SpiffeWorkloadAPI"),
+                    pb.ServerReflectionRequest(file_containing_symbol="X509SVIDRequest"),
+                    pb.ServerReflectionRequest(file_by_filename="workload.proto"),
+                    pb.ServerReflectionRequest(file_containing_symbol="NoSuchThing")]
+        answers = list(call(iter(requests), timeout=30))
+    finally:
+        channel.close()
+    assert len(answers) == len(requests)
+    services = {s.name for s in answers[0].list_services_response.service}
+    assert "SpiffeWorkloadAPI" in services and f"grpc.reflection.{version}.ServerReflection" in services, services
+    for answer in answers[1:4]:
+        files = [descriptor_pb2.FileDescriptorProto.FromString(b) for b in answer.file_descriptor_response.file_descriptor_proto]
+        assert files[0].name == "workload.proto" and files[0].package == "", [f.name for f in files]
+        assert "google/protobuf/struct.proto" in {f.name for f in files}  # its import comes along
+        (service,) = files[0].service
+        assert {m.name for m in service.method} >= {"FetchX509SVID", "FetchX509Bundles", "FetchJWTSVID",
+                                                    "FetchJWTBundles", "ValidateJWTSVID"}
+    assert answers[4].error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]

@@ -70,7 +70,7 @@ public struct WorkloadAPIServer: Service {
                     )
                 }
             ),
-            services: [service]
+            services: [service, WorkloadAPIReflectionService()]
         )
         let socketPath = self.socketPath
         let logger = self.logger
