@@ -131,8 +131,9 @@ extension RFC3339 {
         return nowMicros - ago.components.seconds * 1_000_000 - ago.components.attoseconds / 1_000_000_000_000
     }
 
-    /// Microseconds since 1970 from `YYYY-MM-DDTHH:MM:SS[.ffffff]Z` (what the ledger writes); nil
-    /// for anything else.
+    /// Microseconds since 1970 from RFC 3339 `YYYY-MM-DDTHH:MM:SS[.ffffff]` and `Z` (what the ledger
+    /// writes) or an offset `+HH:MM` / `-HH:MM`; nil for anything else, a day the month does not
+    /// have (February 31) included.
     public static func micros(from text: some StringProtocol) -> Int64? {
         let b = Array(text.utf8)
         func digits(_ start: Int, _ count: Int) -> Int? {
@@ -161,7 +162,18 @@ extension RFC3339 {
             }
             guard i > start else { return nil }
         }
-        guard i == b.count - 1, b[i] == 0x5A || b[i] == 0x7A else { return nil }
+        var offsetSeconds = 0
+        if i == b.count - 1, b[i] == 0x5A || b[i] == 0x7A {
+            // Z
+        } else if i + 6 == b.count, b[i] == 0x2B || b[i] == 0x2D, b[i + 3] == 0x3A,
+                  let oh = digits(i + 1, 2), let om = digits(i + 4, 2), oh < 24, om < 60 {
+            offsetSeconds = (oh * 3600 + om * 60) * (b[i] == 0x2B ? 1 : -1)
+        } else {
+            return nil
+        }
+        let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)
+        let monthDays = [31, leap ? 29 : 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
+        guard day <= monthDays[month - 1] else { return nil }
         // Days from civil (Howard Hinnant's algorithm).
         let y = month <= 2 ? year - 1 : year
         let era = (y >= 0 ? y : y - 399) / 400
@@ -170,6 +182,6 @@ extension RFC3339 {
         let doy = (153 * mp + 2) / 5 + day - 1
         let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy
         let days = Int64(era * 146_097 + doe - 719_468)
-        return (days * 86_400 + Int64(hour * 3600 + minute * 60 + second)) * 1_000_000 + Int64(fraction)
+        return (days * 86_400 + Int64(hour * 3600 + minute * 60 + second - offsetSeconds)) * 1_000_000 + Int64(fraction)
     }
 }

@@ -40,8 +40,14 @@ final class HTTP2InboundHandler: ChannelDuplexHandler {
     private var setup: FirstRequestSetup
 
     /// The stream and connection windows this side keeps open: HTTP/2's initial window, which
-    /// `NIOHTTP2Handler(mode: .server)`'s default settings do not change.
+    /// ``settings`` do not change.
     static let windowTarget = 65_535
+    /// What the inbound advertises: NIOHTTP2's defaults (100 concurrent streams), with a header
+    /// list of up to 64 KiB, as HTTP/1.1 heads may be (``HTTP1RequestFramer/maxHeadBytes``).
+    static let settings: HTTP2Settings = [
+        HTTP2Setting(parameter: .maxConcurrentStreams, value: 100),
+        HTTP2Setting(parameter: .maxHeaderListSize, value: HTTP1RequestFramer.maxHeadBytes),
+    ]
     /// A stream whose DATA waiting for the client's window exceeds this stops reading its app
     /// connection, and reads again below half of it.
     static let outstandingLimit = 64 * 1024
@@ -134,8 +140,9 @@ final class HTTP2InboundHandler: ChannelDuplexHandler {
             }
             return
         }
-        // Errors of the peer's frames: NIOHTTP2 has already reset that stream (a stream error) or
-        // sent GOAWAY (a connection error, after which the peer closes); other streams go on.
+        // Errors of the peer's frames: NIOHTTP2 has already reset that stream (a stream error;
+        // other streams go on) or sent GOAWAY (a connection error: GoAwayCloser closes the
+        // connection once it is written).
         if error is any NIOHTTP2Error { return }
         context.close(promise: nil)
     }
@@ -576,6 +583,10 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
         var hosts = 0
         var contentLengths = 0
         for (name, value, _) in headers {
+            // RFC 9113, 8.2.1: a field value starting or ending with SP or HTAB makes the request
+            // malformed. Forwarded as is, an HTTP/1.1 app would trim what the policy saw untrimmed.
+            if let first = value.utf8.first, let last = value.utf8.last,
+               first == 0x20 || first == 0x09 || last == 0x20 || last == 0x09 { return nil }
             if name.utf8.first == UInt8(ascii: ":") {
                 switch name {
                 case ":method": method = value

@@ -149,6 +149,25 @@ final class InboundSniffer: ChannelInboundHandler, RemovableChannelHandler {
         self.environment = environment
     }
 
+    func channelActive(context: ChannelHandlerContext) {
+        // DISABLE in TCP mode: there is no TLS to tell apart, so nothing to wait for; a
+        // server-first protocol (SMTP, MySQL: the app speaks first) must reach the app at once.
+        if environment.tcpMode, environment.policy.current.mode == .disable {
+            decided = true
+            let peer = PeerInfo.plaintext(channel: context.channel, ownID: environment.identity.ownID)
+            do {
+                try ApplicationPipeline.configure(context.channel, after: self, peer: peer, alpn: nil, firstBytes: nil, environment: environment)
+            } catch {
+                context.close(promise: nil)
+                return
+            }
+            context.fireChannelActive()
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+            return
+        }
+        context.fireChannelActive()
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !decided else {
             context.fireChannelRead(data)
@@ -174,13 +193,13 @@ final class InboundSniffer: ChannelInboundHandler, RemovableChannelHandler {
                     position: .after(self))
             } else if mode == .strict || mode == .unset {
                 environment.record(LedgerRecord(
-                    kind: .connection, timeMicros: ProxyClock.nowMicros(), destination: environment.identity.current?.spiffeID.description,
+                    kind: .connection, timeMicros: ProxyClock.nowMicros(), destination: environment.identity.ownID,
                     sourceIP: context.channel.remoteAddress?.ipAddress, port: environment.appPort, decision: "deny",
                     detail: "plaintext connection refused: PeerAuthentication mode is STRICT"))
                 context.close(promise: nil)
                 return
             } else {
-                let peer = PeerInfo.plaintext(channel: context.channel, ownID: environment.identity.current?.spiffeID.description)
+                let peer = PeerInfo.plaintext(channel: context.channel, ownID: environment.identity.ownID)
                 try ApplicationPipeline.configure(context.channel, after: self, peer: peer, alpn: nil, firstBytes: buffer, environment: environment)
             }
         } catch {
@@ -369,8 +388,10 @@ enum ApplicationPipeline {
         let peer = peer.preparedForLedger(environment)  // HTTP rows: the connection's part of every row, serialized once
         let priorKnowledgeH2 = firstBytes.map { $0.readableBytesView.starts(with: h2Preface.prefix($0.readableBytes)) && $0.readableBytes >= 3 } ?? false
         if alpn == "h2" || priorKnowledgeH2 {
-            // Frames, not a child channel per stream: see HTTP2InboundHandler.
-            try pipeline.addHandler(NIOHTTP2Handler(mode: .server), position: .last)
+            // Frames, not a child channel per stream: see HTTP2InboundHandler. A header list up to
+            // 64 KiB, as on HTTP/1.1 (NIOHTTP2's default is 16 KiB).
+            try pipeline.addHandler(GoAwayCloser(), position: .last)
+            try pipeline.addHandler(NIOHTTP2Handler(mode: .server, initialSettings: HTTP2InboundHandler.settings), position: .last)
             try pipeline.addHandler(HTTP2InboundHandler(environment: environment, peer: peer), position: .last)
             return
         }

@@ -13,7 +13,7 @@ import SigilTLS
 enum Outbound {
     static func splice(environment: ProxyEnvironment, upstream: SocketAddress, upstreamID: SpiffeID, channel: any Channel) -> SpliceHandler {
         let start = ProxyClock.nowMicros()
-        let ownID = environment.identity.current?.spiffeID.description
+        let ownID = environment.identity.ownID
         let tcpMode = environment.tcpMode
         let bundle = environment.identity.bundle
         let identity = environment.identity

@@ -92,6 +92,10 @@ public enum ProxyArguments {
                 throw UsageError("--outbound, --upstream and --upstream-id go together (the app's listener, the peer's inbound, and the SPIFFE ID it must prove)")
             }
             outbound = try hostPort(outText, flag: "--outbound")
+            // Whoever reaches the outbound listener calls the upstream under this workload's SVID.
+            guard let listener = outbound, isLoopback(listener.0) else {
+                throw UsageError("--outbound '\(outText)' must listen on loopback (127.0.0.1, ::1 or localhost): whoever reaches it calls the upstream as this workload")
+            }
             upstream = try hostPort(upText, flag: "--upstream")
             do { upstreamID = try SpiffeID(istioPrincipal: upIDText) } catch { throw UsageError("--upstream-id: \(error.message)") }
         }

@@ -196,7 +196,11 @@ struct RequestFacts {
         let startMicros = ProxyClock.nowMicros()
         let state = environment.policy.current
         let decision: AuthorizationDecision
-        if state.allowsEverything {
+        if !peer.mtls, state.mode == .strict || state.mode == .unset {
+            // A plaintext connection accepted under PERMISSIVE (or the kill switch) that is still
+            // open after the mode became STRICT: each of its requests is refused from then on.
+            decision = AuthorizationDecision(allowed: false, policy: "PeerAuthentication STRICT", rule: nil)
+        } else if state.allowsEverything {
             decision = state.decide(AuthorizationRequest())
         } else {
             var headers: [String: [String]] = [:]

@@ -57,13 +57,20 @@ public final class TLSMaterial: Sendable {
 /// The proxy's current ``TLSMaterial``, replaced on every Workload API update.
 public final class IdentityStore: Sendable {
     private let box = NIOLockedValueBox<TLSMaterial?>(nil)
+    /// The SPIFFE ID last served, kept when the SVID is withdrawn: the proxy is still that
+    /// workload, and its ledger rows (a refused plaintext caller, a failed outbound call) name it.
+    private let last = NIOLockedValueBox<String?>(nil)
 
     public init() {}
 
     public var current: TLSMaterial? { box.withLockedValue { $0 } }
 
+    /// This workload's SPIFFE ID: the one served now, or the last one served.
+    public var ownID: String? { current?.spiffeID.description ?? last.withLockedValue { $0 } }
+
     func replace(_ material: TLSMaterial) {
         box.withLockedValue { $0 = material }
+        last.withLockedValue { $0 = material.spiffeID.description }
     }
 
     /// Stops serving the current identity (the Workload API withdrew it): new handshakes fail

@@ -88,8 +88,36 @@ public struct LedgerAPIService: SigilLedgerAPI.SimpleServiceProtocol {
             guard row.timeMicros <= horizon else {
                 throw RPCError(code: .invalidArgument, message: "row seq \(row.seq) is stamped \(RFC3339.format(micros: row.timeMicros)), more than a day ahead of the server's clock")
             }
-            if row.kind == "request" || row.kind == "connection", row.source != uploader, row.destination != uploader {
-                throw RPCError(code: .permissionDenied, message: "row seq \(row.seq) is a call between \(row.source ?? "a plaintext caller") and \(row.destination ?? "-"); \(uploader) may ship only calls it took part in")
+            if row.kind == "request" || row.kind == "connection" {
+                try checkCall(row, uploader: uploader)
+            }
+        }
+    }
+
+    /// A call's row as only the uploader's own proxy writes it: the callee's record (requests, and
+    /// inbound connections) names the uploader as destination; the caller's record (an outbound
+    /// connection, marked `outbound` in its detail) names it as source. A source is a SPIFFE ID of
+    /// this trust domain over mTLS, or none for a plaintext caller; a decision is allow or deny.
+    /// So a workload cannot enter calls between others, calls made to others as their record, or
+    /// a plaintext or made-up caller the audit graph would count.
+    func checkCall(_ row: LedgerRow, uploader: String) throws {
+        func refuse(_ why: String) -> RPCError {
+            RPCError(code: .permissionDenied, message: "row seq \(row.seq) (\(row.kind)): \(why); \(uploader) may ship only its own record of calls it took part in")
+        }
+        let outbound = row.kind == "connection" && row.source == uploader && (row.detail ?? "").hasPrefix("outbound")
+        guard row.destination == uploader || outbound else {
+            throw refuse("a call between \(row.source ?? "a plaintext caller") and \(row.destination ?? "-")")
+        }
+        guard row.decision == "allow" || row.decision == "deny" else {
+            throw refuse("the decision '\((row.decision ?? "none").prefix(40))' is neither allow nor deny")
+        }
+        if !outbound {
+            if let source = row.source {
+                guard let id = try? SpiffeID(source), id.trustDomain == core.trustDomain, row.mtls else {
+                    throw refuse("the caller '\(source.prefix(80))' is not an mTLS-verified SPIFFE ID of \(core.trustDomain)")
+                }
+            } else if row.mtls {
+                throw refuse("an mTLS call without the caller's SPIFFE ID")
             }
         }
     }

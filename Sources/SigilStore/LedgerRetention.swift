@@ -50,9 +50,14 @@ extension SQLiteDatastore {
 
     static func pruneWriter(_ db: Database, writer: String, beforeMicros: Int64, key: LedgerCheckpointKey, at: Date) throws -> LedgerPruneResult? {
         guard let head = try Row.fetchOne(db, sql: "SELECT first_seq, last_seq FROM ledger_writers WHERE writer = ?", arguments: [writer]) else { return nil }
-        let first = UInt64(head["first_seq"] as Int64), last = UInt64(head["last_seq"] as Int64)
-        let firstKept = try Int64.fetchOne(db, sql: "SELECT MIN(seq) FROM ledger_rows WHERE writer = ? AND time_us >= ?",
-                                           arguments: [writer, beforeMicros]).map { UInt64($0) } ?? last + 1
+        // An edited head or row (impossible seqs) is left alone for `sigil audit verify` to name:
+        // nothing is cut from a chain that cannot be checked.
+        guard let first = UInt64(exactly: head["first_seq"] as Int64), first >= 1,
+              let last = UInt64(exactly: head["last_seq"] as Int64), last < UInt64(Int64.max) else { return nil }
+        let minimum = try Int64.fetchOne(db, sql: "SELECT MIN(seq) FROM ledger_rows WHERE writer = ? AND time_us >= ?",
+                                         arguments: [writer, beforeMicros])
+        if let minimum, minimum < 1 { return nil }
+        let firstKept = minimum.map { UInt64($0) } ?? last + 1
         guard firstKept > first else { return nil }
         let cut = min(firstKept - 1, first + pruneChunk - 1)
         // The rows to remove must verify from the previous cut (or genesis) before they go.
@@ -102,7 +107,8 @@ extension SQLiteDatastore {
     }
 
     static func checkpoint(of row: Row) -> LedgerCheckpoint {
-        LedgerCheckpoint(writer: row["writer"], seq: UInt64(row["seq"] as Int64), hash: row["hash"], rowsRemoved: UInt64(row["rows_removed"] as Int64),
+        LedgerCheckpoint(writer: row["writer"], seq: UInt64(clamping: row["seq"] as Int64), hash: row["hash"],
+                         rowsRemoved: UInt64(clamping: row["rows_removed"] as Int64),
                          cutoffMicros: row["cutoff_us"], madeAtMicros: row["made_at_us"], keyID: row["key_id"],
                          signature: Array(row["signature"] as Data))
     }

@@ -209,7 +209,10 @@ extension SQLiteDatastore {
             if let head, (head["uploader"] as String) != uploader {
                 throw StoreError(.conflict, "ledger writer '\(writer)' is shipped by \(head["uploader"] as String); \(uploader) may not append to it")
             }
-            var expected = UInt64((head?["last_seq"] as Int64?) ?? 0) + 1
+            guard let last = UInt64(exactly: (head?["last_seq"] as Int64?) ?? 0), last < UInt64(Int64.max) else {
+                throw StoreError(.corrupt, "ledger writer '\(writer)' has an impossible head (seq \((head?["last_seq"] as Int64?) ?? 0)); run sigil audit verify")
+            }
+            var expected = last + 1
             var previous = (head?["last_hash"] as String?) ?? LedgerChain.genesis
             var accepted = 0, duplicates = 0
             for row in rows.sorted(by: { $0.seq < $1.seq }) {
@@ -248,7 +251,7 @@ extension SQLiteDatastore {
 
     public func ledgerNextSeq(writer: String) async throws(StoreError) -> UInt64 {
         try await read { db in
-            UInt64(try Int64.fetchOne(db, sql: "SELECT last_seq FROM ledger_writers WHERE writer = ?", arguments: [writer]) ?? 0) + 1
+            UInt64(clamping: try Int64.fetchOne(db, sql: "SELECT last_seq FROM ledger_writers WHERE writer = ?", arguments: [writer]) ?? 0) &+ 1
         }
     }
 
@@ -302,7 +305,13 @@ extension SQLiteDatastore {
                 let writer: String = head["writer"]
                 known.insert(writer)
                 report.writers += 1
-                var expected = UInt64(head["first_seq"] as Int64)
+                // Out-of-range numbers (an edited database) are breaks to name, never a trap.
+                guard let first = UInt64(exactly: head["first_seq"] as Int64), first >= 1,
+                      let last = UInt64(exactly: head["last_seq"] as Int64) else {
+                    report.breaks.append(.init(writer: writer, seq: 0, problem: "the writer's head holds an impossible seq (first \(head["first_seq"] as Int64), last \(head["last_seq"] as Int64)): the ledger tables were edited"))
+                    continue
+                }
+                var expected = first
                 var previous = LedgerChain.genesis
                 var broken: LedgerVerification.Break?
                 if expected > 1 {
@@ -319,7 +328,10 @@ extension SQLiteDatastore {
                 while let row = try cursor.next() {
                     report.rows += 1
                     guard broken == nil else { continue }
-                    let seq = UInt64(row["seq"] as Int64)
+                    guard let seq = UInt64(exactly: row["seq"] as Int64) else {
+                        broken = .init(writer: writer, seq: 0, problem: "a row holds the impossible seq \(row["seq"] as Int64): the ledger tables were edited")
+                        continue
+                    }
                     do {
                         let parsed = try LedgerRow.parse(line: row["line"] as Data)
                         guard parsed.writer == writer, parsed.seq == seq else {
@@ -335,7 +347,6 @@ extension SQLiteDatastore {
                     }
                 }
                 if broken == nil {
-                    let last = UInt64(head["last_seq"] as Int64)
                     if expected - 1 != last {
                         broken = .init(writer: writer, seq: expected, problem: expected - 1 < last
                             ? "rows seq \(expected)-\(last) are missing (the writer's head says it stored up to \(last))"
@@ -346,9 +357,20 @@ extension SQLiteDatastore {
                 }
                 if let broken { report.breaks.append(broken) }
             }
+            // Whole chains deleted: a checkpoint names a writer that has no head any more, or the
+            // server's own chain (every issuance is a row of it) is gone while its issuance log is not.
+            for writer in checkpoints.keys.sorted() where !known.contains(writer) {
+                report.breaks.append(.init(writer: writer, seq: checkpoints[writer]?.keys.min() ?? 0,
+                                           problem: "retention checkpoints name this writer, but its chain (rows and head) was deleted"))
+            }
+            if let server = try ServerLedger.writer(db), !known.contains(server),
+               let events = try Int.fetchOne(db, sql: "SELECT count(*) FROM issuance_log"), events > 0 {
+                report.breaks.append(.init(writer: server, seq: 1,
+                                           problem: "the server's own chain is missing, but the issuance log holds \(events) events it recorded (the chain was deleted)"))
+            }
             for orphan in try String.fetchAll(db, sql: "SELECT DISTINCT writer FROM ledger_rows") where !known.contains(orphan) {
                 let seq = try Int64.fetchOne(db, sql: "SELECT MIN(seq) FROM ledger_rows WHERE writer = ?", arguments: [orphan]) ?? 0
-                report.breaks.append(.init(writer: orphan, seq: UInt64(seq), problem: "rows of a writer the ledger has no head for (inserted outside ingest)"))
+                report.breaks.append(.init(writer: orphan, seq: UInt64(clamping: seq), problem: "rows of a writer the ledger has no head for (inserted outside ingest)"))
             }
             return report
         }
@@ -365,12 +387,13 @@ extension SQLiteDatastore {
                 """, arguments: [sinceMicros ?? Int64.min, untilMicros ?? Int64.max])
             while let row = try cursor.next() {
                 let key = Key(source: row["source"], destination: row["destination"])
-                var edge = edges[key] ?? (0, 0, 0, [])
-                edge.calls += 1
-                if (row["decision"] as String?) == "deny" { edge.denied += 1 }
-                if row["mtls"] as Bool { edge.mtls += 1 }
-                edge.durations.append(row["duration_us"])
-                edges[key] = edge
+                let denied = (row["decision"] as String?) == "deny", mtls = row["mtls"] as Bool
+                let duration: Int64 = row["duration_us"]
+                // Updated in place (a copy of the edge per row would copy its durations: quadratic).
+                edges[key, default: (0, 0, 0, [])].calls += 1
+                if denied { edges[key]!.denied += 1 }
+                if mtls { edges[key]!.mtls += 1 }
+                edges[key]!.durations.append(duration)
             }
             return edges.map { key, value in
                 let sorted = value.durations.sorted()

@@ -57,7 +57,7 @@ enum ServerLedger {
             if let head, (head["uploader"] as String) != ServerLedger.uploader {
                 throw StoreError(.conflict, "ledger writer '\(writer)' belongs to \(head["uploader"] as String), not the server")
             }
-            seq = UInt64((head?["last_seq"] as Int64?) ?? 0)
+            seq = UInt64(clamping: (head?["last_seq"] as Int64?) ?? 0)  // an edited head is for verify to name, not a trap
             hash = Array(((head?["last_hash"] as String?) ?? LedgerChain.genesis).utf8)
         }
 

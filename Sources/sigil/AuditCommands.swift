@@ -189,8 +189,13 @@ struct AuditQuery: AsyncParsableCommand {
         } catch let error as StoreError {
             throw ValidationError(error.message)
         }
+        // A cut answer says so (on stderr, so JSON lines stay pure): the auditor must not take
+        // the newest `limit` rows for all of them.
+        let truncated = rows.count >= limit
+            ? "; the newest \(limit) shown: more rows match (raise --limit, or narrow --since/--until)" : ""
         if json {
             for row in rows { print(String(decoding: row.line, as: UTF8.self)) }
+            if !truncated.isEmpty { FileHandle.standardError.write(Data("\(rows.count) rows\(truncated)\n".utf8)) }
             return
         }
         for row in rows {
@@ -201,7 +206,7 @@ struct AuditQuery: AsyncParsableCommand {
             let policy = row.policy.map { " policy=\($0)\(row.rule.map { "#\($0)" } ?? "")" } ?? ""
             print(terminalSafe("\(time) \(row.kind) \(who) \(what.isEmpty ? "" : what + " ")\(outcome) \(row.mtls ? "mtls" : "plaintext")\(policy) \(row.durationMicros)us"))
         }
-        FileHandle.standardError.write(Data("\(rows.count) row\(rows.count == 1 ? "" : "s")\n".utf8))
+        FileHandle.standardError.write(Data("\(rows.count) row\(rows.count == 1 ? "" : "s")\(truncated)\n".utf8))
     }
 }
 

@@ -252,6 +252,11 @@ def test_a_proxy_forwards_decrypted_traffic_only_over_loopback(sigil_bin, tmp_pa
     res = run([sigil_bin, "proxy", "run", "--workload-api", f"unix://{tmp_path}/none.sock", "--app", app,
                "--inbound", f"127.0.0.1:{free_port()}", "--namespace", "shop", "--labels", "app=web", "--policies", tmp_path], timeout=30)
     assert res.returncode == 2 and "must be on loopback" in res.stderr, res.describe()
+    res = run([sigil_bin, "proxy", "run", "--workload-api", f"unix://{tmp_path}/none.sock", "--app", f"127.0.0.1:{free_port()}",
+               "--inbound", f"127.0.0.1:{free_port()}", "--namespace", "shop", "--labels", "app=web", "--policies", tmp_path,
+               "--outbound", app, "--upstream", f"127.0.0.1:{free_port()}", "--upstream-id", "spiffe://example.org/ns/shop/sa/api"],
+              timeout=30)
+    assert res.returncode == 2 and "must listen on loopback" in res.stderr, res.describe()
 
 
 def test_an_auditor_reads_a_read_only_copy_of_the_database(cluster, sigil_bin):

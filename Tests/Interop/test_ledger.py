@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import threading
@@ -239,6 +240,32 @@ def test_compliance_report_in_markdown_and_html(shipped):
 
 def audit_policy(c: Cluster, *args):
     return run([c.bin, "policy", "replay", "--since", "1d", "--data-dir", c.ca_dir, *args], timeout=60)
+
+
+@pytest.mark.parametrize("case", ["server-chain", "whole-writer-with-checkpoint"])
+def test_deleting_a_whole_chain_breaks_verify(shipped, tmp_path, case):
+    """Deleting every row and the head of a chain: the server's own (its issuance log still
+    holds what the chain recorded), or a writer a retention checkpoint names. Both used to
+    verify as intact."""
+    c, _, _ = shipped
+    copy = tmp_path / "ca"
+    shutil.copytree(c.ca_dir, copy, ignore=shutil.ignore_patterns("*.sock", "sigil.db*"))
+    source, target = sqlite3.connect(c.ca_dir / "sigil.db"), sqlite3.connect(copy / "sigil.db")
+    source.backup(target)
+    source.close()
+    if case == "server-chain":
+        writer = "spiffe://example.org/sigil/server"
+    else:
+        (writer,) = target.execute("SELECT writer FROM ledger_writers WHERE writer LIKE 'proxy:%' ORDER BY writer LIMIT 1").fetchone()
+        target.execute("INSERT INTO ledger_checkpoints (writer, seq, hash, rows_removed, cutoff_us, made_at_us, key_id, signature) "
+                       "VALUES (?, 1, ?, 1, 0, 0, 'k', x'00')", (writer, "0" * 64))
+    target.execute("DELETE FROM ledger_rows WHERE writer = ?", (writer,))
+    target.execute("DELETE FROM ledger_writers WHERE writer = ?", (writer,))
+    target.commit()
+    target.close()
+    res = run([c.bin, "audit", "verify", "--data-dir", copy], timeout=60)
+    assert res.returncode == 1 and writer in res.stdout + res.stderr, res.describe()
+    assert "deleted" in res.stdout + res.stderr, res.describe()
 
 
 def test_editing_or_deleting_a_stored_row_breaks_verify_and_names_it(shipped):

@@ -87,6 +87,35 @@ def stored(c: Cluster, writer: str) -> list[dict]:
     return [row for row in map(json.loads, res.stdout.splitlines()) if row["writer"] == writer]
 
 
+@pytest.mark.parametrize("fields, why", [
+    ({"source": WEB, "destination": DB}, "a call the uploader made, shipped as the callee's record"),
+    ({"source": "(plaintext)", "destination": WEB}, "a made-up caller"),
+    ({"source": "not a spiffe id", "destination": WEB}, "a made-up caller"),
+    ({"source": API, "destination": WEB, "mtls": False}, "a SPIFFE caller without mTLS"),
+    ({"source": None, "destination": WEB, "mtls": True}, "mTLS without a caller"),
+    ({"source": API, "destination": WEB, "decision": "maybe"}, "a decision that is neither allow nor deny"),
+    ({"kind": "connection", "source": WEB, "destination": DB, "detail": "not outbound"}, "an outbound call not marked so"),
+])
+def test_a_workload_ships_only_its_own_record_of_its_calls(env, fields, why):
+    """Rows the audit graph would count as some callee's record (found by a review of the audit
+    side): the uploader's proxy writes none of them, so the server refuses them."""
+    c, web, _ = env
+    writer = f"proxy:shop/app=web@7~{abs(hash(why)) % 10**8}"
+    row, _ = sealed(writer, 1, GENESIS, **fields)
+    assert web.append(writer, [row]) == grpc.StatusCode.PERMISSION_DENIED, why
+    assert stored(c, writer) == []
+
+
+def test_the_callers_own_outbound_record_is_accepted(env):
+    c, web, _ = env
+    writer = "proxy:shop/app=web@8~outbound"
+    row, _ = sealed(writer, 1, GENESIS, kind="connection", source=WEB, destination=API, detail="outbound", status=None)
+    assert web.append(writer, [row]) == grpc.StatusCode.OK
+    plaintext, _ = sealed(writer, 2, hashlib.sha256(row[:row.rindex(b',"hash"')]).hexdigest(), source=None, destination=WEB, mtls=False)
+    assert web.append(writer, [plaintext]) == grpc.StatusCode.OK
+    assert len(stored(c, writer)) == 2
+
+
 def test_a_workload_ships_only_calls_it_took_part_in(env):
     c, web, _ = env
     writer = "proxy:shop/app=web@1~forged"

@@ -542,6 +542,32 @@ def test_openssl_s_client_without_certificate_is_refused(mesh):
 
 # --------------------------------------------------------------------------- 4. HTTP/2
 
+def test_an_http2_connection_error_closes_the_connection(mesh):
+    """RFC 9113, 5.4.1: after a GOAWAY for a connection error the endpoint MUST close the
+    connection. It used to stay open and read on: a PING flood or junk after a bad frame grew
+    the proxy by gigabytes, and a client got a GOAWAY per read, never an end."""
+    frame = lambda kind, flags, stream, payload=b"": len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+    ctx = tls_client(mesh.idents["web"], mesh.bundle, ["h2"])
+    with socket.create_connection(("127.0.0.1", mesh.api_in), timeout=10) as raw, ctx.wrap_socket(raw) as s:
+        assert s.selected_alpn_protocol() == "h2"
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(0x4, 0, 0))
+        s.sendall(frame(0x0, 0, 0, b"x"))  # DATA on stream 0: a connection error (PROTOCOL_ERROR)
+        got, closed = b"", False
+        try:
+            for _ in range(2000):  # a proxy that does not close keeps answering PINGs
+                s.sendall(frame(0x6, 0, 0, b"12345678"))
+                chunk = s.recv(65536)
+                if not chunk:
+                    closed = True
+                    break
+                got += chunk
+        except (ConnectionError, ssl.SSLError, OSError):
+            closed = True
+        assert closed, f"still open after {len(got)} bytes"
+        goaway = got.find(bytes([0x07, 0x00, 0, 0, 0, 0]))
+        assert goaway >= 3, "no GOAWAY before the close"
+
+
 def test_http2_via_alpn_with_bodies(mesh, tmp_path):
     web = mesh.idents["web"]
     base = f"https://127.0.0.1:{mesh.api_in}"
@@ -1464,6 +1490,10 @@ def test_policy_hot_reload_rejects_broken_yaml_and_kill_switch(mesh):
         assert row["mtls"] is False and row["decision"] == "allow" and row["policy"] == "kill-switch"
         res = run([mesh.c.bin, "proxy", "kill-switch", "status", "--policies", policies])
         assert res.returncode == 0 and reason in res.stdout, res.describe()
+        # a plaintext keep-alive connection opened under the kill switch stays open past it
+        held = socket.create_connection(("127.0.0.1", port), timeout=10)
+        held.sendall(f"GET {tag('held')} HTTP/1.1\r\nHost: api\r\n\r\n".encode())
+        assert [s for s, _ in read_http_responses(held, 1)] == [200]
 
         # 4. off: enforcement (and STRICT) again
         res = run([mesh.c.bin, "proxy", "kill-switch", "off", "--policies", policies])
@@ -1471,6 +1501,13 @@ def test_policy_hot_reload_rejects_broken_yaml_and_kill_switch(mesh):
         wait_for(lambda: status() == 403, 10, "enforcement to come back", interval=0.3)
         wait_row(ledger, lambda r: r["kind"] == "kill_switch_off", "the kill_switch_off row")
         assert status(None, f"http://127.0.0.1:{port}") == 0, "plaintext accepted after the kill switch went off"
+        # ...and its requests are refused from then on (STRICT holds for connections already open)
+        path = tag("held-after")
+        held.sendall(f"GET {path} HTTP/1.1\r\nHost: api\r\n\r\n".encode())
+        assert [s for s, _ in read_http_responses(held, 1)] == [403]
+        held.close()
+        row = request_row(ledger, path)
+        assert row["mtls"] is False and row["decision"] == "deny" and row["policy"] == "PeerAuthentication STRICT"
 
         # 5. fixing the directory applies the new set
         (policies / "broken.yaml").unlink()

@@ -1,6 +1,8 @@
 import Testing
 import NIOHPACK
 import NIOHTTP1
+import NIOCore
+import NIOEmbedded
 @testable import SigilProxy
 
 /// An HTTP/2 header block becomes the HTTP/1.1 request head the app receives.
@@ -79,5 +81,52 @@ extension HTTP2RequestHeadTests {
         // Without a Connection field only the fixed hop-by-hop names go.
         let plain = HTTP2InboundStream.responseHeaders(status: 404, [("x-private", "kept"), ("keep-alive", "timeout=5")])
         #expect(plain.map(\.name) == [":status", "x-private"])
+    }
+}
+
+extension HTTP2RequestHeadTests {
+    @Test("a field value with leading or trailing SP/HTAB is malformed (RFC 9113, 8.2.1): no request; inner spaces are fine")
+    func surroundingWhitespaceRefused() throws {
+        for value in [" 1", "1 ", "\t1", "1\t"] {
+            #expect(HTTP2InboundStream.requestHead(HPACKHeaders([(":method", "GET"), (":path", "/"), (":authority", "api"), ("x-evil", value)])) == nil)
+        }
+        #expect(HTTP2InboundStream.requestHead(HPACKHeaders([(":method", "GET"), (":path", "/"), ("host", " forbidden.example")])) == nil)
+        #expect(HTTP2InboundStream.requestHead(HPACKHeaders([(":method", "GET"), (":path", "/"), (":authority", "api"), ("x-ok", "a b")])) != nil)
+    }
+}
+
+/// The GOAWAY watcher between the socket and NIOHTTP2: a connection error's GOAWAY closes the
+/// connection once written; other frames, and a GOAWAY with NO_ERROR (a graceful end), do not.
+struct GoAwayCloserTests {
+    func frame(type: UInt8, payload: [UInt8]) -> [UInt8] {
+        let n = payload.count
+        return [UInt8(n >> 16 & 0xff), UInt8(n >> 8 & 0xff), UInt8(n & 0xff), type, 0, 0, 0, 0, 0] + payload
+    }
+
+    func run(_ chunks: [[UInt8]]) throws -> Bool {
+        let channel = EmbeddedChannel(handler: GoAwayCloser())
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        defer { _ = try? channel.finish() }
+        for chunk in chunks {
+            var buffer = channel.allocator.buffer(capacity: chunk.count)
+            buffer.writeBytes(chunk)
+            try channel.writeAndFlush(IOData.byteBuffer(buffer)).wait()
+        }
+        return !channel.isActive
+    }
+
+    @Test func closesAfterAGoAwayWithAnError() throws {
+        let settings = frame(type: 0x4, payload: [0, 3, 0, 0, 0, 100])
+        let ping = frame(type: 0x6, payload: Array(repeating: 7, count: 8))
+        let goAway = frame(type: 0x7, payload: [0, 0, 0, 0, 0, 0, 0, 1] + Array("debug".utf8))  // PROTOCOL_ERROR
+        let graceful = frame(type: 0x7, payload: [0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 0])
+        #expect(try !run([settings, ping]))
+        #expect(try !run([settings, graceful, ping]))
+        #expect(try run([settings + ping + goAway]))
+        // split anywhere: inside a header, inside the GOAWAY's error code
+        let bytes = settings + ping + goAway
+        for cut in [3, 12, 20, 29, 35, 38] {
+            #expect(try run([Array(bytes[..<cut]), Array(bytes[cut...])]), "cut at \(cut)")
+        }
     }
 }
