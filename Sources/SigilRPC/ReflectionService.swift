@@ -15,8 +15,13 @@ public struct WorkloadAPIReflectionService: ReflectionServerReflection.SimpleSer
     let files: [String: (bytes: Data, dependencies: [String])]
     let symbols: [String: String]
     let services: [String]
+    /// Runs a reflection stream's loop: the Workload API server ends it on shutdown, as it ends
+    /// its own streams (a client such as grpcui keeps one open for its whole life, and a graceful
+    /// shutdown waits for every open RPC).
+    let whileServing: @Sendable (@escaping @Sendable () async throws -> Void) async throws -> Void
 
-    public init() {
+    public init(whileServing: @escaping @Sendable (@escaping @Sendable () async throws -> Void) async throws -> Void = { try await $0() }) {
+        self.whileServing = whileServing
         var files: [String: (Data, [String])] = [:]
         var symbols: [String: String] = [:]
         var services: [String] = []
@@ -55,8 +60,10 @@ public struct WorkloadAPIReflectionService: ReflectionServerReflection.SimpleSer
         response: RPCWriter<ReflectionServerReflectionResponse>,
         context: ServerContext
     ) async throws {
-        for try await message in request {
-            try await response.write(answer(message))
+        try await whileServing {
+            for try await message in request {
+                try await response.write(answer(message))
+            }
         }
     }
 

@@ -33,7 +33,14 @@ public final class SQLiteDatastore: Datastore {
                     return queue
                 }
                 let queue: DatabaseQueue
-                if let plain = try? open(path) { queue = plain } else { queue = try open("file:" + path + "?immutable=1") }
+                if let plain = try? open(path) {
+                    queue = plain
+                } else if FileManager.default.fileExists(atPath: path + "-wal") {
+                    // Immutable would ignore the -wal file, and with it the newest rows.
+                    throw StoreError(.cannotOpen, "the read-only database at '\(path)' has a -wal file that cannot be read without write access to its directory; make a single-file copy with `sqlite3 \(path) \".backup copy.db\"`, or let this user write the directory")
+                } else {
+                    queue = try open("file:" + path + "?immutable=1")
+                }
                 guard try queue.read({ try SQLiteDatastore.migrator.hasCompletedMigrations($0) }) else {
                     throw StoreError(.cannotOpen, "the database at '\(path)' is read-only and from an older version of Sigil; open it once with write access to upgrade it")
                 }

@@ -372,3 +372,32 @@ def test_grpc_server_reflection_describes_the_workload_api(node, version):
         assert {m.name for m in service.method} >= {"FetchX509SVID", "FetchX509Bundles", "FetchJWTSVID",
                                                     "FetchJWTBundles", "ValidateJWTSVID"}
     assert answers[4].error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+def test_an_open_reflection_stream_does_not_hold_up_the_agents_shutdown(node):
+    """grpcui and Go's grpcreflect keep one reflection stream open for their whole life; SIGTERM
+    must still stop the agent (a graceful shutdown waits for open RPCs, so it used to hang)."""
+    import signal
+    import threading
+    from grpc_reflection.v1alpha import reflection_pb2 as pb
+    sock = node.socket("node-1")
+    wait_for(lambda: grpc_fetch(sock), 30, "agent serving")
+    channel = grpc.insecure_channel(f"unix://{sock}")
+    release = threading.Event()
+
+    def requests():
+        yield pb.ServerReflectionRequest(list_services="")
+        release.wait(60)  # keeps the stream open, as a long-lived client does
+
+    call = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                 request_serializer=pb.ServerReflectionRequest.SerializeToString,
+                                 response_deserializer=pb.ServerReflectionResponse.FromString)
+    answers = call(requests(), timeout=60)
+    try:
+        assert next(answers).list_services_response.service
+        agent = node.agents["node-1"]
+        agent.p.send_signal(signal.SIGTERM)
+        assert agent.p.wait(30) == 0, agent.output()[-2000:]
+    finally:
+        release.set()
+        channel.close()

@@ -70,7 +70,7 @@ public struct WorkloadAPIServer: Service {
                     )
                 }
             ),
-            services: [service, WorkloadAPIReflectionService()]
+            services: [service, WorkloadAPIReflectionService(whileServing: { [shutdown] body in try await shutdown.endingOnShutdown(body) })]
         )
         let socketPath = self.socketPath
         let logger = self.logger
