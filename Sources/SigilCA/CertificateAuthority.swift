@@ -693,11 +693,11 @@ public actor CertificateAuthority {
         return (try await bundle(store: store, directory: directory), try await status(store: store, directory: directory))
     }
 
-    /// The JWT-SVID verification keys of the CA in `directory`: the public halves of its
-    /// `keys/jwt-<kid>.key.pem` files (the server makes one on its first start).
-    public static func jwtBundle(_ directory: DataDirectory, trustDomain: TrustDomain) throws(CAError) -> JWTBundle {
-        var bundle = JWTBundle(trustDomain: trustDomain)
+    /// The JWT-SVID signing keys of the CA in `directory`: its `keys/jwt-<kid>.key.pem` files
+    /// (0600; the server makes one on its first start), by file name.
+    public static func jwtSigningKeys(_ directory: DataDirectory) throws(CAError) -> [JWTSigningKey] {
         let names = ((try? FileManager.default.contentsOfDirectory(atPath: directory.keysPath)) ?? []).sorted()
+        var keys: [JWTSigningKey] = []
         for name in names where name.hasPrefix("jwt-") && name.hasSuffix(".key.pem") {
             let path = directory.keysPath + "/" + name
             _ = try KeyFiles.read(path)  // checks the file's mode
@@ -706,10 +706,20 @@ public actor CertificateAuthority {
                 throw CAError(.keyFile, "JWT signing key '\(path)' is not a P-256 PEM private key")
             }
             do {
-                try bundle.add(keyID: String(name.dropFirst(4).dropLast(8)), publicKey: JWTPublicKey(key.publicKey))
+                keys.append(try JWTSigningKey(privateKey: key, keyID: String(name.dropFirst(4).dropLast(8))))
             } catch {
                 throw CAError(.keyFile, "JWT signing key '\(path)': \(error.message)")
             }
+        }
+        return keys
+    }
+
+    /// The JWT-SVID verification keys of the CA in `directory` (the public halves of
+    /// ``jwtSigningKeys(_:)``).
+    public static func jwtBundle(_ directory: DataDirectory, trustDomain: TrustDomain) throws(CAError) -> JWTBundle {
+        var bundle = JWTBundle(trustDomain: trustDomain)
+        for key in try jwtSigningKeys(directory) {
+            do { try bundle.add(key) } catch { throw CAError(.keyFile, "JWT signing key \(key.keyID): \(error.message)") }
         }
         return bundle
     }

@@ -248,13 +248,10 @@ public enum PolicyLoader {
             guard let value = metadata["creationTimestamp"], !(value is NSNull) else { return nil }
             if let date = value as? Date { return date.timeIntervalSince1970 }
             let text = try string(value, field)
-            let plain = ISO8601DateFormatter()
-            let fractional = ISO8601DateFormatter()
-            fractional.formatOptions.insert(.withFractionalSeconds)
-            guard let date = plain.date(from: text) ?? fractional.date(from: text) else {
+            guard let micros = RFC3339.micros(from: text) else {
                 throw error(field, "'\(text)' is not an RFC 3339 time such as 2026-01-31T12:00:00Z")
             }
-            return date.timeIntervalSince1970
+            return Double(micros) / 1_000_000
         }
 
         func allow(_ map: [String: Any], _ keys: Set<String>, at path: String) throws(PolicyLoadError) {

@@ -189,17 +189,9 @@ func socketAnswers(_ path: String) -> Bool {
 
 /// The JWT-SVID signing key: `<data-dir>/keys/jwt-<kid>.key.pem` (0600), made on first start.
 func loadOrCreateJWTKey(_ directory: DataDirectory, logger: Logger) throws -> JWTSigningKey {
-    let names = (try? FileManager.default.contentsOfDirectory(atPath: directory.keysPath)) ?? []
-    if let name = names.sorted().first(where: { $0.hasPrefix("jwt-") && $0.hasSuffix(".key.pem") }) {
-        let path = directory.keysPath + "/" + name
-        _ = try KeyFiles.read(path)  // checks the file's mode
-        guard let data = FileManager.default.contents(atPath: path),
-              let key = try? P256.Signing.PrivateKey(pemRepresentation: String(decoding: data, as: UTF8.self)) else {
-            throw ServerError(message: "JWT signing key '\(path)' is not a P-256 PEM private key")
-        }
-        let kid = String(name.dropFirst(4).dropLast(8))
-        return try JWTSigningKey(privateKey: key, keyID: kid)
-    }
+    let existing: [JWTSigningKey]
+    do { existing = try CertificateAuthority.jwtSigningKeys(directory) } catch { throw ServerError(message: error.message) }
+    if let key = existing.first { return key }
     let key = JWTSigningKey()
     let path = directory.keysPath + "/jwt-\(key.keyID).key.pem"
     try KeyFiles.writeAtomically(Array((key.privateKey.pemRepresentation + "\n").utf8), to: path, mode: 0o600)

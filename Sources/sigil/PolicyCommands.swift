@@ -69,8 +69,8 @@ struct PolicyCheck: AsyncParsableCommand {
             throw CLIError.usage("--path '\(path)' is not a valid request target (the proxy answers it with 400)")
         }
         let path = target.uri
-        // `--header host:H` (or `:authority:H`) is the host, as the proxy reads it.
-        let host = target.authority ?? host ?? headers["host"]?.first ?? headers[":authority"]?.first
+        // `--header host:H` is the host, as the proxy reads it.
+        let host = target.authority ?? host ?? headers["host"]?.first
         let request = AuthorizationRequest(principal: istioPrincipal, sourceIP: sourceIp, destinationPort: port, host: tcp ? nil : host,
                                            method: tcp ? nil : method, path: tcp ? nil : path, headers: tcp ? [:] : headers, isTCP: tcp)
         let decision = PolicyEvaluator(policies: set.authorizationPolicies, rootNamespace: rootNamespace)
