@@ -53,6 +53,13 @@ enum Outbound {
                     }
                 }
         }
+        if !tcpMode {
+            splice.refusal = { error, firstBytes in
+                OutboundRefusal.response(
+                    reason: OutboundRefusal.reason(error, tlsFailure: note.failure, upstream: upstream, expected: upstreamID),
+                    http2: chosenALPN == "h2", firstBytes: firstBytes, allocator: channel.allocator)
+            }
+        }
         splice.onDone = { bytesIn, bytesOut, error, duration in
             // On the client channel's loop: the row joins the rows of this loop iteration.
             environment.record(LedgerRecord(

@@ -22,6 +22,14 @@ final class SpliceHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// Called once when both sides are closed: bytes from the client, bytes to the client, the
     /// connect error if the other end never came up, and the time open.
     var onDone: ((_ bytesIn: Int, _ bytesOut: Int, _ error: (any Error)?, _ duration: TimeAmount) -> Void)?
+    /// What to tell the client when the other end never came up (an HTTP 503 on the outbound), from
+    /// the connect error and the client's first bytes; nil closes the connection without a word.
+    var refusal: ((_ error: any Error, _ firstBytes: ByteBuffer?) -> ByteBuffer?)?
+    /// The refusal is written: what the client still sends is read and dropped until it closes or
+    /// ``lingerAfterRefusal`` passes, so that its late bytes do not reset the connection (and
+    /// discard the answer) before it has read it.
+    private var refused = false
+    static let lingerAfterRefusal = TimeAmount.seconds(2)
 
     init(connectOnFirstRead: Bool, connector: @escaping Connector) {
         self.connectOnFirstRead = connectOnFirstRead
@@ -39,6 +47,7 @@ final class SpliceHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if refused { return }
         let buffer = unwrapInboundIn(data)
         buffered.append(buffer)
         if !started {
@@ -79,9 +88,26 @@ final class SpliceHandler: ChannelInboundHandler, RemovableChannelHandler {
                 self.join(context: context, local: local, remote: remote, remoteChannel: channel)
             case .failure(let error):
                 self.report(error: error)
-                context.close(promise: nil)
+                self.refuse(context: context, error: error, firstBytes: firstBytes)
             }
         }
+    }
+
+    /// Answers the client with ``refusal``'s bytes, if any, then half-closes and lingers; or closes.
+    private func refuse(context: ChannelHandlerContext, error: any Error, firstBytes: ByteBuffer?) {
+        guard context.channel.isActive, let answer = refusal?(error, firstBytes) else {
+            context.close(promise: nil)
+            return
+        }
+        refused = true
+        buffered = []
+        let channel = context.channel
+        let loop = context.eventLoop
+        context.writeAndFlush(wrapOutboundOut(answer)).assumeIsolated().whenComplete { _ in
+            channel.close(mode: .output, promise: nil)
+        }
+        channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+        loop.scheduleTask(in: Self.lingerAfterRefusal) { channel.close(promise: nil) }
     }
 
     private func join(context: ChannelHandlerContext, local: GlueHandler, remote: GlueHandler, remoteChannel: any Channel) {
@@ -119,4 +145,5 @@ final class SpliceHandler: ChannelInboundHandler, RemovableChannelHandler {
 
 extension SpliceHandler {
     typealias InboundOut = ByteBuffer
+    typealias OutboundOut = ByteBuffer
 }

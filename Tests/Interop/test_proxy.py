@@ -1610,14 +1610,37 @@ def test_outbound_refuses_an_upstream_with_the_wrong_id(mesh):
     try:
         mesh.proxy("wrong", WEB, free_port(), f"127.0.0.1:{free_port()}", "app=web", "--outbound", f"127.0.0.1:{out}",
                    "--upstream", f"127.0.0.1:{mesh.api_in}", "--upstream-id", OTHER, ledger=ledger)
-        reply, res = curl(f"http://127.0.0.1:{out}{tag('wrong')}")
-        assert [r.code for r in reply] != [200], res.describe()
-        assert res.returncode != 0 or reply[0].code >= 500, res.describe()
+        # The app is told why, as Envoy answers an upstream connect error: 503 with the reason.
+        reply = curl1(f"http://127.0.0.1:{out}{tag('wrong')}")
+        assert reply.code == 503 and reply.version == "1.1", reply
+        assert f"did not prove {OTHER}" in reply.body, reply.body
+        reply = curl1("--http2-prior-knowledge", f"http://127.0.0.1:{out}{tag('wrong-h2')}")
+        assert reply.code == 503 and reply.version == "2", reply
+        assert f"did not prove {OTHER}" in reply.body, reply.body
         row = wait_row(ledger, lambda r: r["kind"] == "connection", "the outbound connection row")
         assert row["decision"] == "deny" and row["destination"] == OTHER and row["source"] == WEB
         assert mesh.app.count == before, "the request reached the app through an unverified upstream"
     finally:
         mesh.c.stop_proxy("wrong")
+
+
+def test_outbound_answers_503_when_the_upstream_is_down(mesh):
+    out, nobody = free_port(), free_port()
+    ledger = mesh.dir / "down-upstream.jsonl"
+    try:
+        mesh.proxy("down", WEB, free_port(), f"127.0.0.1:{free_port()}", "app=web", "--outbound", f"127.0.0.1:{out}",
+                   "--upstream", f"127.0.0.1:{nobody}", "--upstream-id", API, ledger=ledger)
+        replies, res = curl("--http2-prior-knowledge", f"http://127.0.0.1:{out}/a", f"http://127.0.0.1:{out}/b")
+        assert [(r.code, r.version) for r in replies] == [(503, "2"), (503, "2")], res.describe()
+        assert f"cannot connect to [IPv4]127.0.0.1/127.0.0.1:{nobody}" in replies[0].body, replies[0].body
+        # A request with a body the proxy never reads is answered too (its late bytes do not reset the answer).
+        reply = curl1("--data-binary", "@-", f"http://127.0.0.1:{out}/upload", input="x" * 300_000)
+        assert reply.code == 503 and "cannot connect" in reply.body, reply
+        rows = wait_for(lambda: (lambda rs: rs if len(rs) >= 2 else None)(
+            [r for r in ledger_rows(ledger) if r["kind"] == "connection"]), 10, "a row per refused connection")
+        assert all(r["decision"] == "deny" and "failed" in r["detail"] for r in rows), rows
+    finally:
+        mesh.c.stop_proxy("down")
 
 
 def test_outbound_refuses_an_impostor_upstream_with_the_right_id(mesh, tmp_path):
@@ -1658,7 +1681,8 @@ def test_outbound_refuses_an_impostor_upstream_with_the_right_id(mesh, tmp_path)
                    "--outbound", f"127.0.0.1:{out}", "--upstream", f"127.0.0.1:{listener.getsockname()[1]}",
                    "--upstream-id", API, ledger=ledger)
         reply, res = curl(f"http://127.0.0.1:{out}{tag('impostor')}")
-        assert "impostor" not in res.stdout and [r.code for r in reply] != [200], res.describe()
+        assert "impostor" not in res.stdout and [r.code for r in reply] == [503], res.describe()
+        assert f"did not prove {API}" in reply[0].body, reply[0].body
         row = wait_row(ledger, lambda r: r["kind"] == "connection", "the outbound connection row")
         assert row["decision"] == "deny" and row["destination"] == API
         assert served["requests"] == 0, "the request was sent to an unverified upstream"
