@@ -422,6 +422,15 @@ enum TCPInbound {
             environment.record(row(bytesIn: 0, bytesOut: 0, duration: .zero, detail: "connection denied"))
             return DenyConnectionHandler()
         }
+        // Decided again when the policies change: closed (with the reason in its row) if refused.
+        let closedBecause = NIOLoopBoundBox<String?>(nil, eventLoop: channel.eventLoop)
+        let key = environment.tcpConnections.add(request: request, mtls: peer.mtls) { [weak channel] reason in
+            guard let channel else { return }
+            channel.eventLoop.execute {
+                closedBecause.value = reason
+                channel.close(promise: nil)
+            }
+        }
         let address = environment.appAddress
         let splice = SpliceHandler(connectOnFirstRead: false) { loop, partner, _ in
             let bound = NIOLoopBound(partner, eventLoop: loop)
@@ -434,8 +443,9 @@ enum TCPInbound {
                 .connect(to: address)
         }
         splice.onDone = { bytesIn, bytesOut, error, duration in
-            environment.record(row(bytesIn: bytesIn, bytesOut: bytesOut, duration: duration, detail: error.map { "app unreachable: \($0)" }),
-                               on: channel.eventLoop)
+            environment.tcpConnections.remove(key)
+            let detail = error.map { "app unreachable: \($0)" } ?? closedBecause.value
+            environment.record(row(bytesIn: bytesIn, bytesOut: bytesOut, duration: duration, detail: detail), on: channel.eventLoop)
         }
         return splice
     }

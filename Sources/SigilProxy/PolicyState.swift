@@ -68,6 +68,8 @@ public final class PolicyStore: Sendable {
     private let fingerprint: NIOLockedValueBox<[FileStamp]>
     private let logger: Logger
     private let record: @Sendable (LedgerRecord) -> Void
+    /// Called with each new state after a reload (the TCP connections' re-check).
+    private let observers = NIOLockedValueBox<[@Sendable (EnforcementState) -> Void]>([])
 
     /// Loads the policies once; a load error here stops the proxy (there is no last good set yet).
     init(settings: Settings, logger: Logger, record: @escaping @Sendable (LedgerRecord) -> Void) throws {
@@ -92,6 +94,12 @@ public final class PolicyStore: Sendable {
     }
 
     public var current: EnforcementState { box.withLockedValue { $0 } }
+
+    /// Calls `observer` with every state a reload puts in force, after it is in force.
+    func onChange(_ observer: @escaping @Sendable (EnforcementState) -> Void) {
+        observers.withLockedValue { $0.append(observer) }
+    }
+
 
     /// Polls for changes until cancelled.
     func watch(every interval: Duration = .seconds(1)) async {
@@ -140,6 +148,8 @@ public final class PolicyStore: Sendable {
             logger.error("policy reload failed; keeping the last good policies", metadata: ["error": "\(error.description)"])
             record(LedgerRecord(kind: .policyRejected, timeMicros: now, detail: error.description))
         }
+        let next = current
+        for observer in observers.withLockedValue({ $0 }) { observer(next) }
         return true
     }
 

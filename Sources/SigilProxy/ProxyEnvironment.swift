@@ -18,6 +18,8 @@ final class ProxyEnvironment: Sendable {
     let tcpMode: Bool
     let metrics: ProxyMetrics
     let logger: Logger
+    /// TCP mode: the open connections, decided again when the policies change.
+    let tcpConnections = OpenTCPConnections()
 
     init(policy: PolicyStore, identity: IdentityStore, ledger: LedgerSpool?, group: any EventLoopGroup, pools: AppPools, appPort: Int,
          appAddress: SocketAddress, tcpMode: Bool, metrics: ProxyMetrics = ProxyMetrics(), logger: Logger) {
@@ -31,6 +33,16 @@ final class ProxyEnvironment: Sendable {
         self.tcpMode = tcpMode
         self.metrics = metrics
         self.logger = logger
+        if tcpMode {
+            let connections = tcpConnections
+            policy.onChange { state in
+                let closed = connections.reauthorize(under: state)
+                if closed > 0 {
+                    logger.warning("closed open TCP connections the new policies refuse",
+                                   metadata: ["count": "\(closed)", "generation": "\(state.generation)"])
+                }
+            }
+        }
     }
 
     /// Writes a row into the spool (it is in the file when this returns): rows that are not a

@@ -956,6 +956,87 @@ def test_tcp_mode_half_close_still_gets_the_whole_answer(mesh, tcp):
         assert got == payload
 
 
+PERMISSIVE_ECHO = """apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: echo-live, namespace: shop}
+spec:
+  selector: {matchLabels: {app: echo-live}}
+  mtls: {mode: %s}
+"""
+
+DENY_WEB_TCP = f"""apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: no-web, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: echo-live}}}}
+  action: DENY
+  rules:
+  - from: [{{source: {{principals: ["{PRINCIPAL_WEB}"]}}}}]
+"""
+
+
+def test_tcp_mode_open_connections_are_decided_again_when_policies_change(mesh, tmp_path):
+    """A TCP connection is authorized when it opens; a policy change that would refuse it closes it
+    (Istio drains connections on a policy change), with the reason in its ledger row, and leaves
+    the connections still allowed open. A plaintext one accepted under PERMISSIVE is closed when
+    the port becomes STRICT."""
+    echo = mesh.add(TCPEchoServer())
+    policies = tmp_path / "live-policies"
+    policies.mkdir()
+    (policies / "peer.yaml").write_text(PERMISSIVE_ECHO % "PERMISSIVE")
+    inbound, outbound = free_port(), free_port()
+    ledger = mesh.dir / "echo-live.jsonl"
+
+    def echoes(s: socket.socket, text: bytes) -> bool:
+        try:
+            s.sendall(text)
+            return recv_exactly(s, len(text)) == text
+        except (OSError, AssertionError):
+            return False
+
+    def closed(s: socket.socket) -> bool:
+        s.settimeout(0.3)
+        try:
+            return s.recv(1) == b""
+        except TimeoutError:
+            return False
+        except OSError:
+            return True
+
+    try:
+        mesh.proxy("echo-live", API, inbound, echo.address, "app=echo-live", "--protocol", "tcp", ledger=ledger,
+                   policies=policies)
+        mesh.proxy("web-live", WEB, free_port(), f"127.0.0.1:{free_port()}", "app=web", "--protocol", "tcp",
+                   "--outbound", f"127.0.0.1:{outbound}", "--upstream", f"127.0.0.1:{inbound}", "--upstream-id", API,
+                   policies=policies)
+        mtls = socket.create_connection(("127.0.0.1", outbound), timeout=10)
+        plain = socket.create_connection(("127.0.0.1", inbound), timeout=10)
+        assert echoes(mtls, b"mtls one") and echoes(plain, b"plain one")
+
+        # 1. A DENY on web's principal: the mTLS connection from web is closed, the plaintext one stays.
+        (policies / "deny.yaml").write_text(DENY_WEB_TCP)
+        wait_for(lambda: closed(mtls), 10, "the denied mTLS connection to be closed", interval=0.1)
+        assert echoes(plain, b"plain two"), "a connection the new policy still allows was closed"
+        row = wait_row(ledger, lambda r: r["kind"] == "connection" and r["source"] == WEB, "the closed connection's row")
+        assert row["decision"] == "allow" and row["bytes_in"] == 8, row
+        assert "closed: policy generation 2 denies it (shop/no-web rule 0)" in row["detail"], row
+
+        # 2. STRICT: the plaintext connection opened under PERMISSIVE is closed too.
+        (policies / "peer.yaml").write_text(PERMISSIVE_ECHO % "STRICT")
+        wait_for(lambda: closed(plain), 10, "the plaintext connection to be closed under STRICT", interval=0.1)
+        row = wait_row(ledger, lambda r: r["kind"] == "connection" and r["mtls"] is False and r["bytes_in"] > 0,
+                       "the plaintext connection's row")
+        assert "makes the port STRICT" in row["detail"] and row["bytes_in"] == len(b"plain oneplain two"), row
+        # 3. A new connection from web is refused as before.
+        with socket.create_connection(("127.0.0.1", outbound), timeout=10) as again:
+            assert not echoes(again, b"refused")
+        mtls.close()
+        plain.close()
+    finally:
+        mesh.c.stop_proxy("echo-live")
+        mesh.c.stop_proxy("web-live")
+
+
 class SlowReaderApp(TCPEchoServer):
     """A TCP app that answers first: on accept it sends `hello` and shuts down its write side, then,
     after a pause (so what the client sends meanwhile queues up in the proxies), reads until EOF and
