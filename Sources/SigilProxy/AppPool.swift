@@ -16,6 +16,9 @@ protocol AppResponseSink: AnyObject {
     func appReadComplete()
     /// The connection failed before the response completed.
     func appFailed(receivedAnything: Bool)
+    /// The app answered a WebSocket upgrade with `101`: the head (and whatever followed it in the
+    /// same read) went to ``appBytes(_:)``; the connection is the sink's to turn into a tunnel.
+    func appUpgraded()
     /// The app connection's writability changed: while it cannot take more, the sink stops
     /// reading the request body from its client (back-pressure towards the client).
     func appWritabilityChanged(_ writable: Bool)
@@ -28,7 +31,7 @@ protocol AppResponseSink: AnyObject {
 /// read, so a slow client leaves the rest of a large response in the kernel's socket buffers and
 /// the app blocks, instead of the proxy holding it in memory; the app connection's writability goes
 /// to the sink (``AppResponseSink/appWritabilityChanged(_:)``) for the other direction.
-final class AppResponseHandler: ChannelDuplexHandler {
+final class AppResponseHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
 
@@ -48,6 +51,8 @@ final class AppResponseHandler: ChannelDuplexHandler {
     private var marksClose = false
     /// That response's head bytes, held back while the head is split across reads.
     private var heldHead: ByteBuffer?
+    /// The request in flight asked for a WebSocket upgrade: a `101` hands the connection over.
+    private var upgrade = false
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
@@ -82,8 +87,10 @@ final class AppResponseHandler: ChannelDuplexHandler {
 
     /// Starts a request's response: `holdReads` is the state of its reader (not writable: held);
     /// `marksClose`: the response is the last on its client's connection.
-    func begin(sink: any AppResponseSink, toHEAD: Bool, decodes: Bool, holdReads hold: Bool, marksClose: Bool = false) {
+    func begin(sink: any AppResponseSink, toHEAD: Bool, decodes: Bool, holdReads hold: Bool, marksClose: Bool = false,
+               upgrade: Bool = false) {
         self.sink = sink
+        self.upgrade = upgrade
         framer.decodes = decodes
         framer.expectResponse(toHEAD: toHEAD)
         receivedBytes = 0
@@ -104,11 +111,13 @@ final class AppResponseHandler: ChannelDuplexHandler {
         }
         receivedBytes += buffer.readableBytes
         var ended = false
+        var switched = false
         let consumed: Int
         do {
             consumed = try framer.feed(buffer) { event in
                 switch event {
                 case .head(let status, let keepAlive, let headers):
+                    if status == 101, upgrade { switched = true }
                     if !keepAlive { reusable = false }
                     sink.appHead(status: status, keepAlive: keepAlive, headers: headers)
                 case .body(let slice):
@@ -120,6 +129,14 @@ final class AppResponseHandler: ChannelDuplexHandler {
         } catch {
             reusable = false
             context.close(promise: nil)
+            return
+        }
+        if switched, ended {
+            // The bytes after the 101 head are the new protocol's: relayed too, then the sink
+            // takes the connection (``detach()``).
+            reusable = false
+            sink.appBytes(buffer)
+            sink.appUpgraded()
             return
         }
         var relayed = buffer
@@ -177,6 +194,18 @@ final class AppResponseHandler: ChannelDuplexHandler {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         sink?.appReadComplete()
+    }
+
+    /// Leaves the pipeline of an upgraded connection (its bytes are no longer HTTP responses),
+    /// asking for the read it may have held back.
+    func detach() {
+        guard let context else { return }
+        sink = nil
+        onClose = nil
+        readsHeld = false
+        let channel = context.channel
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        channel.read()
     }
 
     func channelInactive(context: ChannelHandlerContext) {

@@ -12,7 +12,7 @@ import SigilCore
 /// Back-pressure both ways: the client is not read while the app connection cannot take more of a
 /// request body (or while one waits for its app connection), and the app is not read while the
 /// client cannot take more of a response, so neither side can make the proxy buffer the other.
-final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRowWaiter {
+final class HTTP1InboundHandler: ChannelDuplexHandler, RemovableChannelHandler, AppResponseSink, LedgerRowWaiter {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -23,6 +23,8 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
         case body(ByteBuffer, payload: Int)
         case end
         case malformed(HTTP1RequestFramer.FramingError)
+        /// Bytes after a WebSocket upgrade request (for the app if it switches protocols).
+        case tunnel(ByteBuffer)
     }
 
     private struct Active {
@@ -92,6 +94,9 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
                     queuedBytes += bytes.readableBytes
                     queue.append(.body(bytes, payload: payload))
                 case .end: queue.append(.end)
+                case .tunnel(let bytes):
+                    queuedBytes += bytes.readableBytes
+                    queue.append(.tunnel(bytes))
                 }
             }
         } catch {
@@ -111,7 +116,10 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
         while let part = queue.first {
             if let active, active.requestEnded { break }
             queue.removeFirst()
-            if case .body(let bytes, _) = part { queuedBytes -= bytes.readableBytes }
+            switch part {
+            case .body(let bytes, _), .tunnel(let bytes): queuedBytes -= bytes.readableBytes
+            default: break
+            }
             dispatch(part)
         }
         if readPaused, queue.count <= Self.maxQueuedParts / 2, queuedBytes <= AppPool.maxHeldBody / 2 {
@@ -236,6 +244,8 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
             if active?.responseEnded == true { finish() }
         case .malformed(let error):
             refuse(error)
+        case .tunnel:
+            break  // the app did not switch protocols: the connection closes after its answer
         }
     }
 
@@ -252,7 +262,9 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
         let host = target.authority ?? head.host
         let facts = RequestFacts(method: head.method, path: target.uri, host: host, values: head.values,
                                  peer: peer, environment: environment, proto: "http/1.1")
-        if !head.keepAlive { closeAfterResponse = true }
+        // After an upgrade request the client's bytes are not framed as HTTP (``Part/tunnel(_:)``):
+        // unless the app switches protocols, the connection ends with the answer.
+        if !head.keepAlive || head.websocketUpgrade { closeAfterResponse = true }
         active = Active(head: head, uri: target.uri, hostOverride: target.authority, facts: facts)
         guard facts.decision.allowed else {
             deny(context: context)
@@ -308,7 +320,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
         guard var active else { return }
         app = connection
         connection.handler.begin(sink: self, toHEAD: active.head.method == "HEAD", decodes: false, holdReads: !clientWritable,
-                                 marksClose: !active.head.keepAlive)
+                                 marksClose: !active.head.keepAlive, upgrade: active.head.websocketUpgrade)
         var buffer = connection.channel.allocator.buffer(capacity: 0)
         active.head.write(uri: active.uri, host: active.hostOverride, xfcc: peer.xfcc, into: &buffer)
         connection.channel.write(buffer, promise: nil)
@@ -377,6 +389,59 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, AppResponseSink, LedgerRo
 
     func appReadComplete() {
         if !rowPending { context?.flush() }
+    }
+
+    /// The app switched to WebSocket (`101`, relayed with whatever followed it): the request's row
+    /// is written now, then the client and app connections are joined by a ``GlueHandler`` pair
+    /// (bytes both ways, back-pressure, a close on either side closes the other) and this handler
+    /// and the app's response handler leave their pipelines. The app connection leaves the pool.
+    func appUpgraded() {
+        guard let context, let active = self.active.take(), let app else { return }
+        self.app = nil
+        if rowPending {
+            // A pipelined response before this one still waits for its row: written first.
+            environment.writeWaitingRows(on: context.eventLoop)
+        }
+        environment.record(active.facts, peer: peer, detail: "websocket: switched protocols (the tunnel's bytes are not counted)")
+        var held: [ByteBuffer] = []
+        for part in queue {
+            if case .tunnel(let bytes) = part { held.append(bytes) }
+        }
+        clearQueue()
+        let (local, remote) = GlueHandler.matchedPair()
+        do {
+            try app.channel.pipeline.syncOperations.addHandler(remote)
+            try context.pipeline.syncOperations.addHandler(local, position: .after(self))
+        } catch {
+            app.channel.close(promise: nil)
+            context.close(promise: nil)
+            return
+        }
+        // Decided again when the policies change, like a TCP-mode connection: closed if refused.
+        let (environment, peer, head) = (self.environment, self.peer, active.head)
+        let (method, path, host) = (head.method, active.facts.path, active.hostOverride ?? head.host)
+        let key = environment.tunnels.add { state in
+            RequestFacts.decide(method: method, path: path, host: host, values: { head.values($0) }, peer: peer,
+                                appPort: environment.appPort, under: state)
+        } close: { [weak channel = context.channel] reason in
+            guard let channel else { return }
+            channel.eventLoop.execute {
+                environment.record(LedgerRecord(
+                    kind: .connection, timeMicros: ProxyClock.nowMicros(), source: peer.spiffeID, destination: peer.ownID,
+                    peerSerial: peer.serial, sourceIP: peer.sourceIP, port: environment.appPort, proto: "websocket",
+                    decision: "deny", mtls: peer.mtls, detail: "\(reason): the WebSocket opened by \(method) \(path)"))
+                channel.close(promise: nil)
+            }
+        }
+        local.onClose = { environment.tunnels.remove(key) }
+        app.handler.detach()
+        for bytes in held { app.channel.write(bytes, promise: nil) }
+        app.channel.flush()
+        context.flush()
+        let channel = context.channel
+        self.context = nil
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        channel.read()
     }
 
     func appWritabilityChanged(_ writable: Bool) {

@@ -26,6 +26,12 @@ public struct HTTP1RequestHead: Sendable {
     /// `Keep-Alive`, `Proxy-Connection`, `Upgrade`): ``write(uri:host:xfcc:into:)`` leaves them
     /// out (a head without them is written with no per-field check).
     public let connectionSpecific: Bool
+    /// A WebSocket opening handshake (RFC 6455 4.1: an HTTP/1.1 GET without a body, one
+    /// `Upgrade: websocket`, `upgrade` among the `Connection` tokens). Istio lets these through by
+    /// default: the head goes to the app with `connection: upgrade` and its `Upgrade` field, and a
+    /// `101` answer turns the connection into a byte tunnel. Any other `Upgrade` (h2c, …) is dropped
+    /// as a connection-specific field and the request is served as plain HTTP.
+    public let websocketUpgrade: Bool
 
     public var hasBody: Bool { chunked || (contentLength ?? 0) > 0 }
 
@@ -78,6 +84,7 @@ public struct HTTP1RequestHead: Sendable {
             }
         }
         if minorVersion == 0 { buffer.writeStaticString("connection: keep-alive\r\n") }
+        if websocketUpgrade { buffer.writeStaticString("connection: upgrade\r\nupgrade: websocket\r\n") }
         if let xfcc {
             buffer.writeStaticString("x-forwarded-client-cert: ")
             buffer.writeString(xfcc)
@@ -117,6 +124,10 @@ public struct HTTP1RequestFramer: Sendable {
         case body(ByteBuffer, payload: Int)
         /// The current request is complete.
         case end
+        /// Bytes after a WebSocket upgrade request (``HTTP1RequestHead/websocketUpgrade``): not
+        /// framed, since they are the new protocol's if the app answers `101`. Everything after
+        /// such a request comes as this event.
+        case tunnel(ByteBuffer)
     }
 
     public struct FramingError: Error, CustomStringConvertible, Sendable {
@@ -138,6 +149,8 @@ public struct HTTP1RequestFramer: Sendable {
         case chunkDataLF
         case trailers
         case failed
+        /// After a WebSocket upgrade request: every byte is ``Event/tunnel(_:)``.
+        case upgraded
     }
 
     public static let maxHeadBytes = 64 * 1024
@@ -160,6 +173,9 @@ public struct HTTP1RequestFramer: Sendable {
         var payload = 0
         switch state {
         case .head, .failed: break
+        case .upgraded:
+            if buffer.readableBytes > 0 { emit(.tunnel(buffer)) }
+            return
         default: bodyStart = index  // a body continues from the previous read
         }
         func flushBody() {
@@ -179,6 +195,9 @@ public struct HTTP1RequestFramer: Sendable {
                 switch state {
                 case .failed:
                     return
+                case .upgraded:
+                    if let rest = buffer.getSlice(at: index, length: end - index) { emit(.tunnel(rest)) }
+                    return
                 case .head:
                     guard let head = try takeHead(buffer, &index) else { return }
                     let parsed = try Self.parse(head)
@@ -190,6 +209,7 @@ public struct HTTP1RequestFramer: Sendable {
                         state = .fixed(remaining: length)
                     } else {
                         emit(.end)
+                        if parsed.websocketUpgrade { state = .upgraded }
                         continue
                     }
                     bodyStart = index
@@ -396,6 +416,8 @@ public struct HTTP1RequestFramer: Sendable {
         var closeToken = false
         var keepAliveToken = false
         var connectionSpecific = false
+        var upgradeToken = false
+        var websocketFields = 0
         var start = afterLine
         while start < raw.count {
             let (content, next) = try lineEnd(from: start)
@@ -436,8 +458,12 @@ public struct HTTP1RequestFramer: Sendable {
                 connectionSpecific = true
                 if HTTPBytes.containsToken(value, "close") { closeToken = true }
                 if HTTPBytes.containsToken(value, "keep-alive") { keepAliveToken = true }
+                if HTTPBytes.containsToken(value, "upgrade") { upgradeToken = true }
+            case 7 where HTTPBytes.equalsIgnoringCase(raw, ns, ne, "upgrade"):
+                connectionSpecific = true
+                let token = HTTPBytes.trimmed(value[...])
+                websocketFields += HTTPBytes.equalsIgnoringCase(value, token.startIndex, token.endIndex, "websocket") ? 1 : 2
             case 10 where HTTPBytes.equalsIgnoringCase(raw, ns, ne, "keep-alive"),
-                 7 where HTTPBytes.equalsIgnoringCase(raw, ns, ne, "upgrade"),
                  16 where HTTPBytes.equalsIgnoringCase(raw, ns, ne, "proxy-connection"):
                 connectionSpecific = true
             default:
@@ -463,9 +489,10 @@ public struct HTTP1RequestFramer: Sendable {
         }
         // HTTP/1.0 closes unless it asks to keep the connection; HTTP/1.1 keeps it unless it asks to close.
         let keepAlive = !closeToken && (minor == 1 || keepAliveToken)
+        let websocket = upgradeToken && websocketFields == 1 && minor == 1 && method == "GET" && !chunked && (contentLength ?? 0) == 0
         return HTTP1RequestHead(bytes: head, method: method, target: target, minorVersion: minor, fields: fields, host: host,
                                 contentLength: contentLength, chunked: chunked, keepAlive: keepAlive,
-                                connectionSpecific: connectionSpecific)
+                                connectionSpecific: connectionSpecific, websocketUpgrade: websocket)
     }
 }
 

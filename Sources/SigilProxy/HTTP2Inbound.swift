@@ -483,6 +483,9 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
         setAppBlocked(!writable)
     }
 
+    /// Never called: HTTP/2 streams ask for no upgrade (RFC 8441 extended CONNECT is refused).
+    func appUpgraded() {}
+
     func appFailed(receivedAnything: Bool) {
         guard !closed else { return }
         let failed = app

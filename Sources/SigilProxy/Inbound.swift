@@ -424,7 +424,10 @@ enum TCPInbound {
         }
         // Decided again when the policies change: closed (with the reason in its row) if refused.
         let closedBecause = NIOLoopBoundBox<String?>(nil, eventLoop: channel.eventLoop)
-        let key = environment.tcpConnections.add(request: request, mtls: peer.mtls) { [weak channel] reason in
+        let mtls = peer.mtls
+        let key = environment.tunnels.add { state in
+            state.refusesPlaintext(mtls: mtls) ? EnforcementState.strictRefusal : state.decide(request)
+        } close: { [weak channel] reason in
             guard let channel else { return }
             channel.eventLoop.execute {
                 closedBecause.value = reason
@@ -443,7 +446,7 @@ enum TCPInbound {
                 .connect(to: address)
         }
         splice.onDone = { bytesIn, bytesOut, error, duration in
-            environment.tcpConnections.remove(key)
+            environment.tunnels.remove(key)
             let detail = error.map { "app unreachable: \($0)" } ?? closedBecause.value
             environment.record(row(bytesIn: bytesIn, bytesOut: bytesOut, duration: duration, detail: detail), on: channel.eventLoop)
         }

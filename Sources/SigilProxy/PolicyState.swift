@@ -40,6 +40,15 @@ public struct EnforcementState: Sendable {
         self.generation = generation
     }
 
+    /// What a plaintext peer gets where the mode is STRICT (an unset mode is STRICT here).
+    static let strictRefusal = AuthorizationDecision(allowed: false, policy: "PeerAuthentication STRICT", rule: nil)
+
+    /// True when this state refuses a plaintext (`mtls` false) peer: a connection accepted under
+    /// PERMISSIVE or the kill switch that is still open after the mode became STRICT.
+    func refusesPlaintext(mtls: Bool) -> Bool {
+        !mtls && (mode == .strict || mode == .unset)
+    }
+
     /// True when every request is allowed without looking at it (no applicable policy, or kill switch).
     public var allowsEverything: Bool { killSwitch != nil || applicable.isEmpty }
 

@@ -18,8 +18,8 @@ final class ProxyEnvironment: Sendable {
     let tcpMode: Bool
     let metrics: ProxyMetrics
     let logger: Logger
-    /// TCP mode: the open connections, decided again when the policies change.
-    let tcpConnections = OpenTCPConnections()
+    /// TCP-mode connections and WebSocket tunnels: decided again when the policies change.
+    let tunnels = OpenTunnels()
 
     init(policy: PolicyStore, identity: IdentityStore, ledger: LedgerSpool?, group: any EventLoopGroup, pools: AppPools, appPort: Int,
          appAddress: SocketAddress, tcpMode: Bool, metrics: ProxyMetrics = ProxyMetrics(), logger: Logger) {
@@ -33,14 +33,12 @@ final class ProxyEnvironment: Sendable {
         self.tcpMode = tcpMode
         self.metrics = metrics
         self.logger = logger
-        if tcpMode {
-            let connections = tcpConnections
-            policy.onChange { state in
-                let closed = connections.reauthorize(under: state)
-                if closed > 0 {
-                    logger.warning("closed open TCP connections the new policies refuse",
-                                   metadata: ["count": "\(closed)", "generation": "\(state.generation)"])
-                }
+        let tunnels = tunnels
+        policy.onChange { state in
+            let closed = tunnels.reauthorize(under: state)
+            if closed > 0 {
+                logger.warning("closed open connections the new policies refuse (TCP mode, WebSocket)",
+                               metadata: ["count": "\(closed)", "generation": "\(state.generation)"])
             }
         }
     }
@@ -206,28 +204,29 @@ struct RequestFacts {
          environment: ProxyEnvironment, proto: String) {
         let start = NIODeadline.now()
         let startMicros = ProxyClock.nowMicros()
-        let state = environment.policy.current
-        let decision: AuthorizationDecision
-        if !peer.mtls, state.mode == .strict || state.mode == .unset {
-            // A plaintext connection accepted under PERMISSIVE (or the kill switch) that is still
-            // open after the mode became STRICT: each of its requests is refused from then on.
-            decision = AuthorizationDecision(allowed: false, policy: "PeerAuthentication STRICT", rule: nil)
-        } else if state.allowsEverything {
-            decision = state.decide(AuthorizationRequest())
-        } else {
-            var headers: [String: [String]] = [:]
-            for name in state.headerNames {
-                let found = values(name)
-                if !found.isEmpty { headers[name] = found }
-            }
-            let request = AuthorizationRequest(
-                principal: peer.principal, sourceIP: peer.sourceIP, destinationIP: peer.destinationIP,
-                destinationPort: environment.appPort, host: host, method: method, path: path,
-                headers: headers, sni: peer.sni)
-            decision = state.decide(request)
-        }
+        let decision = Self.decide(method: method, path: path, host: host, values: values, peer: peer, appPort: environment.appPort,
+                                   under: environment.policy.current)
         self.init(method: method, path: path, host: host, proto: proto, start: start, startMicros: startMicros, decision: decision)
         environment.metrics.request(allowed: decision.allowed)
+    }
+
+    /// The decision on a request from `peer` under `state`: also how an upgraded WebSocket's
+    /// handshake is decided again when the policies change (``OpenTunnels``).
+    static func decide(method: String, path: String, host: String?, values: (String) -> [String], peer: PeerInfo, appPort: Int,
+                       under state: EnforcementState) -> AuthorizationDecision {
+        // A plaintext connection accepted under PERMISSIVE (or the kill switch) that is still
+        // open after the mode became STRICT: each of its requests is refused from then on.
+        if state.refusesPlaintext(mtls: peer.mtls) { return EnforcementState.strictRefusal }
+        if state.allowsEverything { return state.decide(AuthorizationRequest()) }
+        var headers: [String: [String]] = [:]
+        for name in state.headerNames {
+            let found = values(name)
+            if !found.isEmpty { headers[name] = found }
+        }
+        let request = AuthorizationRequest(
+            principal: peer.principal, sourceIP: peer.sourceIP, destinationIP: peer.destinationIP,
+            destinationPort: appPort, host: host, method: method, path: path, headers: headers, sni: peer.sni)
+        return state.decide(request)
     }
 
     /// The request's row up to its seq (``LedgerChain/appendUnsealed(writer:to:body:)``'s bytes for

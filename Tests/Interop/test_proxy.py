@@ -1682,6 +1682,147 @@ def test_istio_policy_semantics_and_a_crafted_reload(mesh):
         mesh.c.stop_proxy("istio")
 
 
+# --------------------------------------------------------------------------- 8b. WebSocket
+
+class WebSocketApp:
+    """A real WebSocket server (the PyPI `websockets` package) on 127.0.0.1: it speaks first (a
+    greeting naming the x-forwarded-client-cert it was given), then echoes every message; `/nows`
+    refuses the upgrade with 404. Counts the handshakes it accepted."""
+
+    def __init__(self):
+        from websockets.sync.server import serve
+        from websockets.http11 import Response
+        from websockets.datastructures import Headers
+
+        self.accepted = 0
+
+        def refuse(connection, request):
+            if request.path.startswith("/nows"):
+                return Response(404, "Not Found", Headers([("Content-Length", "6")]), b"no ws\n")
+            return None
+
+        def handler(ws):
+            self.accepted += 1
+            ws.send("hello " + (ws.request.headers.get("x-forwarded-client-cert") or "(no xfcc)"))
+            for message in ws:
+                ws.send(message)
+
+        self.server = serve(handler, "127.0.0.1", 0, process_request=refuse)
+        self.address = f"127.0.0.1:{self.server.socket.getsockname()[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.thread.join(5)
+
+
+NO_LIVE_WS = """apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-live-ws, namespace: shop}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/ws-live/*"]}}]
+"""
+
+
+def ws_frames(data: bytes) -> list[bytes]:
+    """The payloads of the unmasked, unfragmented WebSocket frames a server sent in `data`."""
+    out, i = [], 0
+    while i + 2 <= len(data):
+        n, i = data[i + 1] & 0x7F, i + 2
+        if n == 126:
+            n, i = int.from_bytes(data[i:i + 2], "big"), i + 2
+        elif n == 127:
+            n, i = int.from_bytes(data[i:i + 8], "big"), i + 8
+        if i + n > len(data):
+            break
+        out.append(data[i:i + n])
+        i += n
+    return out
+
+
+def test_websocket_upgrades_through_the_pair(mesh, tmp_path):
+    """Istio proxies WebSocket upgrades by default: the handshake is authorized like any request,
+    a 101 from the app turns the connection into a tunnel both ways (the app may speak first), and
+    the request's ledger row says it switched protocols. A denied handshake gets 403 and never
+    reaches the app; one the app refuses gets the app's answer."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    app = WebSocketApp()
+    inbound, outbound = free_port(), free_port()
+    ledger = mesh.dir / "ws.jsonl"
+    policies = tmp_path / "ws-policies"
+    shutil.copytree(mesh.policies, policies)
+    try:
+        mesh.proxy("ws-api", API, inbound, app.address, "app=api", "--mtls", "STRICT", ledger=ledger, policies=policies)
+        mesh.proxy("ws-web", WEB, free_port(), f"127.0.0.1:{free_port()}", "app=web", "--outbound", f"127.0.0.1:{outbound}",
+                   "--upstream", f"127.0.0.1:{inbound}", "--upstream-id", API)
+        path = tag("chat")
+        with connect(f"ws://127.0.0.1:{outbound}{path}", open_timeout=10, close_timeout=5) as ws:
+            greeting = ws.recv(timeout=10)
+            assert greeting.startswith("hello ") and f"URI={WEB}" in greeting, greeting
+            big = os.urandom(300_000)
+            for message in ("one", big, "three"):
+                ws.send(message)
+                assert ws.recv(timeout=10) == message
+        row = request_row(ledger, path)
+        assert (row["status"], row["decision"], row["source"], row["mtls"]) == (101, "allow", WEB, True), row
+        assert row["detail"].startswith("websocket: switched protocols"), row
+        # A handshake the policy denies (web may not reach /admin*) is answered 403 by the proxy.
+        accepted = app.accepted
+        with pytest.raises(InvalidStatus) as refused:
+            connect(f"ws://127.0.0.1:{outbound}/admin/ws", open_timeout=10)
+        assert refused.value.response.status_code == 403
+        assert request_row(ledger, "/admin/ws")["decision"] == "deny"
+        # One the app refuses gets the app's own answer.
+        with pytest.raises(InvalidStatus) as declined:
+            connect(f"ws://127.0.0.1:{outbound}/nows", open_timeout=10)
+        assert declined.value.response.status_code == 404 and declined.value.response.body == b"no ws\n"
+        assert app.accepted == accepted
+        # Plain HTTP through the same proxies still works.
+        assert curl1(f"http://127.0.0.1:{outbound}/nows/plain").code == 404
+        # A client that sends its first frame right behind the handshake (before the 101) has it
+        # delivered once the app switches: the bytes were held, not framed as HTTP.
+        with socket.create_connection(("127.0.0.1", outbound), timeout=10) as raw:
+            key = base64.b64encode(os.urandom(16)).decode()
+            mask = os.urandom(4)
+            frame = bytes([0x81, 0x80 | 5]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(b"early"))
+            raw.sendall(f"GET /early HTTP/1.1\r\nHost: api\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode() + frame)
+            got = b""
+            while len(ws_frames(got.partition(b"\r\n\r\n")[2])) < 2:
+                chunk = raw.recv(65536)
+                assert chunk, f"closed after {got!r}"
+                got += chunk
+            head, _, rest = got.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101 "), head
+            assert ws_frames(rest)[1] == b"early"
+        # An open WebSocket that a policy change now denies is closed, with a deny row.
+        live = tag("ws-live")
+        with connect(f"ws://127.0.0.1:{outbound}{live}", open_timeout=10, close_timeout=2) as ws:
+            ws.recv(timeout=10)
+            ws.send("still open")
+            assert ws.recv(timeout=10) == "still open"
+            (policies / "no-live-ws.yaml").write_text(NO_LIVE_WS)
+            with pytest.raises(Exception) as ended:
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline:
+                    ws.send("ping")
+                    ws.recv(timeout=1)
+            assert "ConnectionClosed" in type(ended.value).__name__, repr(ended.value)
+        row = wait_row(ledger, lambda r: r["kind"] == "connection" and r["protocol"] == "websocket", "the tunnel's close row")
+        assert (row["decision"], row["source"], row["mtls"]) == ("deny", WEB, True), row
+        assert row["detail"].startswith("closed: policy generation 2 denies it (shop/no-live-ws rule 0)") and live in row["detail"], row
+    finally:
+        mesh.c.stop_proxy("ws-api")
+        mesh.c.stop_proxy("ws-web")
+        app.close()
+
+
 # --------------------------------------------------------------------------- 9. outbound checks the upstream
 
 def test_outbound_refuses_an_upstream_with_the_wrong_id(mesh):

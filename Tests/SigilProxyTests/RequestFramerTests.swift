@@ -15,6 +15,9 @@ struct RequestFramerTests {
         var raw: [UInt8] = []
         var payload = 0
         var ended = false
+        var websocket = false
+        /// Bytes after a WebSocket upgrade request, as the framer passed them on unframed.
+        var tunnel: [UInt8] = []
     }
 
     /// Feeds `text` in pieces of `split` bytes (0 = all at once).
@@ -29,12 +32,15 @@ struct RequestFramerTests {
             try framer.feed(piece) { event in
                 switch event {
                 case .head(let head):
-                    requests.append(Request(method: head.method, target: head.target, host: head.host, keepAlive: head.keepAlive))
+                    requests.append(Request(method: head.method, target: head.target, host: head.host, keepAlive: head.keepAlive,
+                                            websocket: head.websocketUpgrade))
                 case .body(let body, let payload):
                     requests[requests.count - 1].raw += body.readableBytesView
                     requests[requests.count - 1].payload += payload
                 case .end:
                     requests[requests.count - 1].ended = true
+                case .tunnel(let bytes):
+                    requests[requests.count - 1].tunnel += bytes.readableBytesView
                 }
             }
             offset += step
@@ -107,6 +113,40 @@ struct RequestFramerTests {
     /// client's `Connection: close` does not close the pooled app connection. Fields a
     /// `Connection` header names are not removed (as in Envoy and nginx): the app sees every
     /// header authorization read, and the ones that frame and route the request.
+    /// A WebSocket opening handshake (RFC 6455 4.1) is forwarded with `connection: upgrade` and
+    /// `upgrade: websocket`, and nothing after it is framed as HTTP, in every split: the bytes are
+    /// the new protocol's if the app answers 101. Anything else that asks to upgrade is plain HTTP.
+    @Test func websocketUpgradeRequests() throws {
+        let handshake = "GET /chat HTTP/1.1\r\nHost: api\r\nConnection: keep-alive, Upgrade\r\nUpgrade: WebSocket\r\n"
+            + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        let after = "\u{81}\u{05}hello" + "GET /not-a-request HTTP/1.1\r\nHost: api\r\n\r\n"
+        for split in [0, 1, 7, 64] {
+            let requests = try frame(handshake + after, split: split)
+            #expect(requests.count == 1, "split \(split)")
+            #expect(requests.first?.websocket == true && requests.first?.ended == true)
+            #expect(requests.first?.tunnel == Array(after.utf8), "split \(split)")
+        }
+        var framer = HTTP1RequestFramer()
+        var heads: [HTTP1RequestHead] = []
+        try framer.feed(ByteBuffer(string: handshake)) { if case .head(let h) = $0 { heads.append(h) } }
+        var out = ByteBuffer()
+        try #require(heads.first).write(uri: "/chat", host: nil, xfcc: "By=x", into: &out)
+        #expect(String(buffer: out) == "GET /chat HTTP/1.1\r\nHost: api\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            + "Sec-WebSocket-Version: 13\r\nconnection: upgrade\r\nupgrade: websocket\r\nx-forwarded-client-cert: By=x\r\n\r\n")
+        // Not WebSocket handshakes: framed as HTTP on, Upgrade dropped.
+        let notUpgrades = [
+            "GET /a HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+            "GET /a HTTP/1.1\r\nHost: api\r\nUpgrade: websocket\r\n\r\n",
+            "GET /a HTTP/1.1\r\nHost: api\r\nConnection: upgrade\r\nUpgrade: websocket\r\nUpgrade: websocket\r\n\r\n",
+            "POST /a HTTP/1.1\r\nHost: api\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 2\r\n\r\nhi",
+            "GET /a HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        ]
+        for text in notUpgrades {
+            let requests = try frame(text + "GET /b HTTP/1.1\r\nHost: api\r\n\r\n")
+            #expect(requests.map(\.target) == ["/a", "/b"] && requests.allSatisfy { !$0.websocket && $0.tunnel.isEmpty }, "\(text)")
+        }
+    }
+
     @Test func connectionSpecificFieldsStayOnTheClientsConnection() throws {
         func forwarded(_ text: String, host: String? = nil, xfcc: String? = nil) throws -> (String, Bool) {
             var framer = HTTP1RequestFramer()

@@ -238,6 +238,31 @@ struct ResponseFramerTests {
     /// Marking: bytes after the response are not relayed (the connection is not reused), a HEAD
     /// response is marked, and a head the app abandons while it is held back reaches nobody (the
     /// sink hears a failure, so the client can get a clean 502).
+    /// A 101 to a WebSocket upgrade hands the connection over with every byte of that read (the
+    /// app may speak first); a 101 nobody asked for ends the response and the connection.
+    @Test("101: an asked-for upgrade relays what follows and hands over; an unasked one closes")
+    func switchingProtocols() throws {
+        let head = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+        do {
+            let (handler, channel, sink) = Self.appConnection()
+            try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 9)).wait()
+            handler.begin(sink: sink, toHEAD: false, decodes: false, holdReads: false, upgrade: true)
+            try channel.writeInbound(ByteBuffer(string: head + "\u{81}\u{02}hi"))
+            #expect(String(decoding: sink.relayed, as: UTF8.self) == head + "\u{81}\u{02}hi")
+            #expect(sink.upgrades == 1 && sink.ends == 0 && !handler.reusable && channel.isActive)
+            _ = try channel.finish(acceptAlreadyClosed: true)
+        }
+        do {
+            let (handler, channel, sink) = Self.appConnection()
+            try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 9)).wait()
+            handler.begin(sink: sink, toHEAD: false, decodes: false, holdReads: false)
+            try channel.writeInbound(ByteBuffer(string: head + "\u{81}\u{02}hi"))
+            #expect(String(decoding: sink.relayed, as: UTF8.self) == head)
+            #expect(sink.upgrades == 0 && sink.ends == 1 && !handler.reusable && !channel.isActive)
+            _ = try channel.finish(acceptAlreadyClosed: true)
+        }
+    }
+
     @Test("marking: bytes after the end, HEAD, and an app that fails mid-head")
     func markingEdges() throws {
         do {
@@ -263,6 +288,8 @@ struct ResponseFramerTests {
         var relayed: [UInt8] = []
         var ends = 0
         var failures: [Bool] = []
+        var upgrades = 0
+        func appUpgraded() { upgrades += 1 }
         func appBytes(_ buffer: ByteBuffer) { relayed += buffer.readableBytesView }
         func appHead(status: Int, keepAlive: Bool, headers: [(String, String)]) {}
         func appBody(_ buffer: ByteBuffer) {}
