@@ -64,6 +64,10 @@ public final class LedgerSpool: Sendable {
         var full = false
         var reason = ""
         var unsynced = false
+        /// Disk blocks are reserved for the file up to this offset (``reserve(fd:headroom:into:)``).
+        var reservedTo = 0
+        /// The last reservation failed for want of space: FULL until one succeeds.
+        var diskFull = false
     }
 
     public let path: String
@@ -110,16 +114,23 @@ public final class LedgerSpool: Sendable {
         self.writer = writer
         self.capacity = max(1, capacity)
         self.maxSize = maxSize
-        self.fullSize = maxSize - min(maxSize / 8, 1 << 20)
+        self.fullSize = maxSize - Self.headroom(maxSize: maxSize)
         self.syncInterval = syncInterval
         self.logger = logger
         self.metrics = metrics
-        let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
+        let fd = open(path, O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
         guard fd >= 0 else {
             throw SpoolError(description: "cannot open the ledger spool \(path): \(String(cString: strerror(errno)))")
         }
         self.fd = fd
-        let tail = Self.tail(of: path)
+        let tail: (seq: UInt64, hash: String)
+        do throws(SpoolError) {
+            try Self.cutTornTail(fd: fd, path: path, logger: logger)
+            tail = try Self.tail(of: path)
+        } catch {
+            close(fd)
+            throw error
+        }
         let end = lseek(fd, 0, SEEK_END)
         let size = end > 0 ? Int(end) : 0
         var state = State(seq: tail.seq, hash: Array(tail.hash.utf8), size: size)
@@ -128,6 +139,8 @@ public final class LedgerSpool: Sendable {
         if size >= fullSize {
             state.full = true
             state.reason = "the spool is \(size) bytes, near or at its limit of \(maxSize) (--ledger-max-size)"
+        } else if !Self.reserve(fd: fd, headroom: Self.headroom(maxSize: maxSize), into: &state) {
+            state.full = true
         }
         self.state = NIOLockedValueBox(state)
         metrics?.spool(bytes: size)
@@ -272,7 +285,50 @@ public final class LedgerSpool: Sendable {
         s.size += s.line.count
         s.written += UInt64(rows.count)
         s.unsynced = true
+        let headroom = Self.headroom(maxSize: maxSize)
+        if s.size + headroom > s.reservedTo, !reserve(fd: fd, headroom: headroom, into: &s) { s.full = true }
         return true
+    }
+
+    /// glibc's `fallocate` (not in Swift's Glibc module: it is a GNU extension), looked up once.
+    private static let fallocate = ProcessMemory.libcFunction(
+        "fallocate", as: (@convention(c) (Int32, Int32, Int64, Int64) -> Int32).self)
+
+    /// The room kept for the rows of requests already admitted once the spool is FULL: 1/8 of
+    /// `maxSize`, at most 1 MiB (~2000 rows).
+    static func headroom(maxSize: Int) -> Int { min(maxSize / 8, 1 << 20) }
+
+    /// Reserves disk blocks for the next `2 × headroom` bytes past the end of the file (Linux
+    /// `fallocate` with KEEP_SIZE: the file's size does not change), so that when the filesystem
+    /// fills up, the rows of requests already admitted still have room on disk: the spool turns
+    /// FULL (new requests get 503) while a full reservation is still ahead of it, as at
+    /// `--ledger-max-size`. Without it a full disk was found only by a failed `write`, and the rows
+    /// in flight then waited in memory while their responses went out (lost if the proxy died).
+    /// False when there is no space for it (``State/diskFull``); a filesystem that cannot reserve
+    /// (no `fallocate`) is written without. Under the state lock.
+    static func reserve(fd: Int32, headroom: Int, into s: inout State) -> Bool {
+        #if os(Linux)
+        let keepSize: Int32 = 0x01  // FALLOC_FL_KEEP_SIZE
+        if let fallocate = Self.fallocate, fallocate(fd, keepSize, Int64(s.size), Int64(2 * headroom)) != 0 {
+            let code = errno
+            guard code == ENOSPC || code == EDQUOT else { return true }  // EOPNOTSUPP, EINTR, …: unreserved
+            s.diskFull = true
+            s.reason = "the filesystem has no room for the spool's reserve of \(2 * headroom) bytes (\(String(cString: strerror(code))))"
+            return false
+        }
+        #endif
+        s.reservedTo = s.size + 2 * headroom
+        s.diskFull = false
+        return true
+    }
+
+    /// Writes held rows, oldest first, while they fit; returns how many. Under the state lock.
+    @discardableResult
+    private static func writeHeld(fd: Int32, maxSize: Int, into s: inout State) -> Int {
+        var n = 0
+        while n < s.held.count, writeRows(CollectionOfOne(s.held[n]), fd: fd, maxSize: maxSize, into: &s) { n += 1 }
+        if n > 0 { s.held.removeFirst(n) }
+        return n
     }
 
     /// Rows written to the file by this process.
@@ -320,14 +376,12 @@ public final class LedgerSpool: Sendable {
         let fullSize = self.fullSize
         let (written, recovered, held, dropped, reason) = state.withLockedValue { s -> (Int, Bool, Int, Int, String) in
             guard s.full else { return (0, false, 0, 0, "") }
-            var n = 0
-            while n < s.held.count, Self.writeRows(CollectionOfOne(s.held[n]), fd: fd, maxSize: maxSize, into: &s) { n += 1 }
-            if n > 0 { s.held.removeFirst(n) }
+            let n = Self.writeHeld(fd: fd, maxSize: maxSize, into: &s)
             let dropped = s.droppedSinceLog
             s.droppedSinceLog = 0
             // Without held rows and below `fullSize` the spool is not full any more; a file at
             // its limit needs a rotation (or an operator) for that.
-            if s.held.isEmpty, s.size < fullSize {
+            if s.held.isEmpty, s.size < fullSize, Self.reserve(fd: fd, headroom: Self.headroom(maxSize: maxSize), into: &s) {
                 s.full = false
                 s.reason = ""
                 return (n, true, 0, dropped, "")
@@ -359,19 +413,44 @@ public final class LedgerSpool: Sendable {
         let result = state.withLockedValue { s -> Result<UInt64, SpoolError>? in
             guard s.seq == seq, seq > 0, s.size >= minimumSize || s.full else { return nil }
             let temporary = path + ".rotating"
-            let newFD = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0o600)
-            guard newFD >= 0 else {
-                return .failure(SpoolError(description: "cannot create \(temporary): \(String(cString: strerror(errno)))"))
-            }
             let row = LedgerRecord(kind: .spoolRotated, timeMicros: ProxyClock.nowMicros(),
                                    detail: "rows 1..\(seq) were shipped to the server; the spool starts over here")
+            let rotatedRow = unsealed { row.appendBody(to: &$0) }
             var fresh = s
             fresh.size = 0
-            guard Self.writeRows(CollectionOfOne(unsealed { row.appendBody(to: &$0) }), fd: newFD, maxSize: Int.max, into: &fresh), fdatasync(newFD) == 0 else {
-                let error = String(cString: strerror(errno))
-                close(newFD)
+            fresh.reservedTo = 0  // a new file: nothing reserved for it yet
+            fresh.reason = ""
+            let newFD = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0o600)
+            guard newFD >= 0, Self.writeRows(CollectionOfOne(rotatedRow), fd: newFD, maxSize: Int.max, into: &fresh), fdatasync(newFD) == 0 else {
+                let code = errno
+                if newFD >= 0 { close(newFD) }
                 unlink(temporary)
-                return .failure(SpoolError(description: "cannot write \(temporary): \(fresh.reason.isEmpty ? error : fresh.reason)"))
+                guard code == ENOSPC || code == EDQUOT || fresh.reason.contains(String(cString: strerror(ENOSPC))) else {
+                    let error = fresh.reason.isEmpty ? String(cString: strerror(code)) : fresh.reason
+                    return .failure(SpoolError(description: "cannot write \(temporary): \(error)"))
+                }
+                // The filesystem is full and every row is shipped: no second file fits beside
+                // this one, so this one starts over in place. (Killed between the two steps it
+                // is empty, and a restart begins a new writer's chain: the server has all of this one.)
+                fresh = s
+                fresh.size = 0
+                fresh.reservedTo = 0
+                fresh.reason = ""
+                guard ftruncate(fd, 0) == 0 else {
+                    return .failure(SpoolError(description: "the disk is full and \(path) cannot be cut: \(String(cString: strerror(errno)))"))
+                }
+                s.size = 0
+                guard Self.writeRows(CollectionOfOne(rotatedRow), fd: fd, maxSize: Int.max, into: &fresh) else {
+                    return .failure(SpoolError(description: "the disk is full; \(path) was emptied but its rotation row failed: \(fresh.reason)"))
+                }
+                _ = fdatasync(fd)
+                s.seq = fresh.seq
+                s.hash = fresh.hash
+                s.size = fresh.size
+                (s.reservedTo, s.diskFull) = (fresh.reservedTo, fresh.diskFull)
+                s.written += 1
+                Self.writeHeld(fd: fd, maxSize: maxSize, into: &s)
+                return .success(fresh.seq)
             }
             // The new file replaces the old one under its name, then under our descriptor.
             guard rename(temporary, path) == 0 else {
@@ -386,11 +465,10 @@ public final class LedgerSpool: Sendable {
             s.seq = fresh.seq
             s.hash = fresh.hash
             s.size = fresh.size
+            (s.reservedTo, s.diskFull) = (fresh.reservedTo, fresh.diskFull)
             s.written += 1
             // Held rows (a full spool) go in after the rotated row.
-            var n = 0
-            while n < s.held.count, Self.writeRows(CollectionOfOne(s.held[n]), fd: fd, maxSize: maxSize, into: &s) { n += 1 }
-            if n > 0 { s.held.removeFirst(n) }
+            Self.writeHeld(fd: fd, maxSize: maxSize, into: &s)
             return .success(fresh.seq)
         }
         switch result {
@@ -451,24 +529,62 @@ public final class LedgerSpool: Sendable {
         }
     }
 
-    /// The seq and hash of the last complete row of an existing spool (0 and 64 zeros if none).
-    static func tail(of path: String) -> (seq: UInt64, hash: String) {
+    /// The seq and hash of the last row of an existing spool (0 and 64 zeros for an empty one).
+    /// A last row without them is refused: starting the chain over at seq 1 behind it would fork
+    /// the writer's chain (and the server refuses a seq it stored with other bytes).
+    static func tail(of path: String) throws(SpoolError) -> (seq: UInt64, hash: String) {
         let zero = (UInt64(0), String(repeating: "0", count: 64))
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return zero }
         defer { close(fd) }
         let size = lseek(fd, 0, SEEK_END)
         guard size > 0 else { return zero }
-        let window = min(Int(size), 16 * 1024)
+        let window = min(Int(size), 256 * 1024)
         var bytes = [UInt8](repeating: 0, count: window)
         let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, window, off_t(Int(size) - window)) }
-        guard n == window else { return zero }
-        let lines = bytes.split(separator: 0x0A)
-        guard let last = lines.last else { return zero }
-        let line = String(decoding: last, as: UTF8.self)
-        guard let seq = Self.value(of: "seq", in: line).flatMap({ UInt64($0) }),
-              let hash = Self.value(of: "hash", in: line)?.replacingQuotes(), hash.count == 64 else { return zero }
+        let line = n == window ? bytes.split(separator: 0x0A).last.map { String(decoding: $0, as: UTF8.self) } : nil
+        guard let line, let seq = Self.value(of: "seq", in: line).flatMap({ UInt64($0) }),
+              let hash = Self.value(of: "hash", in: line)?.replacingQuotes(), hash.count == 64 else {
+            throw SpoolError(description: "the last row of the ledger spool \(path) has no seq and hash, so its chain cannot be continued; "
+                             + "check it with `sigil audit verify --spool \(path)`, then move it aside to start a new chain")
+        }
         return (seq, hash)
+    }
+
+    /// A spool that does not end with a newline ends in part of a row: the proxy died (or the
+    /// power went) in the middle of its `write`, or before the truncation that undoes a failed
+    /// one. No response waited for that row, so it is cut back to the last whole row (logged);
+    /// appending behind the fragment would glue the next row onto it and break the chain.
+    static func cutTornTail(fd: Int32, path: String, logger: Logger) throws(SpoolError) {
+        let size = Int(lseek(fd, 0, SEEK_END))
+        guard size > 0 else { return }
+        var last: UInt8 = 0
+        guard pread(fd, &last, 1, off_t(size - 1)) == 1 else {
+            throw SpoolError(description: "cannot read the ledger spool \(path): \(String(cString: strerror(errno)))")
+        }
+        guard last != 0x0A else { return }
+        // Back to the last newline, a window at a time (a row is a few hundred bytes).
+        var end = size
+        var cut = 0
+        var window = [UInt8](repeating: 0, count: 64 * 1024)
+        search: while end > 0 {
+            let start = max(0, end - window.count)
+            let n = window.withUnsafeMutableBytes { pread(fd, $0.baseAddress, end - start, off_t(start)) }
+            guard n == end - start else {
+                throw SpoolError(description: "cannot read the ledger spool \(path): \(String(cString: strerror(errno)))")
+            }
+            if let newline = window[0..<n].lastIndex(of: 0x0A) {
+                cut = start + newline + 1
+                break search
+            }
+            end = start
+        }
+        guard ftruncate(fd, off_t(cut)) == 0 else {
+            throw SpoolError(description: "the ledger spool \(path) ends in part of a row and cannot be cut back to its last whole row: "
+                             + String(cString: strerror(errno)))
+        }
+        logger.warning("the ledger spool ended in part of a row (the proxy stopped while writing it); cut back to its last whole row",
+                       metadata: ["spool": "\(path)", "bytes_removed": "\(size - cut)"])
     }
 
     /// This proxy instance's writer name: `base` (namespace, labels, inbound port: the same for

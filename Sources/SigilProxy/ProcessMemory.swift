@@ -248,7 +248,7 @@ enum ProcessMemory {
     /// A C library function looked up at run time: Swift's Glibc module does not export
     /// `<malloc.h>` or `<sys/auxv.h>`, and other C libraries may have no such calls (then nil:
     /// nothing is done).
-    private static func libcFunction<F>(_ name: String, as type: F.Type) -> F? {
+    static func libcFunction<F>(_ name: String, as type: F.Type) -> F? {
         dlsym(UnsafeMutableRawPointer(bitPattern: 0), name).map { unsafeBitCast($0, to: type) }
     }
 

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import subprocess
+import threading
+import time
 
 import pytest
 
@@ -32,14 +35,14 @@ def cluster(sigil_bin):
 
 
 def start_pair(c: Cluster, app: HTTPEchoApp, sock: str, policies, api_extra=(), api_in: int | None = None,
-               web_out: int | None = None):
+               web_out: int | None = None, spool=None):
     """api (inbound, in front of the echo app, PERMISSIVE so plaintext h2 can reach it) and web
     (outbound to api); returns the two ports."""
     api_in = api_in or free_port()
     web_out = web_out or free_port()
     c.start_proxy("api", "--workload-api", sock, "--spiffe-id", API, "--inbound", f"127.0.0.1:{api_in}",
                   "--app", app.address, "--namespace", "shop", "--labels", "app=api", "--policies", policies,
-                  "--mtls", "PERMISSIVE", "--ledger", c.root / "api.jsonl", *api_extra)
+                  "--mtls", "PERMISSIVE", "--ledger", spool or c.root / "api.jsonl", *api_extra)
     if "web" not in c.proxies:
         c.start_proxy("web", "--workload-api", sock, "--spiffe-id", WEB, "--inbound", f"127.0.0.1:{free_port()}",
                       "--app", f"127.0.0.1:{free_port()}", "--namespace", "shop", "--labels", "app=web",
@@ -161,3 +164,88 @@ def test_a_shipped_spool_is_rotated_and_the_chain_goes_on_across_a_restart(clust
         bad = run([c.bin, "audit", "verify", "--spool", cut], timeout=60)
         assert bad.returncode == 1 and "missing" in bad.stdout, bad.describe()
     print(f"rotated at seq {first['seq']}; server rows 1..{seqs[-1]}; spool now {spool.stat().st_size} bytes")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs of its own (root only: skipped where mounting is not permitted)."""
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root and mount permission")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_fails_closed_before_any_served_row_is_lost(cluster, small_disk):
+    """The spool reserves disk blocks ahead of its end, so a filesystem that fills up turns it FULL
+    (503) while the rows of requests already admitted still fit on disk: after 16 clients ran the
+    disk full and the proxy was killed (SIGKILL), every response a client saw complete has its row
+    in the file. (Before, the rows in flight waited in memory while their responses went out, and
+    the kill lost them.)"""
+    c, app, sock, policies = cluster
+    spool = small_disk / "api.jsonl"
+    metrics = free_port()
+    _, web_out = start_pair(c, app, sock, policies, api_extra=("--metrics", f"127.0.0.1:{metrics}"), spool=spool)
+    served, lock, stop = [], threading.Lock(), threading.Event()
+
+    def client(k: int):
+        i = 0
+        while not stop.is_set() and i < 20_000:
+            i += 1
+            try:
+                status, _ = get(web_out, f"/w{k}/{i}")
+            except OSError:
+                continue
+            if status == 200:
+                with lock:
+                    served.append(f"/w{k}/{i}")
+            elif status == 503:
+                stop.set()
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert stop.is_set(), "the disk never filled"
+    values = scrape(metrics)
+    assert values["sigil_proxy_ledger_spool_full"] == 1 and values["sigil_proxy_ledger_spool_held_rows"] == 0, values
+    proxy = c.proxies.pop("api")
+    log = proxy.output()
+    proxy.kill()
+    rows = verify_ledger_chain(spool)
+    recorded = {r["path"] for r in rows if r["kind"] == "request"}
+    missing = [p for p in served if p not in recorded]
+    assert served and not missing, f"{len(missing)} of {len(served)} served responses have no row: {missing[:5]}"
+    assert "no room for the spool's reserve" in log
+
+
+def test_a_torn_last_row_is_cut_back_and_the_chain_goes_on(cluster):
+    """A proxy that died in the middle of writing a row leaves part of it at the end of the spool:
+    at the next start the fragment is cut back (logged) and the chain continues from the last whole
+    row. (Before, the next row was glued onto the fragment and the chain restarted at seq 1.)"""
+    c, app, sock, policies = cluster
+    _, web_out = start_pair(c, app, sock, policies)
+    for i in range(5):
+        assert get(web_out, f"/before/{i}")[0] == 200
+    spool = c.root / "api.jsonl"
+    wait_for(lambda: sum(1 for r in verify_ledger_chain(spool) if r["kind"] == "request") >= 5, 10, "five request rows")
+    proxy = c.proxies.pop("api")
+    args = proxy.args[3:]
+    proxy.kill()
+    whole = spool.read_bytes()
+    last_seq = json.loads(whole.rstrip(b"\n").rsplit(b"\n", 1)[-1])["seq"]
+    spool.write_bytes(whole + whole.rstrip(b"\n").rsplit(b"\n", 1)[-1][:150])  # part of one more row
+    c.start_proxy("api", *args)
+    for i in range(3):
+        assert get(web_out, f"/after/{i}")[0] == 200
+    wait_for(lambda: sum(1 for r in verify_ledger_chain(spool) if r["kind"] == "request") >= 8, 10, "the rows after the restart")
+    rows = verify_ledger_chain(spool)
+    assert [r["seq"] for r in rows] == list(range(1, len(rows) + 1)) and rows[-1]["seq"] > last_seq
+    assert "cut back to its last whole row" in c.proxies["api"].output()
+    res = run([c.bin, "audit", "verify", "--spool", spool])
+    assert res.returncode == 0 and "ledger intact" in res.stdout, res.describe()

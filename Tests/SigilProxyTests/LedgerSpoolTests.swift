@@ -81,6 +81,27 @@ struct LedgerSpoolTests {
         try checkChain(path, from: 1, prev: String(repeating: "0", count: 64))
     }
 
+    @Test("a torn last row is cut back and the chain goes on; a whole last row without seq and hash refuses to open")
+    func tornTail() throws {
+        let path = tempFile()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        do {
+            let spool = try LedgerSpool(path: path, writer: "w1", logger: Logger(label: "test"))
+            #expect(spool.append(row("/a")) == .written)
+            #expect(spool.append(row("/b")) == .written)
+        }
+        let whole = try String(contentsOfFile: path, encoding: .utf8)
+        try (whole + "{\"writer\":\"w1\",\"source\":nu").write(toFile: path, atomically: false, encoding: .utf8)
+        do {
+            let reopened = try LedgerSpool(path: path, writer: "w1", logger: Logger(label: "test"))
+            #expect(reopened.lastSeq == 2)
+            #expect(reopened.append(row("/c")) == .written)
+        }
+        #expect(try checkChain(path, from: 1, prev: String(repeating: "0", count: 64)).count == 3)
+        try (whole + "not a row\n").write(toFile: path, atomically: false, encoding: .utf8)
+        #expect(throws: LedgerSpool.SpoolError.self) { try LedgerSpool(path: path, writer: "w1", logger: Logger(label: "test")) }
+    }
+
     /// Every line's hash is SHA-256 of the line up to `,"hash":`, its prev the hash before it, its
     /// seq one more than the one before. Returns the rows.
     @discardableResult
