@@ -155,6 +155,8 @@ public struct HTTP1RequestFramer: Sendable {
 
     public static let maxHeadBytes = 64 * 1024
     static let maxChunkLine = 4096
+    /// The end of a chunked body after its last chunk (its trailer section, emptied).
+    static let crlf = ByteBuffer(string: "\r\n")
 
     private var state: State = .head
     /// Bytes of a head that did not arrive in one read.
@@ -172,7 +174,7 @@ public struct HTTP1RequestFramer: Sendable {
         var bodyStart = -1
         var payload = 0
         switch state {
-        case .head, .failed: break
+        case .head, .failed, .trailers: break  // trailer lines are not forwarded (see below)
         case .upgraded:
             if buffer.readableBytes > 0 { emit(.tunnel(buffer)) }
             return
@@ -247,8 +249,17 @@ public struct HTTP1RequestFramer: Sendable {
                     if case .chunkSize = state {
                         let size = try Self.chunkSize(line)
                         state = size == 0 ? .trailers : .chunkData(remaining: size)
+                        if size == 0 {
+                            // The body goes on to the app through the last chunk's line; trailer
+                            // fields are checked and dropped, as Envoy's HTTP/1 codec drops them:
+                            // no policy saw them, and an app that merges trailers into the
+                            // headers would read a forged `x-forwarded-client-cert` or `Host`.
+                            flushBody()
+                        }
                     } else if line.isEmpty {
-                        complete()
+                        emit(.body(Self.crlf, payload: 0))
+                        state = .head
+                        emit(.end)
                     } else {
                         trailerBytes += line.count + 2
                         guard trailerBytes <= Self.maxHeadBytes else { throw FramingError(431, "trailers larger than 64 KiB") }

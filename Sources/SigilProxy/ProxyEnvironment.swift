@@ -220,7 +220,12 @@ struct RequestFacts {
         if state.allowsEverything { return state.decide(AuthorizationRequest()) }
         var headers: [String: [String]] = [:]
         for name in state.headerNames {
-            let found = values(name)
+            // `x-forwarded-client-cert` is the proxy's own (the client's copy, in any spelling,
+            // never reaches the app): a rule reads what the app will get, as in Envoy, where the
+            // header is rewritten before any filter runs.
+            let found = HTTPBytes.isForwardedClientCert(name)
+                ? (name == "x-forwarded-client-cert" ? peer.xfcc.map { [$0] } ?? [] : [])
+                : values(name)
             if !found.isEmpty { headers[name] = found }
         }
         let request = AuthorizationRequest(

@@ -1823,6 +1823,75 @@ def test_websocket_upgrades_through_the_pair(mesh, tmp_path):
         app.close()
 
 
+XFCC_DENY = f"""apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: xfcc-deny, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: xfcc}}}}
+  action: DENY
+  rules:
+  - when: [{{key: "request.headers[x-forwarded-client-cert]", values: ["*URI={WEB}"]}}]
+  - when: [{{key: "request.headers[x-evil]", values: ["*"]}}]
+"""
+
+
+class RawRecorder(TCPEchoServer):
+    """An app that keeps the raw bytes of each chunked request (head through the end of its
+    trailer section) and answers 200."""
+
+    def __init__(self):
+        self.requests: list[bytes] = []
+        super().__init__()
+
+    def _serve(self, conn: socket.socket):
+        conn.settimeout(10)
+        with conn:
+            data = b""
+            try:
+                while not (b"\r\n0\r\n" in data and data.endswith(b"\r\n\r\n")):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                self.requests.append(data)
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+            except OSError:
+                pass
+
+
+def test_policies_read_the_xfcc_the_app_gets_and_trailers_stop_at_the_proxy(mesh, tmp_path):
+    """A `when` on x-forwarded-client-cert reads the proxy's value, the one the app receives (as in
+    Envoy, where the header is rewritten before any filter): a DENY on web's identity fires for
+    web's mTLS call, and a plaintext caller cannot satisfy it with a forged header. Chunked-body
+    trailer fields (which no policy saw) are dropped, as Envoy's HTTP/1 codec drops them: a trailer
+    cannot smuggle `x-evil` or an XFCC to an app that merges trailers into its headers."""
+    policies = tmp_path / "xfcc-policies"
+    policies.mkdir()
+    (policies / "xfcc.yaml").write_text(XFCC_DENY)
+    app = mesh.add(RawRecorder())
+    port = free_port()
+    ledger = mesh.dir / "xfcc.jsonl"
+    try:
+        mesh.proxy("xfcc", API, port, app.address, "app=xfcc", "--mtls", "PERMISSIVE", ledger=ledger, policies=policies)
+        web = mesh.idents["web"]
+        body = ["--data-binary", "x", "-H", "transfer-encoding: chunked"]
+        assert curl1(*web.curl, *body, f"https://127.0.0.1:{port}/mtls").code == 403
+        forged = f"By={API};Hash=00;URI={WEB}"
+        assert curl1(*body, "-H", f"x-forwarded-client-cert: {forged}", f"http://127.0.0.1:{port}/forged").code == 200
+        row = request_row(ledger, "/mtls")
+        assert row["decision"] == "deny" and row["policy"] == "shop/xfcc-deny" and row["rule"] == 0, row
+        # Trailers: checked, then dropped.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /trailers HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"1\r\na\r\n0\r\nx-evil: 1\r\nx-forwarded-client-cert: " + forged.encode() + b"\r\n\r\n")
+            status, _ = read_http_responses(s, 1)[0]
+        assert status == 200
+        got = next(r for r in app.requests if r.startswith(b"POST /trailers "))
+        assert got.endswith(b"\r\n1\r\na\r\n0\r\n\r\n") and b"x-evil" not in got, got
+    finally:
+        mesh.c.stop_proxy("xfcc")
+
+
 # --------------------------------------------------------------------------- 9. outbound checks the upstream
 
 def test_outbound_refuses_an_upstream_with_the_wrong_id(mesh):
