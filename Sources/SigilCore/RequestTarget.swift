@@ -6,13 +6,32 @@
 /// dot segments are removed (RFC 3986 5.2.4); slashes are not merged (that is MERGE_SLASHES); the query
 /// is kept as sent. An absolute-form target (`http://host/p`) becomes `/p` with its authority as the host.
 public enum RequestTarget {
+    /// Istio's `meshConfig.pathNormalization` levels (NONE, which authorizes one path and sends the
+    /// app another, is not offered).
+    public enum Normalization: String, Sendable, CaseIterable {
+        /// RFC 3986 normalization as described above (Istio's default).
+        case base = "BASE"
+        /// BASE, then runs of slashes become one (`/a//b` → `/a/b`).
+        case mergeSlashes = "MERGE_SLASHES"
+        /// `%2F` and `%5C` (any case) are decoded to slashes first, then MERGE_SLASHES: what Istio
+        /// recommends when policies match paths (CVE-2021-31920), since apps and front proxies
+        /// often decode or merge them.
+        case decodeAndMergeSlashes = "DECODE_AND_MERGE_SLASHES"
+
+        public init?(flag text: String) {
+            self.init(rawValue: text.uppercased())
+        }
+
+        var mergesSlashes: Bool { self != .base }
+    }
+
     /// nil: answer 400.
-    public static func normalize(_ uri: String) -> (uri: String, authority: String?)? {
+    public static func normalize(_ uri: String, _ mode: Normalization = .base) -> (uri: String, authority: String?)? {
         if uri == "*" { return (uri, nil) }
         // A fragment is never part of a request target (RFC 9112 §3.2): Envoy refuses it, and an
         // app that kept `/x#/../admin` as its path would see what `/x` was authorized for.
         if uri.utf8.contains(UInt8(ascii: "#")) { return nil }
-        if isAlreadyNormal(uri) { return (uri, nil) }  // the common case: no allocation
+        if isAlreadyNormal(uri, mergingSlashes: mode.mergesSlashes) { return (uri, nil) }  // the common case: no allocation
         var rest = Substring(uri)
         var authority: String?
         let lower = uri.lowercased()
@@ -26,11 +45,11 @@ public enum RequestTarget {
         }
         guard rest.hasPrefix("/") else { return nil }
         let queryStart = rest.firstIndex { $0 == "?" } ?? rest.endIndex
-        guard let path = normalizePath(Array(rest[..<queryStart].utf8)) else { return nil }
+        guard let path = normalizePath(Array(rest[..<queryStart].utf8), mode) else { return nil }
         return (path + rest[queryStart...], authority)
     }
 
-    public static func normalizePath(_ bytes: [UInt8]) -> String? {
+    public static func normalizePath(_ bytes: [UInt8], _ mode: Normalization = .base) -> String? {
         var decoded: [UInt8] = []
         decoded.reserveCapacity(bytes.count)
         var i = 0
@@ -39,7 +58,13 @@ public enum RequestTarget {
             if byte == UInt8(ascii: "%"), i + 2 < bytes.count, let hi = hexValue(bytes[i + 1]), let lo = hexValue(bytes[i + 2]) {
                 let c = hi << 4 | lo
                 if c == 0 { return nil }
-                if isUnreserved(c) { decoded.append(c) } else { decoded.append(contentsOf: bytes[i...(i + 2)]) }
+                if isUnreserved(c) {
+                    decoded.append(c)
+                } else if mode == .decodeAndMergeSlashes, c == UInt8(ascii: "/") || c == UInt8(ascii: "\\") {
+                    decoded.append(UInt8(ascii: "/"))
+                } else {
+                    decoded.append(contentsOf: bytes[i...(i + 2)])
+                }
                 i += 3
                 continue
             }
@@ -59,11 +84,19 @@ public enum RequestTarget {
                 output.append(segment)
             }
         }
+        if mode.mergesSlashes {
+            // After the dot segments, as Envoy merges after normalizing: empty segments go, but a
+            // trailing slash stays.
+            let trailing = output.last?.isEmpty == true
+            output.removeAll { $0.isEmpty }
+            if trailing { output.append([]) }
+        }
         return "/" + output.map { String(decoding: $0, as: UTF8.self) }.joined(separator: "/")
     }
 
-    /// Origin-form with nothing to rewrite: no `%`, no backslash, no dot segment.
-    static func isAlreadyNormal(_ uri: String) -> Bool {
+    /// Origin-form with nothing to rewrite: no `%`, no backslash, no dot segment (and, when
+    /// merging slashes, no `//`).
+    static func isAlreadyNormal(_ uri: String, mergingSlashes: Bool = false) -> Bool {
         var previous: UInt8 = 0
         var first = true
         for byte in uri.utf8 {
@@ -74,6 +107,7 @@ public enum RequestTarget {
             if byte == UInt8(ascii: "?") { return true }
             if byte == UInt8(ascii: "%") || byte == UInt8(ascii: "\\") { return false }
             if byte == UInt8(ascii: ".") && previous == UInt8(ascii: "/") { return false }
+            if mergingSlashes, byte == UInt8(ascii: "/"), previous == UInt8(ascii: "/") { return false }
             previous = byte
         }
         return !first

@@ -255,7 +255,7 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, RemovableChannelHandler, 
             refuseForLedger(context: context)
             return
         }
-        guard let target = RequestTarget.normalize(head.target) else {
+        guard let target = RequestTarget.normalize(head.target, environment.pathNormalization) else {
             refuse(.init(400, "invalid request target"))
             return
         }

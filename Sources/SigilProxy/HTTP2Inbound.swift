@@ -225,7 +225,7 @@ final class HTTP2InboundStream: AppResponseSink, LedgerRowWaiter {
         requestEnded = endStream
         let parsed = Self.requestHead(headers)
         isHEAD = parsed?.method == .HEAD
-        guard var head = parsed, let target = RequestTarget.normalize(head.uri) else {
+        guard var head = parsed, let target = RequestTarget.normalize(head.uri, environment.pathNormalization) else {
             refuse(status: 400, body: "")
             return
         }

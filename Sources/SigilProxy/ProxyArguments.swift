@@ -16,7 +16,7 @@ public enum ProxyArguments {
         "config", "workload-api", "inbound", "app", "namespace", "labels", "policies", "mtls", "spiffe-id",
         "outbound", "upstream", "upstream-id", "protocol", "ledger", "ledger-sync-ms", "ledger-server",
         "ledger-max-size", "ledger-segment-size", "metrics", "kill-switch", "root-namespace", "threads", "handshake-timeout", "idle-timeout",
-        "log-level",
+        "path-normalization", "log-level",
     ]
 
     /// Parsed settings plus the log level (handled by the caller's logging bootstrap).
@@ -160,6 +160,14 @@ public enum ProxyArguments {
         config.idleTimeout = idleTimeout
         config.ledgerMaxSize = ledgerMaxSize
         config.ledgerSegmentSize = ledgerSegmentSize
+        if let text = get("path-normalization") {
+            guard let mode = RequestTarget.Normalization(flag: text) else {
+                throw UsageError("--path-normalization '\(text)' is not one of "
+                                 + RequestTarget.Normalization.allCases.map(\.rawValue).joined(separator: ", ")
+                                 + " (Istio's levels; NONE is not offered)")
+            }
+            config.pathNormalization = mode
+        }
         config.metricsHost = metrics?.0
         config.metricsPort = metrics?.1
         let level = get("log-level")

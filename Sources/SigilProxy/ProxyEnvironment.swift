@@ -16,13 +16,16 @@ final class ProxyEnvironment: Sendable {
     let appPort: Int
     let appAddress: SocketAddress
     let tcpMode: Bool
+    /// How request targets are normalized (`--path-normalization`).
+    let pathNormalization: RequestTarget.Normalization
     let metrics: ProxyMetrics
     let logger: Logger
     /// TCP-mode connections and WebSocket tunnels: decided again when the policies change.
     let tunnels = OpenTunnels()
 
     init(policy: PolicyStore, identity: IdentityStore, ledger: LedgerSpool?, group: any EventLoopGroup, pools: AppPools, appPort: Int,
-         appAddress: SocketAddress, tcpMode: Bool, metrics: ProxyMetrics = ProxyMetrics(), logger: Logger) {
+         appAddress: SocketAddress, tcpMode: Bool, pathNormalization: RequestTarget.Normalization = .base,
+         metrics: ProxyMetrics = ProxyMetrics(), logger: Logger) {
         self.policy = policy
         self.identity = identity
         self.ledger = ledger
@@ -31,6 +34,7 @@ final class ProxyEnvironment: Sendable {
         self.appPort = appPort
         self.appAddress = appAddress
         self.tcpMode = tcpMode
+        self.pathNormalization = pathNormalization
         self.metrics = metrics
         self.logger = logger
         let tunnels = tunnels

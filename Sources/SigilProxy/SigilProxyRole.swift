@@ -56,6 +56,9 @@ public struct ProxyConfig: Sendable {
     /// is closed (like Envoy's TCP proxy idle_timeout, with its default of 1 h).
     public var idleTimeout: Duration = ProxyConfig.defaultIdleTimeout
     public static let defaultIdleTimeout: Duration = .seconds(3600)
+    /// `--path-normalization`: how request paths are normalized before authorization (and as the
+    /// app receives them), as Istio's meshConfig.pathNormalization (default BASE).
+    public var pathNormalization: RequestTarget.Normalization = .base
     /// What `--handshake-timeout` and `--idle-timeout` accept (TCP_INFO's idle times are 32-bit
     /// milliseconds: 7 days fit).
     static let handshakeTimeoutRange: ClosedRange<Duration> = .seconds(1) ... .seconds(3600)
@@ -157,7 +160,8 @@ public enum SigilProxyRole {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: config.threads)
         let environment = ProxyEnvironment(policy: policy, identity: identity, ledger: ledger, group: group,
                                            pools: AppPools(group: group, target: appAddress), appPort: config.appPort,
-                                           appAddress: appAddress, tcpMode: config.tcpMode, metrics: metrics, logger: logger)
+                                           appAddress: appAddress, tcpMode: config.tcpMode, pathNormalization: config.pathNormalization,
+                                           metrics: metrics, logger: logger)
         let service = ProxyService(config: config, environment: environment, group: group, socketPath: socketPath,
                                    upstream: upstream, shipper: shipper, logger: logger, ready: ready)
         let serviceGroup = ServiceGroup(configuration: .init(

@@ -37,6 +37,7 @@ struct PolicyCheck: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("A request header (repeatable).", valueName: "k:v")) var header: [String] = []
     @Option(name: .long, help: ArgumentHelp("The caller's IP address.", valueName: "IP")) var sourceIp: String?
     @Option(name: .long, help: ArgumentHelp("Istio's root namespace (mesh-wide policies).", valueName: "ns")) var rootNamespace: String = PolicyEvaluator.defaultRootNamespace
+    @Option(name: .long, help: ArgumentHelp("The proxy's --path-normalization: BASE (default), MERGE_SLASHES or DECODE_AND_MERGE_SLASHES.", valueName: "level")) var pathNormalization: String = "BASE"
     @Flag(name: .long, help: "Evaluate as raw TCP (HTTP-only fields cannot match an ALLOW rule).") var tcp = false
     @Flag(name: .long, help: "Print the decision as JSON.") var json = false
 
@@ -63,9 +64,13 @@ struct PolicyCheck: AsyncParsableCommand {
             throw CLIError.usage("policy load error: \(error.description)")
         }
         for warning in set.warnings { FileHandle.standardError.write(Data("warning: \(warning)\n".utf8)) }
-        // The path as the proxy would see it after Istio's BASE normalization (%-decoding of
+        // The path as the proxy would see it after Istio's normalization (BASE: %-decoding of
         // unreserved characters, backslashes, dot segments): `/%61dmin` is checked as `/admin`.
-        guard let target = RequestTarget.normalize(path) else {
+        guard let normalization = RequestTarget.Normalization(flag: pathNormalization) else {
+            throw CLIError.usage("--path-normalization '\(pathNormalization)' is not one of "
+                                 + RequestTarget.Normalization.allCases.map(\.rawValue).joined(separator: ", "))
+        }
+        guard let target = RequestTarget.normalize(path, normalization) else {
             throw CLIError.usage("--path '\(path)' is not a valid request target (the proxy answers it with 400)")
         }
         let path = target.uri

@@ -72,6 +72,7 @@ struct ProxyRun: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Event loop threads (default: one per core).", valueName: "n")) var threads: Int?
     @Option(name: .long, help: ArgumentHelp("Close an inbound connection whose TLS handshake (or first plaintext request) takes longer (default 10s).", valueName: "duration")) var handshakeTimeout: String?
     @Option(name: .long, help: ArgumentHelp("Close an inbound connection on which no data has moved either way for this long (default 1h).", valueName: "duration")) var idleTimeout: String?
+    @Option(name: .long, help: ArgumentHelp("How request paths are normalized before policies see them, as Istio's meshConfig.pathNormalization: BASE (default), MERGE_SLASHES or DECODE_AND_MERGE_SLASHES.", valueName: "level")) var pathNormalization: String?
     @Option(name: .long, help: ArgumentHelp("trace, debug, info, notice, warning, error.", valueName: "level")) var logLevel: String?
 
     /// The flags as given, for the one parser (`ProxyArguments`) that the lean `sigil-proxy` shares.
@@ -83,7 +84,8 @@ struct ProxyRun: AsyncParsableCommand {
             ("ledger-sync-ms", ledgerSyncMs.map(String.init)), ("ledger-server", ledgerServer),
             ("ledger-max-size", ledgerMaxSize), ("ledger-segment-size", ledgerSegmentSize), ("metrics", metrics),
             ("kill-switch", killSwitch), ("root-namespace", rootNamespace), ("threads", threads.map(String.init)),
-            ("handshake-timeout", handshakeTimeout), ("idle-timeout", idleTimeout), ("log-level", logLevel),
+            ("handshake-timeout", handshakeTimeout), ("idle-timeout", idleTimeout),
+            ("path-normalization", pathNormalization), ("log-level", logLevel),
         ]
         return pairs.flatMap { name, value in value.map { ["--\(name)", $0] } ?? [] }
     }

@@ -30,6 +30,21 @@ def test_deny_rule_wins(sigil):
     assert res.stdout.strip() == '{"decision":"DENY","policy":"prod/web-deny-admin","rule":0}'
 
 
+def test_path_normalization_levels_as_istio(sigil):
+    """BASE leaves an encoded slash and a double slash alone (CVE-2021-31920's gap, as in Istio);
+    DECODE_AND_MERGE_SLASHES, Istio's advice for path policies, sees /admin/users in both."""
+    frontend = ("--principal", "spiffe://cluster.local/ns/prod/sa/frontend")
+    for path in ("/admin%2Fusers", "//admin/users"):
+        res = check(sigil, *frontend, "--path", path)
+        assert json.loads(res.stdout)["policy"] != "prod/web-deny-admin", res.describe()
+        res = check(sigil, *frontend, "--path", path, "--path-normalization", "DECODE_AND_MERGE_SLASHES")
+        assert res.returncode == 1 and json.loads(res.stdout)["policy"] == "prod/web-deny-admin", res.describe()
+    res = check(sigil, *frontend, "--path", "//admin/users", "--path-normalization", "MERGE_SLASHES")
+    assert res.returncode == 1, res.describe()
+    res = check(sigil, *frontend, "--path-normalization", "NONE")
+    assert res.returncode == 2 and "DECODE_AND_MERGE_SLASHES" in res.stderr, res.describe()
+
+
 def test_plaintext_default_deny_has_null_policy(sigil):
     res = check(sigil, "--path", "/api/items")
     assert res.returncode == 1

@@ -20,6 +20,23 @@ struct RequestTargetTests {
         #expect(RequestTarget.normalize(raw)?.uri == expected)
     }
 
+    /// Istio's stricter levels (its advice against CVE-2021-31920 when policies match paths).
+    @Test("MERGE_SLASHES and DECODE_AND_MERGE_SLASHES", arguments: [
+        ("//admin", "/admin", "/admin"),
+        ("/public//secret/", "/public/secret/", "/public/secret/"),
+        ("/a//../b", "/a/b", "/a/b"),  // dot segments first, then merging, as Envoy
+        ("//", "/", "/"),
+        ("/public/..%2fadmin", "/public/..%2fadmin", "/admin"),
+        ("/a%2F%2Fb%5cc?x=//", "/a%2F%2Fb%5cc?x=//", "/a/b/c?x=//"),
+        ("/api/orders?x=1", "/api/orders?x=1", "/api/orders?x=1"),
+    ])
+    func stricterLevels(raw: String, merged: String, decoded: String) {
+        #expect(RequestTarget.normalize(raw, .mergeSlashes)?.uri == merged)
+        #expect(RequestTarget.normalize(raw, .decodeAndMergeSlashes)?.uri == decoded)
+        #expect(RequestTarget.Normalization(flag: "decode_and_merge_slashes") == .decodeAndMergeSlashes)
+        #expect(RequestTarget.Normalization(flag: "NONE") == nil)
+    }
+
     @Test("absolute form yields its path and authority")
     func absolute() {
         let t = RequestTarget.normalize("http://api.shop:8080/admin/../x")
