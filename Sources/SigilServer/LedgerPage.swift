@@ -273,7 +273,7 @@ enum LedgerPage {
     static let graphTop = 72
 
     static func render(query: LedgerPageQuery, edges: [LedgerEdge], rows: [LedgerRow],
-                       verification: LedgerVerification, nowMicros: Int64) -> String {
+                       verification: LedgerVerification, nowMicros: Int64, checkedMicros: Int64? = nil) -> String {
         let graph = LedgerGraph(edges: edges)
         var html = """
             <!DOCTYPE html>
@@ -289,7 +289,7 @@ enum LedgerPage {
 
             """
         html += svg(graph)
-        html += side(graph: graph, query: query, verification: verification)
+        html += side(graph: graph, query: query, verification: verification, checkedMicros: checkedMicros ?? nowMicros)
         html += "</div>\n"
         html += form(query: query, graph: graph)
         html += table(rows: rows, query: query)
@@ -367,12 +367,12 @@ enum LedgerPage {
             + "<path d=\"M0 1.2 V3.8\" stroke=\"#ffffff\" stroke-width=\"1.6\" stroke-linecap=\"round\"/></g>"
     }
 
-    static func side(graph: LedgerGraph, query: LedgerPageQuery, verification: LedgerVerification) -> String {
+    static func side(graph: LedgerGraph, query: LedgerPageQuery, verification: LedgerVerification, checkedMicros: Int64) -> String {
         let calls = graph.edges.reduce(0) { $0 + $1.edge.calls }
         let denied = graph.edges.reduce(0) { $0 + $1.edge.denied }
         let mtls = graph.edges.reduce(0) { $0 + $1.edge.overMTLS }
         var s = "<aside>\n<section class=\"card\"><h2>Ledger</h2>"
-        s += integrity(verification)
+        s += integrity(verification, checkedMicros: checkedMicros)
         s += "<p class=\"totals\"><b>\(calls)</b> calls · <b class=\"\(denied > 0 ? "red" : "")\">\(denied)</b> denied · "
         s += "<b>\(calls == 0 ? "–" : String(format: "%.1f%%", Double(mtls) * 100 / Double(calls)))</b> over mTLS</p>"
         s += "<p class=\"muted\">\(graph.nodes.count) workloads, \(graph.edges.count) edges\(query.since == nil && query.until == nil ? ", all time" : "")</p></section>\n"
@@ -398,12 +398,13 @@ enum LedgerPage {
         return s
     }
 
-    static func integrity(_ v: LedgerVerification) -> String {
+    static func integrity(_ v: LedgerVerification, checkedMicros: Int64) -> String {
+        let checked = " <span class=\"checked\">(checked \(HTML.escape(RFC3339.format(micros: checkedMicros))))</span>"
         if v.intact {
-            return "<p class=\"integrity ok\" data-intact=\"true\">✔ ledger intact: \(v.rows) row\(v.rows == 1 ? "" : "s") from \(v.writers) writer\(v.writers == 1 ? "" : "s")</p>"
+            return "<p class=\"integrity ok\" data-intact=\"true\">✔ ledger intact: \(v.rows) row\(v.rows == 1 ? "" : "s") from \(v.writers) writer\(v.writers == 1 ? "" : "s")\(checked)</p>"
         }
         let first = v.breaks.first.map { HTML.escape($0.description) } ?? ""
-        return "<p class=\"integrity broken\" data-intact=\"false\">✘ ledger BROKEN: \(v.breaks.count) of \(v.writers) writers fail; first break: \(first)</p>"
+        return "<p class=\"integrity broken\" data-intact=\"false\">✘ ledger BROKEN: \(v.breaks.count) of \(v.writers) writers fail; first break: \(first)\(checked)</p>"
     }
 
     static func form(query: LedgerPageQuery, graph: LedgerGraph) -> String {

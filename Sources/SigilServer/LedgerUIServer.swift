@@ -68,6 +68,8 @@ struct LedgerUI: Sendable {
     let logger: Logger
     /// Checks retention checkpoints' signatures (nil: not checked).
     var checkpointKey: LedgerCheckpointKey? = nil
+    /// The whole-ledger check the page shows, shared by its loads (see ``LedgerVerificationCache``).
+    var verifications = LedgerVerificationCache()
 
     /// Answers one request; never throws (a store failure is a 500 that says so).
     func respond(method: String, uri: String, host: String?) async -> LedgerUIResponse {
@@ -111,8 +113,12 @@ struct LedgerUI: Sendable {
             case .page:
                 let edges = try await store.ledgerEdges(sinceMicros: query.sinceMicros, untilMicros: query.untilMicros).filter(query.keeps)
                 let rows = try await store.ledgerRows(query.ledgerQuery)
-                let verification = try await store.verifyLedger(checkpointKey: checkpointKey)
-                let html = LedgerPage.render(query: query, edges: edges, rows: rows, verification: verification, nowMicros: nowMicros)
+                let (store, key) = (store, checkpointKey)
+                let (verification, checkedAt) = try await verifications.verification(now: now) {
+                    try await store.verifyLedger(checkpointKey: key)
+                }
+                let html = LedgerPage.render(query: query, edges: edges, rows: rows, verification: verification, nowMicros: nowMicros,
+                                             checkedMicros: Int64((checkedAt.timeIntervalSince1970 * 1_000_000).rounded()))
                 return LedgerUIResponse(status: 200, contentType: "text/html; charset=utf-8", body: Array(html.utf8))
             case .graph:
                 let edges = try await store.ledgerEdges(sinceMicros: query.sinceMicros, untilMicros: query.untilMicros).filter(query.keeps)
@@ -149,6 +155,31 @@ struct LedgerUI: Sendable {
             host = String(host[..<colon])
         }
         return host.lowercased() == "localhost" || LedgerUIAddress.isLoopback(host)
+    }
+}
+
+/// `sigil audit verify`'s whole-ledger check as the page shows it. It reads every stored row, so
+/// the page does not run it per load: a result is reused for ``maxAge`` (the page says when it
+/// was checked), and loads that arrive while a check runs wait for that one instead of starting
+/// their own. Before, every load (and every reload of an open tab) re-read the whole ledger.
+actor LedgerVerificationCache {
+    static let maxAge: TimeInterval = 30
+    private var last: (verification: LedgerVerification, at: Date)?
+    private var running: Task<LedgerVerification, any Error>?
+
+    func verification(now: Date, compute: @escaping @Sendable () async throws -> LedgerVerification) async throws -> (LedgerVerification, Date) {
+        if let last, now.timeIntervalSince(last.at) < Self.maxAge, now >= last.at { return last }
+        let task: Task<LedgerVerification, any Error>
+        if let running {
+            task = running
+        } else {
+            task = Task { try await compute() }
+            running = task
+        }
+        defer { if running == task { running = nil } }
+        let verification = try await task.value
+        last = (verification, now)
+        return (verification, now)
     }
 }
 

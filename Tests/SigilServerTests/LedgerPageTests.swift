@@ -199,4 +199,33 @@ struct LedgerPageTests {
         }
         #expect(try LedgerUIAddress(parsing: "[::1]:9").description == "[::1]:9")
     }
+
+    @Test func theWholeLedgerCheckIsSharedByLoadsAndReusedForHalfAMinute() async throws {
+        let cache = LedgerVerificationCache()
+        let runs = Counter()
+        let compute: @Sendable () async throws -> LedgerVerification = {
+            await runs.increment()
+            try await Task.sleep(for: .milliseconds(50))
+            return LedgerVerification()
+        }
+        let start = Date(timeIntervalSince1970: 1_800_000_000)
+        // Loads that arrive while a check runs wait for it.
+        async let a = cache.verification(now: start, compute: compute)
+        async let b = cache.verification(now: start, compute: compute)
+        let (first, second) = try await (a, b)
+        #expect(first.1 == start && second.1 == start)
+        #expect(await runs.value == 1)
+        _ = try await cache.verification(now: start.addingTimeInterval(29), compute: compute)
+        #expect(await runs.value == 1)
+        let later = try await cache.verification(now: start.addingTimeInterval(31), compute: compute)
+        #expect(await runs.value == 2 && later.1 == start.addingTimeInterval(31))
+        let html = LedgerPage.render(query: LedgerPageQuery(), edges: [], rows: [], verification: LedgerVerification(), nowMicros: Self.now,
+                                     checkedMicros: Self.now - 5_000_000)
+        #expect(html.contains("(checked \(RFC3339.format(micros: Self.now - 5_000_000)))"))
+    }
+
+    actor Counter {
+        var value = 0
+        func increment() { value += 1 }
+    }
 }
