@@ -186,8 +186,11 @@ final class DemoRun: @unchecked Sendable {
                                 "--outbound", "127.0.0.1:\(ports.webOutbound)", "--upstream", "127.0.0.1:\(ports.apiInbound)",
                                 "--upstream-id", apiID, "--ledger", work + "/web-ledger.jsonl",
                                 "--ledger-server", "127.0.0.1:\(ports.server)", "--log-level", "warning"])
+        // Through web's outbound to api: until api's proxy serves, the outbound answers 503
+        // (upstream connect error) or nothing at all.
         try await waitFor("both proxies") {
-            (try? DemoHTTP.get(port: self.ports.webOutbound, path: "/healthz"))?.status != nil
+            guard let status = (try? DemoHTTP.get(port: self.ports.webOutbound, path: "/healthz"))?.status else { return false }
+            return status != 503
         }
     }
 
