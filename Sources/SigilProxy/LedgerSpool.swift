@@ -331,6 +331,18 @@ public final class LedgerSpool: Sendable {
         return n
     }
 
+    /// After a rotation: the chain, size and reservation of the new file (`fresh`, holding only
+    /// its `spool_rotated` row) become the spool's, then held rows (a full spool) go in after it.
+    /// Under the state lock.
+    private static func adoptRotated(_ fresh: State, into s: inout State, fd: Int32, maxSize: Int) {
+        s.seq = fresh.seq
+        s.hash = fresh.hash
+        s.size = fresh.size
+        (s.reservedTo, s.diskFull) = (fresh.reservedTo, fresh.diskFull)
+        s.written += 1
+        writeHeld(fd: fd, maxSize: maxSize, into: &s)
+    }
+
     /// Rows written to the file by this process.
     public var writtenCount: UInt64 { state.withLockedValue { $0.written } }
     /// Rows waiting in memory for space.
@@ -444,12 +456,7 @@ public final class LedgerSpool: Sendable {
                     return .failure(SpoolError(description: "the disk is full; \(path) was emptied but its rotation row failed: \(fresh.reason)"))
                 }
                 _ = fdatasync(fd)
-                s.seq = fresh.seq
-                s.hash = fresh.hash
-                s.size = fresh.size
-                (s.reservedTo, s.diskFull) = (fresh.reservedTo, fresh.diskFull)
-                s.written += 1
-                Self.writeHeld(fd: fd, maxSize: maxSize, into: &s)
+                Self.adoptRotated(fresh, into: &s, fd: fd, maxSize: maxSize)
                 return .success(fresh.seq)
             }
             // The new file replaces the old one under its name, then under our descriptor.
@@ -462,13 +469,7 @@ public final class LedgerSpool: Sendable {
             Self.syncDirectory(of: path)
             _ = dup2(newFD, fd)
             close(newFD)
-            s.seq = fresh.seq
-            s.hash = fresh.hash
-            s.size = fresh.size
-            (s.reservedTo, s.diskFull) = (fresh.reservedTo, fresh.diskFull)
-            s.written += 1
-            // Held rows (a full spool) go in after the rotated row.
-            Self.writeHeld(fd: fd, maxSize: maxSize, into: &s)
+            Self.adoptRotated(fresh, into: &s, fd: fd, maxSize: maxSize)
             return .success(fresh.seq)
         }
         switch result {
