@@ -135,7 +135,14 @@ final class AppResponseHandler: ChannelDuplexHandler, RemovableChannelHandler {
             // The bytes after the 101 head are the new protocol's: relayed too, then the sink
             // takes the connection (``detach()``).
             reusable = false
-            sink.appBytes(buffer)
+            var relayed = buffer
+            if var held = heldHead.take() {
+                // The head's first part, held back to be marked `connection: close` (the client
+                // asked to close, yet upgraded): relayed unmarked, before the rest.
+                held.writeImmutableBuffer(buffer)
+                relayed = held
+            }
+            sink.appBytes(relayed)
             sink.appUpgraded()
             return
         }

@@ -398,11 +398,12 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, RemovableChannelHandler, 
     func appUpgraded() {
         guard let context, let active = self.active.take(), let app else { return }
         self.app = nil
+        environment.record(active.facts, peer: peer, detail: "websocket: switched protocols (the tunnel's bytes are not counted)")
         if rowPending {
-            // A pipelined response before this one still waits for its row: written first.
+            // A pipelined response before this one still waits for its row: written now (after
+            // this one's, so that the flush it releases sends no byte of the 101 before its row).
             environment.writeWaitingRows(on: context.eventLoop)
         }
-        environment.record(active.facts, peer: peer, detail: "websocket: switched protocols (the tunnel's bytes are not counted)")
         var held: [ByteBuffer] = []
         for part in queue {
             if case .tunnel(let bytes) = part { held.append(bytes) }
@@ -420,7 +421,8 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, RemovableChannelHandler, 
         // Decided again when the policies change, like a TCP-mode connection: closed if refused.
         let (environment, peer, head) = (self.environment, self.peer, active.head)
         let (method, path, host) = (head.method, active.facts.path, active.hostOverride ?? head.host)
-        let key = environment.tunnels.add { state in
+        // Decided under the state at its head; decided again here if a reload came since.
+        let key = environment.tunnels.add(decidedUnder: nil, current: environment.policy.current) { state in
             RequestFacts.decide(method: method, path: path, host: host, values: { head.values($0) }, peer: peer,
                                 appPort: environment.appPort, under: state)
         } close: { [weak channel = context.channel] reason in

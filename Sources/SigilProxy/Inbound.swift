@@ -425,7 +425,7 @@ enum TCPInbound {
         // Decided again when the policies change: closed (with the reason in its row) if refused.
         let closedBecause = NIOLoopBoundBox<String?>(nil, eventLoop: channel.eventLoop)
         let mtls = peer.mtls
-        let key = environment.tunnels.add { state in
+        let key = environment.tunnels.add(decidedUnder: state.generation, current: environment.policy.current) { state in
             state.refusesPlaintext(mtls: mtls) ? EnforcementState.strictRefusal : state.decide(request)
         } close: { [weak channel] reason in
             guard let channel else { return }

@@ -22,17 +22,28 @@ final class OpenTunnels: Sendable {
 
     private let entries = NIOLockedValueBox<(next: UInt64, open: [UInt64: Entry])>((0, [:]))
 
-    /// Adds a connection; returns the key that ``remove(_:)`` takes when it closes.
-    func add(decide: @escaping Decider, close: @escaping Closer) -> UInt64 {
-        entries.withLockedValue { state in
+    /// Adds a connection decided under policy generation `decidedUnder` (nil: not known); returns
+    /// the key that ``remove(_:)`` takes when it closes. A reload that came between that decision
+    /// and this call (a WebSocket's app may take seconds to answer 101) found no entry to check, so
+    /// the connection is decided again here under `current` when its generation differs.
+    func add(decidedUnder generation: Int?, current: EnforcementState, decide: @escaping Decider,
+             close: @escaping Closer) -> UInt64 {
+        let key = entries.withLockedValue { state in
             state.next += 1
             state.open[state.next] = Entry(decide: decide, close: close)
             return state.next
         }
+        if generation != current.generation {
+            let decision = decide(current)
+            if !decision.allowed, remove(key) { close(Self.reason(decision, generation: current.generation)) }
+        }
+        return key
     }
 
-    func remove(_ key: UInt64) {
-        _ = entries.withLockedValue { $0.open.removeValue(forKey: key) }
+    /// Forgets a connection; false when it was gone already (a reload closed it).
+    @discardableResult
+    func remove(_ key: UInt64) -> Bool {
+        entries.withLockedValue { $0.open.removeValue(forKey: key) } != nil
     }
 
     var count: Int { entries.withLockedValue { $0.open.count } }
@@ -44,8 +55,7 @@ final class OpenTunnels: Sendable {
         var closed = 0
         for (key, entry) in open {
             let decision = entry.decide(state)
-            guard !decision.allowed else { continue }
-            remove(key)
+            guard !decision.allowed, remove(key) else { continue }
             entry.close(Self.reason(decision, generation: state.generation))
             closed += 1
         }

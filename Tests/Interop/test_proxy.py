@@ -1697,6 +1697,8 @@ class WebSocketApp:
         self.accepted = 0
 
         def refuse(connection, request):
+            if "/slow" in request.path:
+                time.sleep(2.5)  # an app that takes its time to answer 101
             if request.path.startswith("/nows"):
                 return Response(404, "Not Found", Headers([("Content-Length", "6")]), b"no ws\n")
             return None
@@ -1817,6 +1819,36 @@ def test_websocket_upgrades_through_the_pair(mesh, tmp_path):
         row = wait_row(ledger, lambda r: r["kind"] == "connection" and r["protocol"] == "websocket", "the tunnel's close row")
         assert (row["decision"], row["source"], row["mtls"]) == ("deny", WEB, True), row
         assert row["detail"].startswith("closed: policy generation 2 denies it (shop/no-live-ws rule 0)") and live in row["detail"], row
+        # A reload that lands while the app is still answering the handshake (its 101 comes after
+        # the new policies are in force) closes the tunnel as soon as it opens.
+        (policies / "no-live-ws.yaml").unlink()
+        def opens() -> bool:
+            try:
+                with connect(f"ws://127.0.0.1:{outbound}/ws-live/probe", open_timeout=5, close_timeout=2):
+                    return True
+            except InvalidStatus:
+                return False
+
+        wait_for(opens, 10, "the DENY to go away")
+        outcome: dict = {}
+
+        def slow_handshake():
+            try:
+                with connect(f"ws://127.0.0.1:{outbound}/ws-live/slow", open_timeout=15, close_timeout=2) as ws:
+                    outcome["opened"] = True
+                    while True:
+                        ws.recv(timeout=10)
+            except Exception as error:  # noqa: BLE001 - the kind of ending is what is checked
+                outcome["ended"] = error
+
+        waiter = threading.Thread(target=slow_handshake)
+        waiter.start()
+        time.sleep(0.5)
+        (policies / "no-live-ws.yaml").write_text(NO_LIVE_WS)
+        waiter.join(30)
+        assert outcome.get("opened") and "ConnectionClosed" in type(outcome.get("ended")).__name__, outcome
+        row = wait_row(ledger, lambda r: r["kind"] == "connection" and "/ws-live/slow" in (r["detail"] or ""), "the slow tunnel's close row")
+        assert row["decision"] == "deny" and row["detail"].startswith("closed: policy generation 4 denies it"), row
     finally:
         mesh.c.stop_proxy("ws-api")
         mesh.c.stop_proxy("ws-web")

@@ -252,6 +252,18 @@ struct ResponseFramerTests {
             #expect(sink.upgrades == 1 && sink.ends == 0 && !handler.reusable && channel.isActive)
             _ = try channel.finish(acceptAlreadyClosed: true)
         }
+        // A client that asked to close yet upgraded: the head's first part, held back for marking,
+        // goes out first and unmarked when the 101 completes in a later read.
+        for cut in [1, 20, head.utf8.count - 1] {
+            let (handler, channel, sink) = Self.appConnection()
+            try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 9)).wait()
+            handler.begin(sink: sink, toHEAD: false, decodes: false, holdReads: false, marksClose: true, upgrade: true)
+            let bytes = Array((head + "\u{81}\u{02}hi").utf8)
+            try channel.writeInbound(ByteBuffer(bytes: bytes[..<cut]))
+            try channel.writeInbound(ByteBuffer(bytes: bytes[cut...]))
+            #expect(sink.relayed == bytes && sink.upgrades == 1, "cut \(cut)")
+            _ = try channel.finish(acceptAlreadyClosed: true)
+        }
         do {
             let (handler, channel, sink) = Self.appConnection()
             try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 9)).wait()
