@@ -81,16 +81,61 @@ struct AgentCache: Sendable {
             throw AgentError("cannot encode \(path): \(error)")
         }
         let temporary = path + ".tmp"
-        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw AgentError("cannot write \(temporary): \(String(cString: strerror(errno)))") }
-        defer { close(fd) }
-        fchmod(fd, 0o600)
-        let written = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-        guard written == data.count, fsync(fd) == 0 else { throw AgentError("cannot write \(temporary): \(String(cString: strerror(errno)))") }
-        guard rename(temporary, path) == 0 else { throw AgentError("cannot rename \(temporary): \(String(cString: strerror(errno)))") }
+        try Self.writeSynced(data, to: temporary)
+        guard rename(temporary, path) == 0 else {
+            let reason = String(cString: strerror(errno))
+            unlink(temporary)
+            throw AgentError("cannot rename \(temporary): \(reason)")
+        }
         // The rename itself survives a crash only once the directory is synced.
         let dir = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         if dir >= 0 { fsync(dir); close(dir) }
+    }
+
+    /// Writes `data` to a new 0600 file at `path` and fsyncs it; on failure the file is removed (a
+    /// full disk must not fill up with empty leftovers) and the error names the path.
+    private static func writeSynced(_ data: Data, to path: String) throws(AgentError) {
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw AgentError("cannot write \(path): \(String(cString: strerror(errno)))") }
+        fchmod(fd, 0o600)
+        var offset = 0
+        var failure: Int32 = 0
+        data.withUnsafeBytes { bytes in
+            while offset < bytes.count {
+                let n = write(fd, bytes.baseAddress! + offset, bytes.count - offset)
+                if n < 0, errno == EINTR { continue }
+                // A short write with no error (the last block that still fitted) is retried: the
+                // next write reports why it cannot go on.
+                guard n > 0 else { failure = n == 0 ? ENOSPC : errno; return }
+                offset += n
+            }
+        }
+        if failure == 0, fsync(fd) != 0 { failure = errno }
+        if close(fd) != 0, failure == 0 { failure = errno }
+        guard failure == 0 else {
+            unlink(path)
+            throw AgentError("cannot write \(path): \(String(cString: strerror(failure)))")
+        }
+    }
+
+    /// The name of the file ``probeWritable()`` writes and removes.
+    static let probeName = ".write-probe"
+
+    /// Checks that the directory takes a new file (written, fsynced, removed) before anything that
+    /// cannot be undone, such as spending the single-use join token: an agent that attested and then
+    /// could not save its SVID would need a new token.
+    func probeWritable() throws(AgentError) {
+        let path = directory + "/" + Self.probeName
+        // About the size of agent.json (a chain and a key, JSON-wrapped).
+        let probe = Data(repeating: 0x20, count: 8192)
+        do {
+            try Self.writeSynced(probe, to: path)
+        } catch {
+            throw AgentError("--data-dir '\(directory)' cannot be written (\(error.message)); free space there or fix its permissions, then start the agent again (the join token was not used)")
+        }
+        guard unlink(path) == 0 else {
+            throw AgentError("--data-dir '\(directory)' cannot be written: cannot remove \(path): \(String(cString: strerror(errno)))")
+        }
     }
 }
 

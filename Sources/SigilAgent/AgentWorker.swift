@@ -27,6 +27,8 @@ final class AgentWorker: Service, Sendable {
     private let failureBox = LockedBox<AgentError?>(nil)
     /// Set when the server taints an authority this agent's own SVID chains to.
     private let renewOwnSVIDNow = LockedBox(false)
+    /// Why the renewed agent SVID cannot be saved, while it cannot.
+    private let identitySaveFailure = LockedBox<String?>(nil)
     /// Entries the server refused: not retried for a minute (or until the entry changes), so a
     /// refusal neither hot-loops nor, if it was transient, blocks renewal for good.
     private let refused = LockedBox<[String: (revision: Int64, until: Date)]>([:])
@@ -84,7 +86,9 @@ final class AgentWorker: Service, Sendable {
             } catch {
                 if Task.isCancelled { return }
                 if identity.value.notAfter <= Date() {
-                    let message = "this agent's own SVID expired at \(identity.value.notAfter) while the server was unreachable; restart it with a new --join-token (sigil token create --agent-id <name>)"
+                    let message = identitySaveFailure.withLock { $0 }.map {
+                        "this agent's own SVID expired at \(identity.value.notAfter): \($0) (a full disk?); free space there and restart the agent with a new --join-token (sigil token create --agent-id <name>)"
+                    } ?? "this agent's own SVID expired at \(identity.value.notAfter) while the server was unreachable; restart it with a new --join-token (sigil token create --agent-id <name>)"
                     logger.error("\(message)")
                     failureBox.withLock { $0 = AgentError(message) }
                     return
@@ -214,15 +218,45 @@ final class AgentWorker: Service, Sendable {
 
     // MARK: the agent's own SVID
 
+    /// Renews the agent's own SVID at ½ its life (or at once after a taint).
+    ///
+    /// A renewed SVID goes to disk before it is used: the server makes it the agent's only one once
+    /// it is used, so an agent that used one it could not keep would need a new join token after a
+    /// restart. When the save fails (a full disk) the renewed SVID is held in memory and only the
+    /// save is retried (the server is not asked to sign again); the current SVID stays in use until
+    /// the last stretch of its life (``AgentSVIDTimes/switchAt``), then the renewed one takes over
+    /// rather than the agent dying with an expired SVID.
     func agentRenewalLoop() async {
         var retry = Self.firstRenewalRetry
+        var unsaved: UnsavedAgentSVID?
         while !Task.isCancelled {
+            if var held = unsaved {
+                let current = identity.withLock { $0 }
+                if saveUnsaved(&held, current: current) {
+                    unsaved = nil
+                    retry = Self.firstRenewalRetry
+                    continue
+                }
+                unsaved = held
+                if !held.inUse {
+                    // The current SVID is still in use: nothing to renew, only the save to retry,
+                    // unless a taint asks for a new SVID now.
+                    if renewOwnSVIDNow.withLock({ $0 }) {
+                        unsaved = nil
+                    } else {
+                        let untilSwitch = AgentSVIDTimes(current).switchAt.timeIntervalSinceNow
+                        try? await Task.sleep(for: .milliseconds(Int64(max(0.05, min(untilSwitch, Self.saveRetry)) * 1000)))
+                        continue
+                    }
+                }
+            }
+            // Read again: the save above may have switched to the renewed SVID.
             let current = identity.withLock { $0 }
-            let leaf = current.chainDER.first.flatMap { try? Certificate(derEncoded: $0) }
-            let renewAt = leaf.map { renewalTime(notBefore: max($0.notValidBefore, current.receivedAt ?? $0.notValidBefore), notAfter: $0.notValidAfter) } ?? Date()
-            let wait = renewAt.timeIntervalSinceNow
+            let times = AgentSVIDTimes(current)
+            let wait = renewalTime(notBefore: times.start, notAfter: times.notAfter).timeIntervalSinceNow
             if wait > 0, !renewOwnSVIDNow.withLock({ $0 }) {
-                // Short naps: a taint of the authority behind this SVID renews it at once.
+                // Short naps: a taint of the authority behind this SVID renews it at once (and an
+                // unsaved SVID in use gets its save retried).
                 try? await Task.sleep(for: .milliseconds(Int64(min(wait, 1) * 1000)))
                 continue
             }
@@ -243,20 +277,10 @@ final class AgentWorker: Service, Sendable {
                 }
                 let renewed = AgentCache.AgentIdentity(agentID: current.agentID, chainDER: chain, keyPKCS8DER: Array(key.derRepresentation),
                                                        notAfter: leaf.notValidAfter, trustDomain: current.trustDomain, receivedAt: Date())
-                // On disk first: the server makes the renewed SVID the agent's only one once it is
-                // used, so the agent must never use one it could not keep across a restart. If the
-                // save fails the current SVID stays in use (the server still takes it) and renewal
-                // is retried.
-                do {
-                    try cache.saveIdentity(renewed)
-                } catch {
-                    logger.error("cannot save the renewed agent SVID; keeping the current one and retrying", metadata: ["error": "\(error.message)"])
-                    try? await Task.sleep(for: .seconds(2))
-                    continue
-                }
-                try reloader.update(chainDER: chain, keyPKCS8DER: Array(key.derRepresentation))
-                identity.withLock { $0 = renewed }
-                logger.info("agent SVID renewed", metadata: ["agent_id": "\(current.agentID)", "serial": "\(leaf.serialHex)"])
+                // On disk first (see above); if that fails, held in memory and the save retried.
+                var held = UnsavedAgentSVID(identity: renewed, serial: leaf.serialHex)
+                if !saveUnsaved(&held, current: current) { unsaved = held; continue }
+                unsaved = nil
                 retry = Self.firstRenewalRetry
             } catch {
                 // Soon at first (a short-lived agent SVID leaves little time between half its life
@@ -269,6 +293,77 @@ final class AgentWorker: Service, Sendable {
         }
     }
 
+    /// How often a renewed agent SVID that could not be saved is saved again.
+    static let saveRetry: TimeInterval = 2
+    /// How often the failing save is logged again (its start and its end are always logged).
+    static let saveFailureLogInterval: TimeInterval = 60
+
+    /// A renewed agent SVID the server signed that is not on disk yet.
+    struct UnsavedAgentSVID {
+        var identity: AgentCache.AgentIdentity
+        var serial: String
+        /// Whether it is in use (the SVID before it came close to its end first).
+        var inUse = false
+        var lastLogged: Date?
+    }
+
+    /// Saves `held`; on success makes it the agent's SVID (if it is not already) and returns true.
+    /// On failure logs (at most once a minute), switches to it once `current` is close to its end,
+    /// and returns false.
+    private func saveUnsaved(_ held: inout UnsavedAgentSVID, current: AgentCache.AgentIdentity) -> Bool {
+        let now = Date()
+        do {
+            try cache.saveIdentity(held.identity)
+        } catch {
+            let failure = "cannot save the renewed agent SVID to --data-dir '\(cache.directory)': \(error.message)"
+            identitySaveFailure.withLock { $0 = failure }
+            if held.lastLogged.map({ now.timeIntervalSince($0) >= Self.saveFailureLogInterval }) ?? true {
+                held.lastLogged = now
+                logger.error(held.inUse
+                    ? "\(failure); running on that SVID, held in memory only, and retrying the save: restarting this agent before the directory has space would need a new --join-token"
+                    : "\(failure); keeping the current one in use (until \(AgentSVIDTimes(current).switchAt)), holding the renewed one in memory and retrying the save",
+                    metadata: ["serial": "\(held.serial)"])
+            }
+            if !held.inUse, now >= AgentSVIDTimes(current).switchAt {
+                do {
+                    try use(held.identity)
+                    held.inUse = true
+                    held.lastLogged = now
+                    logger.error("this agent's SVID expires at \(current.notAfter) and its renewal is still not saved (\(error.message)): now using the renewed SVID, which is held in memory only; restarting this agent before --data-dir '\(cache.directory)' has space would need a new --join-token",
+                                 metadata: ["serial": "\(held.serial)", "not_after": "\(held.identity.notAfter)"])
+                } catch {
+                    logger.error("cannot use the renewed agent SVID: \(error)")
+                }
+            }
+            return false
+        }
+        let wasFailing = identitySaveFailure.withLock { failing in
+            defer { failing = nil }
+            return failing != nil
+        }
+        if held.inUse {
+            logger.notice("the agent SVID in use is saved now: a restart needs no join token", metadata: ["serial": "\(held.serial)"])
+            return true
+        }
+        do {
+            try use(held.identity)
+        } catch {
+            // Cannot happen with a chain and key the server just accepted; the saved one is used at
+            // the next start.
+            logger.error("cannot use the renewed agent SVID: \(error)")
+            return true
+        }
+        if wasFailing { logger.notice("the renewed agent SVID is saved now", metadata: ["serial": "\(held.serial)"]) }
+        logger.info("agent SVID renewed", metadata: ["agent_id": "\(held.identity.agentID)", "serial": "\(held.serial)"])
+        return true
+    }
+
+    /// Serves `renewed` to the next handshakes and makes it the agent's SVID.
+    private func use(_ renewed: AgentCache.AgentIdentity) throws {
+        try reloader.update(chainDER: renewed.chainDER, keyPKCS8DER: renewed.keyPKCS8DER)
+        identity.withLock { $0 = renewed }
+    }
+
     func persist() async {
         let snapshot = await state.snapshotForCache(agentID: identity.withLock { $0.agentID })
         do {
@@ -276,5 +371,35 @@ final class AgentWorker: Service, Sendable {
         } catch {
             logger.error("cannot write the agent cache: \(error.message)")
         }
+    }
+}
+
+/// The times of the agent's own SVID that its renewal loop keeps to.
+struct AgentSVIDTimes: Sendable, Equatable {
+    /// Where its life is counted from: its receipt (notBefore is backdated for clock skew).
+    var start: Date
+    var notAfter: Date
+
+    init(start: Date, notAfter: Date) {
+        self.start = start
+        self.notAfter = notAfter
+    }
+
+    init(_ identity: AgentCache.AgentIdentity) {
+        // No readable leaf: due at once, as if its life were spent.
+        guard let leaf = identity.chainDER.first.flatMap({ try? Certificate(derEncoded: $0) }) else {
+            self.init(start: .distantPast, notAfter: identity.notAfter)
+            return
+        }
+        self.init(start: max(leaf.notValidBefore, identity.receivedAt ?? leaf.notValidBefore), notAfter: leaf.notValidAfter)
+    }
+
+    /// The latest moment to keep using this SVID while a renewed one waits to be saved: the last
+    /// 10 % of its life, at least 30 s before its end (at most its second half), so the renewed
+    /// one is in use, and every new connection carries it, before this one expires.
+    var switchAt: Date {
+        let life = max(0, notAfter.timeIntervalSince(start))
+        let margin = min(max(life * 0.1, 30), life / 2)
+        return notAfter.addingTimeInterval(-margin)
     }
 }

@@ -107,8 +107,14 @@ public enum SigilAgentRole {
                     ? "this agent has not attested yet: pass --join-token (sigil token create --agent-id <name>)"
                     : "the cached agent SVID has expired: attest again with a new --join-token")
             }
+            // The data directory must take the SVID before the single-use token is spent on it.
+            try cache.probeWritable()
             identity = try await attest(config: config, token: token, trustDomain: trustDomain, verify: verify, logger: logger)
-            try cache.saveIdentity(identity)
+            do {
+                try cache.saveIdentity(identity)
+            } catch {
+                throw AgentError("attested as \(identity.agentID) but cannot save its SVID in --data-dir '\(config.dataDirectory)' (\(error.message)); the join token is spent: free space there and start the agent with a new --join-token")
+            }
             logger.info("attested", metadata: ["agent_id": "\(identity.agentID)"])
         }
 

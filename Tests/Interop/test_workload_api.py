@@ -401,3 +401,85 @@ def test_an_open_reflection_stream_does_not_hold_up_the_agents_shutdown(node):
     finally:
         release.set()
         channel.close()
+
+
+# --------------------------------------------------------------------------- a full --data-dir
+# A small tmpfs over the agent's --data-dir, filled up: needs root and mount(2); skipped otherwise.
+
+from interop_util import fill, small_tmpfs  # noqa: E402
+
+
+def agent_svids_issued(c: Cluster, agent: str) -> int:
+    db = sqlite3.connect(f"file:{c.ca_dir / 'sigil.db'}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT COUNT(*) FROM issued_certificates WHERE spiffe_id = ?",
+                          (f"spiffe://{TRUST_DOMAIN}/sigil/agent/{agent}",)).fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_agent_with_a_full_data_dir_outlives_its_own_svid_and_saves_it_later(sigil_bin):
+    """Agent SVIDs of 20 s on a data dir that fills up after attesting: the renewed SVID cannot be
+    saved, so the agent holds it in memory, retries only the save (the server signs about one per
+    half-life, not one per retry), switches to it before the current one expires, and keeps serving
+    well past two lifetimes. Once there is space the SVID in use is saved, and a restart needs no token."""
+    c = Cluster(sigil_bin)
+    data = c.agent_paths("node-1")[0]
+    try:
+        with small_tmpfs(data):
+            c.start_server(extra=["--agent-svid-ttl", "20s"])
+            c.entry(WEB, "node-1", [f"unix:uid:{os.getuid()}"], ttl="10s")
+            agent = c.start_agent("node-1", c.token("node-1"))
+            sock = c.socket("node-1")
+            wait_for(lambda: grpc_fetch(sock), 30, "first SVID")
+            issued_before = agent_svids_issued(c, "node-1")
+            filler = fill(data)
+            time.sleep(45)
+            assert agent.alive(), agent.output()
+            r = grpc_fetch(sock)
+            assert first_cert(r.svids[0].x509_svid).not_valid_after_utc.timestamp() > time.time()
+            log = agent.output()
+            assert "No space left on device" in log, log
+            assert "held in memory only" in log and "would need a new --join-token" in log, log
+            # 45 s at 20 s: a handful of renewals, not one every retry.
+            assert agent_svids_issued(c, "node-1") - issued_before <= 7, log
+            assert not list(data.glob("*.tmp")), sorted(p.name for p in data.iterdir())
+            filler.unlink()
+            wait_for(lambda: "saved now" in agent.output(), 30, "the SVID in use saved")
+            assert agent.stop() == 0
+            restarted = c.start_agent("node-1", token=None)
+            wait_for(lambda: grpc_fetch(sock), 30, "SVID after a restart without a token")
+            assert restarted.alive(), restarted.output()
+            c.close()
+    finally:
+        c.close()
+        import shutil
+        shutil.rmtree(c.root, ignore_errors=True)
+
+
+def test_agent_first_start_on_a_full_data_dir_keeps_the_join_token(sigil_bin):
+    """A full --data-dir is found before attesting: the agent exits naming the directory and the
+    error, and the same single-use token works once there is space."""
+    c = Cluster(sigil_bin)
+    data = c.agent_paths("node-1")[0]
+    try:
+        with small_tmpfs(data, size="64k"):
+            c.start_server()
+            token = c.token("node-1")
+            filler = fill(data)
+            agent = c.start_agent("node-1", token, wait=False)
+            wait_for(lambda: not agent.alive(), 30, "the agent to exit")
+            assert agent.p.returncode != 0
+            out = agent.output()
+            assert str(data) in out and "No space left on device" in out, out
+            assert "agent attested" not in c.server.output(), c.server.output()
+            assert not [p for p in data.iterdir() if p.name not in ("filler", ".agent.lock")], sorted(p.name for p in data.iterdir())
+            filler.unlink()
+            again = c.start_agent("node-1", token)
+            assert again.alive(), again.output()
+            assert "attested" in again.output(), again.output()
+            c.close()
+    finally:
+        c.close()
+        import shutil
+        shutil.rmtree(c.root, ignore_errors=True)
