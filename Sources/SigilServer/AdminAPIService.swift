@@ -27,7 +27,7 @@ public struct AdminAPIService: SigilAdminAPI.SimpleServiceProtocol {
         let token = ServerCore.newToken()
         let now = core.clock.now
         let expires = now.addingTimeInterval(ttl.timeInterval)
-        try await storeCall { () throws(StoreError) in
+        try await storeCall(write: "token create") { () throws(StoreError) in
             try await core.store.createJoinToken(hash: ServerCore.tokenHash(token), agentID: agentID.description, expiresAt: expires, at: now)
         }
         core.logger.info("join token created", metadata: ["agent_id": "\(agentID)"])
@@ -47,7 +47,7 @@ public struct AdminAPIService: SigilAdminAPI.SimpleServiceProtocol {
 
     public func evictAgent(request: SigilEvictAgentRequest, context: ServerContext) async throws -> SigilEvictAgentResponse {
         let agentID = try invalidArgument { () throws(SigilError) in try core.agentID(from: request.id) }
-        let evicted = try await storeCall { () throws(StoreError) in try await core.store.evictAgent(id: agentID.description, at: core.clock.now) }
+        let evicted = try await storeCall(write: "agent evict") { () throws(StoreError) in try await core.store.evictAgent(id: agentID.description, at: core.clock.now) }
         guard let evicted else {
             throw RPCError(code: .notFound, message: "no agent \(agentID)")
         }
@@ -60,7 +60,7 @@ public struct AdminAPIService: SigilAdminAPI.SimpleServiceProtocol {
 
     public func createEntry(request: SigilEntry, context: ServerContext) async throws -> SigilEntry {
         let record = try validate(request)
-        let stored = try await storeCall { () throws(StoreError) in try await core.store.createEntry(record) }
+        let stored = try await storeCall(write: "entry create") { () throws(StoreError) in try await core.store.createEntry(record) }
         await core.hub.notify(agentID: stored.parentID)
         core.logger.info("entry created", metadata: ["spiffe_id": "\(stored.spiffeID)", "agent_id": "\(stored.parentID)", "entry": "\(stored.id)"])
         return SigilEntry(record: stored)
@@ -86,7 +86,7 @@ public struct AdminAPIService: SigilAdminAPI.SimpleServiceProtocol {
     }
 
     public func deleteEntry(request: SigilDeleteEntryRequest, context: ServerContext) async throws -> SigilDeleteEntryResponse {
-        guard let entry = try await storeCall({ () throws(StoreError) in try await core.store.deleteEntry(id: request.id, at: core.clock.now) }) else {
+        guard let entry = try await storeCall(write: "entry delete", { () throws(StoreError) in try await core.store.deleteEntry(id: request.id, at: core.clock.now) }) else {
             throw RPCError(code: .notFound, message: "no entry with ID \(request.id.prefix(80))\(request.id.count > 80 ? "..." : "")")
         }
         await core.hub.notify(agentID: entry.parentID)
@@ -182,13 +182,17 @@ public struct AdminAPIService: SigilAdminAPI.SimpleServiceProtocol {
         }
     }
 
-    func storeCall<T>(_ body: () async throws(StoreError) -> T) async throws -> T {
+    /// A datastore call's errors as RPC errors; a failing datastore is logged (once, see
+    /// ``StoreHealth``), and a write that goes through (`write` names it) ends that.
+    func storeCall<T>(write: String? = nil, _ body: () async throws(StoreError) -> T) async throws -> T {
         do {
-            return try await body()
+            let result = try await body()
+            if let write { core.storeHealth.wrote(write) }
+            return result
         } catch {
             switch error.code {
             case .conflict: throw RPCError(code: .alreadyExists, message: error.message)
-            default: throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+            default: throw core.storeFailed(error, during: write ?? "admin read")
             }
         }
     }

@@ -36,7 +36,7 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
         do {
             outcome = try await core.store.consumeJoinToken(hash: ServerCore.tokenHash(request.joinToken), now: core.clock.now, requester: "peer:\(peer)")
         } catch {
-            throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+            throw core.storeFailed(error, during: "attest")
         }
         let agentText: String
         switch outcome {
@@ -52,6 +52,7 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
         var agent = AgentRecord(id: agentText, serial: svid.record.serial, notAfter: svid.record.notAfter, attestedAt: svid.record.issuedAt, lastSeen: core.clock.now)
         agent.evicted = false
         try await upsert(agent)
+        core.storeHealth.wrote("attest")
         core.logger.info("agent attested", metadata: ["agent_id": "\(agentText)", "serial": "\(svid.record.serial)", "peer": "\(peer)"])
         return response(agentID: agentText, svid: svid)
     }
@@ -69,8 +70,9 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
         do {
             updated = try await core.store.updateAgentSVID(id: agentID, serial: svid.record.serial, notAfter: svid.record.notAfter, at: core.clock.now)
         } catch {
-            throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+            throw core.storeFailed(error, during: "agent SVID renewal")
         }
+        core.storeHealth.wrote("agent SVID renewal")
         guard updated else {
             throw RPCError(code: .permissionDenied, message: "agent \(agentID) was evicted")
         }
@@ -93,7 +95,7 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
             do {
                 entries = try await core.store.entries(parentID: agentID)
             } catch {
-                throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+                throw core.storeFailed(error, during: "sync")
             }
             var update = SigilSyncUpdate()
             update.entries = entries.map(SigilEntry.init(record:))
@@ -126,7 +128,7 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
         do {
             try await core.store.confirmBundle(agentID: agentID, sequence: request.bundleSequence, at: core.clock.now)
         } catch {
-            throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+            throw core.storeFailed(error, during: "bundle confirmation")
         }
         return SigilConfirmBundleResponse()
     }
@@ -156,7 +158,7 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
         do {
             entries = try await core.store.entries(ids: request.requests.map(\.entryID))
         } catch {
-            throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+            throw core.storeFailed(error, during: "SVID signing")
         }
         for (index, item) in request.requests.enumerated() {
             results[index].entryID = item.entryID
@@ -183,15 +185,19 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
             }
         }
         let signed = await core.ca.signBatch(batch.map { ($0.1, $0.2) }, requester: "agent:\(agentID)")
+        var recorded = false
         for ((index, _, _), outcome) in zip(batch, signed) {
             switch outcome {
             case .success(let svid):
                 results[index].svidChain = svid.chainDER.map { Data($0) }
                 results[index].expiresAt = Int64(svid.record.notAfter.timeIntervalSince1970)
+                recorded = true
             case .failure(let error):
                 results[index].error = error.message
+                if error.code == .store { core.storeHealth.failed("SVID signing", error: error.message) }
             }
         }
+        if recorded { core.storeHealth.wrote("SVID signing") }
         var out = SigilSignX509SVIDsResponse()
         out.results = results
         return out
@@ -247,7 +253,7 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
             live = try await core.store.isLiveCertificate(serial: serial, sha256: fingerprint, spiffeID: agentID,
                                                           issuedSince: agent?.attestedAt ?? .distantFuture, now: core.clock.now)
         } catch {
-            throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+            throw core.storeFailed(error, during: "agent authentication")
         }
         guard let agent, !agent.evicted else {
             throw RPCError(code: .permissionDenied, message: "agent \(agentID) is \(agent == nil ? "unknown" : "evicted"); attest again with a new join token")
@@ -261,7 +267,7 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
                 expiredOnly = try await core.store.isLiveCertificate(serial: serial, sha256: fingerprint, spiffeID: agentID,
                                                                      issuedSince: agent.attestedAt, now: .distantPast)
             } catch {
-                throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+                throw core.storeFailed(error, during: "agent authentication")
             }
             if expiredOnly {
                 throw RPCError(code: .unauthenticated, message: "the certificate presented by \(agentID) has expired; connect again with the current agent SVID")
@@ -280,7 +286,7 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
                     if !current { current = try await core.store.agent(id: agentID)?.serial == serial }
                 }
             } catch {
-                throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+                throw core.storeFailed(error, during: "agent authentication")
             }
             guard current else {
                 // A connection opened before the agent renewed: it reconnects with its newest SVID.
@@ -305,7 +311,7 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
         do {
             try await core.store.upsertAgent(agent)
         } catch {
-            throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+            throw core.storeFailed(error, during: "agent record")
         }
     }
 

@@ -47,7 +47,7 @@ public struct LedgerAPIService: SigilLedgerAPI.SimpleServiceProtocol {
             // Where a chain stands is told only to the writer's owner.
             let owner: String?
             do { owner = try await ledger.ledgerWriterUploader(writer: request.writer) } catch {
-                throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+                throw core.storeFailed(error, during: "ledger append")
             }
             if let owner, owner != uploader {
                 throw RPCError(code: .failedPrecondition, message: "ledger writer '\(request.writer)' is shipped by another workload")
@@ -62,12 +62,13 @@ public struct LedgerAPIService: SigilLedgerAPI.SimpleServiceProtocol {
             response.nextSeq = result.nextSeq
             response.accepted = UInt32(result.accepted)
             response.duplicates = UInt32(result.duplicates)
+            core.storeHealth.wrote("ledger append")
         } catch {
             if error.code == .conflict {
                 core.logger.error("ledger upload refused", metadata: ["writer": "\(request.writer)", "uploader": "\(uploader)", "error": "\(error.message)"])
                 throw RPCError(code: .failedPrecondition, message: error.message)
             }
-            throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+            throw core.storeFailed(error, during: "ledger append")
         }
         return response
     }
@@ -132,7 +133,7 @@ public struct LedgerAPIService: SigilLedgerAPI.SimpleServiceProtocol {
         do {
             live = try await core.store.isLiveCertificate(serial: leaf.serialHex, sha256: leaf.sha256Fingerprint, spiffeID: id.description, issuedSince: .distantPast, now: core.clock.now)
         } catch {
-            throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+            throw core.storeFailed(error, during: "ledger authentication")
         }
         guard live else {
             throw RPCError(code: .permissionDenied, message: "the certificate presented by \(id) was not issued by this server or has expired")

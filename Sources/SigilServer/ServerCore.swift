@@ -16,6 +16,8 @@ public final class ServerCore: Sendable {
     public let logger: Logger
     public let agentSVIDTTL: Duration
     let hub = ChangeHub()
+    /// Whether the datastore takes writes (logged once as it starts failing and once as it recovers).
+    public let storeHealth: StoreHealth
     private let bundleBox: NIOLockedValueBox<TrustBundle>
     private let jwtKeyBox: NIOLockedValueBox<JWTSigningKey?> = NIOLockedValueBox(nil)
     /// Lifetime of JWT-SVIDs (SPIRE's default): short, as bearer tokens should be.
@@ -29,6 +31,7 @@ public final class ServerCore: Sendable {
         self.clock = clock
         self.logger = logger
         self.agentSVIDTTL = agentSVIDTTL
+        self.storeHealth = StoreHealth(logger: logger)
         self.bundleBox = NIOLockedValueBox(bundle)
         self.jwtKeysBox = NIOLockedValueBox(Array(#"{"keys":[]}"#.utf8))
     }

@@ -183,3 +183,43 @@ def test_a_certificate_forged_with_a_stolen_signing_key_does_not_authenticate(cl
     forged_chain = forged.public_bytes(serialization.Encoding.PEM) + intermediate.public_bytes(serialization.Encoding.PEM)
     forged_key = mine.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     assert call_code(mtls_channel(cluster, forged_chain, forged_key), pb, pb_grpc) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_server_logs_a_full_datastore_once_and_again_when_it_recovers(sigil_bin):
+    """The server's data dir on a small tmpfs that fills up: admin writes fail with the datastore's
+    error (Unavailable), and the server log says so at error level once, not once per call; once
+    there is space again a write goes through and the log says the datastore works again."""
+    import shutil
+    from interop_util import fill, small_tmpfs
+    c = Cluster(sigil_bin)
+    original = c.root / "ca-original"
+    try:
+        c.ca_dir.rename(original)
+        with small_tmpfs(c.ca_dir, size="4m"):
+            shutil.copytree(original, c.ca_dir, dirs_exist_ok=True)
+            c.start_server()
+            c.token("node-0")
+            filler = fill(c.ca_dir)
+            failed = []
+            for i in range(200):
+                res = c.admin("entry", "create", "--spiffe-id", f"spiffe://{TRUST_DOMAIN}/ns/n/sa/s{i}", "--parent", "node-1",
+                              "--selector", f"unix:uid:{1000 + i}", "--ttl", "1h")
+                if res.returncode != 0:
+                    failed.append(res)
+                    if len(failed) == 3:
+                        break
+            assert len(failed) == 3, "the full datastore never refused a write"
+            assert all("database or disk is full" in r.stderr for r in failed), failed[0].describe()
+            log = c.server.output()
+            assert log.count("the datastore is failing") == 1, log[-3000:]
+            line = next(l for l in log.splitlines() if "the datastore is failing" in l)
+            assert "error" in line.lower() and "database or disk is full" in line, line
+            assert "the datastore works again" not in log
+            filler.unlink()
+            wait_for(lambda: c.admin("token", "create", "--agent-id", "node-2").returncode == 0, 30, "a write once there is space")
+            wait_for(lambda: "the datastore works again" in c.server.output(), 10, "the recovery logged")
+            assert c.server.output().count("the datastore is failing") == 1
+            c.close()
+    finally:
+        c.close()
+        shutil.rmtree(c.root, ignore_errors=True)
