@@ -318,12 +318,20 @@ public actor CertificateAuthority {
         }
         let newRoot = record(rootCertificate, .root, parent: nil, inBundle: true)
         let newIntermediate = record(intermediate, .intermediate, parent: newRoot.id, inBundle: false)
-        try KeyFiles.write(rootKey, to: directory.keyPath(authorityID: newRoot.id))
-        try KeyFiles.write(intermediateKey, to: directory.keyPath(authorityID: newIntermediate.id))
+        // All or nothing: both keys, then both records in one transaction; on any failure the keys
+        // written are removed and the CA is as it was (no root in the bundle without its intermediate).
+        let keyPaths = [directory.keyPath(authorityID: newRoot.id), directory.keyPath(authorityID: newIntermediate.id)]
         do {
-            try await store.addAuthority(newRoot, at: now, requester: requester)
-            try await store.addAuthority(newIntermediate, at: now, requester: requester)
+            try KeyFiles.write(rootKey, to: keyPaths[0])
+            try KeyFiles.write(intermediateKey, to: keyPaths[1])
         } catch {
+            for path in keyPaths { unlink(path) }
+            throw error
+        }
+        do {
+            try await store.addAuthorities([newRoot, newIntermediate], at: now, requester: requester)
+        } catch {
+            for path in keyPaths { unlink(path) }
             throw CAError(.store, error.message)
         }
         try await writeBundleFile()
@@ -463,8 +471,7 @@ public actor CertificateAuthority {
                                      fingerprint: intermediate.sha256Fingerprint, certificatePEM: intermediate.pemString, inBundle: false, createdAt: now)
         try KeyFiles.write(key, to: directory.keyPath(authorityID: record.id))
         do {
-            for authority in added { try await store.addAuthority(authority, at: now, requester: requester) }
-            try await store.addAuthority(record, at: now, requester: requester)
+            try await store.addAuthorities(added + [record], at: now, requester: requester)
         } catch {
             unlink(directory.keyPath(authorityID: record.id))
             throw CAError(.store, error.message)

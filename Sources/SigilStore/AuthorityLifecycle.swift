@@ -3,15 +3,21 @@ public import Foundation
 
 extension SQLiteDatastore {
     public func addAuthority(_ a: AuthorityRecord, at: Date, requester: String) async throws(StoreError) {
+        try await addAuthorities([a], at: at, requester: requester)
+    }
+
+    public func addAuthorities(_ authorities: [AuthorityRecord], at: Date, requester: String) async throws(StoreError) {
         try await write { db in
-            try db.execute(sql: """
-                INSERT INTO authorities (id, kind, state, parent_id, not_before, not_after, fingerprint, certificate_pem, in_bundle, created_at)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                """, arguments: [a.id, a.kind.rawValue, a.state.rawValue, a.parentID, a.notBefore.timeIntervalSince1970,
-                                 a.notAfter.timeIntervalSince1970, a.fingerprint, a.certificatePEM, a.inBundle, a.createdAt.timeIntervalSince1970])
-            if a.inBundle { try Self.bumpBundleSequence(db) }
-            try Self.insertEvent(db, IssuanceEvent(at: at, kind: .authorityChanged, serial: nil, spiffeID: nil, authorityID: a.id, requester: requester,
-                                                   detail: "\(a.kind.rawValue) \(a.state.rawValue)\(a.inBundle ? ", published in the bundle" : ""); valid until \(Self.iso(a.notAfter))"))
+            for a in authorities {
+                try db.execute(sql: """
+                    INSERT INTO authorities (id, kind, state, parent_id, not_before, not_after, fingerprint, certificate_pem, in_bundle, created_at)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    """, arguments: [a.id, a.kind.rawValue, a.state.rawValue, a.parentID, a.notBefore.timeIntervalSince1970,
+                                     a.notAfter.timeIntervalSince1970, a.fingerprint, a.certificatePEM, a.inBundle, a.createdAt.timeIntervalSince1970])
+                if a.inBundle { try Self.bumpBundleSequence(db) }
+                try Self.insertEvent(db, IssuanceEvent(at: at, kind: .authorityChanged, serial: nil, spiffeID: nil, authorityID: a.id, requester: requester,
+                                                       detail: "\(a.kind.rawValue) \(a.state.rawValue)\(a.inBundle ? ", published in the bundle" : ""); valid until \(Self.iso(a.notAfter))"))
+            }
         }
     }
 

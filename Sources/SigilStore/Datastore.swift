@@ -38,6 +38,9 @@ public protocol Datastore: LedgerStore {
     /// Adds an authority made by a rotation (normally `.prepared`), recorded in the issuance log;
     /// the bundle's sequence moves when it is published in the bundle.
     func addAuthority(_ record: AuthorityRecord, at: Date, requester: String) async throws(StoreError)
+    /// Adds several authorities in one transaction (all or none), in order (a parent before its
+    /// children), as ``addAuthority(_:at:requester:)`` each.
+    func addAuthorities(_ records: [AuthorityRecord], at: Date, requester: String) async throws(StoreError)
     /// Makes `id` (prepared) the active authority of its kind; the one active before becomes
     /// `.old`. One transaction; false if `id` was not prepared (someone else moved it first).
     func activateAuthority(id: String, at: Date, requester: String) async throws(StoreError) -> Bool

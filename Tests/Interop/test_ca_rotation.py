@@ -181,3 +181,27 @@ def test_root_rotation_gate_taint_and_revoke_under_load(sigil_bin, tmp_path):
             load.finish()
         c.close()
         app.close()
+
+
+def test_failed_root_rotation_leaves_the_ca_as_it_was(sigil_bin):
+    """`sigil ca rotate --root` whose database write fails half-way (the intermediate's row, as on a
+    disk that fills up between the two): nothing of the new root is left, neither in the store (no
+    prepared root published in the bundle without an intermediate) nor as key files; the next
+    rotation works."""
+    c = Cluster(sigil_bin)
+    try:
+        def files():
+            return sorted(str(p.relative_to(c.ca_dir)) for p in c.ca_dir.rglob("*") if p.is_file() and not p.name.startswith("sigil.db"))
+        before, before_files, before_bundle = status(c), files(), (c.ca_dir / "bundle.pem").read_text()
+        c.sql("CREATE TRIGGER full_disk BEFORE INSERT ON authorities WHEN NEW.kind = 'intermediate' "
+              "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+        res = ca(c, "rotate", "--root", ok=False)
+        assert res.returncode != 0 and "database or disk is full" in res.stderr, res.describe()
+        assert status(c) == before
+        assert files() == before_files
+        assert (c.ca_dir / "bundle.pem").read_text() == before_bundle
+        c.sql("DROP TRIGGER full_disk")
+        rotated = json.loads(ca(c, "rotate", "--root", "--json").stdout)
+        assert len(status(c)["authorities"]) == len(before["authorities"]) + 2, rotated
+    finally:
+        c.close()

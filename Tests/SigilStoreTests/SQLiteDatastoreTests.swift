@@ -43,6 +43,31 @@ struct SQLiteDatastoreTests {
         #expect(FileManager.default.fileExists(atPath: store.path + "-wal"))
     }
 
+    @Test("A new root and its intermediate are added together or not at all")
+    func addAuthoritiesIsOneTransaction() async throws {
+        let (store, dir) = try fileStore()
+        defer { dir.remove() }
+        try await store.initialize(trustDomain: "example.org", authorities: [authority("root", kind: .root), authority("int", parent: "root")], at: Date())
+        var root2 = authority("root2", kind: .root)
+        root2.state = .prepared
+        var int2 = authority("int2", parent: "root2")
+        int2.state = .prepared
+        let sequence = try await store.bundleSequence()
+        let events = try await store.issuanceLog(after: 0, limit: 100).count
+        // The intermediate's row fails (its ID is taken): the root before it must not stay.
+        var clash = int2
+        clash.id = "int"
+        await #expect(throws: StoreError.self) {
+            try await store.addAuthorities([root2, clash], at: Date(), requester: "test")
+        }
+        #expect(try await store.authorities().map(\.id) == ["root", "int"])
+        #expect(try await store.bundleSequence() == sequence)
+        #expect(try await store.issuanceLog(after: 0, limit: 100).count == events)
+        try await store.addAuthorities([root2, int2], at: Date(), requester: "test")
+        #expect(try await store.authorities().map(\.id).sorted() == ["int", "int2", "root", "root2"])
+        #expect(try await store.bundleSequence() == sequence + 1)
+    }
+
     @Test func serialsAreUniqueAndABadBatchStoresNothing() async throws {
         let (store, dir) = try fileStore()
         defer { dir.remove() }
