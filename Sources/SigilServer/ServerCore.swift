@@ -17,7 +17,7 @@ public final class ServerCore: Sendable {
     public let agentSVIDTTL: Duration
     let hub = ChangeHub()
     /// Whether the datastore takes writes (logged once as it starts failing and once as it recovers).
-    public let storeHealth: StoreHealth
+    let storeHealth: StoreHealth
     private let bundleBox: NIOLockedValueBox<TrustBundle>
     private let jwtKeyBox: NIOLockedValueBox<JWTSigningKey?> = NIOLockedValueBox(nil)
     /// Lifetime of JWT-SVIDs (SPIRE's default): short, as bearer tokens should be.

@@ -1,3 +1,6 @@
+#if canImport(CoreFoundation)
+import CoreFoundation  // the release build resolves Glibc struct members (stat) through it
+#endif
 public import SigilCore
 public import SigilCA
 public import Logging

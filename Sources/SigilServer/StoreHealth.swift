@@ -1,14 +1,14 @@
-public import Logging
+import Logging
 import GRPCCore
 import SigilCA
 import SigilStore
 import NIOConcurrencyHelpers
-public import Foundation
+import Foundation
 
 /// Whether the datastore takes writes. A failing datastore (a full disk, a database that cannot be
 /// written) is logged at error level once when it starts failing, and once (notice) when a write
 /// succeeds again; not per call: callers see the failure in their own answers, the operator in the log.
-public final class StoreHealth: Sendable {
+final class StoreHealth: Sendable {
     /// While failing: since when, how many calls failed, the first error.
     struct Failing: Equatable {
         var since: Date
@@ -19,15 +19,15 @@ public final class StoreHealth: Sendable {
     private let state = NIOLockedValueBox<Failing?>(nil)
     let logger: Logger
 
-    public init(logger: Logger) {
+    init(logger: Logger) {
         self.logger = logger
     }
 
     /// Whether the last outcome recorded was a failure.
-    public var isFailing: Bool { state.withLockedValue { $0 != nil } }
+    var isFailing: Bool { state.withLockedValue { $0 != nil } }
 
     /// A call failed because the datastore did (`operation` names the call, e.g. "token create").
-    public func failed(_ operation: String, error: String, at now: Date = Date()) {
+    func failed(_ operation: String, error: String, at now: Date = Date()) {
         let first = state.withLockedValue { failing -> Bool in
             if failing == nil {
                 failing = Failing(since: now, failures: 1, firstError: error)
@@ -42,7 +42,7 @@ public final class StoreHealth: Sendable {
     }
 
     /// A write went through: the datastore works (again).
-    public func wrote(_ operation: String, at now: Date = Date()) {
+    func wrote(_ operation: String, at now: Date = Date()) {
         guard let ended = state.withLockedValue({ failing -> Failing? in
             defer { failing = nil }
             return failing
