@@ -127,7 +127,7 @@ struct AgentCache: Sendable {
     func probeWritable() throws(AgentError) {
         let path = directory + "/" + Self.probeName
         // About the size of agent.json (a chain and a key, JSON-wrapped).
-        let probe = Data(repeating: 0x20, count: 8192)
+        let probe = Data(repeating: 0x20, count: 32 * 1024)  // an agent.json with a long upstream chain
         do {
             try Self.writeSynced(probe, to: path)
         } catch {

@@ -229,11 +229,15 @@ final class AgentWorker: Service, Sendable {
     func agentRenewalLoop() async {
         var retry = Self.firstRenewalRetry
         var unsaved: UnsavedAgentSVID?
+        // A taint asked for a new SVID: one that cannot be saved is used at once, not near the end
+        // of the tainted one's life.
+        var urgent = false
         while !Task.isCancelled {
             if var held = unsaved {
                 let current = identity.withLock { $0 }
-                if saveUnsaved(&held, current: current) {
+                if saveUnsaved(&held, current: current, urgent: urgent) {
                     unsaved = nil
+                    urgent = false
                     retry = Self.firstRenewalRetry
                     continue
                 }
@@ -243,6 +247,7 @@ final class AgentWorker: Service, Sendable {
                     // unless a taint asks for a new SVID now.
                     if renewOwnSVIDNow.withLock({ $0 }) {
                         unsaved = nil
+                        identitySaveFailure.withLock { $0 = nil }  // a later failure is the renewal's own
                     } else {
                         let untilSwitch = AgentSVIDTimes(current).switchAt.timeIntervalSinceNow
                         try? await Task.sleep(for: .milliseconds(Int64(max(0.05, min(untilSwitch, Self.saveRetry)) * 1000)))
@@ -260,7 +265,7 @@ final class AgentWorker: Service, Sendable {
                 try? await Task.sleep(for: .milliseconds(Int64(min(wait, 1) * 1000)))
                 continue
             }
-            renewOwnSVIDNow.withLock { $0 = false }
+            if renewOwnSVIDNow.withLock({ tainted in defer { tainted = false }; return tainted }) { urgent = true }
             do {
                 let key = P256.Signing.PrivateKey()
                 var request = SigilRenewAgentRequest()
@@ -279,8 +284,9 @@ final class AgentWorker: Service, Sendable {
                                                        notAfter: leaf.notValidAfter, trustDomain: current.trustDomain, receivedAt: Date())
                 // On disk first (see above); if that fails, held in memory and the save retried.
                 var held = UnsavedAgentSVID(identity: renewed, serial: leaf.serialHex)
-                if !saveUnsaved(&held, current: current) { unsaved = held; continue }
+                if !saveUnsaved(&held, current: current, urgent: urgent) { unsaved = held; continue }
                 unsaved = nil
+                urgent = false
                 retry = Self.firstRenewalRetry
             } catch {
                 // Soon at first (a short-lived agent SVID leaves little time between half its life
@@ -305,12 +311,13 @@ final class AgentWorker: Service, Sendable {
         /// Whether it is in use (the SVID before it came close to its end first).
         var inUse = false
         var lastLogged: Date?
+        var lastUseFailureLogged: Date?
     }
 
     /// Saves `held`; on success makes it the agent's SVID (if it is not already) and returns true.
     /// On failure logs (at most once a minute), switches to it once `current` is close to its end,
     /// and returns false.
-    private func saveUnsaved(_ held: inout UnsavedAgentSVID, current: AgentCache.AgentIdentity) -> Bool {
+    private func saveUnsaved(_ held: inout UnsavedAgentSVID, current: AgentCache.AgentIdentity, urgent: Bool = false) -> Bool {
         let now = Date()
         do {
             try cache.saveIdentity(held.identity)
@@ -324,7 +331,7 @@ final class AgentWorker: Service, Sendable {
                     : "\(failure); keeping the current one in use (until \(AgentSVIDTimes(current).switchAt)), holding the renewed one in memory and retrying the save",
                     metadata: ["serial": "\(held.serial)"])
             }
-            if !held.inUse, now >= AgentSVIDTimes(current).switchAt {
+            if !held.inUse, urgent || now >= AgentSVIDTimes(current).switchAt {
                 do {
                     try use(held.identity)
                     held.inUse = true
@@ -332,7 +339,10 @@ final class AgentWorker: Service, Sendable {
                     logger.error("this agent's SVID expires at \(current.notAfter) and its renewal is still not saved (\(error.message)): now using the renewed SVID, which is held in memory only; restarting this agent before --data-dir '\(cache.directory)' has space would need a new --join-token",
                                  metadata: ["serial": "\(held.serial)", "not_after": "\(held.identity.notAfter)"])
                 } catch {
-                    logger.error("cannot use the renewed agent SVID: \(error)")
+                    if held.lastUseFailureLogged.map({ now.timeIntervalSince($0) >= Self.saveFailureLogInterval }) ?? true {
+                        held.lastUseFailureLogged = now
+                        logger.error("cannot use the renewed agent SVID: \(error)")
+                    }
                 }
             }
             return false

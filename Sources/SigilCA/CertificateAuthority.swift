@@ -334,7 +334,7 @@ public actor CertificateAuthority {
             for path in keyPaths { unlink(path) }
             throw CAError(.store, error.message)
         }
-        try await writeBundleFile()
+        try await writeBundleFileAfterCommit("the new root \(newRoot.id) and its intermediate are prepared and in the bundle")
         logger.info("prepared a new root; it is in the bundle and becomes active when every agent has confirmed it",
                     metadata: ["authority": "\(newRoot.id)", "intermediate": "\(newIntermediate.id)"])
         return (newRoot, newIntermediate)
@@ -476,9 +476,21 @@ public actor CertificateAuthority {
             unlink(directory.keyPath(authorityID: record.id))
             throw CAError(.store, error.message)
         }
-        try await writeBundleFile()
+        try await writeBundleFileAfterCommit("the switch to the new upstream CA is prepared (intermediate \(record.id))")
         logger.info("prepared a switch to a new upstream CA", metadata: ["intermediate": "\(record.id)", "new_upstream_certificates": "\(added.count)"])
         return record
+    }
+
+    /// ``writeBundleFile()`` after a change the store has committed: a failure here must not read
+    /// as "nothing happened" (a retry would then meet the prepared change), so it says what is done
+    /// and that only `bundle.pem` is stale.
+    func writeBundleFileAfterCommit(_ done: String) async throws(CAError) {
+        do {
+            try await writeBundleFile()
+        } catch {
+            throw CAError(error.code, "\(done), but \(directory.bundlePEMPath) could not be rewritten (\(error.message)); "
+                          + "the server rewrites it at its next start, or run `sigil bundle show --data-dir \(directory.path) > \(directory.bundlePEMPath)`")
+        }
     }
 
     /// Rewrites `bundle.pem` in the data directory (what new agents are given with --trust-bundle).

@@ -186,6 +186,7 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
         }
         let signed = await core.ca.signBatch(batch.map { ($0.1, $0.2) }, requester: "agent:\(agentID)")
         var recorded = false
+        var storeFailure: String?
         for ((index, _, _), outcome) in zip(batch, signed) {
             switch outcome {
             case .success(let svid):
@@ -194,9 +195,11 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
                 recorded = true
             case .failure(let error):
                 results[index].error = error.message
-                if error.code == .store { core.storeHealth.failed("SVID signing", error: error.message) }
+                if error.code == .store { storeFailure = error.message }
             }
         }
+        // Once per batch, not per SVID: the health log counts failed calls.
+        if let storeFailure { core.storeHealth.failed("SVID signing", error: storeFailure) }
         if recorded { core.storeHealth.wrote("SVID signing") }
         var out = SigilSignX509SVIDsResponse()
         out.results = results
@@ -299,8 +302,15 @@ public struct AgentAPIService: SigilAgentAPI.SimpleServiceProtocol {
     func issueAgentSVID(agentID: String, request: SigningRequest) async throws -> IssuedSVID {
         do {
             let profile = try SVIDProfile(spiffeID: SpiffeID(agentID), ttl: core.agentSVIDTTL)
-            return try await core.ca.sign(request, profile: profile, requester: "agent:\(agentID)")
+            let issued = try await core.ca.sign(request, profile: profile, requester: "agent:\(agentID)")
+            core.storeHealth.wrote("agent SVID")
+            return issued
         } catch let error as CAError {
+            if error.code == .store {
+                // Signed but not recorded (a full disk, say): the agent retries; the server says so once.
+                core.storeHealth.failed("agent SVID", error: error.message)
+                throw RPCError(code: .unavailable, message: "datastore: \(error.message)")
+            }
             throw RPCError(code: .internalError, message: error.message)
         } catch let error as SigilError {
             throw RPCError(code: .invalidArgument, message: error.message)
