@@ -489,7 +489,7 @@ public actor CertificateAuthority {
             try await writeBundleFile()
         } catch {
             throw CAError(error.code, "\(done), but \(directory.bundlePEMPath) could not be rewritten (\(error.message)); "
-                          + "the server rewrites it at its next start, or run `sigil bundle show --data-dir \(directory.path) > \(directory.bundlePEMPath)`")
+                          + "once there is space, rewrite it with `sigil bundle show --data-dir \(directory.path) > \(directory.bundlePEMPath)`")
         }
     }
 
