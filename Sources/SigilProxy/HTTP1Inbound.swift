@@ -188,17 +188,14 @@ final class HTTP1InboundHandler: ChannelDuplexHandler, RemovableChannelHandler, 
                 return
             }
         }
-        let reason: StaticString = switch error.status {
+        let reason = switch error.status {
         case 431: "Request Header Fields Too Large"
         case 501: "Not Implemented"
         case 505: "HTTP Version Not Supported"
         default: "Bad Request"
         }
-        let body = "bad request: \(error.description)"
-        var buffer = context.channel.allocator.buffer(capacity: 160)
-        buffer.writeString("HTTP/1.1 \(error.status) ")
-        buffer.writeStaticString(reason)
-        buffer.writeString("\r\ncontent-type: text/plain\r\ncontent-length: \(body.utf8.count)\r\nconnection: close\r\n\r\n\(body)")
+        let buffer = HTTPBytes.closingTextResponse(status: error.status, reason: reason, body: "bad request: \(error.description)",
+                                                   allocator: context.channel.allocator)
         context.writeAndFlush(wrapOutboundOut(buffer)).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
     }
 

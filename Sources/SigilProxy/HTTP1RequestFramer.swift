@@ -509,6 +509,16 @@ public struct HTTP1RequestFramer: Sendable {
 
 /// Byte-level helpers shared by the request and response framers.
 enum HTTPBytes {
+    /// An HTTP/1.1 answer of the proxy's own that ends the connection: `status` and `reason`, a
+    /// plain-text `body` with its length, `connection: close`.
+    static func closingTextResponse(status: Int, reason: String, body: String, allocator: ByteBufferAllocator) -> ByteBuffer {
+        var buffer = allocator.buffer(capacity: 128 + reason.utf8.count + body.utf8.count)
+        buffer.writeString("HTTP/1.1 \(status) \(reason)\r\ncontent-type: text/plain\r\ncontent-length: \(body.utf8.count)\r\n"
+                           + "connection: close\r\n\r\n")
+        buffer.writeString(body)
+        return buffer
+    }
+
     static func hexValue(_ b: UInt8) -> Int? {
         switch b {
         case 0x30...0x39: return Int(b - 0x30)

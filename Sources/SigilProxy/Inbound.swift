@@ -374,7 +374,7 @@ final class PeerLeafFacts: Sendable {
 
 /// The protocol layer of an inbound connection, once the peer is known.
 enum ApplicationPipeline {
-    static let h2Preface: [UInt8] = Array("PRI * HTTP/2.0".utf8)
+    static let h2Preface: [UInt8] = Array(OutboundRefusal.http2Preface.prefix(14))  // "PRI * HTTP/2.0"
 
     static func configure(_ channel: any Channel, after handler: any ChannelHandler, peer: PeerInfo, alpn: String?,
                           firstBytes: ByteBuffer?, environment: ProxyEnvironment) throws {
@@ -426,7 +426,7 @@ enum TCPInbound {
         let closedBecause = NIOLoopBoundBox<String?>(nil, eventLoop: channel.eventLoop)
         let mtls = peer.mtls
         let key = environment.tunnels.add(decidedUnder: state.generation, current: environment.policy.current) { state in
-            state.refusesPlaintext(mtls: mtls) ? EnforcementState.strictRefusal : state.decide(request)
+            state.decide(request, mtls: mtls)
         } close: { [weak channel] reason in
             guard let channel else { return }
             channel.eventLoop.execute {

@@ -33,10 +33,7 @@ enum OutboundRefusal {
     }
 
     static func http1(body: String, allocator: ByteBufferAllocator) -> ByteBuffer {
-        var buffer = allocator.buffer(capacity: 160 + body.utf8.count)
-        buffer.writeString("HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: \(body.utf8.count)\r\nconnection: close\r\n\r\n")
-        buffer.writeString(body)
-        return buffer
+        HTTPBytes.closingTextResponse(status: 503, reason: "Service Unavailable", body: body, allocator: allocator)
     }
 
     /// The server preface (an empty SETTINGS), then on `streamID` a HEADERS block (`:status: 503`,

@@ -49,6 +49,12 @@ public struct EnforcementState: Sendable {
         !mtls && (mode == .strict || mode == .unset)
     }
 
+    /// ``decide(_:)`` for a peer that came with (`mtls`) or without a certificate: a plaintext one
+    /// is refused first where the mode is STRICT.
+    func decide(_ request: AuthorizationRequest, mtls: Bool) -> AuthorizationDecision {
+        refusesPlaintext(mtls: mtls) ? Self.strictRefusal : decide(request)
+    }
+
     /// True when every request is allowed without looking at it (no applicable policy, or kill switch).
     public var allowsEverything: Bool { killSwitch != nil || applicable.isEmpty }
 
